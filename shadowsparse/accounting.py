@@ -1,0 +1,42 @@
+"""weight_bytes_skipped: the fraction of all decoder-linear weight bytes a real kernel would not read per token.
+
+What a skip saves depends on when the decision is made (DESIGN.md): a neuron chosen *before* the FFN runs (a
+predictor, a static mask) saves its rows of every FFN input projection and its column of the down projection; one
+chosen from its own activation (the oracle) saves only the down column. A skipped query head saves its q rows and
+o columns; its k/v rows only when every query head of its GQA group is skipped.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from .arch import ModelView
+
+# method -> (neuron decided before the FFN runs, head decided before attention runs)
+DECIDED_EARLY = {"predictor": (True, True), "static": (True, True), "oracle": (False, False), "dense": (True, True)}
+
+
+def decoder_linear_bytes(view: ModelView) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() for layer in view.layers for m in layer.modules()
+               if isinstance(m, nn.Linear))
+
+
+def weight_bytes_skipped(view: ModelView, method: str, stats: dict, selector_bytes: int = 0) -> float:
+    """Average fraction of decoder-linear weight bytes skipped per token, minus the selector's own bytes."""
+    d = view.dims
+    total = decoder_linear_bytes(view)
+    if method == "dense" or not stats:
+        return 0.0
+    early_ffn, early_head = DECIDED_EARLY.get(method, (True, True))
+    esize = view.ffn_down(0).weight.element_size()
+    ffn_mats = (len(view.spec.ffn_in) + 1) if early_ffn else 1  # bytes of one neuron = mats * hidden
+    per_neuron = ffn_mats * d.hidden * esize
+    per_head_q_o = (2 if early_head else 1) * d.head_dim * d.hidden * esize
+    per_kv_group = 2 * d.head_dim * d.hidden * esize if early_head else 0
+    n = stats.get("gated_layers", d.n_layers)
+    skipped = n * (stats["realized_ffn_sparsity"] * d.ffn * per_neuron
+                   + stats["realized_head_sparsity"] * d.n_heads * per_head_q_o)
+    if d.n_kv_heads < d.n_heads:
+        skipped += n * stats.get("realized_kv_group_sparsity", 0.0) * d.n_kv_heads * per_kv_group
+    else:  # MHA: each head owns its k/v rows
+        skipped += n * stats["realized_head_sparsity"] * d.n_heads * per_kv_group
+    return (skipped - selector_bytes) / total

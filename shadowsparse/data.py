@@ -1,0 +1,96 @@
+"""Text sources -> fixed-length token windows, through the `datasets` library.
+
+A source is a ``datasets`` spec: a builder (``json``, ``text``, ``parquet``, ...) with ``data_files``, or a hub name
+with ``name``/``split``. Documents are joined with ``separator`` into one stream, tokenized once, and cut into
+non-overlapping windows of ``seq_len`` tokens — the standard perplexity protocol for WikiText-2.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+
+@dataclass
+class TextSource:
+    path: str = "json"  # datasets builder ("json", "text", "parquet") or a hub dataset name
+    data_files: str | None = None  # local file(s) for a builder; relative paths resolve against the project root
+    name: str | None = None  # hub config name, e.g. "wikitext-2-raw-v1"
+    split: str = "train"  # split to read
+    text_field: str = "text"  # column holding the text
+    separator: str = "\n\n"  # joins documents into one stream
+    sample_by: str | None = None  # "document" keeps a whole text file as one example (datasets 'text' builder)
+    max_chars: int | None = None  # stop reading once this many characters are collected (bounds tokenizing time)
+
+
+@dataclass
+class WindowSpec:
+    seq_len: int = 512  # tokens per window
+    n_windows: int = 32  # how many windows to keep (from the start of the stream); 0 or less keeps all
+    source: TextSource = field(default_factory=TextSource)
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve(path: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_absolute():
+        p = project_root() / p
+    return str(p)
+
+
+def read_text(src: TextSource) -> str:
+    """All documents of a source joined into one string (up to ``max_chars``)."""
+    import datasets
+    kwargs: dict = {"split": src.split}
+    if src.data_files is not None:
+        files = resolve(src.data_files)
+        if not Path(files).exists():
+            raise ConfigError(f"data file '{files}' does not exist; point data_files at a local file "
+                              "(the project ships data/ copies) or use a hub dataset name")
+        kwargs["data_files"] = files
+    if src.name is not None:
+        kwargs["name"] = src.name
+    if src.sample_by is not None:
+        kwargs["sample_by"] = src.sample_by
+    try:
+        ds = datasets.load_dataset(src.path, **kwargs)
+    except (FileNotFoundError, ValueError, ConnectionError) as exc:
+        raise ConfigError(f"could not read text source '{src.path}' ({src.data_files or src.name}): {exc}") from exc
+    if src.text_field not in ds.column_names:
+        raise ConfigError(f"text source has no column '{src.text_field}'; columns are {ds.column_names}")
+    parts, total = [], 0
+    for text in ds[src.text_field]:
+        if not text:
+            continue
+        parts.append(text)
+        total += len(text)
+        if src.max_chars and total >= src.max_chars:
+            break
+    joined = src.separator.join(parts)
+    if not joined.strip():
+        raise ConfigError(f"text source '{src.data_files or src.path}' is empty; give a file or split with text")
+    return joined
+
+
+def token_windows(tokenizer, spec: WindowSpec) -> torch.Tensor:
+    """(N, seq_len) int64 token ids: the first ``n_windows`` non-overlapping windows of the source."""
+    if spec.seq_len < 2:
+        raise ConfigError(f"seq_len must be at least 2, got {spec.seq_len}")
+    src = spec.source
+    if spec.n_windows > 0 and src.max_chars is None:
+        # Tokenizing a whole corpus to keep a few windows is slow on CPU: read a generous character budget.
+        src = TextSource(**{**src.__dict__, "max_chars": spec.n_windows * spec.seq_len * 12})
+    ids = tokenizer.encode(read_text(src), add_special_tokens=False)
+    n = len(ids) // spec.seq_len
+    if spec.n_windows > 0:
+        n = min(n, spec.n_windows)
+    if n == 0:
+        raise ConfigError(f"text source holds {len(ids)} tokens, fewer than one window of {spec.seq_len}; "
+                          "lower seq_len or give more text")
+    return torch.tensor(ids[: n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)

@@ -1,0 +1,253 @@
+"""Runtime gating: per token, keep each gated layer's top (1-s) heads and FFN neurons by some score and skip the rest.
+
+Hook points (DESIGN.md): a forward pre-hook on the attention out-projection input (B, T, H*D) zeroes skipped heads;
+one on the FFN down-projection input (B, T, F) zeroes skipped neurons. Scores come from a ScoreSource: a learned
+predictor (run once per forward on the hidden state after its feature layer), precomputed tensors (the oracle), or
+a fixed vector (a static mask). This multiply-by-mask path is the reference every fast kernel must match.
+
+    handle = attach_gating(model, predictor, GatingConfig(ffn_sparsity=0.5, head_sparsity=0.3))
+    model.generate(...)
+    handle.remove()   # back to the dense model, bit for bit
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .arch import ModelView
+from .errors import ConfigError
+
+
+@dataclass
+class GatingConfig:
+    ffn_sparsity: float = 0.5  # fraction of FFN neurons skipped per token in every gated layer
+    head_sparsity: float = 0.0  # fraction of query heads skipped per token in every gated layer
+    granularity: str = "token"  # "token": a mask per token; "sequence": one mask per prompt, reused while decoding
+    first_layer: int | None = None  # first gated layer; None: the predictor's feature_layer + 1 (0 without one)
+    count: bool = True  # count realized sparsity (one small reduction per hook)
+
+    def validate(self) -> "GatingConfig":
+        for name in ("ffn_sparsity", "head_sparsity"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"{name} must be in [0, 1) (the fraction skipped), got {v!r}")
+        if self.granularity not in ("token", "sequence"):
+            raise ConfigError(f"granularity must be 'token' or 'sequence', got {self.granularity!r}")
+        return self
+
+
+def n_keep(units: int, sparsity: float) -> int:
+    """Units kept per row: the skipped count is round(s * units), never all of them."""
+    return max(1, units - int(round(sparsity * units)))
+
+
+def align_rows(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Scores (B|1, T|1, U) or (U,) shaped to broadcast against x. Some models (OPT) flatten tokens before the FFN,
+    so the down-projection sees x as (B*T, F): then scores become (B*T, U) in the same row order."""
+    if x.dim() == 2 and scores.dim() == 3:
+        rows = x.shape[0]
+        b = scores.shape[0] if scores.shape[0] > 1 else 1
+        scores = scores.expand(b, rows // b, scores.shape[-1]).reshape(rows, scores.shape[-1])
+    return scores
+
+
+def topk_mask(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """1 at the k largest scores of each row (last dim), 0 elsewhere. scores: (..., U) -> (..., U)."""
+    idx = scores.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros(scores.shape, dtype=dtype, device=scores.device).scatter_(-1, idx, 1)
+
+
+class ScoreSource:
+    """Where gating scores come from. heads(l) -> broadcastable to (B, T, H); neurons(l) -> to (B, T, F)."""
+
+    feature_layer: int | None = None
+
+    def attach(self, view: ModelView, cfg: GatingConfig) -> list:
+        return []
+
+    def heads(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def neurons(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PredictorScores(ScoreSource):
+    """A predictor reading the hidden state after ``feature_layer``; predicts all layers at once per forward."""
+
+    def __init__(self, predictor: nn.Module):
+        self.predictor = predictor
+        self.feature_layer = predictor.feature_layer
+        self._heads = self._neurons = None
+
+    def attach(self, view, cfg):
+        if self.feature_layer + 1 >= view.dims.n_layers:
+            raise ConfigError(f"predictor reads layer {self.feature_layer}, but the model has {view.dims.n_layers}")
+        sequence = cfg.granularity == "sequence"
+
+        def predict(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
+            if sequence:
+                if h.shape[1] == 1 and self._heads is not None:
+                    return  # decoding: keep the prompt's mask
+                h = h.mean(1, keepdim=True)  # (B, 1, d_model)
+            with torch.no_grad():
+                self._heads, self._neurons = self.predictor(h)  # (B, T, L, H), (B, T, L, F)
+
+        return [view.layer(self.feature_layer + 1).register_forward_pre_hook(predict, with_kwargs=True)]
+
+    def heads(self, layer, x):
+        return self._heads[:, :, layer]
+
+    def neurons(self, layer, x):
+        return self._neurons[:, :, layer]
+
+
+class TensorScores(ScoreSource):
+    """Precomputed scores, e.g. the oracle's true criterion scores: set(heads (B, T, L, H), neurons (B, T, L, F))
+    before each forward. Shapes must match the tokens of that forward (or broadcast, T=1 for sequence masks)."""
+
+    def __init__(self, heads: torch.Tensor | None = None, neurons: torch.Tensor | None = None):
+        self.set(heads, neurons)
+
+    def set(self, heads, neurons):
+        self._heads, self._neurons = heads, neurons
+
+    def heads(self, layer, x):
+        return self._heads[:, :, layer].to(x.device)
+
+    def neurons(self, layer, x):
+        return self._neurons[:, :, layer].to(x.device)
+
+
+class StaticScores(ScoreSource):
+    """One score vector per layer for every input: heads (L, H), neurons (L, F) -> a static mask."""
+
+    def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
+        self._heads, self._neurons = heads, neurons
+
+    def heads(self, layer, x):
+        return self._heads[layer].to(x.device)
+
+    def neurons(self, layer, x):
+        return self._neurons[layer].to(x.device)
+
+
+class SparsityCounter:
+    """Counts skipped units per applied mask; one counter can span several handles (e.g. one per window)."""
+
+    KEYS = ("heads", "neurons", "kv_groups")
+
+    def __init__(self):
+        self.skipped: dict = {k: 0.0 for k in self.KEYS}  # tensors on the model's device once counting starts
+        self.rows = {k: 0 for k in self.KEYS}  # (token, layer) rows seen
+        self.gated_layers = 0
+
+    def add(self, key: str, mask: torch.Tensor, tokens: int) -> None:
+        skipped = (mask == 0).sum(-1)  # (B|1, T|1) skipped units per row
+        # stays on the model's device: no host sync per hook
+        self.skipped[key] = self.skipped[key] + skipped.double().mean().detach() * tokens
+        self.rows[key] += tokens
+
+    def stats(self, n_heads: int, ffn: int, n_kv_heads: int) -> dict:
+        """Realized sparsity over the gated layers, counted from the masks actually applied (not assumed)."""
+        units = {"heads": n_heads, "neurons": ffn, "kv_groups": n_kv_heads}
+        out = {}
+        for key, name in (("neurons", "ffn"), ("heads", "head"), ("kv_groups", "kv_group")):
+            rows = self.rows[key]
+            out[f"realized_{name}_sparsity"] = float(self.skipped[key]) / (rows * units[key]) if rows else 0.0
+        out["gated_layers"] = self.gated_layers
+        return out
+
+
+class GatingHandle:
+    """Owns the hooks of one attach_gating call; remove() (or leaving the with-block) restores the dense model."""
+
+    def __init__(self, model: nn.Module, view: ModelView, source: ScoreSource, cfg: GatingConfig,
+                 counter: SparsityCounter | None = None):
+        self.model, self.view, self.source, self.cfg = model, view, source, cfg
+        self.counter = counter or SparsityCounter()
+        d = view.dims
+        self.first_layer = cfg.first_layer if cfg.first_layer is not None else (
+            source.feature_layer + 1 if source.feature_layer is not None else 0)
+        if not 0 <= self.first_layer < d.n_layers:
+            raise ConfigError(f"first_layer must be in [0, {d.n_layers - 1}], got {self.first_layer}")
+        self.gated_layers = list(range(self.first_layer, d.n_layers))
+        self.k_heads = n_keep(d.n_heads, cfg.head_sparsity)
+        self.k_neurons = n_keep(d.ffn, cfg.ffn_sparsity)
+        self._hooks: list = []
+        self.counter.gated_layers = len(self.gated_layers)
+        gate_heads, gate_ffn = self.k_heads < d.n_heads, self.k_neurons < d.ffn
+        if gate_heads or gate_ffn:  # with nothing to skip, no hook at all: the model stays dense bit for bit
+            self._hooks += source.attach(view, cfg)
+        for layer in self.gated_layers:
+            if gate_heads:
+                self._hooks.append(view.attn_out(layer).register_forward_pre_hook(self._head_hook(layer)))
+            if gate_ffn:
+                self._hooks.append(view.ffn_down(layer).register_forward_pre_hook(self._neuron_hook(layer)))
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+    def _count(self, key: str, mask: torch.Tensor, tokens: int) -> None:
+        if self.cfg.count:
+            self.counter.add(key, mask, tokens)
+
+    def _head_hook(self, layer: int):
+        d = self.view.dims
+
+        def hook(module, args):
+            x = args[0]  # (B, T, H*D): all query heads side by side (also under GQA)
+            mask = topk_mask(align_rows(self.source.heads(layer, x), x), self.k_heads, x.dtype)  # (B|1, T|1, H)
+            tokens = x.numel() // x.shape[-1]
+            self._count("heads", mask, tokens)
+            if self.cfg.count and d.n_kv_heads < d.n_heads:  # a kv head is unneeded once its whole group is off
+                groups = mask.unflatten(-1, (d.n_kv_heads, d.n_heads // d.n_kv_heads)).amax(-1)  # (B|1, T|1, KV)
+                self._count("kv_groups", groups, tokens)
+            gated = (x.unflatten(-1, (d.n_heads, d.head_dim)) * mask.unsqueeze(-1)).flatten(-2)
+            return (gated,) + tuple(args[1:])
+        return hook
+
+    def _neuron_hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT)
+            scores = align_rows(self.source.neurons(layer, x), x)
+            mask = topk_mask(scores, self.k_neurons, x.dtype)  # broadcastable to x
+            self._count("neurons", mask, x.numel() // x.shape[-1])
+            return (x * mask,) + tuple(args[1:])
+        return hook
+
+    # -- stats and lifetime ----------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.counter = SparsityCounter()
+        self.counter.gated_layers = len(self.gated_layers)
+
+    def stats(self) -> dict:
+        d = self.view.dims
+        return self.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def attach_gating(model: nn.Module, scores: nn.Module | ScoreSource, config: GatingConfig | None = None,
+                  counter: SparsityCounter | None = None, **overrides) -> GatingHandle:
+    """Gate ``model`` in place with hooks. ``scores``: a predictor module (has ``feature_layer``) or a ScoreSource."""
+    cfg = config or GatingConfig()
+    if overrides:
+        cfg = GatingConfig(**{**cfg.__dict__, **overrides})
+    cfg.validate()
+    source = scores if isinstance(scores, ScoreSource) else PredictorScores(scores)
+    return GatingHandle(model, ModelView(model), source, cfg, counter)
+
+
+gated = attach_gating  # context-manager twin: `with gated(model, predictor, cfg) as handle: ...`

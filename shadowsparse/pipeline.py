@@ -1,0 +1,222 @@
+"""run(cfg): collect -> fit -> evaluate -> report, each stage behind a flag and reading only the previous
+stage's artifacts (targets/ folder, predictor checkpoint, results.jsonl)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .accounting import weight_bytes_skipped
+from .arch import ModelView
+from .criteria import get_criterion
+from .data import TextSource, WindowSpec, token_windows
+from .errors import ConfigError
+from .gating import StaticScores, TensorScores
+from .llm import LLMConfig, load_llm
+from .methods import Level, evaluate_levels
+from .report import RESULTS, append_result, print_table, read_results
+from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
+
+log = logging.getLogger("shadowsparse")
+PREDICTOR_CKPT = "predictor.ckpt"
+
+
+def window_spec(node) -> WindowSpec:
+    return WindowSpec(seq_len=node.seq_len, n_windows=node.n_windows,
+                      source=TextSource(**OmegaConf.to_container(node.source, resolve=True)))
+
+
+def targets_dir_for(cfg: DictConfig, model) -> Path:
+    """Explicit paths.targets_dir, or a cache folder keyed by everything the targets depend on (so a sweep over
+    predictor settings reuses one collection)."""
+    if cfg.paths.get("targets_dir"):
+        return Path(cfg.paths.targets_dir)
+    key = {"model": model_fingerprint(model)["hash"], "targets": OmegaConf.to_container(cfg.targets, resolve=True),
+           "calib": OmegaConf.to_container(cfg.data.calib, resolve=True), "seed": cfg.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.paths.cache_dir) / "targets" / f"{cfg.targets.criterion}-{cfg.targets.granularity}-{digest}"
+
+
+def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
+    if (targets_dir / "manifest.json").exists() and not cfg.targets_overwrite:
+        log.info("targets: reusing %s", targets_dir)
+        return
+    spec = window_spec(cfg.data.calib)
+    windows = token_windows(tok, spec)
+    tcfg = TargetsConfig(**OmegaConf.to_container(cfg.targets, resolve=True))
+    desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
+    collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed)
+    log.info("targets: wrote %s", targets_dir)
+
+
+def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
+    import lightning as L
+    from .system import PredictorSystem, TargetsDataModule
+    fit = cfg.predictor.fit
+    dm = TargetsDataModule(str(targets_dir), fit.batch_size, fit.val_fraction, model=model, seed=cfg.seed, eps=fit.eps)
+    dm.setup()
+    m = dm.manifest
+    dims = dict(d_model=m["hidden"], n_layers=m["n_layers"], n_heads=m["n_heads"], ffn=m["ffn"],
+                feature_layer=m["feature_layer"])
+    system = PredictorSystem(dims, OmegaConf.to_container(cfg.predictor.model, resolve=True),
+                             OmegaConf.to_container(cfg.predictor.fit, resolve=True), manifest_model=m["model"],
+                             targets_info={k: m[k] for k in ("criterion", "granularity", "feature_layer")})
+    pred = system.predictor
+    info = {"predictor_params": pred.n_params(), "predictor_flops_per_token": pred.flops_per_token()}
+    log.info("predictor: %s parameters, %.1f MFLOP per token", f"{info['predictor_params']:,}",
+             info["predictor_flops_per_token"] / 1e6)
+    loggers = make_loggers(cfg, run_dir)
+    for lg in loggers:
+        lg.log_hyperparams(info)
+    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers or False,
+                        default_root_dir=str(run_dir), enable_checkpointing=False)
+    trainer.fit(system, datamodule=dm)
+    trainer.save_checkpoint(str(run_dir / PREDICTOR_CKPT))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    return {**info, **metrics}
+
+
+def make_loggers(cfg, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    kind = cfg.logger.kind
+    if kind == "none":
+        return []
+    if kind == "csv":
+        return [CSVLogger(str(run_dir), name="logs")]
+    if kind == "wandb":
+        return [WandbLogger(project=cfg.logger.project, mode=cfg.logger.mode, save_dir=str(run_dir),
+                            config=OmegaConf.to_container(cfg, resolve=True))]
+    raise ConfigError(f"logger.kind must be none, csv or wandb, got {kind!r}")
+
+
+def gating_levels(cfg) -> list[tuple[float, float]]:
+    g = cfg.gating
+    if g.get("ffn_sparsity") is not None:  # a single level, e.g. from a sweep: gating.ffn_sparsity=0.3,0.5,0.7
+        levels = [(float(g.ffn_sparsity), float(g.get("head_sparsity") or 0.0))]
+    else:
+        levels = [(float(lv.ffn), float(lv.heads)) for lv in g.levels]
+    for f, h in levels:
+        if not (0 <= f < 1 and 0 <= h < 1):
+            raise ConfigError(f"sparsity must be in [0, 1) (the fraction skipped); got ffn={f}, heads={h}")
+    return levels
+
+
+def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
+    from .system import load_predictor
+    view = ModelView(model)
+    methods = list(cfg.evaluate.methods)
+    unknown = set(methods) - {"dense", "predictor", "oracle", "static"}
+    if unknown:
+        raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use dense, predictor, oracle, static")
+    pred = None
+    if "predictor" in methods:  # checked first: a checkpoint of another model is refused before any work
+        ckpt = cfg.paths.get("predictor_ckpt") or str(run_dir / PREDICTOR_CKPT)
+        pred = load_predictor(ckpt, model).to(next(model.parameters()).device)
+    # what was collected: from the targets, or (predictor alone) from the checkpoint that was trained on them
+    needs_targets = bool({"static", "oracle"} & set(methods)) or pred is None
+    info = read_manifest(targets_dir) if needs_targets else pred.targets_info
+    spec = window_spec(cfg.data.eval)
+    windows = token_windows(tok, spec)
+    first_layer = info["feature_layer"] + 1  # every method gates the same layers: those after the feature
+    gran = cfg.gating.granularity
+    base = {"criterion": info["criterion"], "nm": None, "granularity": gran, "dataset": cfg.data.eval.name,
+            "metric": "ppl", "model": cfg.llm.name, "first_gated_layer": first_layer, "seed": cfg.seed}
+    bs = cfg.data.eval.batch_size
+    rows = []
+
+    def emit(method: str, levels: list[Level], selector_bytes: int = 0, **more):
+        for lv in levels:
+            stats = lv.counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads) if method != "dense" \
+                else {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0}
+            row = {**base, "method": method, "ffn_sparsity": lv.ffn, "head_sparsity": lv.heads, "value": lv.ppl,
+                   "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
+                   "realized_head_sparsity": stats["realized_head_sparsity"],
+                   "weight_bytes_skipped": weight_bytes_skipped(view, method, stats, selector_bytes),
+                   "n_tokens": lv.tokens, **more}
+            if method == "dense":
+                row.update(criterion=None, granularity=None)
+            elif method == "static":
+                row.update(granularity=None)  # one mask for every input
+            append_result(run_dir, row)
+            rows.append(row)
+            log.info("%s ffn=%.2f heads=%.2f -> ppl %.3f", method, lv.ffn, lv.heads, lv.ppl)
+
+    def new_levels():
+        return [Level(f, h) for f, h in gating_levels(cfg)]
+
+    if "dense" in methods:
+        emit("dense", evaluate_levels(model, windows, None, [Level(0.0, 0.0)], first_layer, batch_size=bs,
+                                      desc="dense"))
+    if pred is not None:
+        sel_bytes = sum(p.numel() for p in pred.parameters()) * next(model.parameters()).element_size()
+        from .gating import PredictorScores
+        emit("predictor", evaluate_levels(model, windows, PredictorScores(pred), new_levels(), first_layer, gran,
+                                          bs, desc="predictor"),
+             selector_bytes=sel_bytes, predictor_params=pred.n_params(),
+             predictor_flops_per_token=pred.flops_per_token(), **extra)
+    if "static" in methods:
+        _, t = load_targets(targets_dir, model, verify=False)
+        static = StaticScores(t["heads"].float().mean(0), t["neurons"].float().mean(0))  # (L, H), (L, F)
+        del t
+        emit("static", evaluate_levels(model, windows, static, new_levels(), first_layer, "sequence", bs,
+                                       desc="static"))
+    if "oracle" in methods:
+        crit = get_criterion(info["criterion"])
+        oracle = TensorScores()
+
+        def score(ids):  # the true criterion scores of these very tokens, from a dense pass
+            heads, neurons, _ = score_window(model, crit, ids)
+            if gran == "sequence":
+                heads, neurons = heads.mean(1, keepdim=True), neurons.mean(1, keepdim=True)
+            oracle.set(heads, neurons)
+        emit("oracle", evaluate_levels(model, windows, oracle, new_levels(), first_layer, gran, bs,
+                                       before_batch=score, desc="oracle"))
+    return rows
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cheap checks of the whole config before any model is loaded or artifact written."""
+    gating_levels(cfg)
+    get_criterion(cfg.targets.criterion)
+    for key, value in (("targets.granularity", cfg.targets.granularity), ("gating.granularity", cfg.gating.granularity)):
+        if value not in ("token", "sequence"):
+            raise ConfigError(f"{key} must be 'token' or 'sequence', got {value!r}")
+    unknown = set(cfg.evaluate.methods) - {"dense", "predictor", "oracle", "static"}
+    if unknown:
+        raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use dense, predictor, oracle, static")
+    if cfg.predictor.fit.loss not in ("mse", "listnet", "bce"):
+        raise ConfigError(f"predictor.fit.loss must be mse, listnet or bce, got {cfg.predictor.fit.loss!r}")
+
+
+def run(cfg: DictConfig) -> dict:
+    """The whole pipeline; returns a flat metric dict (for Hydra sweepers and tests)."""
+    import lightning as L
+    t0 = time.time()
+    validate(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
+    run_dir = Path(cfg.paths.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
+    targets_dir = targets_dir_for(cfg, model)
+    metrics: dict = {}
+    if cfg.stages.collect:
+        stage_collect(cfg, model, tok, targets_dir)
+    if cfg.stages.fit:
+        metrics.update(stage_fit(cfg, model, targets_dir, run_dir))
+    if cfg.stages.evaluate:
+        extra = {k: metrics[k] for k in ("val/spearman_ffn", "val/recall_ffn") if k in metrics}
+        rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra)
+        for r in rows:
+            metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]
+    if cfg.stages.report and (run_dir / RESULTS).exists():
+        print_table(read_results([run_dir / RESULTS]), title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")
+    metrics["wall_seconds"] = round(time.time() - t0, 1)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log.info("run dir: %s (%.0f s)", run_dir, metrics["wall_seconds"])
+    return metrics

@@ -1,0 +1,217 @@
+"""collect(): run calibration windows through a frozen LLM and record, per token (or per window),
+  - the predictor input: the hidden state after decoder layer ``feature_layer``            (N, d_model)
+  - an importance score for every attention head                                          (N, L, H)
+  - an importance score for every FFN neuron                                              (N, L, F)
+written as sharded safetensors + manifest.json, atomically (a temp folder renamed into place).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .arch import ModelView
+from .criteria import Criterion, get_criterion
+from .errors import ConfigError
+
+MANIFEST = "manifest.json"
+SCORE_DTYPE = torch.bfloat16  # scores span many decades (gradient criteria): keep the exponent range of fp32
+
+
+@dataclass
+class TargetsConfig:
+    criterion: str = "plainact"  # registered criterion name (shadowsparse.criteria.CRITERIA)
+    granularity: str = "token"  # "token": one target per token; "sequence": one per window (ShadowLLM's original)
+    feature_layer: int = 0  # predictor input = hidden state after this decoder layer; layers <= it run dense
+    shard_tokens: int = 4096  # rows per safetensors shard
+    batch_size: int = 1  # windows per forward pass
+
+
+def model_fingerprint(model) -> dict:
+    """Identity of a model for artifact checks: its name, architecture dims and a checksum of a few weights."""
+    view = ModelView(model)
+    probe = [view.ffn_down(0).weight, view.attn_out(view.dims.n_layers - 1).weight]
+    checksum = float(sum(p.detach().float().abs().sum().item() for p in probe))
+    fp = {"name": getattr(model.config, "_name_or_path", "") or "", **view.config_fingerprint(),
+          "vocab_size": model.config.vocab_size, "weight_checksum": round(checksum, 3)}
+    # the name is shown, not hashed: the same GGUF or hub model loaded from another folder is the same model
+    ident = {k: v for k, v in fp.items() if k != "name"}
+    fp["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def check_fingerprint(found: dict, model, what: str) -> None:
+    expected = model_fingerprint(model)
+    if found.get("hash") != expected["hash"]:
+        raise ConfigError(f"{what} was made from another model ({found.get('name')!r}, hash {found.get('hash')}) "
+                          f"than the one loaded ({expected['name']!r}, hash {expected['hash']}); "
+                          "re-run the stage that makes it for this model, or load the matching model")
+
+
+@contextmanager
+def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, features: list):
+    """Hooks that record every layer's out-projection input (inputs[("head", l)], (B, T, H*D)), down-projection
+    input (inputs[("neuron", l)], (B, T, F)) and, optionally, the hidden state entering layer feature_layer + 1."""
+    handles = []
+
+    def record(key):
+        def pre_hook(module, args):
+            inputs[key] = args[0]
+        return pre_hook
+
+    for i in range(view.dims.n_layers):
+        handles.append(view.attn_out(i).register_forward_pre_hook(record(("head", i))))
+        handles.append(view.ffn_down(i).register_forward_pre_hook(record(("neuron", i))))
+    if feature_layer is not None:
+        def feat_hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            features.append(h.detach().float().cpu())
+        handles.append(view.layer(feature_layer + 1).register_forward_pre_hook(feat_hook, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer: int | None = None):
+    """Scores of one batch of windows: (heads (B, T, L, H), neurons (B, T, L, F), feature (B, T, d) | None).
+
+    Gradient criteria differentiate the summed next-token loss with respect to the recorded inputs themselves
+    (torch.autograd.grad), so the frozen weights get no .grad and nothing outlives the call.
+    """
+    view = ModelView(model)
+    L, H = view.dims.n_layers, view.dims.n_heads
+    inputs: dict = {}
+    feats: list = []
+    with recording_hooks(view, feature_layer, inputs, feats), torch.set_grad_enabled(crit.needs_grad):
+        if crit.needs_grad:  # frozen weights: make the graph start at the embeddings' output
+            emb_hook = view.model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            try:
+                logits = model(input_ids=input_ids).logits
+            finally:
+                emb_hook.remove()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction="sum")
+            keys = list(inputs)
+            grads = dict(zip(keys, torch.autograd.grad(loss, [inputs[k] for k in keys])))
+            del logits, loss
+        else:
+            model(input_ids=input_ids)
+            grads = {}
+    if len(inputs) != 2 * L:
+        raise RuntimeError("a criterion hook did not fire on every layer; is the architecture spec right?")
+    B, T = input_ids.shape  # some models (OPT) flatten tokens before the FFN: restore (B, T, U) per layer
+    with torch.no_grad():
+        heads = torch.stack([crit.head(inputs["head", i].detach(), grads.get(("head", i)), view.attn_out(i).weight, H)
+                             .reshape(B, T, -1).cpu() for i in range(L)], 2)
+        neurons = torch.stack([crit.neuron(inputs["neuron", i].detach(), grads.get(("neuron", i)))
+                               .reshape(B, T, -1).cpu() for i in range(L)], 2)
+    return heads, neurons, (feats[0] if feats else None)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Path, data_desc: str = "",
+            seed: int = 0) -> Path:
+    """Run ``windows`` (N, T) through the model and write targets to ``out_dir``. Returns out_dir."""
+    if cfg.granularity not in ("token", "sequence"):
+        raise ConfigError(f"granularity must be 'token' or 'sequence', got '{cfg.granularity}'")
+    crit = get_criterion(cfg.criterion)
+    view = ModelView(model)
+    if not 0 <= cfg.feature_layer < view.dims.n_layers - 1:
+        raise ConfigError(f"feature_layer must be in [0, {view.dims.n_layers - 2}] for a {view.dims.n_layers}-layer "
+                          f"model, got {cfg.feature_layer}")
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    device = next(model.parameters()).device
+    buf: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": []}
+    shards, n_rows, buffered = [], 0, 0
+
+    def flush():
+        nonlocal buffered
+        if not buffered:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
+        save_file(tensors, str(tmp / name))
+        shards.append({"file": name, "rows": tensors["features"].shape[0], "sha256": _sha256(tmp / name)})
+        for v in buf.values():
+            v.clear()
+        buffered = 0
+
+    t0 = time.time()
+    try:
+        for start in tqdm(range(0, len(windows), cfg.batch_size), desc=f"collect {cfg.criterion}", unit="batch"):
+            ids = windows[start:start + cfg.batch_size].to(device)
+            heads, neurons, feat = score_window(model, crit, ids, cfg.feature_layer)
+            if cfg.granularity == "sequence":  # one row per window: mean score, mean feature
+                heads, neurons, feat = heads.mean(1, keepdim=True), neurons.mean(1, keepdim=True), feat.mean(1, keepdim=True)
+            buf["features"].append(feat.flatten(0, 1))
+            buf["heads"].append(heads.flatten(0, 1).to(SCORE_DTYPE))
+            buf["neurons"].append(neurons.flatten(0, 1).to(SCORE_DTYPE))
+            rows = feat.shape[0] * feat.shape[1]
+            n_rows += rows
+            buffered += rows
+            if buffered >= cfg.shard_tokens:
+                flush()
+        flush()
+        d = view.dims
+        manifest = {
+            "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
+            "feature_layer": cfg.feature_layer, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
+            "ffn": d.ffn, "hidden": d.hidden, "score_dtype": str(SCORE_DTYPE).replace("torch.", ""),
+            "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows), "seq_len": windows.shape[1],
+            "n_tokens": int(windows.numel()), "data": data_desc, "seed": seed, "shards": shards,
+            "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(targets_dir: str | Path) -> dict:
+    path = Path(targets_dir) / MANIFEST
+    if not path.exists():
+        raise ConfigError(f"no targets at '{targets_dir}' ({MANIFEST} missing); run the collect stage first "
+                          "(stages.collect=true) or point targets_dir at a finished collection")
+    return json.loads(path.read_text())
+
+
+def load_targets(targets_dir: str | Path, model=None, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(manifest, {"features": (N, d), "heads": (N, L, H), "neurons": (N, L, F)}); refuses another model's targets."""
+    targets_dir = Path(targets_dir)
+    manifest = read_manifest(targets_dir)
+    if model is not None:
+        check_fingerprint(manifest["model"], model, f"targets at '{targets_dir}'")
+    parts: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": []}
+    for shard in manifest["shards"]:
+        path = targets_dir / shard["file"]
+        if verify and _sha256(path) != shard["sha256"]:
+            raise ConfigError(f"shard {path} does not match its sha256 in the manifest; re-run collect")
+        tensors = load_file(str(path))
+        for k in parts:
+            parts[k].append(tensors[k])
+    return manifest, {k: torch.cat(v) for k, v in parts.items()}

@@ -1,0 +1,117 @@
+"""The whole pipeline on tiny random models, through the real composed config."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shadowsparse.errors import ConfigError
+from shadowsparse.pipeline import run
+from tests.conftest import ROOT, compose
+
+SCHEMA = {"method", "criterion", "ffn_sparsity", "head_sparsity", "nm", "granularity", "dataset", "metric", "value",
+          "realized_ffn_sparsity", "realized_head_sparsity", "model", "n_tokens", "weight_bytes_skipped"}
+
+
+def smoke(tmp_path, *overrides):
+    return compose("experiment=smoke", f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
+                   *overrides)
+
+
+@pytest.mark.parametrize("family,criterion", [("llama", "plainact"), ("opt", "activation"), ("mistral", "plainact")])
+def test_pipeline_end_to_end(tmp_path, family, criterion):
+    cfg = smoke(tmp_path, f"llm.name=random:{family}", f"targets={criterion}")
+    metrics = run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"dense", "predictor", "oracle", "static"}
+    assert len(rows) == 1 + 3 * 4
+    for r in rows:
+        assert SCHEMA <= set(r), SCHEMA - set(r)
+        if r["method"] != "dense":
+            assert r["criterion"] == criterion
+            assert abs(r["realized_ffn_sparsity"] - r["ffn_sparsity"]) < 0.02
+    assert (tmp_path / "run" / "predictor.ckpt").exists()
+    assert "val/recall_ffn" in metrics and metrics["predictor_params"] > 0
+    # stages read only artifacts: evaluate alone reuses the targets and the checkpoint
+    (tmp_path / "run" / "results.jsonl").unlink()
+    run(smoke(tmp_path, f"llm.name=random:{family}", f"targets={criterion}", "stages.collect=false",
+              "stages.fit=false", "evaluate.methods=[dense,predictor]"))
+    again = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["value"] for r in again] == [r["value"] for r in rows if r["method"] in ("dense", "predictor")]
+
+
+def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
+    cfg = smoke(tmp_path, "targets.granularity=sequence", "gating.granularity=sequence", "gating.ffn_sparsity=0.5",
+                "evaluate.methods=[predictor,oracle]")
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["ffn_sparsity"], r["granularity"]) for r in rows] == [
+        ("predictor", 0.5, "sequence"), ("oracle", 0.5, "sequence")]
+
+
+def test_predictor_of_another_model_is_refused(tmp_path):
+    run(smoke(tmp_path, "evaluate.methods=[dense]"))
+    with pytest.raises(ConfigError, match="another model"):
+        run(smoke(tmp_path, "llm.seed=7", "stages.collect=false", "stages.fit=false", "evaluate.methods=[predictor]",
+                  f"paths.predictor_ckpt={tmp_path}/run/predictor.ckpt",
+                  f"paths.targets_dir={tmp_path}/run_targets_unused"))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("gating.ffn_sparsity=1.0", "sparsity must be in"),
+    ("targets.criterion=nope", "not registered"),
+    ("llm.name=./no/such/model", "does not exist"),
+    ("llm.name=random:gpt9", "no tiny config"),
+    ("evaluate.methods=[dense,magic]", "unknown evaluation method"),
+])
+def test_bad_input_is_refused_before_any_artifact(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        run(smoke(tmp_path, override))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_empty_data_source_is_refused(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n')
+    with pytest.raises(ConfigError, match="empty"):
+        run(smoke(tmp_path, f"data.calib.source.data_files={empty}"))
+
+
+def test_cli_exit_code_and_message(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "experiment=smoke", "gating.ffn_sparsity=1.5",
+                           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: sparsity must be in [0, 1)" in proc.stderr
+
+
+def test_generate_cli_on_a_smoke_run(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "experiment=smoke", "evaluate.methods=[dense]",
+                           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gen = subprocess.run([sys.executable, "-m", "shadowsparse.generate", f"run_dir={tmp_path}/run", "prompt=Hello",
+                          "max_new_tokens=6", "ffn_sparsity=0.5"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("Hello") and "FFN 0.500 (requested 0.500)" in gen.stdout
+
+
+@pytest.mark.parametrize("experiment", ["smollm2", "smoke", "opt13b"])
+def test_every_experiment_composes(experiment):
+    cfg = compose(f"experiment={experiment}", "paths.output_dir=x")
+    assert cfg.llm.name and cfg.targets.criterion and cfg.stages.collect
+
+
+@pytest.mark.parametrize("group,option", [("llm", "hf"), ("llm", "random"), ("data", "hub"), ("targets", "activation"),
+                                          ("trainer", "gpu"), ("logger", "csv"), ("logger", "wandb")])
+def test_every_config_option_composes(group, option):
+    cfg = compose(f"{group}={option}", "paths.output_dir=x")
+    assert cfg[group] is not None
+
+
+def test_wandb_offline_logger_runs_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run(smoke(tmp_path, "logger=wandb", "evaluate.methods=[dense]"))
+    assert list((tmp_path / "run").rglob("*.wandb"))

@@ -1,0 +1,22 @@
+"""python train.py [experiment=smollm2|smoke|opt13b] [group=option] [key=value ...]   (-m for sweeps)"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from shadowsparse.errors import ConfigError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from shadowsparse.pipeline import run
+    try:
+        metrics = run(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("predictor/ppl@ffn0.50_heads0.00")
+
+
+if __name__ == "__main__":
+    main()
