@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .gating import StaticScores, TensorScores
 from .llm import LLMConfig, load_llm
 from .methods import Level, evaluate_levels
-from .report import RESULTS, append_result, print_table, read_results
+from .report import RESULTS, append_result, plot_frontier, print_table, read_results
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
 
 log = logging.getLogger("shadowsparse")
@@ -56,7 +56,7 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
 
 def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     import lightning as L
-    from .system import PredictorSystem, TargetsDataModule
+    from .system import EpochSummary, PredictorSystem, TargetsDataModule
     fit = cfg.predictor.fit
     dm = TargetsDataModule(str(targets_dir), fit.batch_size, fit.val_fraction, model=model, seed=cfg.seed, eps=fit.eps)
     dm.setup()
@@ -74,7 +74,8 @@ def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     for lg in loggers:
         lg.log_hyperparams(info)
     trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers or False,
-                        default_root_dir=str(run_dir), enable_checkpointing=False)
+                        default_root_dir=str(run_dir), enable_checkpointing=False,
+                        callbacks=[EpochSummary()])
     trainer.fit(system, datamodule=dm)
     trainer.save_checkpoint(str(run_dir / PREDICTOR_CKPT))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -215,7 +216,9 @@ def run(cfg: DictConfig) -> dict:
         for r in rows:
             metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]
     if cfg.stages.report and (run_dir / RESULTS).exists():
-        print_table(read_results([run_dir / RESULTS]), title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")
+        rows = read_results([run_dir / RESULTS])
+        print_table(rows, title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")
+        plot_frontier(rows, run_dir / "frontier.png")
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("run dir: %s (%.0f s)", run_dir, metrics["wall_seconds"])

@@ -1,6 +1,7 @@
-"""results.jsonl of one or many runs -> a table (rich in the terminal, markdown on request).
+"""results.jsonl of one or many runs -> a table (rich in the terminal, markdown on request) and a PNG plot of
+quality against weight bytes skipped (the frontier on which methods are compared fairly).
 
-    python -m shadowsparse.report outputs/runs/<run> [more runs ...] [--markdown]
+    python -m shadowsparse.report outputs/runs/<run> [more runs ...] [--markdown] [--plot frontier.png]
 """
 from __future__ import annotations
 
@@ -64,11 +65,42 @@ def print_table(rows: list[dict], title: str = "shadowsparse results") -> None:
     Console(width=200).print(table)
 
 
+def plot_frontier(rows: list[dict], path: str | Path) -> Path:
+    """Perplexity / dense against weight_bytes_skipped, one line per (method, criterion, head sparsity)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    dense = {(r["model"], r["dataset"]): r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl"}
+    series: dict = {}
+    for r in rows:
+        base = dense.get((r["model"], r["dataset"]))
+        if r["method"] == "dense" or r["metric"] != "ppl" or not base:
+            continue
+        key = f"{r['method']} ({r.get('criterion') or '-'}, heads {r['head_sparsity']:.2f})"
+        series.setdefault(key, []).append((r.get("weight_bytes_skipped", 0.0), r["value"] / base))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xlabel("decoder-linear weight bytes skipped per token (fraction)")
+    ax.set_ylabel("perplexity / dense")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def main(argv: list[str]) -> int:
     md = "--markdown" in argv
-    paths = [a for a in argv if not a.startswith("--")]
+    plot = argv[argv.index("--plot") + 1] if "--plot" in argv[:-1] else None
+    paths = [a for a in argv if not a.startswith("--") and a != plot]
     if not paths:
-        print("usage: python -m shadowsparse.report <run_dir or results.jsonl> [...] [--markdown]", file=sys.stderr)
+        print("usage: python -m shadowsparse.report <run_dir or results.jsonl> [...] [--markdown] [--plot out.png]",
+              file=sys.stderr)
         return 2
     try:
         rows = read_results(paths)
@@ -76,6 +108,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(markdown(rows)) if md else print_table(rows)
+    if plot:
+        print(f"plot: {plot_frontier(rows, plot)}")
     return 0
 
 
