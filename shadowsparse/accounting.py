@@ -11,8 +11,12 @@ from torch import nn
 
 from .arch import ModelView
 
-# method -> (neuron decided before the FFN runs, head decided before attention runs)
-DECIDED_EARLY = {"predictor": (True, True), "static": (True, True), "oracle": (False, False), "dense": (True, True)}
+# When each selector decides, hence what a skip saves: "early" = before the block runs (all of a neuron's gate/up
+# rows and down column; a head's q rows and o columns, and k/v with its whole GQA group); "after_gate" = CATS, the
+# gate ran in full (a neuron saves up and down); "late" = from the unit's own output (only the down column / the
+# o columns).
+DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early",
+            "gate": "after_gate", "oracle": "late", "threshold": "late"}
 
 
 def decoder_linear_bytes(view: ModelView) -> int:
@@ -26,12 +30,12 @@ def weight_bytes_skipped(view: ModelView, method: str, stats: dict, selector_byt
     total = decoder_linear_bytes(view)
     if method == "dense" or not stats:
         return 0.0
-    early_ffn, early_head = DECIDED_EARLY.get(method, (True, True))
+    when = DECISION.get(method, "early")
     esize = view.ffn_down(0).weight.element_size()
-    ffn_mats = (len(view.spec.ffn_in) + 1) if early_ffn else 1  # bytes of one neuron = mats * hidden
+    ffn_mats = {"early": len(view.spec.ffn_in) + 1, "after_gate": len(view.spec.ffn_in), "late": 1}[when]
     per_neuron = ffn_mats * d.hidden * esize
-    per_head_q_o = (2 if early_head else 1) * d.head_dim * d.hidden * esize
-    per_kv_group = 2 * d.head_dim * d.hidden * esize if early_head else 0
+    per_head_q_o = (2 if when == "early" else 1) * d.head_dim * d.hidden * esize
+    per_kv_group = 2 * d.head_dim * d.hidden * esize if when == "early" else 0
     n = stats.get("gated_layers", d.n_layers)
     skipped = n * (stats["realized_ffn_sparsity"] * d.ffn * per_neuron
                    + stats["realized_head_sparsity"] * d.n_heads * per_head_q_o)

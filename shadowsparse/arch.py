@@ -24,11 +24,13 @@ class ArchSpec:
     ffn_in: tuple[str, ...]  # FFN input projections whose rows a skipped neuron need not read (gate+up, or fc1)
     attn_in: tuple[str, ...]  # q/k/v projections, for the byte accounting of skipped heads
     glu: bool  # SwiGLU-style FFN (gate * up) or a plain activation
+    ffn_gate: str | None = None  # the gate projection of a GLU FFN (its activation is CATS' selector)
+    ffn_act: str | None = None  # the activation module applied to the gate
 
 
 # model_type -> spec. Llama-family models share module names; add a row to support a new family.
 _LLAMA = ArchSpec("llama", "model.layers", "self_attn.o_proj", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"),
-                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True)
+                  ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), True, "mlp.gate_proj", "mlp.act_fn")
 _OPT = ArchSpec("opt", "model.decoder.layers", "self_attn.out_proj", "fc2", ("fc1",),
                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), False)
 ARCHS: dict[str, ArchSpec] = {
@@ -91,8 +93,8 @@ class ModelView:
     def ffn_down(self, i: int) -> nn.Linear:
         return _get(self.layers[i], self.spec.ffn_down)
 
-    def modules(self, i: int, paths: tuple[str, ...]) -> list[nn.Linear]:
-        return [_get(self.layers[i], p) for p in paths]
+    def module(self, i: int, path: str) -> nn.Module:
+        return _get(self.layers[i], path)
 
     def config_fingerprint(self) -> dict:
         d = self.dims

@@ -73,6 +73,15 @@ class ScoreSource:
     def neurons(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # The masks: top-k of the scores by default; a source may decide differently (e.g. per-layer thresholds).
+    def head_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x: (B, T, H*D) -> 0/1 mask broadcastable to (B, T, H)."""
+        return topk_mask(align_rows(self.heads(layer, x), x), k, x.dtype)
+
+    def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+        """x: (B, T, F) or (B*T, F) -> 0/1 mask broadcastable to x."""
+        return topk_mask(align_rows(self.neurons(layer, x), x), k, x.dtype)
+
 
 class PredictorScores(ScoreSource):
     """A predictor reading the hidden state after ``feature_layer``; predicts all layers at once per forward."""
@@ -103,6 +112,46 @@ class PredictorScores(ScoreSource):
 
     def neurons(self, layer, x):
         return self._neurons[:, :, layer]
+
+
+class PerLayerScores(ScoreSource):
+    """A per-layer predictor: the pre-hook of layer j predicts layer j + lookahead from j's input hidden state."""
+
+    def __init__(self, predictor: nn.Module):
+        self.predictor = predictor
+        self.feature_layer = predictor.feature_layer
+        self.lookahead = predictor.cfg.lookahead
+        self._heads: dict[int, torch.Tensor] = {}
+        self._neurons: dict[int, torch.Tensor] = {}
+
+    def attach(self, view, cfg):
+        sequence = cfg.granularity == "sequence"
+        first = cfg.first_layer if cfg.first_layer is not None else self.feature_layer + 1
+        hooks = []
+        for target in range(first, view.dims.n_layers):
+            src = max(0, target - self.lookahead)
+
+            def predict(module, args, kwargs, target=target):
+                h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
+                if sequence:
+                    if h.shape[1] == 1 and target in self._heads:
+                        return
+                    h = h.mean(1, keepdim=True)
+                with torch.no_grad():
+                    self._heads[target], self._neurons[target] = self.predictor.predict_layer(target, h)
+            hooks.append(view.layer(src).register_forward_pre_hook(predict, with_kwargs=True))
+        return hooks
+
+    def heads(self, layer, x):
+        return self._heads[layer]
+
+    def neurons(self, layer, x):
+        return self._neurons[layer]
+
+
+def scores_for(predictor: nn.Module) -> ScoreSource:
+    """The ScoreSource that runs a predictor module of either family inside the model's forward."""
+    return PerLayerScores(predictor) if hasattr(predictor, "predict_layer") else PredictorScores(predictor)
 
 
 class TensorScores(ScoreSource):
@@ -198,7 +247,7 @@ class GatingHandle:
 
         def hook(module, args):
             x = args[0]  # (B, T, H*D): all query heads side by side (also under GQA)
-            mask = topk_mask(align_rows(self.source.heads(layer, x), x), self.k_heads, x.dtype)  # (B|1, T|1, H)
+            mask = self.source.head_mask(layer, x, self.k_heads)  # (B|1, T|1, H)
             tokens = x.numel() // x.shape[-1]
             self._count("heads", mask, tokens)
             if self.cfg.count and d.n_kv_heads < d.n_heads:  # a kv head is unneeded once its whole group is off
@@ -211,8 +260,7 @@ class GatingHandle:
     def _neuron_hook(self, layer: int):
         def hook(module, args):
             x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT)
-            scores = align_rows(self.source.neurons(layer, x), x)
-            mask = topk_mask(scores, self.k_neurons, x.dtype)  # broadcastable to x
+            mask = self.source.neuron_mask(layer, x, self.k_neurons)  # broadcastable to x
             self._count("neurons", mask, x.numel() // x.shape[-1])
             return (x * mask,) + tuple(args[1:])
         return hook
@@ -246,7 +294,7 @@ def attach_gating(model: nn.Module, scores: nn.Module | ScoreSource, config: Gat
     if overrides:
         cfg = GatingConfig(**{**cfg.__dict__, **overrides})
     cfg.validate()
-    source = scores if isinstance(scores, ScoreSource) else PredictorScores(scores)
+    source = scores if isinstance(scores, ScoreSource) else scores_for(scores)
     return GatingHandle(model, ModelView(model), source, cfg, counter)
 
 

@@ -58,14 +58,14 @@ def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     import lightning as L
     from .system import EpochSummary, PredictorSystem, TargetsDataModule
     fit = cfg.predictor.fit
-    dm = TargetsDataModule(str(targets_dir), fit.batch_size, fit.val_fraction, model=model, seed=cfg.seed, eps=fit.eps)
-    dm.setup()
-    m = dm.manifest
+    m = read_manifest(targets_dir)
     dims = dict(d_model=m["hidden"], n_layers=m["n_layers"], n_heads=m["n_heads"], ffn=m["ffn"],
                 feature_layer=m["feature_layer"])
     system = PredictorSystem(dims, OmegaConf.to_container(cfg.predictor.model, resolve=True),
                              OmegaConf.to_container(cfg.predictor.fit, resolve=True), manifest_model=m["model"],
                              targets_info={k: m[k] for k in ("criterion", "granularity", "feature_layer")})
+    dm = TargetsDataModule(str(targets_dir), fit.batch_size, fit.val_fraction, model=model, seed=cfg.seed, eps=fit.eps,
+                           input_key=system.predictor.input_key)
     pred = system.predictor
     info = {"predictor_params": pred.n_params(), "predictor_flops_per_token": pred.flops_per_token()}
     log.info("predictor: %s parameters, %.1f MFLOP per token", f"{info['predictor_params']:,}",
@@ -107,13 +107,14 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
     return levels
 
 
+METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate")
+
+
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
     from .system import load_predictor
+    from .training_free import GateScores, ThresholdScores
     view = ModelView(model)
     methods = list(cfg.evaluate.methods)
-    unknown = set(methods) - {"dense", "predictor", "oracle", "static"}
-    if unknown:
-        raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use dense, predictor, oracle, static")
     pred = None
     if "predictor" in methods:  # checked first: a checkpoint of another model is refused before any work
         ckpt = cfg.paths.get("predictor_ckpt") or str(run_dir / PREDICTOR_CKPT)
@@ -121,62 +122,63 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
     # what was collected: from the targets, or (predictor alone) from the checkpoint that was trained on them
     needs_targets = bool({"static", "oracle"} & set(methods)) or pred is None
     info = read_manifest(targets_dir) if needs_targets else pred.targets_info
-    spec = window_spec(cfg.data.eval)
-    windows = token_windows(tok, spec)
+    windows = token_windows(tok, window_spec(cfg.data.eval))
     first_layer = info["feature_layer"] + 1  # every method gates the same layers: those after the feature
     gran = cfg.gating.granularity
     base = {"criterion": info["criterion"], "nm": None, "granularity": gran, "dataset": cfg.data.eval.name,
             "metric": "ppl", "model": cfg.llm.name, "first_gated_layer": first_layer, "seed": cfg.seed}
-    bs = cfg.data.eval.batch_size
     rows = []
 
-    def emit(method: str, levels: list[Level], selector_bytes: int = 0, **more):
+    def evaluate(method: str, source, granularity: str = gran, selector_bytes: int = 0, before_batch=None,
+                 levels: list[tuple[float, float]] | None = None, **more):
+        levels = [Level(f, h) for f, h in (levels if levels is not None else gating_levels(cfg))]
+        # granularity None labels selectors with no per-input choice (dense, static); their hooks run per token
+        evaluate_levels(model, windows, source, levels, first_layer, granularity or "token", cfg.data.eval.batch_size,
+                        before_batch=before_batch, desc=method)
         for lv in levels:
-            stats = lv.counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads) if method != "dense" \
-                else {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0}
-            row = {**base, "method": method, "ffn_sparsity": lv.ffn, "head_sparsity": lv.heads, "value": lv.ppl,
+            stats = lv.counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads)
+            row = {**base, "method": method, "granularity": granularity, "ffn_sparsity": lv.ffn,
+                   "head_sparsity": lv.heads, "value": lv.ppl,
                    "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
                    "realized_head_sparsity": stats["realized_head_sparsity"],
                    "weight_bytes_skipped": weight_bytes_skipped(view, method, stats, selector_bytes),
                    "n_tokens": lv.tokens, **more}
-            if method == "dense":
-                row.update(criterion=None, granularity=None)
-            elif method == "static":
-                row.update(granularity=None)  # one mask for every input
             append_result(run_dir, row)
             rows.append(row)
-            log.info("%s ffn=%.2f heads=%.2f -> ppl %.3f", method, lv.ffn, lv.heads, lv.ppl)
-
-    def new_levels():
-        return [Level(f, h) for f, h in gating_levels(cfg)]
+            log.info("%s ffn=%.2f heads=%.2f -> ppl %.3f (realized ffn %.3f, heads %.3f)", method, lv.ffn, lv.heads,
+                     lv.ppl, row["realized_ffn_sparsity"], row["realized_head_sparsity"])
 
     if "dense" in methods:
-        emit("dense", evaluate_levels(model, windows, None, [Level(0.0, 0.0)], first_layer, batch_size=bs,
-                                      desc="dense"))
+        evaluate("dense", None, granularity=None, levels=[(0.0, 0.0)], criterion=None)
     if pred is not None:
-        sel_bytes = sum(p.numel() for p in pred.parameters()) * next(model.parameters()).element_size()
-        from .gating import PredictorScores
-        emit("predictor", evaluate_levels(model, windows, PredictorScores(pred), new_levels(), first_layer, gran,
-                                          bs, desc="predictor"),
-             selector_bytes=sel_bytes, predictor_params=pred.n_params(),
-             predictor_flops_per_token=pred.flops_per_token(), **extra)
+        kind = pred.cfg.kind
+        evaluate("predictor" if kind == "shared" else kind, pred,
+                 selector_bytes=pred.n_params() * next(model.parameters()).element_size(), predictor=kind,
+                 predictor_params=pred.n_params(), predictor_flops_per_token=pred.flops_per_token(), **extra)
     if "static" in methods:
-        _, t = load_targets(targets_dir, model, verify=False)
+        _, t = load_targets(targets_dir, model, verify=False, keys=("heads", "neurons"))
         static = StaticScores(t["heads"].float().mean(0), t["neurons"].float().mean(0))  # (L, H), (L, F)
         del t
-        emit("static", evaluate_levels(model, windows, static, new_levels(), first_layer, "sequence", bs,
-                                       desc="static"))
+        evaluate("static", static, granularity=None)  # one mask for every input
     if "oracle" in methods:
         crit = get_criterion(info["criterion"])
         oracle = TensorScores()
 
         def score(ids):  # the true criterion scores of these very tokens, from a dense pass
-            heads, neurons, _ = score_window(model, crit, ids)
+            heads, neurons, _, _ = score_window(model, crit, ids)
             if gran == "sequence":
                 heads, neurons = heads.mean(1, keepdim=True), neurons.mean(1, keepdim=True)
             oracle.set(heads, neurons)
-        emit("oracle", evaluate_levels(model, windows, oracle, new_levels(), first_layer, gran, bs,
-                                       before_batch=score, desc="oracle"))
+        evaluate("oracle", oracle, before_batch=score)
+    if "threshold" in methods:  # calibrated on the calibration text, never on the evaluation windows
+        calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
+        evaluate("threshold", ThresholdScores.calibrate(model, calib, cfg.seed), granularity="token", criterion=None)
+    if "gate" in methods:
+        if not view.spec.glu:
+            log.warning("gate (CATS) needs a gated FFN; %s has none: skipped", view.spec.family)
+        else:
+            evaluate("gate", GateScores(), granularity="token", criterion=None,
+                     levels=[(f, h) for f, h in gating_levels(cfg) if h == 0])  # FFN only
     return rows
 
 
@@ -187,9 +189,9 @@ def validate(cfg: DictConfig) -> None:
     for key, value in (("targets.granularity", cfg.targets.granularity), ("gating.granularity", cfg.gating.granularity)):
         if value not in ("token", "sequence"):
             raise ConfigError(f"{key} must be 'token' or 'sequence', got {value!r}")
-    unknown = set(cfg.evaluate.methods) - {"dense", "predictor", "oracle", "static"}
+    unknown = set(cfg.evaluate.methods) - set(METHODS)
     if unknown:
-        raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use dense, predictor, oracle, static")
+        raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use {', '.join(METHODS)}")
     if cfg.predictor.fit.loss not in ("mse", "listnet", "bce"):
         raise ConfigError(f"predictor.fit.loss must be mse, listnet or bce, got {cfg.predictor.fit.loss!r}")
 

@@ -67,28 +67,30 @@ class TargetsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, targets_dir: str, batch_size: int = 256, val_fraction: float = 0.1, model=None, seed: int = 0,
-                 eps: float = 1e-3):
+                 eps: float = 1e-3, input_key: str = "features"):
         super().__init__()
         self.targets_dir, self.batch_size, self.val_fraction, self.eps = targets_dir, batch_size, val_fraction, eps
+        self.input_key = input_key  # "features" (shared predictor) or "layer_inputs" (per-layer predictors)
         self.model, self.seed = model, seed
         self.manifest = None
 
     def setup(self, stage: str | None = None):
         if self.manifest is not None:
             return
-        self.manifest, t = load_targets(self.targets_dir, self.model)
+        self.manifest, t = load_targets(self.targets_dir, self.model, keys=(self.input_key, "heads", "neurons"))
         for key in ("heads", "neurons"):
             scores = t[key]
             for start in range(0, scores.shape[0], 1024):  # in place, chunk by chunk: no second full-size copy
                 scores[start:start + 1024] = normalize_scores(scores[start:start + 1024], self.eps).to(scores.dtype)
-        n = t["features"].shape[0]
+        x = t[self.input_key]
+        n = x.shape[0]
         if n < 2:
             raise ConfigError(f"targets at '{self.targets_dir}' hold {n} row(s); collect more windows to train")
         n_val = max(1, int(round(n * self.val_fraction)))
         # Held-out rows are the last ones: whole windows the predictor never saw (neighbouring tokens are correlated).
         cut = n - n_val
-        self.train_set = TensorDataset(t["features"][:cut], t["heads"][:cut], t["neurons"][:cut])
-        self.val_set = TensorDataset(t["features"][cut:], t["heads"][cut:], t["neurons"][cut:])
+        self.train_set = TensorDataset(x[:cut], t["heads"][:cut], t["neurons"][:cut])
+        self.val_set = TensorDataset(x[cut:], t["heads"][cut:], t["neurons"][cut:])
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed)
@@ -122,10 +124,10 @@ class PredictorSystem(L.LightningModule):
         return F.binary_cross_entropy_with_logits(pred, labels, pos_weight=torch.tensor((target.shape[-1] - k) / k))
 
     def _step(self, batch, stage: str):
-        feats, th, tn = batch  # (B, d), (B, L, H), (B, L, F); targets already normalized by the DataModule
+        x, th, tn = batch  # (B, d) or (B, L, d), (B, L, H), (B, L, F); targets already normalized by the DataModule
         th, tn = th.float(), tn.float()
         c = self.fit_cfg
-        ph, pn = self.predictor(feats)
+        ph, pn = self.predictor(x.float())
         loss = self._unit_loss(pn, tn, c.ffn_sparsity) + c.head_weight * self._unit_loss(ph, th, c.head_sparsity)
         self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=stage == "train")
         if stage == "val":

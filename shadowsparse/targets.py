@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .arch import ModelView
@@ -60,7 +60,8 @@ def check_fingerprint(found: dict, model, what: str) -> None:
 @contextmanager
 def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, features: list):
     """Hooks that record every layer's out-projection input (inputs[("head", l)], (B, T, H*D)), down-projection
-    input (inputs[("neuron", l)], (B, T, F)) and, optionally, the hidden state entering layer feature_layer + 1."""
+    input (inputs[("neuron", l)], (B, T, F)), decoder-layer input (inputs[("layer", l)], (B, T, d_model)) and,
+    optionally, the hidden state entering layer feature_layer + 1 (features, fp32)."""
     handles = []
 
     def record(key):
@@ -71,11 +72,16 @@ def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, fe
     for i in range(view.dims.n_layers):
         handles.append(view.attn_out(i).register_forward_pre_hook(record(("head", i))))
         handles.append(view.ffn_down(i).register_forward_pre_hook(record(("neuron", i))))
-    if feature_layer is not None:
-        def feat_hook(module, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            features.append(h.detach().float().cpu())
-        handles.append(view.layer(feature_layer + 1).register_forward_pre_hook(feat_hook, with_kwargs=True))
+    def layer_input(i):
+        def hook(module, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
+            inputs["layer", i] = h.detach()
+            if feature_layer is not None and i == feature_layer + 1:
+                features.append(h.detach().float().cpu())
+        return hook
+
+    for i in range(view.dims.n_layers):
+        handles.append(view.layer(i).register_forward_pre_hook(layer_input(i), with_kwargs=True))
     try:
         yield
     finally:
@@ -84,7 +90,8 @@ def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, fe
 
 
 def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer: int | None = None):
-    """Scores of one batch of windows: (heads (B, T, L, H), neurons (B, T, L, F), feature (B, T, d) | None).
+    """Scores of one batch of windows: (heads (B, T, L, H), neurons (B, T, L, F), feature (B, T, d) | None,
+    layer_inputs (B, T, L, d)). The last is the input of every decoder layer (per-layer predictors read it).
 
     Gradient criteria differentiate the summed next-token loss with respect to the recorded inputs themselves
     (torch.autograd.grad), so the frozen weights get no .grad and nothing outlives the call.
@@ -102,13 +109,13 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
                 emb_hook.remove()
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction="sum")
-            keys = list(inputs)
+            keys = [k for k in inputs if k[0] != "layer"]
             grads = dict(zip(keys, torch.autograd.grad(loss, [inputs[k] for k in keys])))
             del logits, loss
         else:
             model(input_ids=input_ids)
             grads = {}
-    if len(inputs) != 2 * L:
+    if len(inputs) != 3 * L:
         raise RuntimeError("a criterion hook did not fire on every layer; is the architecture spec right?")
     B, T = input_ids.shape  # some models (OPT) flatten tokens before the FFN: restore (B, T, U) per layer
     with torch.no_grad():
@@ -116,7 +123,8 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
                              .reshape(B, T, -1).cpu() for i in range(L)], 2)
         neurons = torch.stack([crit.neuron(inputs["neuron", i].detach(), grads.get(("neuron", i)))
                                .reshape(B, T, -1).cpu() for i in range(L)], 2)
-    return heads, neurons, (feats[0] if feats else None)
+        layer_inputs = torch.stack([inputs["layer", i].to(SCORE_DTYPE).cpu() for i in range(L)], 2)
+    return heads, neurons, (feats[0] if feats else None), layer_inputs
 
 
 def _sha256(path: Path) -> str:
@@ -142,7 +150,7 @@ def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Pat
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     device = next(model.parameters()).device
-    buf: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": []}
+    buf: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": [], "layer_inputs": []}
     shards, n_rows, buffered = [], 0, 0
 
     def flush():
@@ -161,10 +169,11 @@ def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Pat
     try:
         for start in tqdm(range(0, len(windows), cfg.batch_size), desc=f"collect {cfg.criterion}", unit="batch"):
             ids = windows[start:start + cfg.batch_size].to(device)
-            heads, neurons, feat = score_window(model, crit, ids, cfg.feature_layer)
+            heads, neurons, feat, layer_in = score_window(model, crit, ids, cfg.feature_layer)
             if cfg.granularity == "sequence":  # one row per window: mean score, mean feature
-                heads, neurons, feat = heads.mean(1, keepdim=True), neurons.mean(1, keepdim=True), feat.mean(1, keepdim=True)
+                heads, neurons, feat, layer_in = (t.float().mean(1, keepdim=True) for t in (heads, neurons, feat, layer_in))
             buf["features"].append(feat.flatten(0, 1))
+            buf["layer_inputs"].append(layer_in.flatten(0, 1).to(SCORE_DTYPE))
             buf["heads"].append(heads.flatten(0, 1).to(SCORE_DTYPE))
             buf["neurons"].append(neurons.flatten(0, 1).to(SCORE_DTYPE))
             rows = feat.shape[0] * feat.shape[1]
@@ -200,18 +209,25 @@ def read_manifest(targets_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_targets(targets_dir: str | Path, model=None, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(manifest, {"features": (N, d), "heads": (N, L, H), "neurons": (N, L, F)}); refuses another model's targets."""
+def load_targets(targets_dir: str | Path, model=None, verify: bool = True,
+                 keys: tuple[str, ...] = ("features", "heads", "neurons", "layer_inputs")) -> tuple[dict, dict]:
+    """(manifest, {"features": (N, d), "heads": (N, L, H), "neurons": (N, L, F), "layer_inputs": (N, L, d)}),
+    only the requested keys; refuses another model's targets and corrupt shards."""
+    from safetensors import safe_open
     targets_dir = Path(targets_dir)
     manifest = read_manifest(targets_dir)
     if model is not None:
         check_fingerprint(manifest["model"], model, f"targets at '{targets_dir}'")
-    parts: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": []}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for shard in manifest["shards"]:
         path = targets_dir / shard["file"]
         if verify and _sha256(path) != shard["sha256"]:
             raise ConfigError(f"shard {path} does not match its sha256 in the manifest; re-run collect")
-        tensors = load_file(str(path))
-        for k in parts:
-            parts[k].append(tensors[k])
+        with safe_open(str(path), framework="pt") as f:
+            missing = set(keys) - set(f.keys())
+            if missing:
+                raise ConfigError(f"targets at '{targets_dir}' lack {sorted(missing)} (collected by an older version); "
+                                  "re-collect them with targets_overwrite=true")
+            for k in keys:
+                parts[k].append(f.get_tensor(k))
     return manifest, {k: torch.cat(v) for k, v in parts.items()}

@@ -44,21 +44,21 @@ def test_activation_criterion_by_hand(tiny, ids, layer):
     model, _, _ = tiny
     view = ModelView(model)
     d = view.dims
-    heads, neurons, feat = score_window(model, get_criterion("activation"), ids, feature_layer=0)
+    heads, neurons, feat, layer_in = score_window(model, get_criterion("activation"), ids, feature_layer=0)
     x, a = _capture_inputs(model, ids, layer)
     torch.testing.assert_close(neurons[:, :, layer], a.abs())
     W = view.attn_out(layer).weight  # (d_model, H*D)
     by_hand = torch.stack([(x[..., h * d.head_dim:(h + 1) * d.head_dim] @ W[:, h * d.head_dim:(h + 1) * d.head_dim].T)
                            .norm(dim=-1) for h in range(d.n_heads)], -1)
     torch.testing.assert_close(heads[:, :, layer], by_hand, rtol=1e-4, atol=1e-5)
-    assert feat.shape == (*ids.shape, d.hidden)
+    assert feat.shape == (*ids.shape, d.hidden) and layer_in.shape == (*ids.shape, d.n_layers, d.hidden)
 
 
 @pytest.mark.parametrize("layer", [1, 3])
 def test_plainact_criterion_by_hand(tiny, ids, layer):
     model, _, _ = tiny
     d = ModelView(model).dims
-    heads, neurons, _ = score_window(model, get_criterion("plainact"), ids)
+    heads, neurons, _, _ = score_window(model, get_criterion("plainact"), ids)
     x, a = _capture_inputs(model, ids, layer)
     view = ModelView(model)
     gx, ga = _grad_by_leaf(model, ids, view.attn_out(layer)), _grad_by_leaf(model, ids, view.ffn_down(layer))
@@ -72,8 +72,9 @@ def test_feature_is_output_of_feature_layer(ids):
     from tests.conftest import tiny_model
     model = tiny_model("llama")
     out = model(input_ids=ids, output_hidden_states=True).hidden_states  # [embeddings, layer0, layer1, ...]
-    _, _, feat = score_window(model, get_criterion("activation"), ids, feature_layer=1)
+    _, _, feat, layer_in = score_window(model, get_criterion("activation"), ids, feature_layer=1)
     torch.testing.assert_close(feat, out[2])
+    torch.testing.assert_close(layer_in.float(), torch.stack(out[:-1], 2).bfloat16().float())  # input of every layer
 
 
 def test_unknown_criterion_is_refused():

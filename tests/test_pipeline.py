@@ -40,6 +40,21 @@ def test_pipeline_end_to_end(tmp_path, family, criterion):
     assert [r["value"] for r in again] == [r["value"] for r in rows if r["method"] in ("dense", "predictor")]
 
 
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_per_layer_predictor_and_training_free_methods(tmp_path, family):
+    run(smoke(tmp_path, f"llm.name=random:{family}", "predictor=per_layer", "predictor.model.rank=8",
+              "predictor.model.lookahead=1", "evaluate.methods=[dense,predictor,threshold,gate]",
+              "evaluate.threshold_windows=2"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    methods = [r["method"] for r in rows]
+    assert methods.count("per_layer") == 4 and methods.count("threshold") == 4
+    assert methods.count("gate") == (3 if family == "llama" else 0)  # FFN-only levels, SwiGLU only
+    for r in rows:
+        if r["method"] == "per_layer":
+            assert r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.02)
+            assert r["predictor_params"] > 0
+
+
 def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
     cfg = smoke(tmp_path, "targets.granularity=sequence", "gating.granularity=sequence", "gating.ffn_sparsity=0.5",
                 "evaluate.methods=[predictor,oracle]")
