@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .arch import ModelView
-from .criteria import Criterion, get_criterion
+from .criteria import Criterion, Signals, get_criterion
 from .errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -58,20 +58,31 @@ def check_fingerprint(found: dict, model, what: str) -> None:
 
 
 @contextmanager
-def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, features: list):
+def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, features: list,
+                    masks: dict | None = None):
     """Hooks that record every layer's out-projection input (inputs[("head", l)], (B, T, H*D)), down-projection
     input (inputs[("neuron", l)], (B, T, F)), decoder-layer input (inputs[("layer", l)], (B, T, d_model)) and,
-    optionally, the hidden state entering layer feature_layer + 1 (features, fp32)."""
+    optionally, the hidden state entering layer feature_layer + 1 (features, fp32).
+
+    With ``masks`` given, each hooked input is multiplied by a unit mask of ones that requires grad (masks[key]:
+    (..., H, 1) per head, like x per neuron), so ∂L/∂m can be taken; x * 1 leaves the forward unchanged.
+    """
     handles = []
+    n_heads = view.dims.n_heads
 
     def record(key):
         def pre_hook(module, args):
-            inputs[key] = args[0]
+            x = args[0]
+            inputs[key] = x
+            if masks is None:
+                return None
+            shape = (*x.shape[:-1], n_heads, 1) if key[0] == "head" else x.shape
+            m = torch.ones(shape, dtype=x.dtype, device=x.device, requires_grad=True)
+            masks[key] = m
+            gated = (x.unflatten(-1, (n_heads, -1)) * m).flatten(-2) if key[0] == "head" else x * m
+            return (gated,) + tuple(args[1:])
         return pre_hook
 
-    for i in range(view.dims.n_layers):
-        handles.append(view.attn_out(i).register_forward_pre_hook(record(("head", i))))
-        handles.append(view.ffn_down(i).register_forward_pre_hook(record(("neuron", i))))
     def layer_input(i):
         def hook(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
@@ -82,6 +93,8 @@ def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, fe
 
     for i in range(view.dims.n_layers):
         handles.append(view.layer(i).register_forward_pre_hook(layer_input(i), with_kwargs=True))
+        handles.append(view.attn_out(i).register_forward_pre_hook(record(("head", i))))
+        handles.append(view.ffn_down(i).register_forward_pre_hook(record(("neuron", i))))
     try:
         yield
     finally:
@@ -89,18 +102,36 @@ def recording_hooks(view: ModelView, feature_layer: int | None, inputs: dict, fe
             h.remove()
 
 
+@contextmanager
+def eager_attention(model, needed: bool):
+    """Double backward (Hessian-vector products) is not implemented for fused SDPA kernels: switch to the eager
+    attention for the duration, then restore."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if not needed or current in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)
+
+
 def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer: int | None = None):
     """Scores of one batch of windows: (heads (B, T, L, H), neurons (B, T, L, F), feature (B, T, d) | None,
     layer_inputs (B, T, L, d)). The last is the input of every decoder layer (per-layer predictors read it).
 
-    Gradient criteria differentiate the summed next-token loss with respect to the recorded inputs themselves
-    (torch.autograd.grad), so the frozen weights get no .grad and nothing outlives the call.
+    Gradient criteria differentiate the summed next-token loss with respect to the recorded inputs and unit masks
+    themselves (torch.autograd.grad), so the frozen weights get no .grad and nothing outlives the call.
     """
     view = ModelView(model)
     L, H = view.dims.n_layers, view.dims.n_heads
     inputs: dict = {}
+    masks: dict | None = {} if ({"mask_grad", "hvp"} & crit.needs) else None
     feats: list = []
-    with recording_hooks(view, feature_layer, inputs, feats), torch.set_grad_enabled(crit.needs_grad):
+    sig: dict = {}
+    with recording_hooks(view, feature_layer, inputs, feats, masks), torch.set_grad_enabled(crit.needs_grad), \
+            eager_attention(model, "hvp" in crit.needs):
         if crit.needs_grad:  # frozen weights: make the graph start at the embeddings' output
             emb_hook = view.model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
             try:
@@ -110,19 +141,34 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
             loss = torch.nn.functional.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction="sum")
             keys = [k for k in inputs if k[0] != "layer"]
-            grads = dict(zip(keys, torch.autograd.grad(loss, [inputs[k] for k in keys])))
-            del logits, loss
+            wrt = [inputs[k] for k in keys] if "grad" in crit.needs else []
+            wrt += [masks[k] for k in keys] if masks is not None else []
+            grads = torch.autograd.grad(loss, wrt, create_graph="hvp" in crit.needs)
+            n = len(keys) if "grad" in crit.needs else 0
+            for j, k in enumerate(keys):
+                sig[k] = {"g": grads[j].detach() if n else None,
+                          "gm": grads[n + j] if masks is not None else None}
+            if "hvp" in crit.needs:  # H g = ∂(g · stopgrad(g))/∂m
+                gms = grads[n:]
+                hvps = torch.autograd.grad(sum((gm * gm.detach()).sum() for gm in gms), [masks[k] for k in keys])
+                for k, hv in zip(keys, hvps):
+                    sig[k]["hgm"] = hv
+            del logits, loss, grads
         else:
             model(input_ids=input_ids)
-            grads = {}
     if len(inputs) != 3 * L:
         raise RuntimeError("a criterion hook did not fire on every layer; is the architecture spec right?")
+
+    def signals(key) -> Signals:
+        extra = {k: (v.detach().squeeze(-1) if k != "g" and key[0] == "head" and v is not None else
+                     (v.detach() if v is not None else None)) for k, v in sig.get(key, {}).items()}
+        return Signals(x=inputs[key].detach(), **extra)
+
     B, T = input_ids.shape  # some models (OPT) flatten tokens before the FFN: restore (B, T, U) per layer
     with torch.no_grad():
-        heads = torch.stack([crit.head(inputs["head", i].detach(), grads.get(("head", i)), view.attn_out(i).weight, H)
-                             .reshape(B, T, -1).cpu() for i in range(L)], 2)
-        neurons = torch.stack([crit.neuron(inputs["neuron", i].detach(), grads.get(("neuron", i)))
-                               .reshape(B, T, -1).cpu() for i in range(L)], 2)
+        heads = torch.stack([crit.head(signals(("head", i)), view.attn_out(i).weight, H).reshape(B, T, -1).cpu()
+                             for i in range(L)], 2)
+        neurons = torch.stack([crit.neuron(signals(("neuron", i))).reshape(B, T, -1).cpu() for i in range(L)], 2)
         layer_inputs = torch.stack([inputs["layer", i].to(SCORE_DTYPE).cpu() for i in range(L)], 2)
     return heads, neurons, (feats[0] if feats else None), layer_inputs
 
