@@ -19,7 +19,7 @@ from .errors import ConfigError
 from .gating import StaticScores, TensorScores
 from .llm import LLMConfig, load_llm
 from .methods import Level, evaluate_levels
-from .report import RESULTS, append_result, plot_frontier, print_table, read_results
+from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
 
 log = logging.getLogger("shadowsparse")
@@ -221,6 +221,7 @@ def run(cfg: DictConfig) -> dict:
         rows = read_results([run_dir / RESULTS])
         print_table(rows, title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")
         plot_frontier(rows, run_dir / "frontier.png")
+        plot_quality(rows, run_dir / "quality.png")
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("run dir: %s (%.0f s)", run_dir, metrics["wall_seconds"])

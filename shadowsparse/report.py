@@ -1,7 +1,9 @@
-"""results.jsonl of one or many runs -> a table (rich in the terminal, markdown on request) and a PNG plot of
-quality against weight bytes skipped (the frontier on which methods are compared fairly).
+"""results.jsonl of one or many runs -> a table (rich in the terminal, markdown or CSV on request) and PNG plots:
+quality against requested FFN sparsity (one line per method, dense as a reference line) and against weight bytes
+skipped (the frontier on which methods are compared fairly).
 
-    python -m shadowsparse.report outputs/runs/<run> [more runs ...] [--markdown] [--plot frontier.png]
+    python -m shadowsparse.report outputs/runs/<run> [outputs/multirun/<sweep> ...] [--markdown] [--csv out.csv]
+                                  [--plot quality.png] [--frontier frontier.png]
 """
 from __future__ import annotations
 
@@ -42,10 +44,52 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
         base = dense.get((r["model"], r["dataset"], r["metric"]))
         ratio = f"{r['value'] / base:.3f}" if base and r["metric"] == "ppl" else "-"
         out.append([r["model"].split("/")[-1], r["dataset"], r["method"], str(r.get("criterion") or "-"),
-                    r.get("granularity", "-"), f"{r['ffn_sparsity']:.2f}", f"{r['realized_ffn_sparsity']:.3f}",
+                    r.get("granularity") or "-", f"{r['ffn_sparsity']:.2f}", f"{r['realized_ffn_sparsity']:.3f}",
                     f"{r['head_sparsity']:.2f}", f"{r['realized_head_sparsity']:.3f}", r["metric"],
                     f"{r['value']:.3f}", ratio, f"{r.get('weight_bytes_skipped', 0.0):.3f}"])
     return out
+
+
+def write_csv(rows: list[dict], path: str | Path) -> Path:
+    import csv
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        w.writerows(table_rows(rows))
+    return Path(path)
+
+
+def _series_label(r: dict) -> str:
+    return f"{r['method']} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, heads {r['head_sparsity']:.2f})"
+
+
+def plot_quality(rows: list[dict], path: str | Path, metric: str = "ppl") -> Path:
+    """Metric against requested FFN sparsity, one line per method; dense drawn as a horizontal reference."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["metric"] == metric]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r["method"] == "dense":
+            ax.axhline(r["value"], color="black", lw=1, ls="--", label=f"dense ({r['dataset']})")
+    series: dict = {}
+    for r in rows:
+        if r["method"] != "dense":
+            series.setdefault(_series_label(r), []).append((r["ffn_sparsity"], r["value"]))
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+    ax.set_xlabel("requested FFN sparsity (fraction skipped per token)")
+    ax.set_ylabel(metric)
+    if metric == "ppl":
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -76,8 +120,7 @@ def plot_frontier(rows: list[dict], path: str | Path) -> Path:
         base = dense.get((r["model"], r["dataset"]))
         if r["method"] == "dense" or r["metric"] != "ppl" or not base:
             continue
-        key = f"{r['method']} ({r.get('criterion') or '-'}, heads {r['head_sparsity']:.2f})"
-        series.setdefault(key, []).append((r.get("weight_bytes_skipped", 0.0), r["value"] / base))
+        series.setdefault(_series_label(r), []).append((r.get("weight_bytes_skipped", 0.0), r["value"] / base))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, pts in sorted(series.items()):
         pts.sort()
@@ -96,11 +139,18 @@ def plot_frontier(rows: list[dict], path: str | Path) -> Path:
 
 def main(argv: list[str]) -> int:
     md = "--markdown" in argv
-    plot = argv[argv.index("--plot") + 1] if "--plot" in argv[:-1] else None
-    paths = [a for a in argv if not a.startswith("--") and a != plot]
+    outputs = {}
+    for flag in ("--csv", "--plot", "--frontier"):
+        if flag in argv:
+            i = argv.index(flag)
+            if i + 1 >= len(argv):
+                print(f"error: {flag} needs a file name", file=sys.stderr)
+                return 2
+            outputs[flag] = argv[i + 1]
+    paths = [a for a in argv if not a.startswith("--") and a not in outputs.values()]
     if not paths:
-        print("usage: python -m shadowsparse.report <run_dir or results.jsonl> [...] [--markdown] [--plot out.png]",
-              file=sys.stderr)
+        print("usage: python -m shadowsparse.report <run dirs or results.jsonl> [--markdown] [--csv out.csv] "
+              "[--plot quality.png] [--frontier frontier.png]", file=sys.stderr)
         return 2
     try:
         rows = read_results(paths)
@@ -108,8 +158,12 @@ def main(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(markdown(rows)) if md else print_table(rows)
-    if plot:
-        print(f"plot: {plot_frontier(rows, plot)}")
+    if "--csv" in outputs:
+        print(f"csv: {write_csv(rows, outputs['--csv'])}")
+    if "--plot" in outputs:
+        print(f"plot: {plot_quality(rows, outputs['--plot'])}")
+    if "--frontier" in outputs:
+        print(f"frontier: {plot_frontier(rows, outputs['--frontier'])}")
     return 0
 
 
