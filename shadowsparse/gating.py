@@ -27,6 +27,9 @@ class GatingConfig:
     granularity: str = "token"  # "token": a mask per token; "sequence": one mask per prompt, reused while decoding
     first_layer: int | None = None  # first gated layer; None: the predictor's feature_layer + 1 (0 without one)
     count: bool = True  # count realized sparsity (one small reduction per hook)
+    budget: str = "local"  # "local": s of every layer; "global": s of all gated layers' units together, per token;
+    # "hybrid": global, but every layer keeps at least min_keep of its units
+    min_keep: float = 0.1  # hybrid: fraction of each layer's units always kept
 
     def validate(self) -> "GatingConfig":
         for name in ("ffn_sparsity", "head_sparsity"):
@@ -35,6 +38,10 @@ class GatingConfig:
                 raise ConfigError(f"{name} must be in [0, 1) (the fraction skipped), got {v!r}")
         if self.granularity not in ("token", "sequence"):
             raise ConfigError(f"granularity must be 'token' or 'sequence', got {self.granularity!r}")
+        if self.budget not in ("local", "global", "hybrid"):
+            raise ConfigError(f"budget must be 'local', 'global' or 'hybrid', got {self.budget!r}")
+        if not 0.0 <= self.min_keep <= 1.0 - max(self.ffn_sparsity, self.head_sparsity):
+            raise ConfigError(f"min_keep must be in [0, 1 - sparsity] so the budget can be met, got {self.min_keep}")
         return self
 
 
@@ -72,6 +79,11 @@ class ScoreSource:
 
     def neurons(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def all_layers(self, kind: str) -> torch.Tensor:
+        """Every layer's scores at once, (B|1, T|1, L, U), for global budgets; kind is "heads" or "neurons"."""
+        raise ConfigError(f"{type(self).__name__} scores one layer at a time; global and hybrid budgets need a "
+                          "selector that scores all layers at once (shared predictor, oracle, static)")
 
     # The masks: top-k of the scores by default; a source may decide differently (e.g. per-layer thresholds).
     def head_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -112,6 +124,9 @@ class PredictorScores(ScoreSource):
 
     def neurons(self, layer, x):
         return self._neurons[:, :, layer]
+
+    def all_layers(self, kind):
+        return self._heads if kind == "heads" else self._neurons
 
 
 class PerLayerScores(ScoreSource):
@@ -170,18 +185,25 @@ class TensorScores(ScoreSource):
     def neurons(self, layer, x):
         return self._neurons[:, :, layer].to(x.device)
 
+    def all_layers(self, kind):
+        return self._heads if kind == "heads" else self._neurons
+
 
 class StaticScores(ScoreSource):
     """One score vector per layer for every input: heads (L, H), neurons (L, F) -> a static mask."""
 
     def __init__(self, heads: torch.Tensor, neurons: torch.Tensor):
         self._heads, self._neurons = heads, neurons
+        self._all = {"heads": heads[None, None], "neurons": neurons[None, None]}  # (1, 1, L, U), one object each
 
     def heads(self, layer, x):
         return self._heads[layer].to(x.device)
 
     def neurons(self, layer, x):
         return self._neurons[layer].to(x.device)
+
+    def all_layers(self, kind):
+        return self._all[kind]
 
 
 class SparsityCounter:
@@ -227,6 +249,7 @@ class GatingHandle:
         self.k_heads = n_keep(d.n_heads, cfg.head_sparsity)
         self.k_neurons = n_keep(d.ffn, cfg.ffn_sparsity)
         self._hooks: list = []
+        self._budget_cache: dict = {}  # kind -> (the scores tensor it was made from, masks of all gated layers)
         self.counter.gated_layers = len(self.gated_layers)
         gate_heads, gate_ffn = self.k_heads < d.n_heads, self.k_neurons < d.ffn
         if gate_heads or gate_ffn:  # with nothing to skip, no hook at all: the model stays dense bit for bit
@@ -242,12 +265,41 @@ class GatingHandle:
         if self.cfg.count:
             self.counter.add(key, mask, tokens)
 
+    def _mask(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
+        if self.cfg.budget == "local":
+            if kind == "heads":
+                return self.source.head_mask(layer, x, self.k_heads)
+            return self.source.neuron_mask(layer, x, self.k_neurons)
+        scores = self.source.all_layers(kind)  # (B|1, T|1, L, U)
+        cached = self._budget_cache.get(kind)
+        if cached is None or cached[0] is not scores:  # new scores (a new forward): one mask for all gated layers
+            self._budget_cache[kind] = (scores, self._budget_masks(kind, scores))
+        mask = self._budget_cache[kind][1][..., layer - self.first_layer, :].to(x.device)  # (B|1, T|1, U)
+        return align_rows(mask, x).to(x.dtype)
+
+    def _budget_masks(self, kind: str, scores: torch.Tensor) -> torch.Tensor:
+        """Global / hybrid top-k over every gated layer's units of each token: (B|1, T|1, Lg, U) 0/1."""
+        s = scores[..., self.first_layer:, :].float()
+        n_layers, units = s.shape[-2], s.shape[-1]
+        sparsity = self.cfg.head_sparsity if kind == "heads" else self.cfg.ffn_sparsity
+        k_total = n_keep(n_layers * units, sparsity)
+        keep = torch.zeros_like(s, dtype=torch.bool)
+        if self.cfg.budget == "hybrid":  # every layer keeps its own top min_keep first, the rest goes globally
+            k_min = int(self.cfg.min_keep * units)
+            if k_min > 0:
+                keep.scatter_(-1, s.topk(k_min, -1).indices, True)
+                k_total = max(0, k_total - n_layers * k_min)
+                s = s.masked_fill(keep, float("-inf"))
+        flat = s.flatten(-2)  # (B|1, T|1, Lg*U)
+        keep |= torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(k_total, -1).indices, True).view_as(keep)
+        return keep
+
     def _head_hook(self, layer: int):
         d = self.view.dims
 
         def hook(module, args):
             x = args[0]  # (B, T, H*D): all query heads side by side (also under GQA)
-            mask = self.source.head_mask(layer, x, self.k_heads)  # (B|1, T|1, H)
+            mask = self._mask("heads", layer, x)  # (B|1, T|1, H)
             tokens = x.numel() // x.shape[-1]
             self._count("heads", mask, tokens)
             if self.cfg.count and d.n_kv_heads < d.n_heads:  # a kv head is unneeded once its whole group is off
@@ -260,7 +312,7 @@ class GatingHandle:
     def _neuron_hook(self, layer: int):
         def hook(module, args):
             x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT)
-            mask = self.source.neuron_mask(layer, x, self.k_neurons)  # broadcastable to x
+            mask = self._mask("neurons", layer, x)  # broadcastable to x
             self._count("neurons", mask, x.numel() // x.shape[-1])
             return (x * mask,) + tuple(args[1:])
         return hook

@@ -37,8 +37,10 @@ def _nll(model, ids: torch.Tensor) -> float:
 
 def evaluate_levels(model, windows: torch.Tensor, source: ScoreSource | None, levels: list[Level],
                     first_layer: int, granularity: str = "token", batch_size: int = 1,
-                    before_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "eval") -> list[Level]:
-    """Perplexity of ``model`` gated by ``source`` at every level (source None: dense). Fills and returns levels."""
+                    before_batch: Callable[[torch.Tensor], None] | None = None, desc: str = "eval",
+                    **gating: object) -> list[Level]:
+    """Perplexity of ``model`` gated by ``source`` at every level (source None: dense). Fills and returns levels.
+    Extra keyword arguments go to GatingConfig (budget, min_keep)."""
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="win"):
         ids = windows[start:start + batch_size].to(device)
@@ -49,7 +51,7 @@ def evaluate_levels(model, windows: torch.Tensor, source: ScoreSource | None, le
                 lv.nll += _nll(model, ids)
             else:
                 cfg = GatingConfig(ffn_sparsity=lv.ffn, head_sparsity=lv.heads, granularity=granularity,
-                                   first_layer=first_layer)
+                                   first_layer=first_layer, **gating)
                 with attach_gating(model, source, cfg, counter=lv.counter):
                     lv.nll += _nll(model, ids)
             lv.tokens += ids[:, 1:].numel()

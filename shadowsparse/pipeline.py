@@ -65,7 +65,7 @@ def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
                              OmegaConf.to_container(cfg.predictor.fit, resolve=True), manifest_model=m["model"],
                              targets_info={k: m[k] for k in ("criterion", "granularity", "feature_layer")})
     dm = TargetsDataModule(str(targets_dir), fit.batch_size, fit.val_fraction, model=model, seed=cfg.seed, eps=fit.eps,
-                           input_key=system.predictor.input_key)
+                           input_key=system.predictor.input_key, normalize=fit.normalize)
     pred = system.predictor
     info = {"predictor_params": pred.n_params(), "predictor_flops_per_token": pred.flops_per_token()}
     log.info("predictor: %s parameters, %.1f MFLOP per token", f"{info['predictor_params']:,}",
@@ -130,14 +130,14 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
     rows = []
 
     def evaluate(method: str, source, granularity: str = gran, selector_bytes: int = 0, before_batch=None,
-                 levels: list[tuple[float, float]] | None = None, **more):
+                 levels: list[tuple[float, float]] | None = None, budget: str = cfg.gating.budget, **more):
         levels = [Level(f, h) for f, h in (levels if levels is not None else gating_levels(cfg))]
         # granularity None labels selectors with no per-input choice (dense, static); their hooks run per token
         evaluate_levels(model, windows, source, levels, first_layer, granularity or "token", cfg.data.eval.batch_size,
-                        before_batch=before_batch, desc=method)
+                        before_batch=before_batch, desc=method, budget=budget, min_keep=cfg.gating.min_keep)
         for lv in levels:
             stats = lv.counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads)
-            row = {**base, "method": method, "granularity": granularity, "ffn_sparsity": lv.ffn,
+            row = {**base, "method": method, "granularity": granularity, "budget": budget, "ffn_sparsity": lv.ffn,
                    "head_sparsity": lv.heads, "value": lv.ppl,
                    "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
                    "realized_head_sparsity": stats["realized_head_sparsity"],
@@ -149,7 +149,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                      lv.ppl, row["realized_ffn_sparsity"], row["realized_head_sparsity"])
 
     if "dense" in methods:
-        evaluate("dense", None, granularity=None, levels=[(0.0, 0.0)], criterion=None)
+        evaluate("dense", None, granularity=None, levels=[(0.0, 0.0)], criterion=None, budget=None)
     if pred is not None:
         kind = pred.cfg.kind
         evaluate("predictor" if kind == "shared" else kind, pred,
@@ -172,19 +172,23 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
         evaluate("oracle", oracle, before_batch=score)
     if "threshold" in methods:  # calibrated on the calibration text, never on the evaluation windows
         calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
-        evaluate("threshold", ThresholdScores.calibrate(model, calib, cfg.seed), granularity="token", criterion=None)
+        evaluate("threshold", ThresholdScores.calibrate(model, calib, cfg.seed), granularity="token", criterion=None,
+                 budget="local")  # per-layer thresholds are its budget
     if "gate" in methods:
         if not view.spec.glu:
             log.warning("gate (CATS) needs a gated FFN; %s has none: skipped", view.spec.family)
         else:
-            evaluate("gate", GateScores(), granularity="token", criterion=None,
+            evaluate("gate", GateScores(), granularity="token", criterion=None, budget="local",
                      levels=[(f, h) for f, h in gating_levels(cfg) if h == 0])  # FFN only
     return rows
 
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of the whole config before any model is loaded or artifact written."""
-    gating_levels(cfg)
+    from .gating import GatingConfig
+    for ffn, heads in gating_levels(cfg):
+        GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
+                     budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
     for key, value in (("targets.granularity", cfg.targets.granularity), ("gating.granularity", cfg.gating.granularity)):
         if value not in ("token", "sequence"):
@@ -192,6 +196,9 @@ def validate(cfg: DictConfig) -> None:
     unknown = set(cfg.evaluate.methods) - set(METHODS)
     if unknown:
         raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use {', '.join(METHODS)}")
+    if cfg.gating.budget != "local" and cfg.predictor.model.kind != "shared" and "predictor" in cfg.evaluate.methods:
+        raise ConfigError(f"gating.budget={cfg.gating.budget} needs all layers' scores at once; the "
+                          f"{cfg.predictor.model.kind} predictor scores one layer at a time: use budget=local")
     if cfg.predictor.fit.loss not in ("mse", "listnet", "bce"):
         raise ConfigError(f"predictor.fit.loss must be mse, listnet or bce, got {cfg.predictor.fit.loss!r}")
 

@@ -29,19 +29,23 @@ class FitConfig:
     head_weight: float = 1.0  # weight of the head loss next to the neuron loss
     ffn_sparsity: float = 0.5  # sparsity at which top-k recall is reported and BCE labels are made
     head_sparsity: float = 0.3
-    eps: float = 1e-3  # scores are normalized as log(s + eps * mean_row(s)), then z-scored per (token, layer)
+    eps: float = 1e-3  # scores are normalized as log(s + eps * mean_row(s)), then z-scored
+    normalize: str = "layer"  # z-score over each (token, layer) ("layer") or over a token's whole model ("token")
     # (the DataModule applies it; kept here so the checkpoint records it)
 
 
-def normalize_scores(s: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per (row, layer) standardization of log scores: (N, L, U) -> (N, L, U), mean 0 and std 1 over U.
+def normalize_scores(s: torch.Tensor, eps: float, over: str = "layer") -> torch.Tensor:
+    """Standardized log scores: (N, L, U) -> (N, L, U).
 
-    Raw scores span decades and differ in scale between layers and criteria; only the ranking within a row is used
-    by the gate, so the targets keep the order and drop the scale.
+    over="layer": mean 0 / std 1 over each (row, layer)'s U units — only the ranking within a layer is kept, which
+    is all a local budget uses. over="token": over all L*U units of a row, so that scores stay comparable across
+    layers, as global and hybrid budgets need. Raw scores span decades and differ between criteria; the log keeps
+    the order and tames the scale.
     """
     s = s.float()
-    z = torch.log(s + eps * s.mean(-1, keepdim=True) + 1e-30)
-    return (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
+    dims = (-1,) if over == "layer" else (-2, -1)
+    z = torch.log(s + eps * s.mean(dims, keepdim=True) + 1e-30)
+    return (z - z.mean(dims, keepdim=True)) / (z.std(dims, keepdim=True) + 1e-6)
 
 
 def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -67,10 +71,13 @@ class TargetsDataModule(L.LightningDataModule):
     """
 
     def __init__(self, targets_dir: str, batch_size: int = 256, val_fraction: float = 0.1, model=None, seed: int = 0,
-                 eps: float = 1e-3, input_key: str = "features"):
+                 eps: float = 1e-3, input_key: str = "features", normalize: str = "layer"):
         super().__init__()
         self.targets_dir, self.batch_size, self.val_fraction, self.eps = targets_dir, batch_size, val_fraction, eps
         self.input_key = input_key  # "features" (shared predictor) or "layer_inputs" (per-layer predictors)
+        if normalize not in ("layer", "token"):
+            raise ConfigError(f"fit.normalize must be 'layer' or 'token', got {normalize!r}")
+        self.normalize = normalize
         self.model, self.seed = model, seed
         self.manifest = None
 
@@ -81,7 +88,8 @@ class TargetsDataModule(L.LightningDataModule):
         for key in ("heads", "neurons"):
             scores = t[key]
             for start in range(0, scores.shape[0], 1024):  # in place, chunk by chunk: no second full-size copy
-                scores[start:start + 1024] = normalize_scores(scores[start:start + 1024], self.eps).to(scores.dtype)
+                chunk = normalize_scores(scores[start:start + 1024], self.eps, self.normalize)
+                scores[start:start + 1024] = chunk.to(scores.dtype)
         x = t[self.input_key]
         n = x.shape[0]
         if n < 2:

@@ -166,3 +166,53 @@ def test_topk_mask_exact_values():
     s = torch.tensor([[0.1, 0.9, 0.5, 0.3], [4.0, 1.0, 3.0, 2.0]])
     assert torch.equal(topk_mask(s, 2, torch.float32), torch.tensor([[0., 1, 1, 0], [1, 0, 1, 0]]))
     assert n_keep(1536, 0.5) == 768 and n_keep(9, 0.3) == 6 and n_keep(4, 0.99) == 1
+
+
+def _static(view, heads, neurons):
+    return StaticScores(heads, neurons)
+
+
+@torch.no_grad()
+def test_global_budget_exact_values(ids):
+    """Global: one threshold over all gated layers. Layer 1 scores high everywhere, so it keeps all its units."""
+    from tests.conftest import tiny_model
+    model = tiny_model("llama")
+    d = ModelView(model).dims  # 4 layers, ffn 96
+    neurons = torch.arange(d.n_layers * d.ffn, dtype=torch.float32).view(d.n_layers, d.ffn).flip(0)  # layer 0 highest
+    heads = torch.ones(d.n_layers, d.n_heads)
+    cfg = GatingConfig(ffn_sparsity=0.5, first_layer=1, budget="global")
+    with attach_gating(model, StaticScores(heads, neurons), cfg) as h:
+        model(input_ids=ids)
+        masks = h._budget_cache["neurons"][1][0, 0]  # (Lg=3, F)
+        assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5)
+    # 3 gated layers x 96 = 288 units, keep 144: all of layer 1 (the highest gated), 48 of layer 2, none of layer 3
+    assert masks.sum(-1).tolist() == [96, 48, 0]
+    assert masks[1, -48:].all() and not masks[1, :48].any()
+    cfg = GatingConfig(ffn_sparsity=0.5, first_layer=1, budget="hybrid", min_keep=0.25)
+    with attach_gating(model, StaticScores(heads, neurons), cfg) as h:
+        model(input_ids=ids)
+        masks = h._budget_cache["neurons"][1][0, 0]
+        assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5)
+    assert masks.sum(-1).tolist() == [96, 24, 24]  # 24 = 0.25 * 96 kept everywhere, the other 72 go to layer 1
+
+
+@torch.no_grad()
+def test_global_budget_with_predictor_per_token(ids):
+    from tests.conftest import tiny_model
+    model = tiny_model("opt")
+    view = ModelView(model)
+    with attach_gating(model, _predictor(view), GatingConfig(ffn_sparsity=0.6, head_sparsity=0.5,
+                                                              budget="global")) as h:
+        model(input_ids=ids)
+        s = h.stats()
+    assert s["realized_ffn_sparsity"] == pytest.approx(1 - n_keep(3 * 128, 0.6) / (3 * 128))  # global rounding
+    assert s["realized_head_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_global_budget_refused_for_per_layer_selectors():
+    from shadowsparse.training_free import GateScores
+    from tests.conftest import tiny_model
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="all layers at once"):
+        with attach_gating(model, GateScores(), GatingConfig(ffn_sparsity=0.5, budget="global")):
+            model(input_ids=torch.zeros(1, 4, dtype=torch.long))

@@ -24,7 +24,7 @@ def test_pipeline_end_to_end(tmp_path, family, criterion):
     metrics = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"dense", "predictor", "oracle", "static"}
-    assert len(rows) == 1 + 3 * 4
+    assert len(rows) == 1 + 3 * 4 and all(r["budget"] == ("local" if r["method"] != "dense" else None) for r in rows)
     for r in rows:
         assert SCHEMA <= set(r), SCHEMA - set(r)
         if r["method"] != "dense":
@@ -55,6 +55,15 @@ def test_per_layer_predictor_and_training_free_methods(tmp_path, family):
             assert r["predictor_params"] > 0
 
 
+def test_global_budget_pipeline_with_token_normalized_predictor(tmp_path):
+    run(smoke(tmp_path, "gating.budget=hybrid", "gating.min_keep=0.2", "predictor.fit.normalize=token",
+              "evaluate.methods=[predictor,oracle,static]"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert {r["budget"] for r in rows} == {"hybrid"} and len(rows) == 12
+    for r in rows:
+        assert r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.01)
+
+
 def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
     cfg = smoke(tmp_path, "targets.granularity=sequence", "gating.granularity=sequence", "gating.ffn_sparsity=0.5",
                 "evaluate.methods=[predictor,oracle]")
@@ -78,10 +87,12 @@ def test_predictor_of_another_model_is_refused(tmp_path):
     ("llm.name=./no/such/model", "does not exist"),
     ("llm.name=random:gpt9", "no tiny config"),
     ("evaluate.methods=[dense,magic]", "unknown evaluation method"),
+    ("gating.budget=everywhere", "budget must be"),
+    ("predictor=per_layer gating.budget=global", "one layer at a time"),
 ])
 def test_bad_input_is_refused_before_any_artifact(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message):
-        run(smoke(tmp_path, override))
+        run(smoke(tmp_path, *override.split()))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "results.jsonl").exists()
 
 
