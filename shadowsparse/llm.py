@@ -52,7 +52,7 @@ def embedded_gguf() -> tuple[Path, str]:
 def tiny_config(family: str):
     """Config of a tiny random model of a registered family (a few layers, GQA for Llama/Mistral)."""
     from transformers import LlamaConfig, MistralConfig, OPTConfig
-    common = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
+    common = dict(vocab_size=260, hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
                   max_position_embeddings=256)
     if family == "llama":
         return LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True, **common)
@@ -65,30 +65,18 @@ def tiny_config(family: str):
     raise ConfigError(f"no tiny config for family '{family}'; use random:llama, random:mistral or random:opt")
 
 
-class ByteTokenizer:
-    """A dependency-free tokenizer for random models: UTF-8 bytes as token ids (vocab 256)."""
-
-    eos_token_id = 0
-    pad_token_id = 0
-    bos_token_id = None
-    eos_token = "\x00"
-    pad_token = "\x00"
-    name_or_path = "bytes"
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.tolist()
-        return bytes(int(i) for i in ids if not (skip_special_tokens and i == 0)).decode("utf-8", errors="replace")
-
-    def __call__(self, text: str, return_tensors: str | None = None, **_):
-        ids = self.encode(text)
-        out = {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
-        if return_tensors == "pt":
-            out["attention_mask"] = torch.ones_like(out["input_ids"])
-        return out
+def byte_tokenizer():
+    """A real Hugging Face fast tokenizer with no download: byte-level BPE with the 256 byte symbols and no merges,
+    plus an end-of-text token (id 256). Random models use it, so every code path (lm-eval included) sees a
+    standard tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   model_max_length=256)
 
 
 def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
@@ -100,7 +88,7 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
         from transformers import AutoModelForCausalLM as Auto
         torch.manual_seed(cfg.seed)
         model = Auto.from_config(tiny_config(name.split(":", 1)[1]), dtype=dtype)
-        tok = ByteTokenizer()
+        tok = byte_tokenizer()
     else:
         kwargs: dict = {"dtype": dtype}
         if name.startswith("embedded:"):
@@ -127,7 +115,7 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
         model = model.to(cfg.device)
     model.eval()
     model.requires_grad_(False)
-    if getattr(tok, "pad_token_id", None) is None and hasattr(tok, "eos_token"):
+    if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
 

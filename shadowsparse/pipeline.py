@@ -2,6 +2,7 @@
 stage's artifacts (targets/ folder, predictor checkpoint, results.jsonl)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -112,7 +113,9 @@ METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate")
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
     from .system import load_predictor
-    from .training_free import GateScores, ThresholdScores
+    from .gating import GatingConfig, SparsityCounter, attach_gating
+    from .tasks import evaluate_tasks
+    from .training_free import GateScores, LiveActivationScores, ThresholdScores
     view = ModelView(model)
     methods = list(cfg.evaluate.methods)
     pred = None
@@ -129,24 +132,51 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
             "metric": "ppl", "model": cfg.llm.name, "first_gated_layer": first_layer, "seed": cfg.seed}
     rows = []
 
+    tasks = list(cfg.evaluate.get("tasks") or [])
+
+    def record(method, lv_ffn, lv_heads, counter, dataset, metric, value, n_tokens, granularity, budget,
+               selector_bytes, more):
+        stats = counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads)
+        row = {**base, "method": method, "granularity": granularity, "budget": budget, "ffn_sparsity": lv_ffn,
+               "head_sparsity": lv_heads, "dataset": dataset, "metric": metric, "value": value,
+               "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
+               "realized_head_sparsity": stats["realized_head_sparsity"],
+               "weight_bytes_skipped": weight_bytes_skipped(view, method, stats, selector_bytes),
+               "n_tokens": n_tokens, **more}
+        append_result(run_dir, row)
+        rows.append(row)
+        log.info("%s ffn=%.2f heads=%.2f %s %s=%.4f (realized ffn %.3f, heads %.3f)", method, lv_ffn, lv_heads,
+                 dataset, metric, value, row["realized_ffn_sparsity"], row["realized_head_sparsity"])
+
     def evaluate(method: str, source, granularity: str = gran, selector_bytes: int = 0, before_batch=None,
-                 levels: list[tuple[float, float]] | None = None, budget: str = cfg.gating.budget, **more):
+                 levels: list[tuple[float, float]] | None = None, budget: str = cfg.gating.budget,
+                 task_source="same", **more):
+        """Perplexity (and lm-eval tasks) of one method at every level; task_source: the selector to use inside
+        lm-eval (None: skip tasks for this method, e.g. an oracle that needs its own dense pass)."""
         levels = [Level(f, h) for f, h in (levels if levels is not None else gating_levels(cfg))]
         # granularity None labels selectors with no per-input choice (dense, static); their hooks run per token
+        gating_kw = dict(budget=budget, min_keep=cfg.gating.min_keep)
         evaluate_levels(model, windows, source, levels, first_layer, granularity or "token", cfg.data.eval.batch_size,
-                        before_batch=before_batch, desc=method, budget=budget, min_keep=cfg.gating.min_keep)
+                        before_batch=before_batch, desc=method, **gating_kw)
         for lv in levels:
-            stats = lv.counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads)
-            row = {**base, "method": method, "granularity": granularity, "budget": budget, "ffn_sparsity": lv.ffn,
-                   "head_sparsity": lv.heads, "value": lv.ppl,
-                   "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
-                   "realized_head_sparsity": stats["realized_head_sparsity"],
-                   "weight_bytes_skipped": weight_bytes_skipped(view, method, stats, selector_bytes),
-                   "n_tokens": lv.tokens, **more}
-            append_result(run_dir, row)
-            rows.append(row)
-            log.info("%s ffn=%.2f heads=%.2f -> ppl %.3f (realized ffn %.3f, heads %.3f)", method, lv.ffn, lv.heads,
-                     lv.ppl, row["realized_ffn_sparsity"], row["realized_head_sparsity"])
+            record(method, lv.ffn, lv.heads, lv.counter, cfg.data.eval.name, "ppl", lv.ppl, lv.tokens, granularity,
+                   budget, selector_bytes, more)
+        task_source = source if task_source == "same" else task_source
+        if not tasks or (task_source is None and source is not None):
+            return
+        for lv in levels:
+            counter = SparsityCounter()
+            gcfg = GatingConfig(ffn_sparsity=lv.ffn, head_sparsity=lv.heads, granularity=granularity or "token",
+                                first_layer=first_layer, **gating_kw)
+            with (attach_gating(model, task_source, gcfg, counter=counter) if task_source is not None
+                  else contextlib.nullcontext()):
+                results = evaluate_tasks(model, tok, tasks, limit=cfg.evaluate.task_limit,
+                                         batch_size=cfg.evaluate.task_batch_size)
+            for task, res in results.items():
+                for metric, value in res.items():
+                    if metric != "n":
+                        record(method, lv.ffn, lv.heads, counter, task, metric, value, None, granularity, budget,
+                               selector_bytes, {**more, "n_examples": res["n"], "task_limit": cfg.evaluate.task_limit})
 
     if "dense" in methods:
         evaluate("dense", None, granularity=None, levels=[(0.0, 0.0)], criterion=None, budget=None)
@@ -169,7 +199,11 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
             if gran == "sequence":
                 heads, neurons = heads.mean(1, keepdim=True), neurons.mean(1, keepdim=True)
             oracle.set(heads, neurons)
-        evaluate("oracle", oracle, before_batch=score)
+        live = LiveActivationScores() if info["criterion"] == "activation" else None  # lm-eval runs its own batches
+        if live is None and tasks:
+            log.warning("oracle on lm-eval tasks needs the activation criterion (read live); skipped for %s",
+                        info["criterion"])
+        evaluate("oracle", oracle, before_batch=score, task_source=live)
     if "threshold" in methods:  # calibrated on the calibration text, never on the evaluation windows
         calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
         evaluate("threshold", ThresholdScores.calibrate(model, calib, cfg.seed), granularity="token", criterion=None,
@@ -190,6 +224,10 @@ def validate(cfg: DictConfig) -> None:
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
+    from .tasks import TASKS
+    unknown_tasks = set(cfg.evaluate.get("tasks") or []) - set(TASKS)
+    if unknown_tasks:
+        raise ConfigError(f"unknown task(s) {sorted(unknown_tasks)}; shipped tasks are {list(TASKS)}")
     for key, value in (("targets.granularity", cfg.targets.granularity), ("gating.granularity", cfg.gating.granularity)):
         if value not in ("token", "sequence"):
             raise ConfigError(f"{key} must be 'token' or 'sequence', got {value!r}")

@@ -75,6 +75,22 @@ class ThresholdScores(ScoreSource):
         return (x.abs() > self._neuron_thr[layer].to(x.device)).to(x.dtype)
 
 
+class LiveActivationScores(ScoreSource):
+    """The `activation` criterion read live at the hook points of the gated forward itself: |a| per neuron, the
+    contribution norm per head. Top-k of it is the per-token oracle where no separate dense pass can be run first
+    (e.g. inside lm-eval's loglikelihood batches)."""
+
+    def attach(self, view: ModelView, cfg: GatingConfig) -> list:
+        self._view = view
+        return []
+
+    def heads(self, layer, x):
+        return head_contribution_norm(x, self._view.attn_out(layer).weight, self._view.dims.n_heads)
+
+    def neurons(self, layer, x):
+        return x.abs()
+
+
 class GateScores(ScoreSource):
     """CATS: neurons ranked by |act(gate)| of the current token; needs a gated (SwiGLU) FFN. FFN only."""
 

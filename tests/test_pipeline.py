@@ -64,6 +64,20 @@ def test_global_budget_pipeline_with_token_normalized_predictor(tmp_path):
         assert r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.01)
 
 
+def test_lm_eval_tasks_on_the_gated_model(tmp_path):
+    run(smoke(tmp_path, "evaluate.tasks=[copa,winogrande,arc_easy]", "evaluate.task_limit=3",
+              "evaluate.methods=[dense,predictor,oracle,threshold]", "evaluate.threshold_windows=2",
+              "gating.ffn_sparsity=0.5", "targets=activation"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    task_rows = [r for r in rows if r["dataset"] != "wikitext2"]
+    # 4 methods x (copa acc, winogrande acc, arc_easy acc + acc_norm)
+    assert len(task_rows) == 4 * 4
+    for r in task_rows:
+        assert r["metric"] in ("acc", "acc_norm") and 0 <= r["value"] <= 1 and r["n_examples"] == 3
+        if r["method"] in ("predictor", "oracle"):  # counted inside lm-eval's own forward passes
+            assert r["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
     cfg = smoke(tmp_path, "targets.granularity=sequence", "gating.granularity=sequence", "gating.ffn_sparsity=0.5",
                 "evaluate.methods=[predictor,oracle]")
@@ -88,6 +102,7 @@ def test_predictor_of_another_model_is_refused(tmp_path):
     ("llm.name=random:gpt9", "no tiny config"),
     ("evaluate.methods=[dense,magic]", "unknown evaluation method"),
     ("gating.budget=everywhere", "budget must be"),
+    ("evaluate.tasks=[mmlu]", "unknown task"),
     ("predictor=per_layer gating.budget=global", "one layer at a time"),
 ])
 def test_bad_input_is_refused_before_any_artifact(tmp_path, override, message):
