@@ -21,6 +21,7 @@ from .gating import StaticScores, TensorScores
 from .llm import LLMConfig, load_llm
 from .methods import Level, evaluate_levels
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
+from .targets import FORMAT as TARGETS_FORMAT
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
 
 log = logging.getLogger("shadowsparse")
@@ -37,7 +38,8 @@ def targets_dir_for(cfg: DictConfig, model) -> Path:
     predictor settings reuses one collection)."""
     if cfg.paths.get("targets_dir"):
         return Path(cfg.paths.targets_dir)
-    key = {"model": model_fingerprint(model)["hash"], "targets": OmegaConf.to_container(cfg.targets, resolve=True),
+    key = {"format": TARGETS_FORMAT, "model": model_fingerprint(model)["hash"],
+           "targets": OmegaConf.to_container(cfg.targets, resolve=True),
            "calib": OmegaConf.to_container(cfg.data.calib, resolve=True), "seed": cfg.seed}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache_dir) / "targets" / f"{cfg.targets.criterion}-{cfg.targets.granularity}-{digest}"

@@ -92,9 +92,37 @@ def plot_quality(rows: list[dict], path: str | Path, metric: str = "ppl") -> Pat
     return Path(path)
 
 
+SUMMARY_COLUMNS = ["model", "method", "criterion", "budget", "ffn", "heads", "ppl", "x dense", "mean acc", "tasks",
+                   "bytes skipped"]
+
+
+def summary_rows(rows: list[dict]) -> list[list[str]]:
+    """One line per (model, method, criterion, granularity, budget, level): perplexity, its ratio to dense, and the
+    mean accuracy over the lm-eval tasks evaluated (acc, not acc_norm)."""
+    groups: dict = {}
+    for r in rows:
+        key = (r["model"], r["method"], r.get("criterion"), r.get("granularity"), r.get("budget"),
+               r["ffn_sparsity"], r["head_sparsity"])
+        groups.setdefault(key, []).append(r)
+    dense = {r["model"]: r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl"}
+    out = []
+    for key, rs in groups.items():
+        ppl = [r for r in rs if r["metric"] == "ppl"]
+        accs = [r["value"] for r in rs if r["metric"] == "acc"]
+        p = ppl[0]["value"] if ppl else None
+        ratio = f"{p / dense[key[0]]:.3f}" if p and dense.get(key[0]) else "-"
+        out.append([key[0].split("/")[-1], key[1], str(key[2] or "-"), str(key[4] or "-"), f"{key[5]:.2f}",
+                    f"{key[6]:.2f}", f"{p:.3f}" if p else "-", ratio,
+                    f"{sum(accs) / len(accs):.3f}" if accs else "-", str(len(accs)),
+                    f"{(ppl or rs)[0].get('weight_bytes_skipped', 0.0):.3f}"])
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+    lines += ["", "| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    lines += ["| " + " | ".join(r) + " |" for r in summary_rows(rows)]
     return "\n".join(lines)
 
 
@@ -106,7 +134,15 @@ def print_table(rows: list[dict], title: str = "shadowsparse results") -> None:
         table.add_column(c, justify="right" if c not in ("model", "dataset", "method", "criterion") else "left")
     for r in table_rows(rows):
         table.add_row(*r)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    if any(r["metric"] != "ppl" for r in rows):  # tasks were evaluated: one line per method and level
+        summary = Table(title="summary: perplexity and mean task accuracy")
+        for c in SUMMARY_COLUMNS:
+            summary.add_column(c, justify="left" if c in ("model", "method", "criterion", "budget") else "right")
+        for r in summary_rows(rows):
+            summary.add_row(*r)
+        console.print(summary)
 
 
 def plot_frontier(rows: list[dict], path: str | Path) -> Path:

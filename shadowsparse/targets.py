@@ -24,6 +24,7 @@ from .criteria import Criterion, Signals, get_criterion
 from .errors import ConfigError
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # bump when the shard layout changes (2: layer_inputs added), so caches made before are not reused
 SCORE_DTYPE = torch.bfloat16  # scores span many decades (gradient criteria): keep the exponent range of fp32
 
 
@@ -230,7 +231,7 @@ def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Pat
         flush()
         d = view.dims
         manifest = {
-            "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
+            "format": FORMAT, "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
             "feature_layer": cfg.feature_layer, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
             "ffn": d.ffn, "hidden": d.hidden, "score_dtype": str(SCORE_DTYPE).replace("torch.", ""),
             "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows), "seq_len": windows.shape[1],
