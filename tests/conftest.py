@@ -1,10 +1,14 @@
 """Tiny random models built from configs (no network) and the composed Hydra config, shrunk for tests."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU (set before any @triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from shadowsparse.llm import LLMConfig, load_llm
 

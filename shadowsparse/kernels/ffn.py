@@ -1,0 +1,146 @@
+"""Gated FFN for decode: read only the selected neurons' weights.
+
+    y_t = Σ_{f ∈ idx_t} act(W_in[f]·x_t + b_in[f]) [· (W_up[f]·x_t)] · W_down_t[f]  (+ b_out)
+
+x: (T, d) a few decode tokens; W_in / W_up: (F, d) the gate (or OPT fc1) and up projections, row-major as
+nn.Linear stores them, so a neuron is one contiguous row; W_down_t: (F, d) the down projection stored transposed
+(down.weight.T, contiguous) so that a neuron is a row there too; idx: (T, k) the neurons kept per token.
+
+Two Triton kernels: (1) h = act(gathered GEMV) for the k selected rows, tiled over d; (2) y = h · W_down_t[idx],
+split over d blocks and over k (fp32 atomics), since d alone gives too few programs to fill the GPU at batch 1.
+The plain mask path (dense FFN with the unselected activations zeroed) is the reference: gated_ffn_reference.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is optional: CPU wheels of torch ship without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without triton
+    triton = None
+
+ACTIVATIONS = ("silu", "relu", "gelu")
+
+
+def _act(t: torch.Tensor, act: str) -> torch.Tensor:
+    return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](t)
+
+
+def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
+    """The mask path: the dense FFN with the activations outside idx zeroed. Same shapes as gated_ffn."""
+    h = _act(F.linear(x, w_in, b_in), act)  # (T, F)
+    if w_up is not None:
+        h = h * F.linear(x, w_up)
+    mask = torch.zeros_like(h).scatter_(-1, idx.long(), 1.0)
+    return F.linear(h * mask, w_down_t.t(), b_out)
+
+
+def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
+    """Fallback that reads only the selected rows, by gathering them (T, k, d) — correct everywhere, and on a GPU
+    slower than dense (DESIGN.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
+    idx = idx.long()
+    g = torch.einsum("tkd,td->tk", w_in[idx], x)  # (T, k)
+    if b_in is not None:
+        g = g + b_in[idx]
+    h = _act(g, act)
+    if w_up is not None:
+        h = h * torch.einsum("tkd,td->tk", w_up[idx], x)
+    y = torch.einsum("tk,tkd->td", h, w_down_t[idx])
+    return y + b_out if b_out is not None else y
+
+
+if triton is not None:
+    @triton.jit
+    def _act_fn(g, ACT: tl.constexpr):
+        if ACT == 0:  # silu
+            return g * tl.sigmoid(g)
+        elif ACT == 1:  # relu
+            return tl.maximum(g, 0.0)
+        else:  # gelu (erf form, as torch's default)
+            return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+
+    @triton.jit
+    def _gather_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, K, D,
+                          HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rows = tl.load(idx_ptr + t * K + offs_k, mask=mask_k, other=0).to(tl.int64)  # (BLOCK_K,) neuron ids
+        acc_g = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xs = tl.load(x_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            w_off = rows[:, None] * D + offs_d[None, :]
+            m2 = mask_k[:, None] & mask_d[None, :]
+            wg = tl.load(w_in_ptr + w_off, mask=m2, other=0.0).to(tl.float32)
+            acc_g += tl.sum(wg * xs[None, :], axis=1)
+            if HAS_UP:
+                wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0).to(tl.float32)
+                acc_u += tl.sum(wu * xs[None, :], axis=1)
+        if HAS_BIAS:
+            acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)
+        h = _act_fn(acc_g, ACT)
+        if HAS_UP:
+            h = h * acc_u
+        tl.store(h_ptr + t * K + offs_k, h, mask=mask_k)
+
+    @triton.jit
+    def _gather_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, y_ptr, K, D, K_PER_SPLIT,
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0)
+        offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        k_start = tl.program_id(2) * K_PER_SPLIT
+        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = (offs_k < K) & (offs_k < k_start + K_PER_SPLIT)
+            rows = tl.load(idx_ptr + t * K + offs_k, mask=mask_k, other=0).to(tl.int64)
+            hk = tl.load(h_ptr + t * K + offs_k, mask=mask_k, other=0.0)
+            w = tl.load(w_down_t_ptr + rows[:, None] * D + offs_d[None, :],
+                        mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(w * hk[:, None], axis=0)
+        tl.atomic_add(y_ptr + t * D + offs_d, acc, mask=mask_d)
+
+
+def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None,
+                     block_k: int = 16, block_d: int = 512, block_k2: int = 64, block_d2: int = 64,
+                     splits: int | None = None, warps: tuple[int, int] = (4, 4), stages: tuple[int, int] = (3, 3)):
+    """The Triton path; block sizes, warps, stages and the k-split are tunables (benchmarks/ffn_kernel.py measures
+    them; the defaults are the best measured at batch 1 on an H100 for OPT-13B and Llama-2-7B shapes)."""
+    T, D = x.shape
+    K = idx.shape[1]
+    idx = idx.to(torch.int32).contiguous()
+    x = x.contiguous()
+    h = torch.empty(T, K, device=x.device, dtype=torch.float32)
+    dummy = x  # never read when the constexpr flag is off
+    _gather_in_kernel[(T, triton.cdiv(K, block_k))](
+        x, w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h, K, D,
+        HAS_UP=w_up is not None, HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act),
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0])
+    d_blocks = triton.cdiv(D, block_d2)
+    if splits is None:  # enough programs to cover the SMs a few times over at batch 1
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+        splits = max(1, min(triton.cdiv(4 * sms, T * d_blocks), triton.cdiv(K, block_k2)))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
+    y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    _gather_down_kernel[(T, d_blocks, triton.cdiv(K, k_per_split))](
+        h, w_down_t, idx, y, K, D, k_per_split, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1],
+        num_stages=stages[1])
+    if b_out is not None:
+        y += b_out
+    return y.to(x.dtype)
+
+
+def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
+    """Dispatch: the Triton kernels on a CUDA device where Triton is installed, the torch gather otherwise."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if triton is not None and x.is_cuda:
+        return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out)
+    return gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out)
