@@ -63,33 +63,35 @@ def _series_label(r: dict) -> str:
     return f"{r['method']} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, heads {r['head_sparsity']:.2f})"
 
 
-def plot_quality(rows: list[dict], path: str | Path, metric: str = "ppl") -> Path:
-    """Metric against requested FFN sparsity, one line per method; dense drawn as a horizontal reference."""
+def _line_plot(series: dict, path: str | Path, xlabel: str, ylabel: str, hlines: list[tuple[float, str]]) -> Path:
+    """One line per series key (points sorted by x), horizontal reference lines, log y axis; saved as PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in rows if r["metric"] == metric]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["method"] == "dense":
-            ax.axhline(r["value"], color="black", lw=1, ls="--", label=f"dense ({r['dataset']})")
-    series: dict = {}
-    for r in rows:
-        if r["method"] != "dense":
-            series.setdefault(_series_label(r), []).append((r["ffn_sparsity"], r["value"]))
+    for y, label in hlines:
+        ax.axhline(y, color="black", lw=1, ls="--", label=label)
     for key, pts in sorted(series.items()):
-        pts.sort()
+        pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax.set_xlabel("requested FFN sparsity (fraction skipped per token)")
-    ax.set_ylabel(metric)
-    if metric == "ppl":
-        ax.set_yscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_quality(rows: list[dict], path: str | Path) -> Path:
+    """Perplexity against requested FFN sparsity, one line per method; dense drawn as a horizontal reference."""
+    rows = [r for r in rows if r["metric"] == "ppl"]
+    series: dict = {}
+    for r in rows:
+        if r["method"] != "dense":
+            series.setdefault(_series_label(r), []).append((r["ffn_sparsity"], r["value"]))
+    dense = [(r["value"], f"dense ({r['model'].split('/')[-1]}, {r['dataset']})") for r in rows if r["method"] == "dense"]
+    return _line_plot(series, path, "requested FFN sparsity (fraction skipped per token)", "perplexity", dense)
 
 
 SUMMARY_COLUMNS = ["model", "method", "criterion", "budget", "ffn", "heads", "ppl", "x dense", "mean acc", "tasks",
@@ -147,9 +149,6 @@ def print_table(rows: list[dict], title: str = "shadowsparse results") -> None:
 
 def plot_frontier(rows: list[dict], path: str | Path) -> Path:
     """Perplexity / dense against weight_bytes_skipped, one line per (method, criterion, head sparsity)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     dense = {(r["model"], r["dataset"]): r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl"}
     series: dict = {}
     for r in rows:
@@ -157,20 +156,8 @@ def plot_frontier(rows: list[dict], path: str | Path) -> Path:
         if r["method"] == "dense" or r["metric"] != "ppl" or not base:
             continue
         series.setdefault(_series_label(r), []).append((r.get("weight_bytes_skipped", 0.0), r["value"] / base))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
-    ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_xlabel("decoder-linear weight bytes skipped per token (fraction)")
-    ax.set_ylabel("perplexity / dense")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _line_plot(series, path, "decoder-linear weight bytes skipped per token (fraction)",
+                      "perplexity / dense", [(1.0, "dense")])
 
 
 def main(argv: list[str]) -> int:
