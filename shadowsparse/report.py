@@ -95,7 +95,7 @@ def plot_quality(rows: list[dict], path: str | Path) -> Path:
 
 
 SUMMARY_COLUMNS = ["model", "method", "criterion", "budget", "ffn", "heads", "ppl", "x dense", "mean acc", "tasks",
-                   "bytes skipped"]
+                   "bytes skipped", "selector params", "MFLOP/token"]
 
 
 def summary_rows(rows: list[dict]) -> list[list[str]]:
@@ -116,7 +116,9 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
         out.append([key[0].split("/")[-1], key[1], str(key[2] or "-"), str(key[4] or "-"), f"{key[5]:.2f}",
                     f"{key[6]:.2f}", f"{p:.3f}" if p else "-", ratio,
                     f"{sum(accs) / len(accs):.3f}" if accs else "-", str(len(accs)),
-                    f"{(ppl or rs)[0].get('weight_bytes_skipped', 0.0):.3f}"])
+                    f"{(ppl or rs)[0].get('weight_bytes_skipped', 0.0):.3f}",
+                    f"{rs[0]['predictor_params']:,}" if rs[0].get("predictor_params") else "0",
+                    f"{rs[0]['predictor_flops_per_token'] / 1e6:.1f}" if rs[0].get("predictor_flops_per_token") else "0"])
     return out
 
 
