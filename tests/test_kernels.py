@@ -48,7 +48,26 @@ def test_triton_matches_mask_path(case, splits):
     args, kw = _inputs(*case, device=device)
     out = module.gated_ffn_triton(*args, **kw, block_k=16, block_d=32, block_k2=16, block_d2=32, splits=splits)
     ref = gated_ffn_reference(*args, **kw)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    # a single token takes the tl.dot kernels, which may run fp32 inputs as tf32 on a GPU
+    torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shared_set_triton_matches_mask_path(case):
+    """One neuron set for the whole batch (the union path of batched decode): rows read once, tl.dot over tokens."""
+    device = _triton_device()
+    if device is None:
+        pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
+    args, kw = _inputs(*case, device=device)
+    x, w_in, w_down_t, idx = args
+    shared = idx[0]
+    ref = gated_ffn_reference(x, w_in, w_down_t, shared, **kw)
+    torch.testing.assert_close(ref, gated_ffn_reference(x, w_in, w_down_t, shared.expand_as(idx), **kw))
+    torch.testing.assert_close(gated_ffn_torch(x, w_in, w_down_t, shared, **kw), ref, rtol=1e-5, atol=1e-5)
+    out = module.gated_ffn_triton(x, w_in, w_down_t, shared, **kw, block_k=16, block_d=32, block_k2=16,
+                                  block_d2=32, splits=2)
+    # tl.dot may use tf32 on GPUs: tolerance of a tf32 product
+    torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3)
 
 
 def test_bad_activation():

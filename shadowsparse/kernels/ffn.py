@@ -4,7 +4,9 @@
 
 x: (T, d) a few decode tokens; W_in / W_up: (F, d) the gate (or OPT fc1) and up projections, row-major as
 nn.Linear stores them, so a neuron is one contiguous row; W_down_t: (F, d) the down projection stored transposed
-(down.weight.T, contiguous) so that a neuron is a row there too; idx: (T, k) the neurons kept per token.
+(down.weight.T, contiguous) so that a neuron is a row there too; idx: (T, k) the neurons kept per token, or (k,)
+one set shared by all T tokens (batched decode with a union of the tokens' sets: each row is read once and
+multiplied against all tokens with tl.dot, tokens padded to 16).
 
 Two Triton kernels: (1) h = act(gathered GEMV) for the k selected rows, tiled over d; (2) y = h · W_down_t[idx],
 split over d blocks and over k (fp32 atomics), since d alone gives too few programs to fill the GPU at batch 1.
@@ -22,6 +24,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
 ACTIVATIONS = ("silu", "relu", "gelu")
+# (block_k, block_d, block_k2, block_d2, warps (in, down), stages (in, down)): best measured on an H100, fp16
+SHARED_DEFAULTS = (32, 256, 64, 128, (4, 8), (3, 3))
+PER_TOKEN_DEFAULTS = (16, 512, 128, 64, (4, 8), (3, 4))
 
 
 def _act(t: torch.Tensor, act: str) -> torch.Tensor:
@@ -33,6 +38,7 @@ def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None
     h = _act(F.linear(x, w_in, b_in), act)  # (T, F)
     if w_up is not None:
         h = h * F.linear(x, w_up)
+    idx = idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx
     mask = torch.zeros_like(h).scatter_(-1, idx.long(), 1.0)
     return F.linear(h * mask, w_down_t.t(), b_out)
 
@@ -40,7 +46,7 @@ def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None
 def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
     """Fallback that reads only the selected rows, by gathering them (T, k, d) — correct everywhere, and on a GPU
     slower than dense (DESIGN.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
-    idx = idx.long()
+    idx = (idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx).long()
     g = torch.einsum("tkd,td->tk", w_in[idx], x)  # (T, k)
     if b_in is not None:
         g = g + b_in[idx]
@@ -108,11 +114,102 @@ if triton is not None:
         tl.atomic_add(y_ptr + t * D + offs_d, acc, mask=mask_d)
 
 
+if triton is not None:
+    @triton.jit
+    def _shared_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, T, K, D,
+                          HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+                          T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        offs_t = tl.arange(0, T_PAD)
+        mask_t = offs_t < T
+        acc_g = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xs = tl.load(x_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                         other=0.0)  # (T_PAD, BLOCK_D)
+            w_off = rows[:, None] * D + offs_d[None, :]
+            m2 = mask_k[:, None] & mask_d[None, :]
+            wg = tl.load(w_in_ptr + w_off, mask=m2, other=0.0)  # (BLOCK_K, BLOCK_D), each row read once
+            acc_g += tl.dot(xs, tl.trans(wg))
+            if HAS_UP:
+                wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0)
+                acc_u += tl.dot(xs, tl.trans(wu))
+        if HAS_BIAS:
+            acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        h = _act_fn(acc_g, ACT)
+        if HAS_UP:
+            h = h * acc_u
+        tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], h, mask=mask_t[:, None] & mask_k[None, :])
+
+    @triton.jit
+    def _shared_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, y_ptr, T, K, D, K_PER_SPLIT,
+                            T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        offs_t = tl.arange(0, T_PAD)
+        mask_t = offs_t < T
+        k_start = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((T_PAD, BLOCK_D), dtype=tl.float32)
+        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = (offs_k < K) & (offs_k < k_start + K_PER_SPLIT)
+            rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+            w = tl.load(w_down_t_ptr + rows[:, None] * D + offs_d[None, :],
+                        mask=mask_k[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
+            hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                         other=0.0)  # (T_PAD, BLOCK_K)
+            acc += tl.dot(hk.to(w.dtype), w)
+        tl.atomic_add(y_ptr + offs_t[:, None] * D + offs_d[None, :], acc, mask=mask_t[:, None] & mask_d[None, :])
+
+
+def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,
+                             block_d2, splits, warps, stages):
+    """idx (k,): one neuron set for all T tokens (T <= 16)."""
+    T, D = x.shape
+    K = idx.shape[0]
+    if T > 16:
+        raise ValueError(f"the shared-set decode kernel takes up to 16 tokens, got {T}")
+    block_k, block_k2 = max(block_k, 16), max(block_k2, 16)  # tl.dot needs 16 on each side
+    idx = idx.to(torch.int32).contiguous()
+    h = torch.empty(T, K, device=x.device, dtype=torch.float32)
+    dummy = x
+    _shared_in_kernel[(triton.cdiv(K, block_k),)](
+        x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h,
+        T, K, D, HAS_UP=w_up is not None, HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), T_PAD=16,
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0])
+    d_blocks = triton.cdiv(D, block_d2)
+    if splits is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+        splits = max(1, min(triton.cdiv(4 * sms, d_blocks), triton.cdiv(K, block_k2)))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
+    y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    _shared_down_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
+        h, w_down_t, idx, y, T, K, D, k_per_split, T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2,
+        num_warps=warps[1], num_stages=stages[1])
+    if b_out is not None:
+        y += b_out
+    return y.to(x.dtype)
+
+
 def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None,
-                     block_k: int = 16, block_d: int = 512, block_k2: int = 64, block_d2: int = 64,
-                     splits: int | None = None, warps: tuple[int, int] = (4, 4), stages: tuple[int, int] = (3, 3)):
-    """The Triton path; block sizes, warps, stages and the k-split are tunables (benchmarks/ffn_kernel.py measures
-    them; the defaults are the best measured at batch 1 on an H100 for OPT-13B and Llama-2-7B shapes)."""
+                     block_k: int | None = None, block_d: int | None = None, block_k2: int | None = None,
+                     block_d2: int | None = None, splits: int | None = None, warps: tuple[int, int] | None = None,
+                     stages: tuple[int, int] | None = None):
+    """The Triton path. One set for all tokens (idx (k,), or a single token) takes the tl.dot kernels, which were
+    the fastest measured even at batch 1 (H100: 97% of pre-sliced weights on OPT-13B shapes); per-token sets for
+    several tokens take the per-token kernels. Block sizes, warps, stages and the k-split are tunables
+    (benchmarks/ffn_kernel.py measures them); the defaults are the best measured on an H100."""
+    shared = idx.dim() == 1 or idx.shape[0] == 1
+    defaults = SHARED_DEFAULTS if shared else PER_TOKEN_DEFAULTS
+    given = (block_k, block_d, block_k2, block_d2, warps, stages)
+    block_k, block_d, block_k2, block_d2, warps, stages = (g if g is not None else d for g, d in zip(given, defaults))
+    if shared:
+        return _gated_ffn_triton_shared(x, w_in, w_down_t, idx.reshape(-1), act, w_up, b_in, b_out, block_k,
+                                        block_d, block_k2, block_d2, splits, warps, stages)
     T, D = x.shape
     K = idx.shape[1]
     idx = idx.to(torch.int32).contiguous()
