@@ -17,12 +17,14 @@ from .arch import ModelView
 from .criteria import get_criterion
 from .data import TextSource, WindowSpec, token_windows
 from .errors import ConfigError
-from .gating import StaticScores, TensorScores
+from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
 from .llm import LLMConfig, load_llm
 from .methods import Level, evaluate_levels
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import FORMAT as TARGETS_FORMAT
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
+from .tasks import TASKS, evaluate_tasks
+from .training_free import GateScores, LiveActivationScores, ThresholdScores
 
 log = logging.getLogger("shadowsparse")
 PREDICTOR_CKPT = "predictor.ckpt"
@@ -115,9 +117,6 @@ METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate")
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
     from .system import load_predictor
-    from .gating import GatingConfig, SparsityCounter, attach_gating
-    from .tasks import evaluate_tasks
-    from .training_free import GateScores, LiveActivationScores, ThresholdScores
     view = ModelView(model)
     methods = list(cfg.evaluate.methods)
     pred = None
@@ -221,12 +220,10 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
 
 def validate(cfg: DictConfig) -> None:
     """Cheap checks of the whole config before any model is loaded or artifact written."""
-    from .gating import GatingConfig
     for ffn, heads in gating_levels(cfg):
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
-    from .tasks import TASKS
     unknown_tasks = set(cfg.evaluate.get("tasks") or []) - set(TASKS)
     if unknown_tasks:
         raise ConfigError(f"unknown task(s) {sorted(unknown_tasks)}; shipped tasks are {list(TASKS)}")
