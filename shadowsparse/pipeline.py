@@ -23,7 +23,7 @@ from .methods import Level, evaluate_levels
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import FORMAT as TARGETS_FORMAT
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
-from .tasks import TASKS, evaluate_tasks
+from .tasks import TASKS, evaluate_tasks, task_examples
 from .training_free import GateScores, LiveActivationScores, ThresholdScores
 
 log = logging.getLogger("shadowsparse")
@@ -51,10 +51,15 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
     if (targets_dir / "manifest.json").exists() and not cfg.targets_overwrite:
         log.info("targets: reusing %s", targets_dir)
         return
-    spec = window_spec(cfg.data.calib)
-    windows = token_windows(tok, spec)
+    task = cfg.data.calib.get("task")
+    if task:  # task data: each example's loss covers its answer tokens only
+        windows = task_examples(tok, task, cfg.data.calib.n_windows)
+        desc = f"task {task}: {len(windows)} examples, loss on answer tokens"
+    else:
+        spec = window_spec(cfg.data.calib)
+        windows = token_windows(tok, spec)
+        desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
     tcfg = TargetsConfig(**OmegaConf.to_container(cfg.targets, resolve=True))
-    desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
     collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed)
     log.info("targets: wrote %s", targets_dir)
 
@@ -224,7 +229,7 @@ def validate(cfg: DictConfig) -> None:
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
-    unknown_tasks = set(cfg.evaluate.get("tasks") or []) - set(TASKS)
+    unknown_tasks = (set(cfg.evaluate.get("tasks") or []) | {cfg.data.calib.get("task") or "copa"}) - set(TASKS)
     if unknown_tasks:
         raise ConfigError(f"unknown task(s) {sorted(unknown_tasks)}; shipped tasks are {list(TASKS)}")
     for key, value in (("targets.granularity", cfg.targets.granularity), ("gating.granularity", cfg.gating.granularity)):

@@ -118,12 +118,14 @@ def eager_attention(model, needed: bool):
         model.set_attn_implementation(current)
 
 
-def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer: int | None = None):
+def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer: int | None = None,
+                 loss_mask: torch.Tensor | None = None):
     """Scores of one batch of windows: (heads (B, T, L, H), neurons (B, T, L, F), feature (B, T, d) | None,
     layer_inputs (B, T, L, d)). The last is the input of every decoder layer (per-layer predictors read it).
 
     Gradient criteria differentiate the summed next-token loss with respect to the recorded inputs and unit masks
     themselves (torch.autograd.grad), so the frozen weights get no .grad and nothing outlives the call.
+    loss_mask (B, T) bool, optional: only the tokens it marks are predicted in the loss (task data: the answer).
     """
     view = ModelView(model)
     L, H = view.dims.n_layers, view.dims.n_heads
@@ -139,8 +141,11 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
                 logits = model(input_ids=input_ids).logits
             finally:
                 emb_hook.remove()
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction="sum")
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten().to(logits.device), reduction="none")
+            if loss_mask is not None:  # token j is predicted at position j-1: keep the terms of masked tokens
+                nll = nll * loss_mask[:, 1:].flatten().to(nll.device, nll.dtype)
+            loss = nll.sum()
             keys = [k for k in inputs if k[0] != "layer"]
             wrt = [inputs[k] for k in keys] if "grad" in crit.needs else []
             wrt += [masks[k] for k in keys] if masks is not None else []
@@ -154,7 +159,7 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
                 hvps = torch.autograd.grad(sum((gm * gm.detach()).sum() for gm in gms), [masks[k] for k in keys])
                 for k, hv in zip(keys, hvps):
                     sig[k]["hgm"] = hv
-            del logits, loss, grads
+            del logits, nll, loss, grads
         else:
             model(input_ids=input_ids)
     if len(inputs) != 3 * L:
@@ -182,9 +187,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Path, data_desc: str = "",
+def collect(model, windows, cfg: TargetsConfig, out_dir: str | Path, data_desc: str = "",
             seed: int = 0) -> Path:
-    """Run ``windows`` (N, T) through the model and write targets to ``out_dir``. Returns out_dir."""
+    """Run ``windows`` through the model and write targets to ``out_dir``. Returns out_dir.
+
+    windows: a (N, T) tensor of text windows (the loss covers every next token), or a list of task examples
+    (ids (T,), answer_mask (T,)) of varying length whose loss covers the answer tokens only.
+    """
     if cfg.granularity not in ("token", "sequence"):
         raise ConfigError(f"granularity must be 'token' or 'sequence', got '{cfg.granularity}'")
     crit = get_criterion(cfg.criterion)
@@ -214,9 +223,14 @@ def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Pat
 
     t0 = time.time()
     try:
-        for start in tqdm(range(0, len(windows), cfg.batch_size), desc=f"collect {cfg.criterion}", unit="batch"):
-            ids = windows[start:start + cfg.batch_size].to(device)
-            heads, neurons, feat, layer_in = score_window(model, crit, ids, cfg.feature_layer)
+        examples = isinstance(windows, (list, tuple))
+        step = 1 if examples else cfg.batch_size  # examples differ in length: one at a time
+        for start in tqdm(range(0, len(windows), step), desc=f"collect {cfg.criterion}", unit="batch"):
+            if examples:
+                ids, mask = (t.unsqueeze(0).to(device) for t in windows[start])
+            else:
+                ids, mask = windows[start:start + step].to(device), None
+            heads, neurons, feat, layer_in = score_window(model, crit, ids, cfg.feature_layer, loss_mask=mask)
             if cfg.granularity == "sequence":  # one row per window: mean score, mean feature
                 heads, neurons, feat, layer_in = (t.float().mean(1, keepdim=True) for t in (heads, neurons, feat, layer_in))
             buf["features"].append(feat.flatten(0, 1))
@@ -234,8 +248,10 @@ def collect(model, windows: torch.Tensor, cfg: TargetsConfig, out_dir: str | Pat
             "format": FORMAT, "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
             "feature_layer": cfg.feature_layer, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
             "ffn": d.ffn, "hidden": d.hidden, "score_dtype": str(SCORE_DTYPE).replace("torch.", ""),
-            "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows), "seq_len": windows.shape[1],
-            "n_tokens": int(windows.numel()), "data": data_desc, "seed": seed, "shards": shards,
+            "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows),
+            "seq_len": None if examples else windows.shape[1],
+            "n_tokens": sum(len(w[0]) for w in windows) if examples else int(windows.numel()),
+            "loss": "answer tokens" if examples else "every next token", "data": data_desc, "seed": seed, "shards": shards,
             "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -144,6 +144,28 @@ def task_config(name: str, data_dir: str = "data/tasks") -> dict:
     return cfg
 
 
+def task_examples(tokenizer, name: str, n: int, data_dir: str = "data/tasks") -> list[tuple]:
+    """The first n examples of a task as (ids (T,), answer_mask (T,)): the prompt lm-eval scores, the gold answer
+    after lm-eval's " " delimiter, and a mask on the answer tokens — the loss of gradient criteria on task data."""
+    import torch
+    cfg = task_config(name, data_dir)  # validates the name and the file
+    path = cfg["dataset_kwargs"]["data_files"]["test"]
+    out = []
+    with open(path) as f:
+        for line in f:
+            if n > 0 and len(out) >= n:
+                break
+            d = json.loads(line)
+            context, answer = ((d["contexts"][d["gold"]], d["continuation"]) if "contexts" in d
+                               else (d["query"], d["choices"][d["gold"]]))
+            ctx = tokenizer.encode(context, add_special_tokens=False)
+            ans = tokenizer.encode(" " + answer, add_special_tokens=False)
+            out.append((torch.tensor(ctx + ans), torch.tensor([False] * len(ctx) + [True] * len(ans))))
+    if not out:
+        raise ConfigError(f"task '{name}' gave no examples; raise n_windows")
+    return out
+
+
 def evaluate_tasks(model, tokenizer, names: list[str], limit: int | None = None, batch_size: int = 8,
                    data_dir: str = "data/tasks") -> dict[str, dict]:
     """{task: {"acc": .., "acc_norm": .., "n": ..}} of the model as it is now (gating hooks included)."""

@@ -23,7 +23,7 @@ def _capture_inputs(model, ids, layer):
     return got["x"].reshape(B, T, -1), got["a"].reshape(B, T, -1)
 
 
-def _grad_by_leaf(model, ids, module):
+def _grad_by_leaf(model, ids, module, loss_mask=None):
     """∂L/∂(input of module) by another route than the collector: the input is replaced by a leaf tensor."""
     leaf = {}
 
@@ -33,8 +33,10 @@ def _grad_by_leaf(model, ids, module):
     h = module.register_forward_pre_hook(pre)
     with torch.enable_grad():
         logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
-        (g,) = torch.autograd.grad(loss, [leaf["t"]])
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        if loss_mask is not None:
+            nll = nll[loss_mask[:, 1:].flatten()]
+        (g,) = torch.autograd.grad(nll.sum(), [leaf["t"]])
     h.remove()
     return g.reshape(*ids.shape, -1)
 
@@ -146,3 +148,20 @@ def test_grasp_against_finite_differences(ids):
             scale = ref.abs().max().item()
             assert scale > 0
             torch.testing.assert_close(got.double(), -ref, rtol=0, atol=2e-2 * scale)
+
+
+def test_answer_only_loss_by_hand(ids):
+    """Task data: the loss covers the answer tokens only; tokens after the answer get no gradient signal at all."""
+    from tests.conftest import tiny_model
+    model = tiny_model("llama")
+    view = ModelView(model)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    mask[:, 10:15] = True  # the "answer"
+    layer = 2
+    _, a = _capture_inputs(model, ids, layer)
+    ga = _grad_by_leaf(model, ids, view.ffn_down(layer), loss_mask=mask)
+    _, neurons, _, _ = score_window(model, get_criterion("plainact"), ids, loss_mask=mask)
+    torch.testing.assert_close(neurons[:, :, layer], (a * ga).abs(), rtol=1e-4, atol=1e-8)
+    assert neurons[:, 15:].abs().max() == 0  # causal: tokens after the last answer token cannot affect its loss
+    _, full, _, _ = score_window(model, get_criterion("plainact"), ids)
+    assert not torch.equal(full, neurons)

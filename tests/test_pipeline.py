@@ -78,6 +78,16 @@ def test_lm_eval_tasks_on_the_gated_model(tmp_path):
             assert r["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_collect_on_task_data_with_answer_only_loss(tmp_path):
+    from shadowsparse.targets import read_manifest
+    run(smoke(tmp_path, "data.calib.task=copa", "data.calib.n_windows=6", "targets=plainact",
+              "targets.granularity=sequence", "gating.granularity=sequence", "evaluate.methods=[predictor,static]"))
+    manifest = read_manifest(next((tmp_path / "cache" / "targets").iterdir()))
+    assert manifest["loss"] == "answer tokens" and manifest["n_rows"] == 6 and manifest["seq_len"] is None
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+
+
 def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
     cfg = smoke(tmp_path, "targets.granularity=sequence", "gating.granularity=sequence", "gating.ffn_sparsity=0.5",
                 "evaluate.methods=[predictor,oracle]")
@@ -103,6 +113,7 @@ def test_predictor_of_another_model_is_refused(tmp_path):
     ("evaluate.methods=[dense,magic]", "unknown evaluation method"),
     ("gating.budget=everywhere", "budget must be"),
     ("evaluate.tasks=[mmlu]", "unknown task"),
+    ("data.calib.task=mmlu", "unknown task"),
     ("predictor=per_layer gating.budget=global", "one layer at a time"),
 ])
 def test_bad_input_is_refused_before_any_artifact(tmp_path, override, message):

@@ -40,3 +40,16 @@ def test_prompts_exact_values():
 def test_unknown_task_is_refused():
     with pytest.raises(ConfigError, match="unknown task"):
         task_config("mmlu")
+
+
+def test_task_examples_mask_the_gold_answer():
+    from shadowsparse.llm import byte_tokenizer
+    from shadowsparse.tasks import task_examples
+    tok = byte_tokenizer()
+    for name in ("copa", "winogrande", "arc_easy"):
+        first = _first(name)
+        (ids, mask), = task_examples(tok, name, 1)
+        answer = first["continuation"] if "contexts" in first else first["choices"][first["gold"]]
+        context = first["contexts"][first["gold"]] if "contexts" in first else first["query"]
+        assert tok.decode(ids[mask]) == " " + answer
+        assert tok.decode(ids[~mask]) == context
