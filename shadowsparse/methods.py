@@ -30,7 +30,8 @@ class Level:
 
 
 @torch.no_grad()
-def _nll(model, ids: torch.Tensor) -> float:
+def window_nll(model, ids: torch.Tensor) -> float:
+    """Summed next-token NLL of a batch of windows (B, T)."""
     logits = model(input_ids=ids).logits  # (B, T, V)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
 
@@ -48,11 +49,11 @@ def evaluate_levels(model, windows: torch.Tensor, source: ScoreSource | None, le
             before_batch(ids)  # runs with no gating hooks attached
         for lv in levels:
             if source is None:
-                lv.nll += _nll(model, ids)
+                lv.nll += window_nll(model, ids)
             else:
                 cfg = GatingConfig(ffn_sparsity=lv.ffn, head_sparsity=lv.heads, granularity=granularity,
                                    first_layer=first_layer, **gating)
                 with attach_gating(model, source, cfg, counter=lv.counter):
-                    lv.nll += _nll(model, ids)
+                    lv.nll += window_nll(model, ids)
             lv.tokens += ids[:, 1:].numel()
     return levels

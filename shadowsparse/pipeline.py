@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import json
 import logging
 import time
@@ -19,11 +20,12 @@ from .data import TextSource, WindowSpec, token_windows
 from .errors import ConfigError
 from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
 from .llm import LLMConfig, load_llm
-from .methods import Level, evaluate_levels
+from .methods import Level, evaluate_levels, window_nll
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import FORMAT as TARGETS_FORMAT
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
 from .tasks import TASKS, evaluate_tasks, task_examples
+from .teal import TealThresholds, attach_teal
 from .training_free import GateScores, LiveActivationScores, ThresholdScores
 
 log = logging.getLogger("shadowsparse")
@@ -117,7 +119,7 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
     return levels
 
 
-METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate")
+METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal")
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
@@ -214,6 +216,27 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
         calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
         evaluate("threshold", ThresholdScores.calibrate(model, calib, cfg.seed), granularity="token", criterion=None,
                  budget="local")  # per-layer thresholds are its budget
+    if "teal" in methods:  # input-channel sparsity on every projection; one sparsity for all of them
+        calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
+        thresholds = TealThresholds.calibrate(model, calib, cfg.seed)
+        for ffn, heads in gating_levels(cfg):
+            if heads:
+                continue  # TEAL has no head axis
+            with attach_teal(model, thresholds, ffn, first_layer) as handle:
+                nll, n = 0.0, 0
+                for ids in windows.split(cfg.data.eval.batch_size):
+                    nll += window_nll(model, ids.to(next(model.parameters()).device))
+                    n += ids[:, 1:].numel()
+                st = handle.stats()
+                row = {**base, "method": "teal", "criterion": None, "granularity": "token", "budget": "local",
+                       "ffn_sparsity": ffn, "head_sparsity": 0.0, "value": math.exp(nll / n),
+                       "realized_ffn_sparsity": st["realized_ffn_out_sparsity"], "realized_head_sparsity": 0.0,
+                       "realized_input_sparsity": st, "weight_bytes_skipped": handle.weight_bytes_skipped(),
+                       "n_tokens": n}
+                append_result(run_dir, row)
+                rows.append(row)
+                log.info("teal s=%.2f wikitext ppl=%.4f (realized inputs %s)", ffn, row["value"],
+                         {k: round(v, 3) for k, v in st.items()})
     if "gate" in methods:
         if not view.spec.glu:
             log.warning("gate (CATS) needs a gated FFN; %s has none: skipped", view.spec.family)

@@ -43,12 +43,17 @@ def test_pipeline_end_to_end(tmp_path, family, criterion):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_per_layer_predictor_and_training_free_methods(tmp_path, family):
     run(smoke(tmp_path, f"llm.name=random:{family}", "predictor=per_layer", "predictor.model.rank=8",
-              "predictor.model.lookahead=1", "evaluate.methods=[dense,predictor,threshold,gate]",
+              "predictor.model.lookahead=1", "evaluate.methods=[dense,predictor,threshold,gate,teal]",
               "evaluate.threshold_windows=2"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     methods = [r["method"] for r in rows]
     assert methods.count("per_layer") == 4 and methods.count("threshold") == 4
     assert methods.count("gate") == (3 if family == "llama" else 0)  # FFN-only levels, SwiGLU only
+    assert methods.count("teal") == 3  # FFN-only levels
+    for r in rows:
+        if r["method"] == "teal":
+            assert abs(r["realized_input_sparsity"]["realized_attn_in_sparsity"] - r["ffn_sparsity"]) < 0.25
+            assert r["weight_bytes_skipped"] > 0
     for r in rows:
         if r["method"] == "per_layer":
             assert r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.02)

@@ -1,0 +1,123 @@
+"""TEAL-style activation sparsity (training-free): zero the small-magnitude *input channels* of every decoder
+linear, so a kernel skips the weight columns that read them.
+
+Projections that read the same tensor share one threshold: q/k/v read the attention input, gate/up (OPT: fc1)
+the FFN input, then o and down (fc2) their own inputs. Per layer and input, the threshold is the s-quantile of
+|x| on calibration text. Realized sparsity is counted per input from the masks applied.
+
+    handle = attach_teal(model, TealThresholds.calibrate(model, windows), sparsity=0.4)
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import ModelView
+from .errors import ConfigError
+
+_SAMPLE = 1 << 18
+
+
+def _inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
+    """input name -> the projections (dotted paths in a layer) that read it; the first one carries the hook."""
+    s = view.spec
+    return {"attn_in": s.attn_in, "attn_out": (s.attn_out,), "ffn_in": s.ffn_in, "ffn_out": (s.ffn_down,)}
+
+
+class TealThresholds:
+    def __init__(self, samples: dict[tuple[str, int], torch.Tensor]):
+        self.samples = samples  # (input name, layer) -> 1-D calibration magnitudes
+
+    @classmethod
+    @torch.no_grad()
+    def calibrate(cls, model, windows: torch.Tensor, seed: int = 0) -> "TealThresholds":
+        view = ModelView(model)
+        g = torch.Generator().manual_seed(seed)
+        store: dict = {}
+
+        def record(key):
+            def hook(module, args):
+                v = args[0].float().abs().flatten().cpu()
+                if v.numel() > _SAMPLE // 4:
+                    v = v[torch.randint(v.numel(), (_SAMPLE // 4,), generator=g)]
+                store.setdefault(key, []).append(v)
+            return hook
+
+        hooks = [view.module(i, paths[0]).register_forward_pre_hook(record((name, i)))
+                 for i in range(view.dims.n_layers) for name, paths in _inputs(view).items()]
+        device = next(model.parameters()).device
+        try:
+            for w in tqdm(windows, desc="calibrate TEAL thresholds", unit="win"):
+                model(input_ids=w[None].to(device))
+        finally:
+            for h in hooks:
+                h.remove()
+        return cls({k: torch.cat(v) for k, v in store.items()})
+
+    def thresholds(self, sparsity: float) -> dict:
+        return {k: torch.quantile(v[:_SAMPLE], sparsity) for k, v in self.samples.items()}
+
+
+class TealHandle:
+    """Pre-hooks zeroing input channels below threshold on every projection from first_layer on."""
+
+    def __init__(self, model: nn.Module, thresholds: TealThresholds, sparsity: float, first_layer: int = 0):
+        if not 0.0 <= sparsity < 1.0:
+            raise ConfigError(f"TEAL sparsity must be in [0, 1), got {sparsity}")
+        self.view = view = ModelView(model)
+        self.first_layer = first_layer
+        thr = thresholds.thresholds(sparsity) if sparsity > 0 else {}
+        self.zeros = {name: 0.0 for name in _inputs(view)}  # skipped input channels, summed over rows
+        self.rows = {name: 0 for name in _inputs(view)}
+        self._hooks = []
+        for i in range(first_layer, view.dims.n_layers) if sparsity > 0 else []:
+            for name, paths in _inputs(view).items():
+                t = thr[name, i]
+                for j, path in enumerate(paths):  # every projection reading this input gets the same mask
+                    self._hooks.append(view.module(i, path).register_forward_pre_hook(self._hook(name, t, j == 0)))
+
+    def _hook(self, name: str, threshold: torch.Tensor, count: bool):
+        def hook(module, args):
+            x = args[0]
+            keep = x.abs() > threshold.to(x.device)
+            if count:
+                self.zeros[name] = self.zeros[name] + (~keep).sum().double()
+                self.rows[name] += x.numel() // x.shape[-1]
+            return (x * keep,) + tuple(args[1:])
+        return hook
+
+    def stats(self) -> dict:
+        """Realized input sparsity per input kind, over the gated layers."""
+        d = self.view.dims
+        width = {"attn_in": d.hidden, "attn_out": d.n_heads * d.head_dim, "ffn_in": d.hidden, "ffn_out": d.ffn}
+        return {f"realized_{n}_sparsity": (float(self.zeros[n]) / (self.rows[n] * width[n]) if self.rows[n] else 0.0)
+                for n in width}
+
+    def weight_bytes_skipped(self) -> float:
+        """Fraction of decoder-linear bytes not read per token: each skipped input channel saves one column of
+        every projection reading it."""
+        from .accounting import decoder_linear_bytes
+        view, st = self.view, self.stats()
+        skipped = 0.0
+        for name, paths in _inputs(view).items():
+            for path in paths:
+                w = view.module(0, path).weight
+                skipped += st[f"realized_{name}_sparsity"] * w.numel() * w.element_size()
+        return skipped * (view.dims.n_layers - self.first_layer) / decoder_linear_bytes(view)
+
+    def remove(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+def attach_teal(model, thresholds: TealThresholds, sparsity: float, first_layer: int = 0) -> TealHandle:
+    return TealHandle(model, thresholds, sparsity, first_layer)
