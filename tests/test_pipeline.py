@@ -172,3 +172,15 @@ def test_wandb_offline_logger_runs_without_network(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     run(smoke(tmp_path, "logger=wandb", "evaluate.methods=[dense]"))
     assert list((tmp_path / "run").rglob("*.wandb"))
+
+
+def test_multirun_sweep_reuses_one_collection(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "-m", "experiment=smoke", "predictor=shared,per_layer",
+                           "gating.ffn_sparsity=0.3,0.6", "evaluate.methods=[predictor]",
+                           f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "cache" / "targets").iterdir())) == 1  # four jobs, one collection
+    rows = [json.loads(x) for f in sorted((tmp_path / "sweep").glob("*/results.jsonl")) for x in f.read_text().splitlines()]
+    assert sorted((r["method"], r["ffn_sparsity"]) for r in rows) == [
+        ("per_layer", 0.3), ("per_layer", 0.6), ("predictor", 0.3), ("predictor", 0.6)]
