@@ -2,7 +2,8 @@
 
 What a skip saves depends on when the decision is made (DESIGN.md): a neuron chosen *before* the FFN runs (a
 predictor, a static mask) saves its rows of every FFN input projection and its column of the down projection; one
-chosen from its own activation (the oracle) saves only the down column. A skipped query head saves its q rows and
+chosen from its own activation (oracle, threshold) saves only the down column, one chosen from the gate (CATS) its
+up row and down column. A skipped query head saves its q rows and
 o columns; its k/v rows only when every query head of its GQA group is skipped.
 """
 from __future__ import annotations
