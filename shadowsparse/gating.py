@@ -233,7 +233,25 @@ class SparsityCounter:
         return out
 
 
-class GatingHandle:
+class HookHandle:
+    """Owns a list of hook handles (self._hooks); remove() or leaving the with-block takes them all off."""
+
+    _hooks: list
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+
+class GatingHandle(HookHandle):
     """Owns the hooks of one attach_gating call; remove() (or leaving the with-block) restores the dense model."""
 
     def __init__(self, model: nn.Module, view: ModelView, source: ScoreSource, cfg: GatingConfig,
@@ -326,17 +344,6 @@ class GatingHandle:
         d = self.view.dims
         return self.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
 
-    def remove(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
 
 def attach_gating(model: nn.Module, scores: nn.Module | ScoreSource, config: GatingConfig | None = None,

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .arch import ModelView
 from .errors import ConfigError
+from .gating import HookHandle
 
 _SAMPLE = 1 << 18
 
@@ -59,7 +60,7 @@ class TealThresholds:
         return {k: torch.quantile(v[:_SAMPLE], sparsity) for k, v in self.samples.items()}
 
 
-class TealHandle:
+class TealHandle(HookHandle):
     """Pre-hooks zeroing input channels below threshold on every projection from first_layer on."""
 
     def __init__(self, model: nn.Module, thresholds: TealThresholds, sparsity: float, first_layer: int = 0):
@@ -106,17 +107,6 @@ class TealHandle:
                 skipped += st[f"realized_{name}_sparsity"] * w.numel() * w.element_size()
         return skipped * (view.dims.n_layers - self.first_layer) / decoder_linear_bytes(view)
 
-    def remove(self):
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
-        return False
 
 
 def attach_teal(model, thresholds: TealThresholds, sparsity: float, first_layer: int = 0) -> TealHandle:
