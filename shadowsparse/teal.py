@@ -16,8 +16,7 @@ from tqdm.auto import tqdm
 from .arch import ModelView
 from .errors import ConfigError
 from .gating import HookHandle
-
-_SAMPLE = 1 << 18
+from .training_free import magnitude_quantile, sample_magnitudes
 
 
 def _inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
@@ -39,10 +38,7 @@ class TealThresholds:
 
         def record(key):
             def hook(module, args):
-                v = args[0].float().abs().flatten().cpu()
-                if v.numel() > _SAMPLE // 4:
-                    v = v[torch.randint(v.numel(), (_SAMPLE // 4,), generator=g)]
-                store.setdefault(key, []).append(v)
+                store.setdefault(key, []).append(sample_magnitudes(args[0].abs(), g))
             return hook
 
         hooks = [view.module(i, paths[0]).register_forward_pre_hook(record((name, i)))
@@ -57,7 +53,7 @@ class TealThresholds:
         return cls({k: torch.cat(v) for k, v in store.items()})
 
     def thresholds(self, sparsity: float) -> dict:
-        return {k: torch.quantile(v[:_SAMPLE], sparsity) for k, v in self.samples.items()}
+        return {k: magnitude_quantile(v, sparsity) for k, v in self.samples.items()}
 
 
 class TealHandle(HookHandle):

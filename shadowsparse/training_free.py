@@ -18,6 +18,19 @@ from .gating import GatingConfig, ScoreSource
 _SAMPLE = 1 << 18  # calibration magnitudes kept per layer (a random subsample when there are more)
 
 
+def sample_magnitudes(values: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """A bounded random subsample (1-D, fp32, CPU) of one forward's magnitudes: memory stays fixed per window."""
+    values = values.float().flatten().cpu()
+    if values.numel() > _SAMPLE // 4:
+        values = values[torch.randint(values.numel(), (_SAMPLE // 4,), generator=g)]
+    return values
+
+
+def magnitude_quantile(samples: torch.Tensor, s: float) -> torch.Tensor:
+    """The s-quantile of the calibration magnitudes (at most _SAMPLE of them are used)."""
+    return torch.quantile(samples[:_SAMPLE], s)
+
+
 class ThresholdScores(ScoreSource):
     """Keep units whose magnitude exceeds the layer's calibrated threshold (quantile s of calibration data)."""
 
@@ -37,10 +50,7 @@ class ThresholdScores(ScoreSource):
         g = torch.Generator().manual_seed(seed)
 
         def keep(store, values):
-            values = values.float().flatten().cpu()
-            if values.numel() > _SAMPLE // 4:  # bounded memory per window
-                values = values[torch.randint(values.numel(), (_SAMPLE // 4,), generator=g)]
-            store.append(values)
+            store.append(sample_magnitudes(values, g))
 
         hooks = []
         for i in range(L):
@@ -59,7 +69,7 @@ class ThresholdScores(ScoreSource):
 
     @staticmethod
     def _quantiles(samples: list[torch.Tensor], s: float) -> torch.Tensor:
-        return torch.stack([torch.quantile(x[:_SAMPLE], s) if s > 0 else x.min() - 1 for x in samples])
+        return torch.stack([magnitude_quantile(x, s) if s > 0 else x.min() - 1 for x in samples])
 
     def attach(self, view: ModelView, cfg: GatingConfig) -> list:
         self._view = view
