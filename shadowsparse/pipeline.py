@@ -21,6 +21,7 @@ from .errors import ConfigError
 from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
 from .llm import LLMConfig, load_llm
 from .methods import Level, evaluate_levels, window_nll
+from .prune import SparsityConfig, sparsify_, squash_
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import FORMAT as TARGETS_FORMAT
 from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
@@ -44,9 +45,37 @@ def targets_dir_for(cfg: DictConfig, model) -> Path:
         return Path(cfg.paths.targets_dir)
     key = {"format": TARGETS_FORMAT, "model": model_fingerprint(model)["hash"],
            "targets": OmegaConf.to_container(cfg.targets, resolve=True),
-           "calib": OmegaConf.to_container(cfg.data.calib, resolve=True), "seed": cfg.seed}
+           "calib": OmegaConf.to_container(cfg.data.calib, resolve=True), "seed": cfg.seed,
+           "sparsity": OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.sparsity.metric else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     return Path(cfg.paths.cache_dir) / "targets" / f"{cfg.targets.criterion}-{cfg.targets.granularity}-{digest}"
+
+
+def sparsity_config(cfg) -> SparsityConfig:
+    node = OmegaConf.to_container(cfg.sparsity, resolve=True)
+    return SparsityConfig(**{k: v for k, v in node.items() if k not in ("calib_windows", "export")}, seed=cfg.seed)
+
+
+def stage_sparsify(cfg, model, tok, run_dir: Path) -> dict:
+    """Static weight mask in place, calibrated on the calibration text; every later stage sees the masked model.
+    Returns the fields its results rows carry (nm, metric, allocation, realized weight sparsity)."""
+    scfg = sparsity_config(cfg)
+    if scfg.metric is None:
+        return {}
+    spec = window_spec(cfg.data.calib)
+    windows = token_windows(tok, spec)[: cfg.sparsity.calib_windows]
+    t0 = time.time()
+    report = sparsify_(model, scfg, windows)
+    report["seconds"] = round(time.time() - t0, 1)
+    (run_dir / "sparsity.json").write_text(json.dumps(report, indent=2))
+    if cfg.sparsity.export:  # plain transformers weights; the in-memory model keeps its input gathers
+        import copy
+        plain = copy.deepcopy(model)
+        squash_(plain)
+        plain.save_pretrained(run_dir / "pruned_model")
+        tok.save_pretrained(run_dir / "pruned_model")
+    return {"nm": report["nm"], "sparsity_metric": report["metric"], "allocation": report["allocation"],
+            "realized_weight_sparsity": round(report["realized_weight_sparsity"], 6)}
 
 
 def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
@@ -122,7 +151,9 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
 METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal")
 
 
-def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict) -> list[dict]:
+def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
+                   static: dict | None = None) -> list[dict]:
+    """Every configured method's rows; ``static`` (from stage_sparsify) labels them with the static mask under."""
     from .system import load_predictor
     view = ModelView(model)
     methods = list(cfg.evaluate.methods)
@@ -131,13 +162,19 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
         ckpt = cfg.paths.get("predictor_ckpt") or str(run_dir / PREDICTOR_CKPT)
         pred = load_predictor(ckpt, model).to(next(model.parameters()).device)
     # what was collected: from the targets, or (predictor alone) from the checkpoint that was trained on them
-    needs_targets = bool({"static", "oracle"} & set(methods)) or pred is None
-    info = read_manifest(targets_dir) if needs_targets else pred.targets_info
+    # (training-free methods alone need neither: the configured criterion and feature layer say what is gated)
+    if {"static", "oracle"} & set(methods):
+        info = read_manifest(targets_dir)
+    elif pred is not None:
+        info = pred.targets_info
+    else:
+        info = {"criterion": cfg.targets.criterion, "feature_layer": cfg.targets.feature_layer}
     windows = token_windows(tok, window_spec(cfg.data.eval))
     first_layer = info["feature_layer"] + 1  # every method gates the same layers: those after the feature
     gran = cfg.gating.granularity
     base = {"criterion": info["criterion"], "nm": None, "granularity": gran, "dataset": cfg.data.eval.name,
-            "metric": "ppl", "model": cfg.llm.name, "first_gated_layer": first_layer, "seed": cfg.seed}
+            "metric": "ppl", "model": cfg.llm.name, "first_gated_layer": first_layer, "seed": cfg.seed,
+            **(static or {})}
     rows = []
 
     tasks = list(cfg.evaluate.get("tasks") or [])
@@ -252,6 +289,7 @@ def validate(cfg: DictConfig) -> None:
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
+    sparsity_config(cfg).validate()
     unknown_tasks = (set(cfg.evaluate.get("tasks") or []) | {cfg.data.calib.get("task") or "copa"}) - set(TASKS)
     if unknown_tasks:
         raise ConfigError(f"unknown task(s) {sorted(unknown_tasks)}; shipped tasks are {list(TASKS)}")
@@ -278,6 +316,7 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
+    static = stage_sparsify(cfg, model, tok, run_dir)
     targets_dir = targets_dir_for(cfg, model)
     metrics: dict = {}
     if cfg.stages.collect:
@@ -286,7 +325,7 @@ def run(cfg: DictConfig) -> dict:
         metrics.update(stage_fit(cfg, model, targets_dir, run_dir))
     if cfg.stages.evaluate:
         extra = {k: metrics[k] for k in ("val/spearman_ffn", "val/recall_ffn") if k in metrics}
-        rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra)
+        rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra, static)
         for r in rows:
             metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]
     if cfg.stages.report and (run_dir / RESULTS).exists():

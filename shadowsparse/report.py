@@ -32,18 +32,25 @@ def read_results(paths: list[str | Path]) -> list[dict]:
     return rows
 
 
-COLUMNS = ["model", "dataset", "method", "criterion", "granularity", "ffn req", "ffn real", "head req", "head real",
-           "metric", "value", "x dense", "bytes skipped"]
+COLUMNS = ["model", "dataset", "static mask", "method", "criterion", "granularity", "ffn req", "ffn real", "head req",
+           "head real", "metric", "value", "x dense", "bytes skipped"]
+
+
+def static_label(r: dict) -> str:
+    """The static weight mask under a row: metric and pattern ('wanda 2:4'), or '-' for the unpruned model."""
+    return f"{r.get('sparsity_metric') or ''} {r['nm']}".strip() if r.get("nm") else "-"
 
 
 def table_rows(rows: list[dict]) -> list[list[str]]:
-    """Rows formatted for display; 'x dense' divides by the dense row of the same model and dataset."""
-    dense = {(r["model"], r["dataset"], r["metric"]): r["value"] for r in rows if r["method"] == "dense"}
+    """Rows formatted for display; 'x dense' divides by the dense row of the same model and dataset (the unpruned
+    one: a statically masked model is compared with the model it came from)."""
+    dense = {(r["model"], r["dataset"], r["metric"]): r["value"] for r in rows
+             if r["method"] == "dense" and not r.get("nm")}
     out = []
     for r in rows:
         base = dense.get((r["model"], r["dataset"], r["metric"]))
         ratio = f"{r['value'] / base:.3f}" if base and r["metric"] == "ppl" else "-"
-        out.append([r["model"].split("/")[-1], r["dataset"], r["method"], str(r.get("criterion") or "-"),
+        out.append([r["model"].split("/")[-1], r["dataset"], static_label(r), r["method"], str(r.get("criterion") or "-"),
                     r.get("granularity") or "-", f"{r['ffn_sparsity']:.2f}", f"{r['realized_ffn_sparsity']:.3f}",
                     f"{r['head_sparsity']:.2f}", f"{r['realized_head_sparsity']:.3f}", r["metric"],
                     f"{r['value']:.3f}", ratio, f"{r.get('weight_bytes_skipped', 0.0):.3f}"])
@@ -60,7 +67,9 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 
 def _series_label(r: dict) -> str:
-    return f"{r['method']} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, heads {r['head_sparsity']:.2f})"
+    static = f"{static_label(r)} + " if r.get("nm") else ""
+    return (f"{static}{r['method']} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, "
+            f"heads {r['head_sparsity']:.2f})")
 
 
 def _line_plot(series: dict, path: str | Path, xlabel: str, ylabel: str, hlines: list[tuple[float, str]]) -> Path:
@@ -90,11 +99,12 @@ def plot_quality(rows: list[dict], path: str | Path) -> Path:
     for r in rows:
         if r["method"] != "dense":
             series.setdefault(_series_label(r), []).append((r["ffn_sparsity"], r["value"]))
-    dense = [(r["value"], f"dense ({r['model'].split('/')[-1]}, {r['dataset']})") for r in rows if r["method"] == "dense"]
+    dense = [(r["value"], f"dense ({r['model'].split('/')[-1]}, {r['dataset']}, static {static_label(r)})")
+             for r in rows if r["method"] == "dense"]
     return _line_plot(series, path, "requested FFN sparsity (fraction skipped per token)", "perplexity", dense)
 
 
-SUMMARY_COLUMNS = ["model", "method", "criterion", "budget", "ffn", "heads", "ppl", "x dense", "mean acc", "tasks",
+SUMMARY_COLUMNS = ["model", "static mask", "method", "criterion", "budget", "ffn", "heads", "ppl", "x dense", "mean acc", "tasks",
                    "bytes skipped", "selector params", "MFLOP/token"]
 
 
@@ -104,16 +114,16 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
     groups: dict = {}
     for r in rows:
         key = (r["model"], r["method"], r.get("criterion"), r.get("granularity"), r.get("budget"),
-               r["ffn_sparsity"], r["head_sparsity"])
+               r["ffn_sparsity"], r["head_sparsity"], static_label(r))
         groups.setdefault(key, []).append(r)
-    dense = {r["model"]: r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl"}
+    dense = {r["model"]: r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl" and not r.get("nm")}
     out = []
     for key, rs in groups.items():
         ppl = [r for r in rs if r["metric"] == "ppl"]
         accs = [r["value"] for r in rs if r["metric"] == "acc"]
         p = ppl[0]["value"] if ppl else None
         ratio = f"{p / dense[key[0]]:.3f}" if p and dense.get(key[0]) else "-"
-        out.append([key[0].split("/")[-1], key[1], str(key[2] or "-"), str(key[4] or "-"), f"{key[5]:.2f}",
+        out.append([key[0].split("/")[-1], key[7], key[1], str(key[2] or "-"), str(key[4] or "-"), f"{key[5]:.2f}",
                     f"{key[6]:.2f}", f"{p:.3f}" if p else "-", ratio,
                     f"{sum(accs) / len(accs):.3f}" if accs else "-", str(len(accs)),
                     f"{(ppl or rs)[0].get('weight_bytes_skipped', 0.0):.3f}",
@@ -151,11 +161,12 @@ def print_table(rows: list[dict], title: str = "shadowsparse results") -> None:
 
 def plot_frontier(rows: list[dict], path: str | Path) -> Path:
     """Perplexity / dense against weight_bytes_skipped, one line per (method, criterion, head sparsity)."""
-    dense = {(r["model"], r["dataset"]): r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl"}
+    dense = {(r["model"], r["dataset"]): r["value"] for r in rows
+             if r["method"] == "dense" and r["metric"] == "ppl" and not r.get("nm")}
     series: dict = {}
     for r in rows:
         base = dense.get((r["model"], r["dataset"]))
-        if r["method"] == "dense" or r["metric"] != "ppl" or not base:
+        if (r["method"] == "dense" and not r.get("nm")) or r["metric"] != "ppl" or not base:
             continue
         series.setdefault(_series_label(r), []).append((r.get("weight_bytes_skipped", 0.0), r["value"] / base))
     return _line_plot(series, path, "decoder-linear weight bytes skipped per token (fraction)",

@@ -154,14 +154,16 @@ def test_generate_cli_on_a_smoke_run(tmp_path):
     assert gen.stdout.startswith("Hello") and "FFN 0.500 (requested 0.500)" in gen.stdout
 
 
-@pytest.mark.parametrize("experiment", ["smollm2", "smoke", "opt13b"])
+@pytest.mark.parametrize("experiment", ["smollm2", "smoke", "opt13b", "compare", "static_nm"])
 def test_every_experiment_composes(experiment):
     cfg = compose(f"experiment={experiment}", "paths.output_dir=x")
-    assert cfg.llm.name and cfg.targets.criterion and cfg.stages.collect
+    assert cfg.llm.name and cfg.targets.criterion and cfg.stages.evaluate
 
 
 @pytest.mark.parametrize("group,option", [("llm", "hf"), ("llm", "random"), ("data", "hub"), ("targets", "activation"),
-                                          ("trainer", "gpu"), ("logger", "csv"), ("logger", "wandb")])
+                                          ("trainer", "gpu"), ("logger", "csv"), ("logger", "wandb"),
+                                          ("sparsity", "magnitude"), ("sparsity", "wanda"), ("sparsity", "sparsegpt"),
+                                          ("sparsity", "esparse")])
 def test_every_config_option_composes(group, option):
     cfg = compose(f"{group}={option}", "paths.output_dir=x")
     assert cfg[group] is not None

@@ -27,9 +27,9 @@ def test_report_cli_markdown_csv_plots(tiny_run, tmp_path):
                            "--csv", str(tmp_path / "t.csv"), "--plot", str(tmp_path / "q.png"),
                            "--frontier", str(tmp_path / "f.png")], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "| random:llama | wikitext2 | dense |" in proc.stdout
+    assert "| random:llama | wikitext2 | - | dense |" in proc.stdout
     lines = (tmp_path / "t.csv").read_text().splitlines()
-    assert lines[0].startswith("model,dataset,method") and len(lines) == 1 + 1 + 4 * 4
+    assert lines[0].startswith("model,dataset,static mask,method") and len(lines) == 1 + 1 + 4 * 4
     assert (tmp_path / "q.png").exists() and (tmp_path / "f.png").exists()
 
 

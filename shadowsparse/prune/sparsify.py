@@ -1,0 +1,271 @@
+"""sparsify_(model, cfg, windows): static masks on every decoder linear, layer by layer, in place.
+
+Layers are pruned in order and each layer is calibrated on the output of the already-pruned layers before it (as
+SparseGPT and Wanda do), by running the decoder layers one at a time on cached hidden states instead of whole
+forwards. Within a layer, every linear's statistics come from one pass of the still-dense layer; then all its
+linears are pruned, and the pruned layer's outputs feed the next.
+
+    report = sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4"), calib_windows)
+    squash_(model)            # plain weights: save_pretrained / from_pretrained without shadowsparse
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import ModelView
+from ..errors import ConfigError
+from . import esparse
+from .allocation import ALLOCATIONS, hutchinson_traces, outlier_ratio, sensitivity_scores, spread
+from .metrics import get_metric
+from .patterns import Pattern, apply_mask_, keep_mask
+from .sparsegpt import sparsegpt_prune
+from .stats import InputStats
+
+log = logging.getLogger("shadowsparse")
+PERM_ATTR = "_shadowsparse_input_perm"  # (perm buffer name, hook handle) kept on a linear with a permuted input
+
+
+@dataclass
+class SparsityConfig:
+    metric: str | None = None  # magnitude | wanda | sparsegpt | esparse; None: no static mask
+    pattern: str = "unstructured"  # "unstructured" (with ratio), "unstructured:0.5", or N:M such as "2:4", "4:8"
+    ratio: float = 0.5  # mean fraction of weights zeroed (unstructured)
+    allocation: str = "uniform"  # uniform | sensitivity | owl (unstructured only)
+    alpha: float = 0.05  # allocation: densities within 1 - ratio ± alpha
+    owl_m: float = 5.0  # owl: outlier threshold, in multiples of the layer mean score
+    hutchinson_samples: int = 4  # sensitivity: Rademacher probes
+    hutchinson_windows: int = 2  # sensitivity: calibration windows per probe
+    modules: str = "all"  # "all" decoder linears, "ffn" (gate/up/down, fc1/fc2) or "attn"
+    batch_size: int = 4  # calibration windows per layer call
+    sparsegpt: dict = field(default_factory=lambda: {"blocksize": 128, "damp": 0.01})
+    esparse: dict = field(default_factory=dict)  # overrides of esparse.DEFAULTS: bins, alpha, block, trials, ...
+    seed: int = 0
+
+    def validate(self) -> "SparsityConfig":
+        if self.metric is None:
+            return self
+        get_metric(self.metric)
+        pattern = self.parsed()
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"unknown allocation {self.allocation!r}; use one of {', '.join(ALLOCATIONS)}")
+        if pattern.is_nm and self.allocation != "uniform":
+            raise ConfigError(f"allocation={self.allocation} spreads an unstructured ratio over matrices; an N:M "
+                              f"pattern ({pattern.label}) is the same in every matrix: use allocation=uniform")
+        if self.modules not in ("all", "ffn", "attn"):
+            raise ConfigError(f"sparsity.modules must be all, ffn or attn, got {self.modules!r}")
+        return self
+
+    def parsed(self) -> Pattern:
+        return Pattern.parse(self.pattern, self.ratio)
+
+
+def target_linears(view: ModelView, layer: int, modules: str = "all") -> dict[str, nn.Linear]:
+    """The decoder linears of one layer, by path: attention q/k/v/o and FFN gate/up/down (fc1/fc2)."""
+    spec = view.spec
+    attn = list(spec.attn_in) + [spec.attn_out]
+    ffn = list(spec.ffn_in) + [spec.ffn_down]
+    paths = {"all": attn + ffn, "ffn": ffn, "attn": attn}[modules]
+    return {p: view.module(layer, p) for p in paths}
+
+
+def input_groups(view: ModelView, linears: dict[str, nn.Linear]) -> list[tuple[str, ...]]:
+    """The selected linears grouped by the tensor they read (attention inputs, out-projection, FFN inputs, down)."""
+    spec = view.spec
+    groups = [spec.attn_in, (spec.attn_out,), spec.ffn_in, (spec.ffn_down,)]
+    return [g for g in (tuple(p for p in grp if p in linears) for grp in groups) if g]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _layer_inputs(model, view: ModelView, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden states entering layer 0, the layer's keyword arguments) per batch of windows."""
+    captured = []
+
+    def grab(module, args, kwargs):
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise _Stop
+
+    handle = view.layer(0).register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for ids in windows.split(batch_size):
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return [(h, {k: v for k, v in kw.items() if k != "hidden_states"}) for h, kw in captured]
+
+
+def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+    out = []
+    for h, kw in batches:
+        y = layer(h, **kw)
+        out.append((y[0] if isinstance(y, tuple) else y, kw))
+    return out
+
+
+def _gather_input(perm_name: str):
+    def hook(module, args):
+        return (args[0].index_select(-1, getattr(module, perm_name)),) + tuple(args[1:])
+    return hook
+
+
+def permute_input_(linear: nn.Linear, perm: torch.Tensor) -> None:
+    """Store W[:, π] and gather x[..., π] in a pre-hook: the layer's function is unchanged."""
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight[:, perm])
+    linear.register_buffer("ss_input_perm", perm.to(linear.weight.device), persistent=False)
+    setattr(linear, PERM_ATTR, linear.register_forward_pre_hook(_gather_input("ss_input_perm")))
+
+
+def fold_neuron_perm_(view: ModelView, layer: int, perm: torch.Tensor) -> None:
+    """Permute the FFN's neurons: down-projection columns and the producers' rows (and fc1 bias) together."""
+    with torch.no_grad():
+        down = view.module(layer, view.spec.ffn_down)
+        down.weight.copy_(down.weight[:, perm])
+        for path in view.spec.ffn_in:
+            lin = view.module(layer, path)  # rows permute independently of any input gather on it
+            lin.weight.copy_(lin.weight[perm])
+            if lin.bias is not None:
+                lin.bias.copy_(lin.bias[perm])
+
+
+@torch.no_grad()
+def squash_(model) -> int:
+    """Undo every input gather by un-permuting the weight columns, and drop the hooks: the model is plain
+    transformers again (same function; N:M groups then lie in the permuted order only). Returns how many."""
+    n = 0
+    for module in model.modules():
+        handle = getattr(module, PERM_ATTR, None)
+        if handle is None:
+            continue
+        perm = module.ss_input_perm
+        module.weight.copy_(module.weight[:, perm.argsort()])
+        handle.remove()
+        delattr(module, PERM_ATTR)
+        del module._buffers["ss_input_perm"]
+        n += 1
+    return n
+
+
+def weight_sparsity(model, modules: str = "all") -> dict:
+    """Realized zeros over the decoder linears (counted), overall and per matrix kind."""
+    view = ModelView(model)
+    zeros, total, per_kind = 0, 0, {}
+    for i in range(view.dims.n_layers):
+        for path, lin in target_linears(view, i, "all").items():
+            z, t = int((lin.weight == 0).sum()), lin.weight.numel()
+            zeros, total = zeros + z, total + t
+            kind = path.split(".")[-1]
+            pz, pt = per_kind.get(kind, (0, 0))
+            per_kind[kind] = (pz + z, pt + t)
+    return {"realized_weight_sparsity": zeros / total,
+            "per_kind": {k: z / t for k, (z, t) in per_kind.items()}}
+
+
+def _allocate(model, view, cfg: SparsityConfig, pattern: Pattern, windows, names) -> dict[str, float]:
+    """Sparsity per (layer, path) key."""
+    sizes = {k: view.module(k[0], k[1]).weight.numel() for k in names}
+    if pattern.is_nm or cfg.allocation == "uniform":
+        return {k: pattern.ratio for k in names}
+    if cfg.allocation == "sensitivity":
+        params = {k: view.module(k[0], k[1]).weight for k in names}
+        traces = hutchinson_traces(model, params, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples,
+                                   cfg.seed)
+        scores = sensitivity_scores(traces)
+    else:  # owl: Wanda scores of the dense model, one ratio per decoder layer
+        stats = {k: InputStats(view.module(k[0], k[1]).in_features) for k in names}
+        handles = [view.module(k[0], k[1]).register_forward_pre_hook(stats[k].hook()) for k in names]
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for ids in windows.split(cfg.batch_size):
+                    model(input_ids=ids.to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        layer_scores = {}
+        for i in sorted({k[0] for k in names}):
+            cat = torch.cat([(view.module(k[0], k[1]).weight.abs().float().cpu() * stats[k].norm[None, :]).flatten()
+                             for k in names if k[0] == i])
+            layer_scores[i] = outlier_ratio(cat, cfg.owl_m)
+        scores = {k: layer_scores[k[0]] for k in names}
+    return spread(scores, sizes, pattern.ratio, cfg.alpha)
+
+
+@torch.no_grad()
+def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, InputStats], cfg: SparsityConfig,
+                 pattern: Pattern, ratios: dict, gen: torch.Generator) -> None:
+    metric = get_metric(cfg.metric)
+    for path, lin in linears.items():
+        w = lin.weight
+        st = stats.get(path)
+        if cfg.metric == "sparsegpt":
+            w.copy_(sparsegpt_prune(w, st.hessian().to(w.device), pattern, ratios[(i, path)], **cfg.sparsegpt))
+            continue
+        scores = metric.score(w, st, cfg.esparse)  # (O, I)
+        shuffle = cfg.metric == "esparse" and pattern.is_nm and {**esparse.DEFAULTS, **cfg.esparse}["shuffle"]
+        if shuffle and path != view.spec.attn_out:
+            importance = esparse.channel_importance(st, cfg.esparse)
+            perm = esparse.shuffle_for(scores, importance, pattern.n, pattern.m, cfg.esparse, gen)
+            if path == view.spec.ffn_down:
+                fold_neuron_perm_(view, i, perm)  # function-preserving without any run-time gather
+            else:
+                permute_input_(lin, perm)
+            scores = scores[:, perm]
+        apply_mask_(lin, keep_mask(scores, pattern, ratios[(i, path)], metric.group))
+
+
+def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
+    """Prune ``model`` in place with calibration ``windows`` (N, T); returns the realized sparsity report."""
+    cfg.validate()
+    if cfg.metric is None:
+        return {}
+    pattern = cfg.parsed()
+    view = ModelView(model)
+    names = [(i, p) for i in range(view.dims.n_layers) for p in target_linears(view, i, cfg.modules)]
+    for i, p in names:
+        pattern.check_fits(view.module(i, p).in_features, f"layer {i} {p}")
+    ratios = _allocate(model, view, cfg, pattern, windows, names)
+    metric = get_metric(cfg.metric)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opts = {**esparse.DEFAULTS, **cfg.esparse}
+    batches = _layer_inputs(model, view, windows, cfg.batch_size) if metric.needs else None
+    for i in tqdm(range(view.dims.n_layers), desc=f"prune {cfg.metric} {pattern.label}", unit="layer"):
+        linears = target_linears(view, i, cfg.modules)
+        stats: dict[str, InputStats] = {}
+        if metric.needs:
+            handles = []
+            for group in input_groups(view, linears):  # q/k/v (gate/up) read one input: one statistic for all
+                first = linears[group[0]]
+                st = InputStats(first.in_features, gram="gram" in metric.needs,
+                                sample_rows=opts["sample_rows"] if "samples" in metric.needs else 0, seed=cfg.seed)
+                stats.update({p: st for p in group})
+                handles.append(first.register_forward_pre_hook(st.hook()))
+            try:
+                with torch.no_grad():
+                    _run_layer(view.layer(i), batches)
+            finally:
+                for h in handles:
+                    h.remove()
+        _prune_layer(view, i, linears, stats, cfg, pattern, ratios, gen)
+        if batches is not None and i + 1 < view.dims.n_layers:
+            with torch.no_grad():
+                batches = _run_layer(view.layer(i), batches)  # the pruned layer feeds the next
+    report = weight_sparsity(model)
+    sizes = {k: view.module(*k).weight.numel() for k in names}
+    report.update(requested=pattern.ratio, nm=pattern.label, metric=cfg.metric, allocation=cfg.allocation,
+                  allocated_mean=sum(ratios[k] * sizes[k] for k in names) / sum(sizes.values()))
+    log.info("static %s %s (%s): %.4f of decoder-linear weights are zero", cfg.metric, pattern.label,
+             cfg.allocation, report["realized_weight_sparsity"])
+    return report
