@@ -74,3 +74,153 @@ def test_bad_activation():
     args, kw = _inputs(*CASES[0])
     with pytest.raises(ValueError, match="act must be"):
         gated_ffn(*args, **{**kw, "act": "tanh"})
+
+
+# -- gathered linears (head gating) and decode attention ----------------------------------------------------------
+from shadowsparse.kernels import linear as linear_module  # noqa: E402
+from shadowsparse.kernels.attention import decode_attention, decode_attention_torch  # noqa: E402
+
+
+def _backends():
+    return ["torch"] + (["triton"] if _triton_device() is not None else [])
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T", [1, 5])
+def test_row_linears_match_dense_on_selected_rows(backend, T):
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(1)
+    x, w, w_t = torch.randn(T, 40, generator=g), torch.randn(96, 40, generator=g), torch.randn(96, 40, generator=g)
+    b_in, b_out = torch.randn(96, generator=g), torch.randn(40, generator=g)
+    rows = torch.randperm(96, generator=g)[:48]
+    x, w, w_t, b_in, b_out, rows = (t.to(device) for t in (x, w, w_t, b_in, b_out, rows))
+    ref = x @ w.t() + b_in
+    out = linear_module.row_linear(x, w, rows, b_in, backend=backend)
+    torch.testing.assert_close(out, ref[:, rows], rtol=5e-3, atol=5e-3)
+    h = torch.randn(T, 48, generator=g).to(device)
+    out_t = linear_module.row_linear_t(h, w_t, rows, b_out, backend=backend)
+    torch.testing.assert_close(out_t, h @ w_t[rows] + b_out, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T,pos", [(1, 0), (1, 70), (3, 20)])
+def test_decode_attention_matches_masked_softmax(backend, T, pos):
+    """Selected query heads of a GQA layer (8 heads, 2 kv heads) against the plain masked softmax over every head."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(2)
+    B, H, KV, S, D = 2, 8, 2, 80, 16
+    q_all = torch.randn(B, H, T, D, generator=g).to(device)
+    k, v = torch.randn(B, KV, S, D, generator=g).to(device), torch.randn(B, KV, S, D, generator=g).to(device)
+    heads = torch.tensor([6, 1, 3], dtype=torch.int32, device=device)
+    p = torch.tensor([pos], device=device)
+    scores = q_all @ k.repeat_interleave(H // KV, 1).transpose(-1, -2) * 0.25  # (B, H, T, S)
+    visible = torch.arange(S, device=device)[None, :] <= (pos + torch.arange(T, device=device))[:, None]
+    ref = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(H // KV, 1))
+    ref = ref[:, heads.long()].transpose(1, 2)  # (B, T, J, D)
+    q = q_all[:, heads.long()].transpose(1, 2)  # (B, T, J, D), strided: the kernel reads it without a copy
+    out = decode_attention(q, k, v, heads, p, 0.25, H, backend=backend, block_s=32)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_attention_torch(q, k, v, heads, p, 0.25, H), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_rms_norm_and_rope_match_torch_math(backend):
+    from shadowsparse.kernels.rope_norm import rms_norm, rms_norm_torch, rope_, rope_torch_
+    from shadowsparse.runtime.ops import apply_rope, rope_cos_sin, rope_inv_freq
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(6, 96, generator=g).to(device), torch.randn(96, generator=g).to(device)
+    torch.testing.assert_close(rms_norm(x, w, 1e-5, backend=backend), rms_norm_torch(x, w, 1e-5))
+    from shadowsparse.kernels.rope_norm import layer_norm
+    b = torch.randn(96, generator=g).to(device)
+    torch.testing.assert_close(layer_norm(x, w, b, 1e-5, backend=backend),
+                               torch.nn.functional.layer_norm(x, (96,), w, b, 1e-5))
+    B, T, H, KV, D = 2, 3, 4, 2, 16
+    qkv = torch.randn(B * T, (H + 2 * KV) * D, generator=g).to(device)
+    cos, sin = rope_cos_sin(torch.tensor([5, 6, 7], device=device), rope_inv_freq(D, 10000.0, device), qkv.dtype)
+    ref = qkv.clone()
+    q_ref = apply_rope(ref[:, :H * D].view(B, T, H, D).transpose(1, 2), cos, sin).transpose(1, 2).reshape(B * T, -1)
+    k_ref = apply_rope(ref[:, H * D:(H + KV) * D].view(B, T, KV, D).transpose(1, 2), cos, sin)
+    out = rope_(qkv.clone(), cos, sin, H + KV, D, T, backend=backend)
+    torch.testing.assert_close(out[:, :H * D], q_ref)
+    torch.testing.assert_close(out[:, H * D:(H + KV) * D], k_ref.transpose(1, 2).reshape(B * T, -1))
+    torch.testing.assert_close(out[:, (H + KV) * D:], qkv[:, (H + KV) * D:])  # v untouched
+    torch.testing.assert_close(rope_torch_(qkv.clone(), cos, sin, H + KV, D, T), out)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_shared_set_with_per_token_keep_matches_mask_path(backend):
+    """A union read once, each token keeping only its own units (keep (T, k) 0/1)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    args, kw = _inputs(4, 64, 160, 80, "silu", True, False, device=device)
+    x, w_in, w_down_t, idx = args
+    keep = (torch.rand(4, 80, generator=torch.Generator().manual_seed(3)) > 0.4).float().to(device)
+    shared = idx[0]
+    ref = gated_ffn_reference(x, w_in, w_down_t, shared, **kw, keep=keep)
+    mask = torch.zeros(4, 160, device=device).scatter_(-1, shared.long().expand(4, -1), keep)
+    per_token = torch.stack([gated_ffn_reference(x[t:t + 1], w_in, w_down_t, mask[t].nonzero()[:, 0], **kw)[0]
+                             for t in range(4)])
+    torch.testing.assert_close(ref, per_token, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gated_ffn(x, w_in, w_down_t, shared, **kw, keep=keep, backend=backend), ref,
+                               rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_residual_is_fused_exactly(backend):
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    args, kw = _inputs(2, 64, 160, 80, "relu", False, True, device=device)
+    x, w_in, w_down_t, idx = args
+    r = torch.randn(2, 64, generator=torch.Generator().manual_seed(5)).to(device)
+    ref = r + gated_ffn_reference(x, w_in, w_down_t, idx[0], **kw)
+    torch.testing.assert_close(gated_ffn(x, w_in, w_down_t, idx[0], **kw, backend=backend, residual=r), ref,
+                               rtol=5e-3, atol=5e-3)
+    rows = idx[0]
+    h = torch.randn(2, 80, generator=torch.Generator().manual_seed(6)).to(device)
+    out = linear_module.row_linear_t(h, w_down_t, rows, kw["b_out"], backend=backend, residual=r)
+    torch.testing.assert_close(out, r + h @ w_down_t[rows] + kw["b_out"], rtol=5e-3, atol=5e-3)
+
+
+# -- 2:4 compressed weights ---------------------------------------------------------------------------------------
+from shadowsparse.kernels import nm24  # noqa: E402
+
+
+def test_24_compress_roundtrip_and_exact_pattern():
+    w = torch.randn(12, 64, generator=torch.Generator().manual_seed(7))
+    p = nm24.prune_24(w)
+    groups = (p.reshape(12, 16, 4) != 0).sum(-1)
+    assert (groups == 2).all()  # exactly 2 of every 4 kept (random weights have no zeros)
+    mag = w.reshape(12, 16, 4).abs()
+    kept_min = torch.where(groups[..., None] > 0, mag, 0).masked_fill(p.reshape(12, 16, 4) == 0, 1e9).amin(-1)
+    dropped_max = mag.masked_fill(p.reshape(12, 16, 4) != 0, -1).amax(-1)
+    assert (kept_min > dropped_max).all()  # the 2 largest magnitudes of each group are the ones kept
+    values, meta = nm24.compress_24(p)
+    assert values.shape == (12, 32) and meta.shape == (12, 2) and meta.dtype == torch.int32
+    assert (values.numel() * 2 + meta.numel() * 4) / (w.numel() * 2) == 0.5625  # in fp16 bytes
+    torch.testing.assert_close(nm24.decompress_24(values, meta), p, rtol=0, atol=0)
+    sparse = p.clone()
+    sparse[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # fewer than 2 nonzeros in a group still round-trips
+    torch.testing.assert_close(nm24.decompress_24(*nm24.compress_24(sparse)), sparse, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        nm24.compress_24(w)
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("T", [1, 5])
+def test_24_kernels_match_masked_dense(backend, T):
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(8)
+    w = nm24.prune_24(torch.randn(80, 128, generator=g)).to(device)  # (F, d): fc1 rows / down.T rows
+    b = torch.randn(80, generator=g).to(device)
+    values, meta = nm24.compress_24(w)
+    x = torch.randn(T, 128, generator=g).to(device)
+    rows = torch.randperm(80, generator=g)[:40].to(device)
+    tol = dict(rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, backend=backend), x @ w.t(), **tol)
+    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, rows, b, backend=backend, block_k=64),
+                               x @ w[rows].t() + b[rows], **tol)
+    h = torch.randn(T, 40, generator=g).to(device)
+    r = torch.randn(T, 128, generator=g).to(device)
+    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, backend=backend, block_k=64, splits=2),
+                               h @ w[rows], **tol)
+    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, residual=r, backend=backend), r + h @ w[rows],
+                               **tol)

@@ -33,19 +33,30 @@ def _act(t: torch.Tensor, act: str) -> torch.Tensor:
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](t)
 
 
-def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
-    """The mask path: the dense FFN with the activations outside idx zeroed. Same shapes as gated_ffn."""
+def _check_keep(idx: torch.Tensor, keep, T: int) -> None:
+    if keep is not None and (idx.dim() != 1 or keep.shape != (T, idx.shape[0])):
+        raise ValueError(f"keep must be (T, k) = ({T}, {idx.shape[-1]}) with a shared idx (k,), got "
+                         f"{tuple(keep.shape)} with idx {tuple(idx.shape)}")
+
+
+def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None):
+    """The mask path: the dense FFN with the activations outside idx zeroed. Same shapes as gated_ffn.
+    keep (T, k), with a shared idx (k,): a per-token 0/1 factor on the selected units (a union read once, each
+    token keeping only its own units)."""
+    _check_keep(idx, keep, x.shape[0])
     h = _act(F.linear(x, w_in, b_in), act)  # (T, F)
     if w_up is not None:
         h = h * F.linear(x, w_up)
     idx = idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx
-    mask = torch.zeros_like(h).scatter_(-1, idx.long(), 1.0)
+    src = torch.ones(idx.shape, dtype=h.dtype, device=h.device) if keep is None else keep.to(h.dtype)
+    mask = torch.zeros_like(h).scatter_(-1, idx.long(), src)
     return F.linear(h * mask, w_down_t.t(), b_out)
 
 
-def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
+def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None):
     """Fallback that reads only the selected rows, by gathering them (T, k, d) — correct everywhere, and on a GPU
     slower than dense (DESIGN.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
+    _check_keep(idx, keep, x.shape[0])
     idx = (idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx).long()
     g = torch.einsum("tkd,td->tk", w_in[idx], x)  # (T, k)
     if b_in is not None:
@@ -53,6 +64,8 @@ def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_
     h = _act(g, act)
     if w_up is not None:
         h = h * torch.einsum("tkd,td->tk", w_up[idx], x)
+    if keep is not None:
+        h = h * keep.to(h.dtype)
     y = torch.einsum("tk,tkd->td", h, w_down_t[idx])
     return y + b_out if b_out is not None else y
 
@@ -116,8 +129,8 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
-    def _shared_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, T, K, D,
-                          HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    def _shared_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, keep_ptr, T, K, D,
+                          HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_KEEP: tl.constexpr,
                           T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -143,6 +156,9 @@ if triton is not None:
         h = _act_fn(acc_g, ACT)
         if HAS_UP:
             h = h * acc_u
+        if HAS_KEEP:  # per-token 0/1 inside a shared (union) set: a token keeps only its own units
+            h = h * tl.load(keep_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                            other=0.0).to(tl.float32)
         tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], h, mask=mask_t[:, None] & mask_k[None, :])
 
     @triton.jit
@@ -167,8 +183,9 @@ if triton is not None:
 
 
 def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,
-                             block_d2, splits, warps, stages):
-    """idx (k,): one neuron set for all T tokens (T <= 16)."""
+                             block_d2, splits, warps, stages, keep=None, residual=None):
+    """idx (k,): one neuron set for all T tokens (T <= 16); keep (T, k) an optional per-token 0/1 factor;
+    residual (T, d): the fp32 accumulator starts from it (saves the add pass), output in its dtype."""
     T, D = x.shape
     K = idx.shape[0]
     if T > 16:
@@ -179,37 +196,45 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
     dummy = x
     _shared_in_kernel[(triton.cdiv(K, block_k),)](
         x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h,
-        T, K, D, HAS_UP=w_up is not None, HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), T_PAD=16,
+        keep.contiguous() if keep is not None else dummy, T, K, D, HAS_UP=w_up is not None,
+        HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), HAS_KEEP=keep is not None, T_PAD=16,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0])
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
         splits = max(1, min(triton.cdiv(4 * sms, d_blocks), triton.cdiv(K, block_k2)))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
-    y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    if residual is None:
+        y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
+    else:  # the accumulator starts at residual (+ bias): one pass instead of a zero fill, a bias add and an add
+        y = torch.empty(T, D, device=x.device, dtype=torch.float32)
+        torch.add(residual, b_out, out=y) if b_out is not None else y.copy_(residual)
+        b_out = None
     _shared_down_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
         h, w_down_t, idx, y, T, K, D, k_per_split, T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2,
         num_warps=warps[1], num_stages=stages[1])
     if b_out is not None:
         y += b_out
-    return y.to(x.dtype)
+    return y.to(x.dtype if residual is None else residual.dtype)
 
 
 def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None,
                      block_k: int | None = None, block_d: int | None = None, block_k2: int | None = None,
                      block_d2: int | None = None, splits: int | None = None, warps: tuple[int, int] | None = None,
-                     stages: tuple[int, int] | None = None):
+                     stages: tuple[int, int] | None = None, keep: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None):
     """The Triton path. One set for all tokens (idx (k,), or a single token) takes the tl.dot kernels, which were
     the fastest measured even at batch 1 (H100: 97% of pre-sliced weights on OPT-13B shapes); per-token sets for
     several tokens take the per-token kernels. Block sizes, warps, stages and the k-split are tunables
     (benchmarks/ffn_kernel.py measures them); the defaults are the best measured on an H100."""
+    _check_keep(idx, keep, x.shape[0])
     shared = idx.dim() == 1 or idx.shape[0] == 1
     defaults = SHARED_DEFAULTS if shared else PER_TOKEN_DEFAULTS
     given = (block_k, block_d, block_k2, block_d2, warps, stages)
     block_k, block_d, block_k2, block_d2, warps, stages = (g if g is not None else d for g, d in zip(given, defaults))
     if shared:
         return _gated_ffn_triton_shared(x, w_in, w_down_t, idx.reshape(-1), act, w_up, b_in, b_out, block_k,
-                                        block_d, block_k2, block_d2, splits, warps, stages)
+                                        block_d, block_k2, block_d2, splits, warps, stages, keep, residual)
     T, D = x.shape
     K = idx.shape[1]
     idx = idx.to(torch.int32).contiguous()
@@ -231,13 +256,21 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
         num_stages=stages[1])
     if b_out is not None:
         y += b_out
-    return y.to(x.dtype)
+    return y.to(x.dtype) if residual is None else residual + y.to(residual.dtype)
 
 
-def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None):
-    """Dispatch: the Triton kernels on a CUDA device where Triton is installed, the torch gather otherwise."""
+def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None,
+              backend: str = "auto", residual=None):
+    """Dispatch: the Triton kernels on a CUDA device where Triton is installed, the torch gather otherwise.
+    backend "triton" forces the kernels (on the CPU they need TRITON_INTERPRET=1), "torch" the fallback.
+    residual (T, d), if given, is added to the output (fused into the accumulator on the shared-set path)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if triton is not None and x.is_cuda:
-        return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out)
-    return gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out)
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda):
+        if triton is None:
+            raise ValueError("backend='triton' needs the triton package: pip install triton")
+        return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, residual=residual)
+    y = gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep)
+    return y if residual is None else residual + y

@@ -1,0 +1,219 @@
+"""Decode speed of the gated runtime against its own dense engine and Hugging Face generate, on one GPU.
+
+    python benchmark.py experiment=opt13b                 # conf/bench/opt13b.yaml
+    python benchmark.py experiment=h100 gen=64 batches=[1,8] out=$OUT/benchmark.jsonl
+
+Config: conf/bench/default.yaml, then conf/bench/<experiment>.yaml, then key=value overrides (values parsed as
+YAML). Hydra is deliberately not needed: GPU boxes often lack it (DESIGN.md), and the benchmark has no sweeps.
+
+Per model (random weights in its exact shapes, built on the GPU), batch size and method: the engine's decode step
+captured in a CUDA graph (dense and gated alike), a prompt prefilled, then ``gen`` greedy tokens replayed back to
+back, ``repeats`` times after ``warmup``; ms/token is the median (a step yields one token per sequence). HF generate
+runs on the same weights. Prints a table and appends rows (DESIGN.md benchmark.jsonl schema) to ``out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent
+CONF = ROOT / "conf" / "bench"
+
+# method -> engine settings; "hf-*" are transformers' generate on the same weights
+METHODS = {
+    "dense": dict(),
+    "ffn50": dict(ffn_sparsity=0.5),
+    "ffn70": dict(ffn_sparsity=0.7),
+    "heads50": dict(head_sparsity=0.5),
+    "ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5),
+    "ffn50+heads50/union": dict(ffn_sparsity=0.5, head_sparsity=0.5, batch_set="union"),
+    "predictor+ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5, predictor=True),
+    "2:4": dict(nm24=True),  # FFN weights 2:4-compressed (attention projections dense)
+    "2:4+ffn50": dict(nm24=True, ffn_sparsity=0.5),
+    "2:4+ffn50+heads50": dict(nm24=True, ffn_sparsity=0.5, head_sparsity=0.5),
+    "hf-eager": dict(hf="dynamic"),
+    "hf-static": dict(hf="static"),
+}
+
+
+def load_config(argv: list[str]) -> dict:
+    """default.yaml <- <experiment>.yaml <- key=value overrides. Unknown keys are errors that name the valid ones."""
+    cfg = yaml.safe_load((CONF / "default.yaml").read_text())
+    overrides = {}
+    for arg in argv:
+        if "=" not in arg:
+            sys.exit(f"arguments are key=value overrides (e.g. experiment=opt13b gen=64), got '{arg}'")
+        key, value = arg.split("=", 1)
+        overrides[key] = yaml.safe_load(value)
+    exp = overrides.pop("experiment", cfg.get("experiment"))
+    if exp:
+        path = CONF / f"{exp}.yaml"
+        if not path.exists():
+            names = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "default")
+            sys.exit(f"unknown experiment '{exp}'; choose one of {names} (files in conf/bench/)")
+        cfg.update(yaml.safe_load(path.read_text()) or {})
+        cfg["experiment"] = exp
+    for key, value in overrides.items():
+        if key not in cfg:
+            sys.exit(f"unknown key '{key}'; valid keys: {sorted(cfg)}")
+        cfg[key] = value
+    bad = [m for m in cfg["methods"] if m not in METHODS]
+    if bad:
+        sys.exit(f"unknown methods {bad}; choose from {sorted(METHODS)}")
+    if any(not 1 <= b <= 8 for b in cfg["batches"]):
+        sys.exit(f"batches must be in 1..8 (the engine's decode batch), got {cfg['batches']}")
+    if cfg["gen"] < 2:
+        sys.exit("gen must be >= 2 (HF generate's per-token time is (t(gen) - t(1)) / (gen - 1))")
+    if not cfg.get("out"):
+        cfg["out"] = str(Path(os.environ.get("OUT", ".")) / "benchmark.jsonl")
+    return cfg
+
+
+def hf_ms_per_token(model, prompt, gen: int, cache: str, repeats: int) -> list[float]:
+    """transformers' generate on the same weights: (t(gen tokens) - t(1 token)) / (gen - 1), i.e. without prefill."""
+    kw = dict(do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    if cache == "static":  # the static cache without torch.compile (compiling a 13B graph takes minutes)
+        kw.update(cache_implementation="static", disable_compile=True)
+
+    def run(n):
+        return lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    from shadowsparse.runtime.bench import time_host
+    t1 = statistics.median(time_host(run(1), repeats))
+    return [(t - t1) / (gen - 1) for t in time_host(run(gen), repeats)]
+
+
+def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
+    from shadowsparse import PredictorConfig, SharedPredictor
+    from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder
+    from shadowsparse.runtime.bench import step_bytes, time_replays
+
+    P, gen = cfg["prompt"], cfg["gen"]
+    w = weights
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    prompt = torch.randint(0, w.vocab, (batch, P), device="cuda", generator=g)
+    rows, dense_ms, hf_ms = [], None, None
+    for method in cfg["methods"]:
+        spec = dict(METHODS[method])
+        base = dict(model=name, card=card, dtype=cfg["dtype"], batch=batch, prompt_len=P, gen_len=gen,
+                    method=method, weights="random, exact shapes", **env)
+        if "hf" in spec:
+            times = hf_ms_per_token(model, prompt, gen, spec["hf"], cfg["hf_repeats"])
+            ms = statistics.median(times)
+            if method == "hf-eager":
+                hf_ms = ms
+            rows.append(dict(base, ffn_sparsity=0.0, head_sparsity=0.0, ms_per_token=ms, ms_repeats=times))
+            continue
+        predictor = None
+        if spec.pop("predictor", False):
+            torch.manual_seed(0)
+            predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
+                                        PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
+        ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
+        engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor)
+        heads = neurons = None
+        if engine.gated and predictor is None:  # given scores (random sets); the top-k still runs in every step
+            heads = torch.randn(batch, 1, w.n_layers, w.n_heads, device="cuda", generator=g)
+            neurons = torch.randn(batch, 1, w.n_layers, w.ffn, device="cuda", generator=g)
+        graph = GraphedDecoder(engine, heads=heads, neurons=neurons)
+        logits = engine.prefill(prompt, heads=None if heads is None else heads.expand(-1, P, -1, -1),
+                                neurons=None if neurons is None else neurons.expand(-1, P, -1, -1))
+        first = logits[:, -1:].argmax(-1)
+        times = time_replays(graph.graph.replay, gen, cfg["repeats"], cfg["warmup"], lambda: graph.start(first, P))
+        ms = statistics.median(times)
+        nbytes = step_bytes(engine, 1, P + gen / 2)
+        row = dict(base, ffn_sparsity=ecfg.ffn_sparsity, head_sparsity=ecfg.head_sparsity,
+                   nm="2:4 ffn" if ecfg.nm24 else None,
+                   batch_set=ecfg.batch_set if batch > 1 and engine.gated else None,
+                   rows_read_per_layer=engine.rows_read(batch), first_gated_layer=engine.first_layer if engine.gated
+                   else None, ms_per_token=ms, ms_repeats=times, bytes_per_token=nbytes,
+                   gb_per_s=nbytes / ms / 1e6, copy_gb_per_s=bw, frac_copy_bw=nbytes / ms / 1e6 / bw,
+                   floor_ms=nbytes / bw / 1e6)
+        if method == "dense":
+            dense_ms = ms
+            with torch.no_grad():  # the engine computes the model: its prompt logits against transformers'
+                ref = model(prompt[:, :16]).logits.float()
+                own = engine.prefill(prompt[:, :16]).float()
+            row["logits_rel_err_vs_hf"] = ((own - ref).norm() / ref.norm()).item()
+        if predictor is not None:  # the predictor + top-k alone, captured and timed the same way
+            x = torch.randn(batch, 1, w.hidden, device="cuda", dtype=engine.dtype)
+            pg = torch.cuda.CUDAGraph()
+            engine._select(*engine.predictor(x))
+            torch.cuda.synchronize()
+            with torch.cuda.graph(pg):
+                engine._select(*engine.predictor(x))
+            pt = statistics.median(time_replays(pg.replay, gen, cfg["repeats"], cfg["warmup"]))
+            row.update(predictor_ms=pt, predictor_share=pt / ms,
+                       predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
+            del pg
+        rows.append(row)
+        del graph, engine, logits
+        torch.cuda.empty_cache()
+    for row in rows:
+        row["baseline"] = "own dense (CUDA graph)"
+        row["speedup"] = dense_ms / row["ms_per_token"] if dense_ms else None
+        row["speedup_vs_hf_eager"] = hf_ms / row["ms_per_token"] if hf_ms else None
+    return rows
+
+
+def main(argv: list[str]) -> None:
+    cfg = load_config(argv)
+    if not torch.cuda.is_available():
+        sys.exit("benchmark.py needs a CUDA GPU (the kernels and CUDA graphs are what it measures)")
+    import transformers
+
+    from shadowsparse.llm import parse_dtype
+    from shadowsparse.runtime import extract_weights
+    from shadowsparse.runtime.bench import build_random_model, copy_bandwidth
+
+    dtype = parse_dtype(cfg["dtype"])
+    if dtype not in (torch.float16, torch.bfloat16):
+        sys.exit(f"dtype must be float16 or bfloat16 on the GPU, got {cfg['dtype']}")
+    card = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    env = dict(torch=torch.__version__, transformers=transformers.__version__,
+               triton=__import__("triton").__version__, host=platform.node(), time=time.strftime("%Y-%m-%d %H:%M"))
+    print(f"{card}, torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}; "
+          f"copy bandwidth {bw:.0f} GB/s; config {json.dumps(cfg)}", flush=True)
+    Path(cfg["out"]).parent.mkdir(parents=True, exist_ok=True)
+    all_rows = []
+    for name in cfg["models"]:
+        t0 = time.perf_counter()
+        model = build_random_model(name, dtype)
+        weights = extract_weights(model)
+        gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+        print(f"\n{name}: {gb:.2f} GB of weights, built and laid out in {time.perf_counter() - t0:.1f} s", flush=True)
+        for batch in cfg["batches"]:
+            rows = engine_rows(name, model, weights, batch, cfg, bw, card, env)
+            with open(cfg["out"], "a") as f:
+                for row in rows:
+                    f.write(json.dumps(row) + "\n")
+            for r in rows:
+                print(_fmt(r), flush=True)
+            all_rows += rows
+        del model, weights
+        torch.cuda.empty_cache()
+    print(f"\n{card}, {cfg['dtype']}, prompt {cfg['prompt']}, {cfg['gen']} tokens; copy {bw:.0f} GB/s")
+    print(f"{'model':<13}{'B':>2} {'method':<24}{'ms/tok':>8}{'GB/s':>7}{'%copy':>6}{'x dense':>8}{'x HF':>6}"
+          f"{'pred%':>6}")
+    for r in all_rows:
+        print(_fmt(r))
+
+
+def _fmt(r: dict) -> str:
+    f = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
+    return (f"{r['model']:<13}{r['batch']:>2} {r['method']:<24}{r['ms_per_token']:>8.3f}{f(r.get('gb_per_s'), '7.0f')}"
+            f"{f(r.get('frac_copy_bw') and 100 * r['frac_copy_bw'], '6.1f')}{f(r.get('speedup'), '8.2f')}"
+            f"{f(r.get('speedup_vs_hf_eager'), '6.2f')}{f(r.get('predictor_share') and 100 * r['predictor_share'], '6.2f')}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

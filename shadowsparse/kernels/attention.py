@@ -1,0 +1,135 @@
+"""Decode attention over a static KV cache for a chosen set of query heads (GQA-aware).
+
+    out[b, t, j] = softmax_s( q[b, t, j] · K[b, kv(heads[j]), s] * scale  for s <= pos + t ) · V[b, kv(heads[j]), s]
+
+q: (B, T, J, D) the selected query heads only, any strides over (B, T, J) with D contiguous (a slice of the
+projection output, no copy); k_cache / v_cache: (B, KV, S, D) one layer of the static cache;
+heads: (J,) int the query heads q holds (kv(h) = h // (H / KV)); pos: (1,) int the position of the first new token
+(all sequences aligned). Returns (B, T, J, D), the out-projection's input layout. Keys past pos + t are never read,
+and heads not in ``heads`` cost nothing (no copies of their K/V). The dense step passes heads = arange(H), so both
+paths use the same kernel.
+
+Triton: split over the keys (flash decoding), online softmax in fp32 per chunk, then a combine kernel. Torch
+fallback (CPU): gather the heads' K/V and do the masked softmax explicitly (as transformers' eager attention).
+"""
+from __future__ import annotations
+
+import torch
+
+from .ffn import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, heads_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, J, T, KV,
+                                  S, D, GROUP, CHUNK, NSPLIT, sq_b, sq_t, sq_j,
+                                  BLOCK_S: tl.constexpr, D_PAD: tl.constexpr):
+        """One (token row, head, chunk of keys): partial softmax statistics (max, sum, weighted values)."""
+        row = tl.program_id(0)  # b * T + t
+        j = tl.program_id(1)
+        split = tl.program_id(2)
+        b = row // T
+        t = row % T
+        offs_d = tl.arange(0, D_PAD)
+        mask_d = offs_d < D
+        kvh = tl.load(heads_ptr + j) // GROUP
+        q = tl.load(q_ptr + b * sq_b + t * sq_t + j * sq_j + offs_d, mask=mask_d, other=0.0).to(tl.float32) * scale
+        last = tl.load(pos_ptr) + t  # keys 0..last are visible to this token
+        base = (b * KV + kvh).to(tl.int64) * S * D
+        m_i = tl.zeros((1,), dtype=tl.float32) - float("inf")  # running max (1-element: broadcasts)
+        l_i = tl.zeros((1,), dtype=tl.float32)  # running softmax denominator
+        acc = tl.zeros((D_PAD,), dtype=tl.float32)
+        lo = split * CHUNK
+        hi = tl.minimum(lo + CHUNK, last + 1)
+        for s0 in range(lo, hi, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            mask_s = offs_s < hi
+            off2 = base + offs_s[:, None] * D + offs_d[None, :]
+            m2 = mask_s[:, None] & mask_d[None, :]
+            k = tl.load(k_ptr + off2, mask=m2, other=0.0).to(tl.float32)  # (BLOCK_S, D_PAD)
+            v = tl.load(v_ptr + off2, mask=m2, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1)
+            s = tl.where(mask_s, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=0))
+            p = tl.exp(s - m_new)
+            alpha = tl.exp(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m_i = m_new
+        part = (row * J + j) * NSPLIT + split
+        one = tl.arange(0, 1)
+        tl.store(m_ptr + part + one, m_i)  # -inf and 0 for a chunk past the last visible key
+        tl.store(l_ptr + part + one, l_i)
+        tl.store(acc_ptr + part.to(tl.int64) * D + offs_d, acc, mask=mask_d)
+
+    @triton.jit
+    def _decode_attn_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, J, D, NSPLIT, SPLIT_PAD: tl.constexpr,
+                                    D_PAD: tl.constexpr):
+        row = tl.program_id(0)
+        j = tl.program_id(1)
+        offs_s = tl.arange(0, SPLIT_PAD)
+        mask_s = offs_s < NSPLIT
+        offs_d = tl.arange(0, D_PAD)
+        mask_d = offs_d < D
+        part = (row * J + j) * NSPLIT
+        m = tl.load(m_ptr + part + offs_s, mask=mask_s, other=float("-inf"))
+        l = tl.load(l_ptr + part + offs_s, mask=mask_s, other=0.0)
+        acc = tl.load(acc_ptr + (part + offs_s)[:, None].to(tl.int64) * D + offs_d[None, :],
+                      mask=mask_s[:, None] & mask_d[None, :], other=0.0)  # (SPLIT_PAD, D_PAD)
+        m_max = tl.max(m, axis=0)
+        w = tl.where(mask_s & (m > float("-inf")), tl.exp(m - m_max), 0.0)  # empty chunks weigh nothing
+        out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        tl.store(out_ptr + (row * J + j) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
+
+
+def decode_attention_torch(q, k_cache, v_cache, heads, pos, scale, n_heads):
+    """The plain path: q (B, T, J, D) -> (B, T, J, D). pos: (1,) int tensor."""
+    q = q.transpose(1, 2)  # (B, J, T, D)
+    B, J, T, D = q.shape
+    S = k_cache.shape[2]
+    group = n_heads // k_cache.shape[1]
+    kv = (heads // group).long()
+    k = k_cache.index_select(1, kv)  # (B, J, S, D)
+    v = v_cache.index_select(1, kv)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, J, T, S)
+    q_pos = pos.reshape(1) + torch.arange(T, device=q.device)  # (T,)
+    hidden = torch.arange(S, device=q.device)[None, :] > q_pos[:, None]  # (T, S) keys not yet visible
+    scores = scores.masked_fill(hidden, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).transpose(1, 2)  # (B, T, J, D)
+
+
+def decode_attention(q, k_cache, v_cache, heads, pos, scale, n_heads, backend: str = "auto", block_s: int = 64,
+                     target_splits: int = 8):
+    """Dispatch: the Triton kernels on CUDA (or backend='triton' under TRITON_INTERPRET=1), torch otherwise.
+
+    Triton, flash-decoding style: the cache's S positions are cut into up to ``target_splits`` chunks, one program
+    per (token, head, chunk) computes partial softmax statistics, a second kernel combines them. At decode a
+    layer has only B·T·J (token, head) pairs, too few programs to keep the SMs busy if each walked all keys.
+    Chunks past the last visible key exit at once, so the fixed grid (CUDA graphs) costs little."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    use_triton = backend == "triton" or (backend == "auto" and triton is not None and q.is_cuda)
+    if not use_triton:
+        return decode_attention_torch(q, k_cache, v_cache, heads, pos, scale, n_heads)
+    if triton is None:
+        raise ValueError("backend='triton' needs the triton package: pip install triton")
+    B, T, J, D = q.shape
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    KV, S = k_cache.shape[1], k_cache.shape[2]
+    chunk = block_s * triton.cdiv(triton.cdiv(S, target_splits), block_s)
+    nsplit = triton.cdiv(S, chunk)
+    m = torch.empty(B * T, J, nsplit, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(B * T, J, nsplit, D, device=q.device, dtype=torch.float32)
+    d_pad = triton.next_power_of_2(D)
+    _decode_attn_split_kernel[(B * T, J, nsplit)](
+        q, k_cache, v_cache, heads.contiguous(), pos, m, l, acc, scale, J, T, KV, S, D, n_heads // KV, chunk, nsplit,
+        q.stride(0), q.stride(1), q.stride(2), BLOCK_S=block_s, D_PAD=d_pad, num_warps=4)
+    out = torch.empty(B, T, J, D, device=q.device, dtype=q.dtype)
+    _decode_attn_combine_kernel[(B * T, J)](m, l, acc, out, J, D, nsplit,
+                                            SPLIT_PAD=max(2, triton.next_power_of_2(nsplit)), D_PAD=d_pad,
+                                            num_warps=2)
+    return out

@@ -1,0 +1,132 @@
+"""Gathered linears for decode: read only the selected rows of a weight (head gating's q and o projections).
+
+    row_linear(x, w, rows, b)               y = x · w[rows]ᵀ + b[rows]        x (T, d), w (N, d)    -> (T, K)
+    row_linear_t(h, w_t, rows, b, residual) y = residual + h · w_t[rows] + b  h (T, K), w_t (N, d)  -> (T, d)
+
+For a skipped query head h, rows h·D..h·D+D-1 of W_q and of W_o stored transposed (W_o.T, contiguous) are never
+read. One row set for all T <= 16 tokens: each selected row is read once and multiplied against all tokens with
+tl.dot (tokens padded to 16), as in ffn.py's shared-set kernels; unlike those, both kernels also split the
+reduction (over d, resp. over the rows) across programs with fp32 atomics, because a projection's few hundred to
+few thousand rows make too few row blocks to keep every SM streaming. The torch fallbacks gather (correct
+everywhere, slower than dense on a GPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ffn
+
+MAX_TOKENS = 16  # the kernels pad tokens to 16 for tl.dot
+# (block_k, block_d, warps, stages) of both kernels. A q or o projection keeps few rows (2560 of OPT-13B's 5120 at
+# 50% heads), too few row blocks to fill 132 SMs, so both kernels also split the reduction over programs (fp32
+# atomics): about 4 programs per SM.
+ROW_DEFAULTS = (32, 128, 4, 4)  # best of benchmarks/row_kernels.py on an H100 (OPT-13B and Llama-2-7B shapes)
+ROW_T_DEFAULTS = (128, 64, 4, 3)
+
+if ffn.triton is not None:
+    import triton.language as tl
+
+    @ffn.triton.jit
+    def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, D_PER_SPLIT, HAS_BIAS: tl.constexpr,
+                         T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+        offs_t = tl.arange(0, T_PAD)
+        mask_t = offs_t < T
+        d_start = tl.program_id(1) * D_PER_SPLIT
+        acc = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
+        for d0 in range(d_start, d_start + D_PER_SPLIT, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = (offs_d < D) & (offs_d < d_start + D_PER_SPLIT)
+            xs = tl.load(x_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                         other=0.0)  # (T_PAD, BLOCK_D)
+            w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
+                        other=0.0)  # (BLOCK_K, BLOCK_D): each selected row read once
+            acc += tl.dot(xs.to(w.dtype), tl.trans(w))
+        if HAS_BIAS:  # added once, by the first split
+            first = (tl.program_id(1) == 0).to(tl.float32)
+            acc += first * tl.load(b_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(y_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mask_t[:, None] & mask_k[None, :])
+
+    @ffn.triton.jit
+    def _row_gemv_t_kernel(h_ptr, w_t_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
+                           T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        offs_t = tl.arange(0, T_PAD)
+        mask_t = offs_t < T
+        k_start = tl.program_id(1) * K_PER_SPLIT
+        acc = tl.zeros((T_PAD, BLOCK_D), dtype=tl.float32)
+        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = (offs_k < K) & (offs_k < k_start + K_PER_SPLIT)
+            rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
+            w = tl.load(w_t_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
+                        other=0.0)  # (BLOCK_K, BLOCK_D)
+            hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
+                         other=0.0)  # (T_PAD, BLOCK_K)
+            acc += tl.dot(hk.to(w.dtype), w)
+        if HAS_BIAS:
+            first = (tl.program_id(1) == 0).to(tl.float32)
+            acc += first * tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(y_ptr + offs_t[:, None] * D + offs_d[None, :], acc, mask=mask_t[:, None] & mask_d[None, :])
+
+
+def _backend(x: torch.Tensor, backend: str) -> str:
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "auto":
+        return "triton" if ffn.triton is not None and x.is_cuda else "torch"
+    if backend == "triton" and ffn.triton is None:
+        raise ValueError("backend='triton' needs the triton package: pip install triton")
+    return backend
+
+
+def _splits(x: torch.Tensor, blocks: int, max_splits: int) -> int:
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    return max(1, min(ffn.triton.cdiv(4 * sms, blocks), max_splits))
+
+
+def row_linear(x, w, rows, b=None, backend: str = "auto", out_dtype: torch.dtype | None = None):
+    """x (T, d), w (N, d), rows (K,) int, b (N,) or None -> (T, K) in out_dtype (default x's dtype). The Triton
+    path accumulates in fp32: out_dtype=torch.float32 returns that buffer without a cast."""
+    out_dtype = out_dtype or x.dtype
+    if _backend(x, backend) == "torch" or x.shape[0] > MAX_TOKENS:
+        return F.linear(x, w.index_select(0, rows), None if b is None else b.index_select(0, rows)).to(out_dtype)
+    triton = ffn.triton
+    T, D = x.shape
+    K = rows.shape[0]
+    bk, bd, warps, stages = ROW_DEFAULTS
+    k_blocks = triton.cdiv(K, bk)
+    splits = _splits(x, k_blocks, triton.cdiv(D, bd))
+    d_per_split = triton.cdiv(triton.cdiv(D, splits), bd) * bd
+    y = torch.zeros(T, K, device=x.device, dtype=torch.float32)
+    _row_gemv_kernel[(k_blocks, triton.cdiv(D, d_per_split))](
+        x.contiguous(), w, b if b is not None else x, rows, y, T, K, D, d_per_split, HAS_BIAS=b is not None,
+        T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    return y.to(out_dtype)
+
+
+def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Tensor | None = None):
+    """h (T, K), w_t (N, d) (a weight stored transposed: row r is input channel r), rows (K,) int -> (T, d), plus
+    ``residual`` (T, d) if given (fused: the accumulator starts from it). Returns residual's dtype, else h's."""
+    out_dtype = residual.dtype if residual is not None else h.dtype
+    if _backend(h, backend) == "torch" or h.shape[0] > MAX_TOKENS:
+        y = h.to(w_t.dtype) @ w_t.index_select(0, rows)
+        y = y if b is None else y + b
+        return (y if residual is None else residual + y).to(out_dtype)
+    triton = ffn.triton
+    T, K = h.shape
+    D = w_t.shape[1]
+    bk, bd, warps, stages = ROW_T_DEFAULTS
+    d_blocks = triton.cdiv(D, bd)
+    splits = _splits(h, d_blocks, triton.cdiv(K, bk))
+    k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
+    y = torch.zeros(T, D, device=h.device, dtype=torch.float32) if residual is None else \
+        residual.to(torch.float32, copy=True)
+    _row_gemv_t_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
+        h.contiguous(), w_t, b if b is not None else h, rows, y, T, K, D, k_per_split, HAS_BIAS=b is not None,
+        T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+    return y.to(out_dtype)

@@ -1,0 +1,338 @@
+"""The decode engine: one full decoder forward for 1..8 new tokens per sequence, dense or gated.
+
+    engine = DecodeEngine(extract_weights(model), batch=1, max_len=512, config=EngineConfig(ffn_sparsity=0.5))
+    logits = engine.prefill(prompt_ids)                      # (B, P, V), in steps of <= 8 tokens
+    logits = engine.step(next_ids, pos)                      # (B, T, V)
+
+Gating per step (layers >= first_layer): the scores come from the SharedPredictor (run once on the hidden state
+entering layer feature_layer + 1, top-k on device) or are given per call (heads (B, T, L, H), neurons
+(B, T, L, F), the layout of gating.TensorScores). FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
+of the transposed down projection. Heads: the q rows, the attention and the o rows of unselected query heads are
+skipped; K/V stay dense so later tokens can select any head. With B·T > 1 tokens the rows read are one set per
+layer (select.py: "union", exact per-token semantics, or "vote", one fixed-size set).
+
+Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
+step in a CUDA graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from ..gating import n_keep
+from ..kernels.attention import decode_attention
+from ..kernels.ffn import _act, gated_ffn
+from ..kernels.linear import row_linear, row_linear_t
+from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
+from .cache import StaticKVCache
+from ..kernels.rope_norm import layer_norm, rms_norm, rope_
+from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
+from .select import BATCH_SETS, head_rows, padded_size, select_units
+from .weights import EngineWeights
+
+MAX_BATCH = 8
+MAX_STEP_TOKENS = 8
+KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call
+
+
+@dataclass
+class EngineConfig:
+    ffn_sparsity: float = 0.0  # fraction of FFN neurons skipped per token in every gated layer
+    head_sparsity: float = 0.0  # fraction of query heads skipped per token in every gated layer
+    first_layer: int | None = None  # first gated layer; None: predictor.feature_layer + 1, or 0 with given scores
+    batch_set: str = "union"  # rows read with several tokens per step: "union" (exact) or "vote" (fixed size)
+    backend: str = "auto"  # kernels: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch"
+    nm24: bool = False  # FFN weights pruned to 2:4 (magnitude) and stored compressed (kernels/nm24.py)
+
+    def validate(self) -> "EngineConfig":
+        for name in ("ffn_sparsity", "head_sparsity"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0.0 <= v < 1.0):
+                raise ConfigError(f"{name} must be in [0, 1) (the fraction skipped), got {v!r}")
+        if self.batch_set not in BATCH_SETS:
+            raise ConfigError(f"batch_set must be one of {BATCH_SETS}, got {self.batch_set!r}")
+        if self.backend not in ("auto", "triton", "torch"):
+            raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+        return self
+
+
+@dataclass
+class Selection:
+    """One step's index sets for the gated layers (index 0 = first_layer)."""
+    ffn_idx: torch.Tensor | None = None  # (Lg, Kf) int32
+    ffn_keep: torch.Tensor | None = None  # (Lg, n, Kf) or None
+    heads: torch.Tensor | None = None  # (Lg, Kh) int32 query heads
+    head_rows: torch.Tensor | None = None  # (Lg, Kh*D) int32 rows of W_q / W_o.T
+    head_keep: torch.Tensor | None = None  # (Lg, n, Kh) or None
+
+
+class DecodeEngine:
+    def __init__(self, weights: EngineWeights, batch: int, max_len: int, config: EngineConfig | None = None,
+                 predictor: torch.nn.Module | None = None):
+        self.w = weights
+        self.cfg = (config or EngineConfig()).validate()
+        if not 1 <= batch <= MAX_BATCH:
+            raise ConfigError(f"batch must be in 1..{MAX_BATCH}, got {batch}; split larger batches into several "
+                              "engines")
+        if weights.family == "opt" and max_len > weights.max_positions:
+            raise ConfigError(f"max_len {max_len} exceeds the model's {weights.max_positions} learned positions")
+        self.batch, self.max_len = batch, max_len
+        self.device, self.dtype = weights.device, weights.dtype
+        w = weights
+        self.n_q = w.n_heads * w.head_dim
+        self.cache = StaticKVCache(w.n_layers, batch, w.n_kv_heads, max_len, w.head_dim, self.dtype, self.device)
+        self.all_heads = torch.arange(w.n_heads, device=self.device, dtype=torch.int32)
+        self.inv_freq = rope_inv_freq(w.head_dim, w.rope_theta, self.device) if w.family == "llama" else None
+        self.scale = w.head_dim ** -0.5
+        self.predictor = predictor
+        if predictor is not None:
+            if predictor.dims["n_layers"] != w.n_layers or predictor.dims["ffn"] != w.ffn or \
+                    predictor.dims["n_heads"] != w.n_heads:
+                raise ConfigError(f"predictor dims {predictor.dims} do not match the model's "
+                                  f"(layers {w.n_layers}, heads {w.n_heads}, ffn {w.ffn})")
+            self.predictor = predictor.to(device=self.device, dtype=self.dtype).eval()
+            self.predict_at = predictor.feature_layer + 1
+        first = self.cfg.first_layer
+        if first is None:
+            first = self.predict_at if predictor is not None else 0
+        if not 0 <= first < w.n_layers or (predictor is not None and first < self.predict_at):
+            lo = self.predict_at if predictor is not None else 0
+            raise ConfigError(f"first_layer must be in [{lo}, {w.n_layers - 1}], got {first}")
+        self.first_layer = first
+        self.k_heads = n_keep(w.n_heads, self.cfg.head_sparsity)
+        self.k_ffn = n_keep(w.ffn, self.cfg.ffn_sparsity)
+        self.gate_heads = self.k_heads < w.n_heads
+        self.gate_ffn = self.k_ffn < w.ffn
+        self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
+        self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
+
+    @property
+    def gated(self) -> bool:
+        return self.gate_heads or self.gate_ffn
+
+    # -- selection -------------------------------------------------------------------------------------------------
+    def _select(self, heads: torch.Tensor | None, neurons: torch.Tensor | None) -> Selection:
+        """heads (B, T, L, H), neurons (B, T, L, F) -> this step's index sets for layers >= first_layer."""
+        sel = Selection()
+        mode = self.cfg.batch_set
+        if self.gate_ffn:
+            s = neurons[:, :, self.first_layer:].flatten(0, 1)  # (n, Lg, F)
+            sel.ffn_idx, keep = select_units(s, self.k_ffn, mode)
+            sel.ffn_keep = None if keep is None else keep.to(self.dtype)
+        if self.gate_heads:
+            s = heads[:, :, self.first_layer:].flatten(0, 1)  # (n, Lg, H)
+            sel.heads, keep = select_units(s, self.k_heads, mode)
+            sel.head_rows = head_rows(sel.heads, self.w.head_dim)
+            sel.head_keep = None if keep is None else keep.to(self.dtype)
+        return sel
+
+    def rows_read(self, tokens: int) -> dict:
+        """Per gated layer, the fixed number of heads and neurons whose weights a step of ``tokens`` rows reads."""
+        mode = self.cfg.batch_set
+        kh = padded_size(tokens, self.k_heads, self.w.n_heads, mode) if self.gate_heads else self.w.n_heads
+        kf = padded_size(tokens, self.k_ffn, self.w.ffn, mode) if self.gate_ffn else self.w.ffn
+        return {"heads": kh, "neurons": kf}
+
+    # -- the step ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, pos, heads: torch.Tensor | None = None,
+             neurons: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T) of new tokens at positions pos .. pos+T-1 (pos: int or (1,) int64 tensor) -> logits (B, T, V)."""
+        B, T = ids.shape
+        if B != self.batch:
+            raise ConfigError(f"engine was built for batch {self.batch}, got {B}")
+        if not 1 <= T <= MAX_STEP_TOKENS:
+            raise ConfigError(f"a step takes 1..{MAX_STEP_TOKENS} new tokens per sequence, got {T}; use prefill()")
+        if self.gated and self.predictor is None and (
+                (self.gate_ffn and neurons is None) or (self.gate_heads and heads is None)):
+            raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
+        w = self.w
+        if not torch.is_tensor(pos):
+            if pos + T > self.max_len:
+                raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
+            pos = torch.tensor([pos], device=self.device, dtype=torch.long)
+        positions = pos + torch.arange(T, device=self.device)  # (T,)
+        x = F.embedding(ids, w.embed)  # (B, T, d_embed)
+        rope = None
+        if w.family == "opt":
+            if w.project_in is not None:
+                x = F.linear(x, w.project_in)
+            x = x + F.embedding(positions + OPT_POSITION_OFFSET, w.pos_embed)
+        else:
+            rope = rope_cos_sin(positions, self.inv_freq, self.dtype)
+        sel = None
+        if self.gated and self.predictor is None:
+            sel = self._select(heads, neurons)
+        for layer in range(w.n_layers):
+            if self.predictor is not None and self.gated and layer == self.predict_at:
+                p_heads, p_neurons = self.predictor(x)  # (B, T, L, H), (B, T, L, F)
+                sel = self._select(p_heads, p_neurons)
+            gi = layer - self.first_layer
+            x = self._layer(layer, x, pos, positions, rope, sel if gi >= 0 else None, gi)
+        if w.family == "opt":
+            if w.final_norm_w is not None:
+                x = layer_norm(x, w.final_norm_w, w.final_norm_b, w.eps, backend=self.cfg.backend)
+            if w.project_out is not None:
+                x = F.linear(x, w.project_out)
+        else:
+            x = rms_norm(x, w.final_norm_w, w.eps, backend=self.cfg.backend)
+        return F.linear(x, w.lm_head)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, start: int = 0, heads=None, neurons=None) -> torch.Tensor:
+        """ids (B, P) from position ``start``, in steps of <= 8 tokens -> logits (B, P, V). Scores, if given, are
+        (B, P, L, U) and are sliced per step."""
+        out = []
+        for t0 in range(0, ids.shape[1], MAX_STEP_TOKENS):
+            t1 = min(ids.shape[1], t0 + MAX_STEP_TOKENS)
+            h = None if heads is None else heads[:, t0:t1]
+            n = None if neurons is None else neurons[:, t0:t1]
+            out.append(self.step(ids[:, t0:t1], start + t0, heads=h, neurons=n))
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """Greedy decoding without graphs (graph.py has the captured twin): ids (B, P) -> (B, P + new_tokens)."""
+        if self.gated and self.predictor is None:
+            raise ConfigError("generate() needs a predictor to choose the index sets of new tokens")
+        logits = self.prefill(ids)
+        out = [ids, logits[:, -1:].argmax(-1)]
+        for i in range(new_tokens - 1):
+            logits = self.step(out[-1], ids.shape[1] + i)
+            out.append(logits[:, -1:].argmax(-1))
+        return torch.cat(out, dim=1)
+
+    # -- one decoder layer ---------------------------------------------------------------------------------------------
+    def _norm(self, x, w, b):
+        if self.w.family == "llama":
+            return rms_norm(x, w, self.w.eps, backend=self.cfg.backend)
+        return layer_norm(x, w, b, self.w.eps, backend=self.cfg.backend)
+
+    def _layer(self, layer, x, pos, positions, rope, sel: Selection | None, gi: int):
+        lw = self.w.layers[layer]
+        pre = self.w.norm_before
+        h = self._norm(x, lw.norm1_w, lw.norm1_b) if pre else x
+        x = self._attention(layer, h, x, pos, positions, rope, sel, gi)  # the residual added inside
+        if not pre:
+            x = self._norm(x, lw.norm1_w, lw.norm1_b)
+        h = self._norm(x, lw.norm2_w, lw.norm2_b) if pre else x
+        x = self._ffn(layer, h, x, sel, gi).view_as(x)  # the residual added inside
+        if not pre:
+            x = self._norm(x, lw.norm2_w, lw.norm2_b)
+        return x
+
+    def _attention(self, layer, h, resid, pos, positions, rope, sel, gi):
+        """h (B, T, d) the normed input, resid (B, T, d) the residual stream -> resid + attention(h)."""
+        w, lw = self.w, self.w.layers[layer]
+        B, T, d = h.shape
+        D, KV = w.head_dim, w.n_kv_heads
+        hf = h.reshape(B * T, d)
+        be = self.cfg.backend
+        gated = sel is not None and sel.heads is not None
+        if gated:
+            rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
+            # q stays in the kernel's fp32 accumulator (no cast pass); the attention kernel reads it as is
+            q = _chunked(lambda xs: row_linear(xs, lw.q_w(self.n_q), rows, lw.qkv_b, backend=be,
+                                               out_dtype=torch.float32), hf)  # (n, Kh*D)
+            kv = _linear(hf, lw.kv_w(self.n_q), None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (n, 2*KV*D)
+            if rope is not None:
+                rope_(q, *rope, heads.shape[0], D, T, backend=be)
+                rope_(kv, *rope, KV, D, T, backend=be)
+        else:
+            heads = self.all_heads
+            qkv = _linear(hf, lw.qkv_w, lw.qkv_b)  # (n, H*D + 2*KV*D): one GEMV
+            if rope is not None:  # q and k heads are adjacent: one in-place pass over both
+                rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
+            q, kv = qkv[:, :self.n_q], qkv[:, self.n_q:]
+        J = heads.shape[0]
+        q = q.view(B, T, J, D)  # a strided view, read in place by the attention kernel
+        k = kv[:, :KV * D].view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+        v = kv[:, KV * D:].view(B, T, KV, D).transpose(1, 2)
+        self.cache.write(layer, positions, k, v)
+        # OPT scales q (bias included) before attention in transformers; the same product, scaled in the kernel
+        a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
+                             w.n_heads, backend=be)  # (B, T, J, D)
+        if gated and sel.head_keep is not None:
+            a = a * sel.head_keep[gi].view(B, T, J, 1)
+        a = a.reshape(B * T, J * D)
+        rf = resid.reshape(B * T, d)
+        if gated:
+            out = [row_linear_t(a[i:i + KERNEL_TOKENS], lw.o_t, rows, lw.o_b, backend=be,
+                                residual=rf[i:i + KERNEL_TOKENS]) for i in range(0, B * T, KERNEL_TOKENS)]
+            return (out[0] if len(out) == 1 else torch.cat(out)).view(B, T, d)
+        return _residual_linear(rf, a.to(lw.o_w.dtype), lw.o_w, lw.o_b).view(B, T, d)
+
+    def _ffn(self, layer, h, resid, sel, gi):
+        """h (B, T, d) the normed input, resid (B, T, d) -> resid + ffn(h), (n, d)."""
+        lw = self.w.layers[layer]
+        hf = h.reshape(-1, h.shape[-1])  # (n, d)
+        rf = resid.reshape(-1, h.shape[-1])
+        if self.nm24 is not None:
+            return _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i), hf, rf)
+        if sel is not None and sel.ffn_idx is not None:
+            idx = sel.ffn_idx[gi]
+            keep = None if sel.ffn_keep is None else sel.ffn_keep[gi]
+            outs = []
+            for t0 in range(0, hf.shape[0], KERNEL_TOKENS):
+                t1 = t0 + KERNEL_TOKENS
+                outs.append(gated_ffn(hf[t0:t1], lw.w_in, lw.down_t, idx, self.w.act, w_up=lw.w_up, b_in=lw.b_in,
+                                      b_out=lw.b_out, keep=None if keep is None else keep[t0:t1],
+                                      backend=self.cfg.backend, residual=rf[t0:t1]))
+            return torch.cat(outs) if len(outs) > 1 else outs[0]
+        if lw.b_in is not None and self.w.act == "relu":  # OPT fc1: bias and ReLU in cuBLASLt's epilogue
+            g = torch._addmm_activation(lw.b_in, hf, lw.w_in.t())
+        else:
+            g = _act(_linear(hf, lw.w_in, lw.b_in), self.w.act)  # (n, F)
+        if lw.w_up is not None:
+            g = g * F.linear(hf, lw.w_up)
+        return _residual_linear(rf, g, lw.down_w, lw.b_out)
+
+
+    def _ffn_24(self, layer, hf, rf, sel, gi, row0):
+        """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows)."""
+        lw, (v_in, m_in), up, (v_d, m_d) = self.w.layers[layer], *self.nm24[layer]
+        be = self.cfg.backend
+        gated = sel is not None and sel.ffn_idx is not None
+        idx = sel.ffn_idx[gi] if gated else self.all_neurons
+        g = _act(nm24_linear(hf, v_in, m_in, idx, lw.b_in, backend=be), self.w.act)  # (n, K)
+        if up is not None:
+            g = g * nm24_linear(hf, *up, idx, backend=be)
+        if gated and sel.ffn_keep is not None:
+            g = g * sel.ffn_keep[gi][row0:row0 + hf.shape[0]]
+        resid = rf if lw.b_out is None else rf + lw.b_out
+        return nm24_linear_t(g, v_d, m_d, idx, residual=resid, backend=be)
+
+
+def _compress_ffn(lw):
+    """Magnitude 2:4 of gate/up (fc1) along d and of the transposed down projection along d, compressed."""
+    up = None if lw.w_up is None else compress_24(prune_24(lw.w_up))
+    return compress_24(prune_24(lw.w_in)), up, compress_24(prune_24(lw.down_t))
+
+
+def _chunked2(fn, x, r):
+    """fn(x rows, r rows, first row index) over <= 16-row chunks of x (n, d) and r (n, d)."""
+    if x.shape[0] <= KERNEL_TOKENS:
+        return fn(x, r, 0)
+    return torch.cat([fn(x[i:i + KERNEL_TOKENS], r[i:i + KERNEL_TOKENS], i) for i in range(0, x.shape[0],
+                                                                                          KERNEL_TOKENS)])
+
+
+def _linear(x, w, b):
+    """x (n, d) · w (N, d)ᵀ + b: one cuBLAS call with the bias fused (addmm)."""
+    return F.linear(x, w) if b is None else torch.addmm(b, x, w.t())
+
+
+def _residual_linear(resid, x, w, b):
+    """resid + x · wᵀ (+ b): the residual enters cuBLAS as C (beta = 1), saving an add pass."""
+    out = torch.addmm(resid, x, w.t())
+    return out if b is None else out.add_(b)
+
+
+def _chunked(fn, x: torch.Tensor) -> torch.Tensor:
+    """Apply a <=16-token kernel over the rows of x (n, ...)."""
+    if x.shape[0] <= KERNEL_TOKENS:
+        return fn(x)
+    return torch.cat([fn(x[i:i + KERNEL_TOKENS]) for i in range(0, x.shape[0], KERNEL_TOKENS)])

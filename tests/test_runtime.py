@@ -1,0 +1,247 @@
+"""The decode engine against the model it was built from (dense) and against the mask path (gated).
+
+CPU, fp32, tiny random llama / mistral / opt. Kernels: the torch fallbacks, and the Triton kernels under
+TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). On a GPU the same tests run the Triton kernels for
+real, plus the CUDA-graph twin of generate.
+"""
+import pytest
+import torch
+
+from shadowsparse import GatingConfig, PredictorConfig, SharedPredictor, TensorScores, attach_gating
+from shadowsparse.errors import ConfigError
+from shadowsparse.kernels import ffn as ffn_module
+from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder, extract_weights, select_units
+
+from tests.conftest import tiny_model
+
+BACKENDS = ["torch"] + (["triton"] if ffn_module.triton is not None else [])
+TOL = dict(rtol=1e-4, atol=1e-4)
+# the Triton path runs on the GPU where there is one (fp32 through tl.dot may use tf32 there), else interpreted
+TRITON_DEVICE, TRITON_TOL = ("cuda", dict(rtol=5e-3, atol=5e-3)) if torch.cuda.is_available() else ("cpu", TOL)
+
+
+def _scores(model, B, S, seed=0):
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    F_ = getattr(cfg, "intermediate_size", None) or cfg.ffn_dim
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, L, H, generator=g), torch.randn(B, S, L, F_, generator=g)
+
+
+def _ids(B, S, seed=0):
+    return torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(seed))
+
+
+def _engine_steps(engine, ids, chunks, heads=None, neurons=None):
+    """Run the engine over ids in steps of the given sizes (a prefill step, then decode steps) -> (B, S, V)."""
+    out, t = [], 0
+    for n in chunks:
+        sl = slice(t, t + n)
+        out.append(engine.step(ids[:, sl], t, heads=None if heads is None else heads[:, sl],
+                               neurons=None if neurons is None else neurons[:, sl]))
+        t += n
+    return torch.cat(out, 1)
+
+
+CHUNKS = [5, 1, 1, 3, 1]  # prefill 5, then decode 1 token, 1, a 3-token step, 1
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
+def test_dense_engine_matches_model(family):
+    model = tiny_model(family)
+    ids = _ids(2, sum(CHUNKS))
+    engine = DecodeEngine(extract_weights(model), batch=2, max_len=32)
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(_engine_steps(engine, ids, CHUNKS), ref, **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gated_engine_matches_mask_path(family, backend, batch):
+    """FFN 50% + heads 50%, per-token sets; several tokens per step read their union (exact per-token semantics)."""
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = tiny_model(family).to(device)
+    S = sum(CHUNKS)
+    ids = _ids(batch, S, seed=1).to(device)
+    heads, neurons = (t.to(device) for t in _scores(model, batch, S, seed=2))
+    cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, backend=backend)
+    engine = DecodeEngine(extract_weights(model), batch=batch, max_len=32, config=cfg)
+    out = _engine_steps(engine, ids, CHUNKS, heads, neurons)
+    with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), \
+            torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **tol)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() > 1e-2  # gating changed the output: the check is not vacuous
+    # the case the dense K/V exist for: a head skipped by an earlier token, selected by a later one
+    top = heads.topk(engine.k_heads, dim=-1).indices
+    chosen = torch.zeros_like(heads, dtype=torch.bool).scatter_(-1, top, True)  # (B, S, L, H)
+    assert ((~chosen[:, :-1]).cumsum(1).bool() & chosen[:, 1:]).any()
+
+
+def test_vote_sets_match_mask_path_with_those_sets():
+    """batch_set='vote': one fixed-size set per step, shared by the step's tokens; equals the mask path given
+    scores that select exactly that set for each of the step's tokens."""
+    model = tiny_model("llama")
+    B, S = 2, sum(CHUNKS)
+    ids = _ids(B, S, seed=3)
+    heads, neurons = _scores(model, B, S, seed=4)
+    engine = DecodeEngine(extract_weights(model), batch=B, max_len=32,
+                          config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, batch_set="vote"))
+    out = _engine_steps(engine, ids, CHUNKS, heads, neurons)
+    vh, vn = torch.zeros_like(heads), torch.zeros_like(neurons)  # 1 on the step's vote set
+    t = 0
+    for n in CHUNKS:
+        for src, dst, k in ((heads, vh, engine.k_heads), (neurons, vn, engine.k_ffn)):
+            idx, keep = select_units(src[:, t:t + n].flatten(0, 1), k, "vote")  # (L, k)
+            assert keep is None and idx.shape[-1] == k
+            dst[:, t:t + n].scatter_(-1, idx.long().expand(B, n, -1, -1), 1.0)
+        t += n
+    with attach_gating(model, TensorScores(vh, vn), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), \
+            torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def _predictor(model, feature_layer=0, seed=0):
+    cfg = model.config
+    torch.manual_seed(seed)
+    F_ = getattr(cfg, "intermediate_size", None) or cfg.ffn_dim
+    return SharedPredictor(cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, F_, feature_layer,
+                           PredictorConfig(hidden=32, depth=1, rank=8)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
+def test_greedy_generation_matches_mask_path(family):
+    """The predictor in the loop (after layer 0), FFN 50% + heads 50%, batch 2: token for token."""
+    model = tiny_model(family)
+    pred = _predictor(model)
+    ids = _ids(2, 7, seed=5)
+    engine = DecodeEngine(extract_weights(model), batch=2, max_len=32, predictor=pred,
+                          config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5))
+    out = engine.generate(ids, 10)
+    with attach_gating(model, pred, GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_predictor_engine_logits_match_mask_path():
+    model = tiny_model("llama")
+    pred = _predictor(model, feature_layer=1, seed=1)
+    ids = _ids(1, sum(CHUNKS), seed=6)
+    engine = DecodeEngine(extract_weights(model), batch=1, max_len=32, predictor=pred,
+                          config=EngineConfig(ffn_sparsity=0.7, head_sparsity=0.25))
+    assert engine.first_layer == 2
+    out = _engine_steps(engine, ids, CHUNKS)
+    with attach_gating(model, pred, GatingConfig(ffn_sparsity=0.7, head_sparsity=0.25)), torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_bad_input_names_the_fix():
+    w = extract_weights(tiny_model("llama"))
+    with pytest.raises(ConfigError, match="batch must be in 1..8"):
+        DecodeEngine(w, batch=9, max_len=16)
+    with pytest.raises(ConfigError, match=r"ffn_sparsity must be in \[0, 1\)"):
+        DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(ffn_sparsity=1.0))
+    engine = DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(head_sparsity=0.5))
+    with pytest.raises(ConfigError, match="needs scores"):
+        engine.step(_ids(1, 1), 0)
+    with pytest.raises(ConfigError, match="use prefill"):
+        DecodeEngine(w, batch=1, max_len=16).step(_ids(1, 9), 0)
+    from transformers import GPT2Config, GPT2LMHeadModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ConfigError, match="decode engine supports"):
+        extract_weights(gpt2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_cuda_graph_generation_matches_eager(family):
+    """On a GPU (fp16): the captured step decodes the same tokens as the eager engine, dense and gated."""
+    model = tiny_model(family).to("cuda", torch.float16)
+    pred = _predictor(model).to("cuda")
+    ids = _ids(2, 7, seed=7).cuda()
+    w = extract_weights(model)
+    for cfg in (EngineConfig(), EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5)):
+        eager = DecodeEngine(w, batch=2, max_len=32, config=cfg, predictor=pred).generate(ids, 12)
+        graphed = GraphedDecoder(DecodeEngine(w, batch=2, max_len=32, config=cfg, predictor=pred)).generate(ids, 12)
+        assert torch.equal(eager, graphed)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_engine_matches_model():
+    """The real embedded SmolLM2-135M (GGUF, fp32, GQA 9/3 heads, tied embeddings): dense and gated engine against
+    the model and its mask path. The GPU benchmark uses this model's exact shapes with random weights."""
+    from shadowsparse.llm import LLMConfig, load_llm
+    model, tok = load_llm(LLMConfig(name="embedded:smollm2"))
+    ids = tok(["The quick brown fox jumps over the lazy dog, and then it ran away"], return_tensors="pt").input_ids
+    ids = ids[:, :11]
+    assert ids.shape[1] == 11
+    S = 11
+    w = extract_weights(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(_engine_steps(DecodeEngine(w, 1, 32), ids, [8, 1, 2]),
+                               ref, rtol=1e-3, atol=1e-3)
+    heads, neurons = _scores(model, 1, S, seed=8)
+    engine = DecodeEngine(w, 1, 32, config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.33))
+    out = _engine_steps(engine, ids, [8, 1, 2], heads, neurons)
+    with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.33)), \
+            torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+CHUNKS_24 = [5, 1, 2]  # fewer steps: the interpreted 2:4 kernels are the slowest part of this file on a CPU
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_24_engine_matches_model_with_pruned_ffn(family, backend):
+    """nm24=True: the engine's compressed 2:4 FFN (dense, and with 50% of the neurons per token, batch 2) equals the
+    model whose FFN weights were pruned to the same 2:4 pattern (down's groups along its output dim), mask path."""
+    import copy
+
+    from shadowsparse.arch import ModelView
+    from shadowsparse.kernels.nm24 import prune_24
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = tiny_model(family).to(device)
+    pruned = copy.deepcopy(model)
+    view = ModelView(pruned)
+    names = ("mlp.gate_proj", "mlp.up_proj") if family == "llama" else ("fc1",)
+    with torch.no_grad():
+        for i in range(view.dims.n_layers):
+            for name in names:
+                m = view.module(i, name)
+                m.weight.copy_(prune_24(m.weight))
+            down = view.ffn_down(i)
+            down.weight.copy_(prune_24(down.weight.t().contiguous()).t())
+    ids = _ids(2, sum(CHUNKS_24), seed=9).to(device)
+    w = extract_weights(model)
+    out = _engine_steps(DecodeEngine(w, 2, 32, EngineConfig(nm24=True, backend=backend)), ids, CHUNKS_24)
+    with torch.no_grad():
+        ref = pruned(ids).logits
+    torch.testing.assert_close(out, ref, **tol)
+    heads, neurons = (t.to(device) for t in _scores(model, 2, sum(CHUNKS_24), seed=10))
+    cfg = EngineConfig(nm24=True, ffn_sparsity=0.5, backend=backend)
+    out = _engine_steps(DecodeEngine(w, 2, 32, cfg), ids, CHUNKS_24, heads, neurons)
+    with attach_gating(pruned, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5)), torch.no_grad():
+        ref = pruned(ids).logits
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_benchmark_cli_refuses_bad_input():
+    """benchmark.py names the problem and exits non-zero (an unknown experiment, or no CUDA GPU here)."""
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    bad = subprocess.run([sys.executable, "benchmark.py", "experiment=nope"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown experiment 'nope'" in bad.stderr
+    if not torch.cuda.is_available():
+        cpu = subprocess.run([sys.executable, "benchmark.py", "experiment=smoke"], cwd=ROOT, capture_output=True,
+                             text=True)
+        assert cpu.returncode != 0 and "needs a CUDA GPU" in cpu.stderr
