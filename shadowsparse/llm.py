@@ -106,7 +106,11 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
         if cfg.device == "auto":
             kwargs["device_map"] = "auto"
         try:
-            tok = AutoTokenizer.from_pretrained(src, **{k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")})
+            tok_kw = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")}
+            if "gguf_file" not in kwargs:  # the config alone (no weights yet) says whether we can use the model
+                from transformers import AutoConfig
+                check_causal(AutoConfig.from_pretrained(src, **tok_kw), name)
+            tok = AutoTokenizer.from_pretrained(src, **tok_kw)
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         except OSError as exc:  # hub id unknown, offline, or a folder without weights
             raise ConfigError(f"could not load model '{name}': {exc}. Check the id or path; offline runs need a "
@@ -118,6 +122,42 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def check_causal(config, name: str) -> None:
+    """Refuse what is not a decoder-only causal LM of a registered family before its weights are read: transformers
+    would otherwise load e.g. BERT as a 'causal LM' head with a warning, and nothing downstream means anything."""
+    from .arch import ARCHS
+    model_type = getattr(config, "model_type", None)
+    if model_type in ARCHS:
+        return
+    encoders = ("bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert", "xlm-roberta")
+    what = ("an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else
+            "an encoder-only" if model_type in encoders else "an unsupported")
+    archs = getattr(config, "architectures", None)
+    raise ConfigError(f"model '{name}' is {what} '{model_type}' model (architectures {archs}), not a decoder-only "
+                      f"causal LM of a supported family ({', '.join(sorted(ARCHS))}); give a causal LM such as "
+                      "embedded:smollm2, facebook/opt-1.3b or a Llama/Mistral checkpoint "
+                      "(or add the family to shadowsparse.arch.ARCHS)")
+
+
+def max_context(model: nn.Module) -> int | None:
+    """Longest sequence the model's position embeddings cover, from its config (None when it does not say)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_context(model: nn.Module, lengths: dict[str, int]) -> None:
+    """Refuse window lengths past the model's context: positions beyond it are garbage (learned embeddings index out
+    of range; RoPE extrapolates untrained), and the failure would come after the collection."""
+    limit = max_context(model)
+    for key, n in lengths.items():
+        if limit is not None and n > limit:
+            raise ConfigError(f"{key}={n} exceeds the model's maximum context of {limit} tokens "
+                              f"(max_position_embeddings); set {key} to at most {limit}")
 
 
 def model_device(model: nn.Module) -> torch.device:

@@ -19,7 +19,7 @@ from .criteria import get_criterion
 from .data import TextSource, WindowSpec, token_windows
 from .errors import ConfigError
 from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
-from .llm import LLMConfig, load_llm
+from .llm import LLMConfig, check_context, load_llm
 from .methods import Level, evaluate_levels, window_nll
 from .prune import SparsityConfig, sparsify_, squash_
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
@@ -91,7 +91,8 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
         windows = token_windows(tok, spec)
         desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
     tcfg = TargetsConfig(**OmegaConf.to_container(cfg.targets, resolve=True))
-    collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed)
+    # resumes a killed collection of this configuration; targets_overwrite also discards one of another
+    collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed, overwrite=cfg.targets_overwrite)
     log.info("targets: wrote %s", targets_dir)
 
 
@@ -144,7 +145,8 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
         levels = [(float(lv.ffn), float(lv.heads)) for lv in g.levels]
     for f, h in levels:
         if not (0 <= f < 1 and 0 <= h < 1):
-            raise ConfigError(f"sparsity must be in [0, 1) (the fraction skipped); got ffn={f}, heads={h}")
+            raise ConfigError(f"sparsity must be in [0, 1) (the fraction skipped); got ffn={f}, heads={h}: set "
+                              "gating.ffn_sparsity / gating.head_sparsity (or gating.levels) to fractions in [0, 1)")
     return levels
 
 
@@ -299,11 +301,36 @@ def validate(cfg: DictConfig) -> None:
     unknown = set(cfg.evaluate.methods) - set(METHODS)
     if unknown:
         raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use {', '.join(METHODS)}")
+    from .predictor import PREDICTORS
+    if cfg.predictor.model.kind not in PREDICTORS:  # else it would surface at fit, after the collection
+        raise ConfigError(f"unknown predictor.model.kind {cfg.predictor.model.kind!r}; choose one of "
+                          f"{sorted(PREDICTORS)} (e.g. predictor=per_layer)")
     if cfg.gating.budget != "local" and cfg.predictor.model.kind != "shared" and "predictor" in cfg.evaluate.methods:
         raise ConfigError(f"gating.budget={cfg.gating.budget} needs all layers' scores at once; the "
                           f"{cfg.predictor.model.kind} predictor scores one layer at a time: use budget=local")
     if cfg.predictor.fit.loss not in ("mse", "listnet", "bce"):
         raise ConfigError(f"predictor.fit.loss must be mse, listnet or bce, got {cfg.predictor.fit.loss!r}")
+    # last: the other checks create nothing, this one probes the disk
+    check_writable(cfg.paths.output_dir, "paths.output_dir")
+    if cfg.stages.collect:
+        key = "paths.targets_dir" if cfg.paths.get("targets_dir") else "paths.cache_dir"
+        check_writable(cfg.paths.get("targets_dir") or cfg.paths.cache_dir, key)
+
+
+def check_writable(path, key: str) -> None:
+    """Refuse a folder this run could not write, before hours of work are lost on it: a throwaway folder is made
+    and removed in its nearest existing ancestor (permission bits alone mislead as root and on read-only mounts)."""
+    import tempfile
+    where = Path(path).expanduser().absolute()
+    while not where.exists():
+        where = where.parent
+    try:
+        if not where.is_dir():
+            raise NotADirectoryError(f"'{where}' is a file")
+        Path(tempfile.mkdtemp(prefix=".write-probe-", dir=where)).rmdir()
+    except OSError as exc:
+        raise ConfigError(f"{key}='{path}' is not writable ({exc.strerror or exc}); point {key} at a folder you "
+                          "can write") from None
 
 
 def run(cfg: DictConfig) -> dict:
@@ -316,6 +343,8 @@ def run(cfg: DictConfig) -> dict:
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
+    check_context(model, {**({} if cfg.data.calib.get("task") else {"data.calib.seq_len": cfg.data.calib.seq_len}),
+                          **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {})})
     static = stage_sparsify(cfg, model, tok, run_dir)
     targets_dir = targets_dir_for(cfg, model)
     metrics: dict = {}

@@ -2,12 +2,15 @@
   - the predictor input: the hidden state after decoder layer ``feature_layer``            (N, d_model)
   - an importance score for every attention head                                          (N, L, H)
   - an importance score for every FFN neuron                                              (N, L, F)
-written as sharded safetensors + manifest.json, atomically (a temp folder renamed into place).
+written as sharded safetensors + manifest.json (each shard with its sha256). Shards are written one by one into a
+work folder, so a killed collection resumes after its last complete shard; the finished folder is renamed into place.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -24,6 +27,9 @@ from .criteria import Criterion, Signals, get_criterion
 from .errors import ConfigError
 
 MANIFEST = "manifest.json"
+PROGRESS = "progress.json"  # in the work folder: the complete shards so far
+WORK_SUFFIX = ".partial"  # <targets>.partial/ holds an unfinished collection
+log = logging.getLogger("shadowsparse")
 FORMAT = 2  # bump when the shard layout changes (2: layer_inputs added), so caches made before are not reused
 SCORE_DTYPE = torch.bfloat16  # scores span many decades (gradient criteria): keep the exponent range of fp32
 
@@ -187,12 +193,108 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def work_dir_for(out_dir: Path) -> Path:
+    """Where an unfinished collection keeps its complete shards: next to the targets folder, so the final rename
+    stays on one filesystem."""
+    return out_dir.with_name(out_dir.name + WORK_SUFFIX)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp) then rename over ``path``: a kill leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename must not reach the disk before the bytes do
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def _windows_digest(windows) -> str:
+    """sha256 of the exact token ids (and answer masks) collected: the data part of a work folder's identity."""
+    h = hashlib.sha256()
+    for item in (windows if isinstance(windows, (list, tuple)) else [(windows,)]):
+        for t in item:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def shard_problem(path: Path, shard: dict) -> str | None:
+    """Why a shard on disk is not the one its record describes (missing, truncated, corrupted), or None."""
+    if not path.is_file():
+        return "is missing"
+    size = path.stat().st_size
+    if shard.get("bytes") is not None and size != shard["bytes"]:
+        return f"is truncated or overwritten ({size} bytes, {shard['bytes']} recorded)"
+    if _sha256(path) != shard["sha256"]:
+        return "is corrupted (its sha256 does not match the record)"
+    return None
+
+
+def _resume_point(work: Path, identity: dict, overwrite: bool) -> list[dict]:
+    """Complete shards an interrupted run of this very configuration left in ``work`` (the caller holds its lock).
+    Anything after the first bad shard, and files no record names (a shard killed before its record was written),
+    are deleted so the run recomputes them."""
+    record = work / PROGRESS
+    shards: list[dict] = []
+    if record.exists():
+        try:
+            prev = json.loads(record.read_text())
+        except ValueError:  # written atomically, so only a hand-edited record gets here: start over
+            prev = {"identity": identity, "shards": []}
+        if prev.get("identity") != identity:
+            if not overwrite and prev.get("shards"):  # refuse only where there is work to lose
+                differ = sorted(k for k in identity if prev.get("identity", {}).get(k) != identity[k])
+                raise ConfigError(f"'{work}' holds an interrupted collection of another configuration (differs in "
+                                  f"{differ}); rerun with targets_overwrite=true to discard it and collect afresh, "
+                                  "or point paths.targets_dir elsewhere")
+            log.warning("targets: discarding the work folder %s of another configuration", work)
+        else:
+            for shard in prev["shards"]:
+                problem = shard_problem(work / shard["file"], shard)
+                if problem:
+                    log.warning("targets: shard %s %s; recomputing from window %d", shard["file"], problem,
+                                shard["windows"][0])
+                    break
+                shards.append(shard)
+    keep = {s["file"] for s in shards}
+    for f in work.iterdir():
+        if f.name not in keep:
+            f.unlink()
+    _atomic_write(record, lambda p: p.write_text(json.dumps({"identity": identity, "shards": shards}, indent=1)))
+    return shards
+
+
+@contextmanager
+def _locked(folder: Path):
+    """An exclusive lock on the work folder: two runs filling one folder would interleave their shards. The kernel
+    drops it when the process dies, kill -9 included, so a rerun is never locked out by a dead run."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another process is collecting into '{folder}'; wait for it to finish, or give this "
+                              "run its own paths.targets_dir") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def collect(model, windows, cfg: TargetsConfig, out_dir: str | Path, data_desc: str = "",
-            seed: int = 0) -> Path:
+            seed: int = 0, overwrite: bool = False) -> Path:
     """Run ``windows`` through the model and write targets to ``out_dir``. Returns out_dir.
 
     windows: a (N, T) tensor of text windows (the loss covers every next token), or a list of task examples
     (ids (T,), answer_mask (T,)) of varying length whose loss covers the answer tokens only.
+
+    Resumable: each complete shard is renamed into ``<out_dir>.partial/`` and recorded (windows covered, sha256) in
+    its progress.json; a rerun of the same configuration after a crash or kill starts after the last complete shard.
+    Shards end at the same windows either way, so the targets are byte-identical to an uninterrupted run. A work
+    folder of another configuration is refused unless ``overwrite``. The finished folder is renamed into place.
     """
     if cfg.granularity not in ("token", "sequence"):
         raise ConfigError(f"granularity must be 'token' or 'sequence', got '{cfg.granularity}'")
@@ -202,30 +304,50 @@ def collect(model, windows, cfg: TargetsConfig, out_dir: str | Path, data_desc: 
         raise ConfigError(f"feature_layer must be in [0, {view.dims.n_layers - 2}] for a {view.dims.n_layers}-layer "
                           f"model, got {cfg.feature_layer}")
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    work = work_dir_for(out_dir)
+    identity = json.loads(json.dumps({  # through JSON, to compare equal with the record read back
+        "format": FORMAT, "model": model_fingerprint(model)["hash"], "config": asdict(cfg), "data": data_desc,
+        "n_windows": len(windows), "windows_sha256": _windows_digest(windows), "seed": seed}))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the targets work folder '{work}' ({exc.strerror}); point paths.cache_dir "
+                          "or paths.targets_dir at a writable folder") from exc
+    with _locked(work):
+        return _collect_into(model, windows, cfg, crit, view, out_dir, work, identity, data_desc, seed, overwrite)
+
+
+def _collect_into(model, windows, cfg, crit, view, out_dir, work, identity, data_desc, seed, overwrite) -> Path:
+    shards = _resume_point(work, identity, overwrite)
+    examples = isinstance(windows, (list, tuple))
+    step = 1 if examples else cfg.batch_size  # examples differ in length: one at a time
+    resumed_at = shards[-1]["windows"][1] if shards else 0
+    if resumed_at:
+        log.info("targets: resuming %s after %d complete shards (%d of %d windows)", out_dir, len(shards), resumed_at,
+                 len(windows))
     device = next(model.parameters()).device
     buf: dict[str, list[torch.Tensor]] = {"features": [], "heads": [], "neurons": [], "layer_inputs": []}
-    shards, n_rows, buffered = [], 0, 0
+    n_rows, buffered, first = sum(s["rows"] for s in shards), 0, resumed_at
 
-    def flush():
-        nonlocal buffered
+    def flush(end: int):
+        nonlocal buffered, first
         if not buffered:
             return
         name = f"shard-{len(shards):05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
-        save_file(tensors, str(tmp / name))
-        shards.append({"file": name, "rows": tensors["features"].shape[0], "sha256": _sha256(tmp / name)})
+        _atomic_write(work / name, lambda p: save_file(tensors, str(p)))
+        shards.append({"file": name, "rows": tensors["features"].shape[0], "bytes": (work / name).stat().st_size,
+                       "sha256": _sha256(work / name), "windows": [first, end]})
+        # the record follows the shard: a kill in between leaves an unrecorded shard, recomputed on resume
+        _atomic_write(work / PROGRESS,
+                      lambda p: p.write_text(json.dumps({"identity": identity, "shards": shards}, indent=1)))
         for v in buf.values():
             v.clear()
-        buffered = 0
+        buffered, first = 0, end
 
     t0 = time.time()
     try:
-        examples = isinstance(windows, (list, tuple))
-        step = 1 if examples else cfg.batch_size  # examples differ in length: one at a time
-        for start in tqdm(range(0, len(windows), step), desc=f"collect {cfg.criterion}", unit="batch"):
+        for start in tqdm(range(resumed_at, len(windows), step), desc=f"collect {cfg.criterion}", unit="batch"):
             if examples:
                 ids, mask = (t.unsqueeze(0).to(device) for t in windows[start])
             else:
@@ -241,26 +363,31 @@ def collect(model, windows, cfg: TargetsConfig, out_dir: str | Path, data_desc: 
             n_rows += rows
             buffered += rows
             if buffered >= cfg.shard_tokens:
-                flush()
-        flush()
-        d = view.dims
-        manifest = {
-            "format": FORMAT, "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
-            "feature_layer": cfg.feature_layer, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
-            "ffn": d.ffn, "hidden": d.hidden, "score_dtype": str(SCORE_DTYPE).replace("torch.", ""),
-            "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows),
-            "seq_len": None if examples else windows.shape[1],
-            "n_tokens": sum(len(w[0]) for w in windows) if examples else int(windows.numel()),
-            "loss": "answer tokens" if examples else "every next token", "data": data_desc, "seed": seed, "shards": shards,
-            "config": asdict(cfg), "seconds": round(time.time() - t0, 1),
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+                flush(min(start + step, len(windows)))
+        flush(len(windows))
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not shards:  # nothing complete to resume from
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log.warning("targets: collection stopped; %d complete shards kept in %s: rerun the same command to "
+                        "resume after window %d", len(shards), work, shards[-1]["windows"][1])
         raise
+    d = view.dims
+    manifest = {
+        "format": FORMAT, "model": model_fingerprint(model), "criterion": cfg.criterion, "granularity": cfg.granularity,
+        "feature_layer": cfg.feature_layer, "n_layers": d.n_layers, "n_heads": d.n_heads, "n_kv_heads": d.n_kv_heads,
+        "ffn": d.ffn, "hidden": d.hidden, "score_dtype": str(SCORE_DTYPE).replace("torch.", ""),
+        "feature_dtype": "float32", "n_rows": n_rows, "n_windows": len(windows),
+        "seq_len": None if examples else windows.shape[1],
+        "n_tokens": sum(len(w[0]) for w in windows) if examples else int(windows.numel()),
+        "loss": "answer tokens" if examples else "every next token", "data": data_desc, "seed": seed, "shards": shards,
+        "config": asdict(cfg), "seconds": round(time.time() - t0, 1), "resumed_at_window": resumed_at,
+    }
+    _atomic_write(work / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=2)))
+    if out_dir.exists():  # targets_overwrite: the old folder goes only once the new one is complete
+        shutil.rmtree(out_dir)
+    work.rename(out_dir)  # a kill before this line leaves a complete work folder: a rerun just renames it
+    (out_dir / PROGRESS).unlink(missing_ok=True)
     return out_dir
 
 
@@ -284,8 +411,10 @@ def load_targets(targets_dir: str | Path, model=None, verify: bool = True,
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
     for shard in manifest["shards"]:
         path = targets_dir / shard["file"]
-        if verify and _sha256(path) != shard["sha256"]:
-            raise ConfigError(f"shard {path} does not match its sha256 in the manifest; re-run collect")
+        problem = shard_problem(path, shard) if verify else None
+        if problem:
+            raise ConfigError(f"targets shard '{path}' {problem}; re-collect with targets_overwrite=true "
+                              "(or delete the targets folder and rerun)")
         with safe_open(str(path), framework="pt") as f:
             missing = set(keys) - set(f.keys())
             if missing:

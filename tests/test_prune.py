@@ -244,7 +244,6 @@ def test_pipeline_static_mask_then_gating(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [
-    ("sparsity=wanda sparsity.pattern=4:2", "0 < N < M"),
     ("sparsity=wanda sparsity.allocation=owl sparsity.pattern=2:4", "allocation=uniform"),
     ("sparsity=wanda sparsity.ratio=1.2", r"\[0, 1\)"),
     ("sparsity.metric=obs", "unknown pruning metric"),

@@ -161,16 +161,17 @@ def squash_(model) -> int:
 def weight_sparsity(model, modules: str = "all") -> dict:
     """Realized zeros over the decoder linears (counted), overall and per matrix kind."""
     view = ModelView(model)
-    zeros, total, per_kind = 0, 0, {}
+    zeros, total, per_kind, per_matrix = 0, 0, {}, []
     for i in range(view.dims.n_layers):
         for path, lin in target_linears(view, i, "all").items():
             z, t = int((lin.weight == 0).sum()), lin.weight.numel()
             zeros, total = zeros + z, total + t
+            per_matrix.append(z / t)
             kind = path.split(".")[-1]
             pz, pt = per_kind.get(kind, (0, 0))
             per_kind[kind] = (pz + z, pt + t)
-    return {"realized_weight_sparsity": zeros / total,
-            "per_kind": {k: z / t for k, (z, t) in per_kind.items()}}
+    return {"realized_weight_sparsity": zeros / total, "min_matrix_sparsity": min(per_matrix),
+            "max_matrix_sparsity": max(per_matrix), "per_kind": {k: z / t for k, (z, t) in per_kind.items()}}
 
 
 def _allocate(model, view, cfg: SparsityConfig, pattern: Pattern, windows, names) -> dict[str, float]:
