@@ -16,7 +16,7 @@ from .arch import ModelView
 # rows and down column; a head's q rows and o columns, and k/v with its whole GQA group); "after_gate" = CATS, the
 # gate ran in full (a neuron saves up and down); "late" = from the unit's own output (only the down column / the
 # o columns).
-DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early",
+DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early", "lte": "early",
             "gate": "after_gate", "oracle": "late", "threshold": "late"}
 
 

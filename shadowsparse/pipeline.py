@@ -150,7 +150,7 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
     return levels
 
 
-METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal")
+METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal", "lte")
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
@@ -282,6 +282,13 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
         else:
             evaluate("gate", GateScores(), granularity="token", criterion=None, budget="local",
                      levels=[(f, h) for f, h in gating_levels(cfg) if h == 0])  # FFN only
+    if "lte" in methods:  # its fine-tuned weights are swapped into the model for this method only, then restored
+        from .lte import load_lte, lte_folder
+        lte = load_lte(lte_folder(cfg, run_dir), model)
+        with lte.applied(model) as source:
+            evaluate("lte", source, granularity="token", criterion=None, budget="local",
+                     selector_bytes=lte.router_bytes(model), levels=[(f, h) for f, h in gating_levels(cfg) if h == 0],
+                     **lte.info())
     return rows
 
 
@@ -301,6 +308,11 @@ def validate(cfg: DictConfig) -> None:
     unknown = set(cfg.evaluate.methods) - set(METHODS)
     if unknown:
         raise ConfigError(f"unknown evaluation method(s) {sorted(unknown)}; use {', '.join(METHODS)}")
+    from .lte import validate_lte
+    validate_lte(cfg)
+    if "lte" in cfg.evaluate.methods and cfg.sparsity.metric:
+        raise ConfigError("lte fine-tunes the decoder weights, which would refill a static sparsity mask; evaluate lte "
+                          "without sparsity= (sparsity=none), or the static mask with the other methods")
     from .predictor import PREDICTORS
     if cfg.predictor.model.kind not in PREDICTORS:  # else it would surface at fit, after the collection
         raise ConfigError(f"unknown predictor.model.kind {cfg.predictor.model.kind!r}; choose one of "
@@ -352,11 +364,15 @@ def run(cfg: DictConfig) -> dict:
         stage_collect(cfg, model, tok, targets_dir)
     if cfg.stages.fit:
         metrics.update(stage_fit(cfg, model, targets_dir, run_dir))
+    if cfg.stages.fit and "lte" in cfg.evaluate.methods:
+        from .lte import stage_lte
+        metrics.update(stage_lte(cfg, model, tok, run_dir))
     if cfg.stages.evaluate:
         extra = {k: metrics[k] for k in ("val/spearman_ffn", "val/recall_ffn") if k in metrics}
         rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra, static)
         for r in rows:
-            metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]
+            if r["metric"] == "ppl":  # task rows have their own metrics; these keys are perplexity (for sweepers)
+                metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]
     if cfg.stages.report and (run_dir / RESULTS).exists():
         rows = read_results([run_dir / RESULTS])
         print_table(rows, title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")

@@ -22,6 +22,8 @@ CASES = [
     ("ffn-sparsity-negative", "gating.ffn_sparsity=-0.1", r"got ffn=-0.1.*set gating.ffn_sparsity"),
     ("head-sparsity-1", "gating.ffn_sparsity=0.5 gating.head_sparsity=1.5", r"heads=1.5.*gating.head_sparsity"),
     ("n-not-below-m", "sparsity=wanda sparsity.pattern=4:2", r"needs 0 < N < M, got 4:2; e.g. 2:4"),
+    ("lte-on-a-static-mask", "sparsity=wanda evaluate.methods=[dense,lte]",
+     r"lte fine-tunes the decoder weights, which would refill a static sparsity mask; .*sparsity=none"),
     ("unknown-criterion", "targets.criterion=nope", r"criterion 'nope' is not registered; choose one of"),
     ("unknown-predictor-kind", "predictor.model.kind=transformer",
      r"unknown predictor.model.kind 'transformer'; choose one of \['per_layer', 'shared'\]"),
