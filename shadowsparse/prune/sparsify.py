@@ -27,7 +27,8 @@ from .sparsegpt import sparsegpt_prune
 from .stats import InputStats
 
 log = logging.getLogger("shadowsparse")
-PERM_ATTR = "_shadowsparse_input_perm"  # (perm buffer name, hook handle) kept on a linear with a permuted input
+PERM_ATTR = "_shadowsparse_input_perm"  # the gather hook's handle, on a linear whose input is permuted
+# (the permutation itself is its non-persistent buffer ss_input_perm)
 
 
 @dataclass
@@ -158,8 +159,8 @@ def squash_(model) -> int:
     return n
 
 
-def weight_sparsity(model, modules: str = "all") -> dict:
-    """Realized zeros over the decoder linears (counted), overall and per matrix kind."""
+def weight_sparsity(model) -> dict:
+    """Realized zeros over all decoder linears (counted), overall, per matrix kind and the per-matrix extremes."""
     view = ModelView(model)
     zeros, total, per_kind, per_matrix = 0, 0, {}, []
     for i in range(view.dims.n_layers):
