@@ -1,7 +1,5 @@
-"""Norms and positions as transformers 5 computes them (so the engine's logits match the model's).
-
-RMSNorm (Llama): in fp32, x * rsqrt(mean(x²) + eps), cast back, then times the weight in the input dtype.
-LayerNorm (OPT): torch's layer_norm, the op nn.LayerNorm runs. RoPE (default type): inverse frequencies
+"""Positions as transformers 5 computes them (so the engine's logits match the model's); the norms and their torch
+fallbacks live in kernels/rope_norm.py. RoPE (default type): inverse frequencies
 theta^(-2i/D) in fp32, angles pos * inv_freq, cos/sin of [angles, angles] cast to the activations' dtype, applied
 as q·cos + rotate_half(q)·sin. OPT: learned positions indexed at pos + 2 (its historic offset). The decode step runs the fused Triton twins of
 RMSNorm and RoPE (kernels/rope_norm.py), tested against these.
@@ -9,16 +7,9 @@ RMSNorm and RoPE (kernels/rope_norm.py), tested against these.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 OPT_POSITION_OFFSET = 2
 
-
-from ..kernels.rope_norm import rms_norm_torch as rms_norm  # noqa: E402,F401  (the Triton twin: kernels.rope_norm)
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def rope_inv_freq(head_dim: int, theta: float, device=None) -> torch.Tensor:
