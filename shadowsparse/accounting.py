@@ -15,9 +15,12 @@ from .arch import ModelView
 # When each selector decides, hence what a skip saves: "early" = before the block runs (all of a neuron's gate/up
 # rows and down column; a head's q rows and o columns, and k/v with its whole GQA group); "after_gate" = CATS, the
 # gate ran in full (a neuron saves up and down); "late" = from the unit's own output (only the down column / the
-# o columns).
+# o columns); "verify" = predict-then-verify (shadowsparse.verify): a non-candidate neuron saves its gate/up rows
+# and its down column, a candidate that verification drops saves its down column only; "gate_verify" the same with
+# the gate run in full (a non-candidate saves up and down).
 DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early", "lte": "early",
-            "gate": "after_gate", "oracle": "late", "threshold": "late"}
+            "gate": "after_gate", "oracle": "late", "threshold": "late", "predictor_verify": "verify",
+            "qgate_verify": "verify", "gate_verify": "gate_verify"}
 
 
 def decoder_linear_bytes(view: ModelView) -> int:
@@ -33,6 +36,12 @@ def weight_bytes_skipped(view: ModelView, method: str, stats: dict, selector_byt
         return 0.0
     when = DECISION.get(method, "early")
     esize = view.ffn_down(0).weight.element_size()
+    if when in ("verify", "gate_verify"):  # FFN only; stats carry the counted candidate sparsity
+        n_in = len(view.spec.ffn_in) - (1 if when == "gate_verify" else 0)
+        n = stats.get("gated_layers", d.n_layers)
+        skipped = n * d.ffn * d.hidden * esize * (stats["realized_candidate_sparsity"] * n_in
+                                                  + stats["realized_ffn_sparsity"])
+        return (skipped - selector_bytes) / total
     ffn_mats = {"early": len(view.spec.ffn_in) + 1, "after_gate": len(view.spec.ffn_in), "late": 1}[when]
     per_neuron = ffn_mats * d.hidden * esize
     per_head_q_o = (2 if when == "early" else 1) * d.head_dim * d.hidden * esize

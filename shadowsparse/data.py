@@ -1,4 +1,5 @@
-"""Text sources -> fixed-length token windows, through the `datasets` library.
+"""Text sources -> fixed-length token windows, through the `datasets` library (local json/text/parquet files are
+also read without it, on hosts that lack it).
 
 A source is a ``datasets`` spec: a builder (``json``, ``text``, ``parquet``, ...) with ``data_files``, or a hub name
 with ``name``/``split``. Documents are joined with ``separator`` into one stream, tokenized once, and cut into
@@ -6,6 +7,7 @@ non-overlapping windows of ``seq_len`` tokens — the standard perplexity protoc
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,9 +46,53 @@ def resolve(path: str) -> str:
     return str(p)
 
 
+def _local_texts(src: TextSource, files: str) -> list:
+    """The documents of a local file without the ``datasets`` library, as its builders would yield them: ``json``
+    (JSON lines, or one JSON array) -> the ``text_field`` of each object; ``text`` -> lines, paragraphs or the whole
+    document (``sample_by``); ``parquet`` -> the column (pyarrow). Only for hosts without ``datasets`` (a GPU box
+    that gets its packages as wheels): datasets stays the normal path."""
+    path = Path(files)
+    if src.path == "json":
+        raw = path.read_text(encoding="utf-8")
+        if raw.lstrip().startswith("["):  # one JSON array
+            docs = json.loads(raw)
+        else:  # JSON lines
+            docs = [json.loads(x) for x in raw.splitlines() if x.strip()]
+        if docs and src.text_field not in docs[0]:
+            raise ConfigError(f"text source has no column '{src.text_field}'; columns are {sorted(docs[0])}")
+        return [d.get(src.text_field) for d in docs]
+    if src.path == "text":
+        raw = path.read_text(encoding="utf-8")
+        if src.sample_by == "document":
+            return [raw]
+        if src.sample_by == "paragraph":
+            return [p for p in raw.split("\n\n")]
+        return raw.splitlines()
+    if src.path == "parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        if src.text_field not in table.column_names:
+            raise ConfigError(f"text source has no column '{src.text_field}'; columns are {table.column_names}")
+        return table.column(src.text_field).to_pylist()
+    raise ConfigError(f"reading '{src.path}' needs the 'datasets' library, which is not installed: "
+                      "`pip install datasets`, or give a local json, text or parquet file")
+
+
 def read_text(src: TextSource) -> str:
     """All documents of a source joined into one string (up to ``max_chars``)."""
-    import datasets
+    try:
+        import datasets
+    except ImportError:
+        datasets = None
+    if datasets is None:
+        if src.data_files is None:
+            raise ConfigError(f"the hub dataset '{src.path}' needs the 'datasets' library: `pip install datasets`, or "
+                              "point data_files at a local json, text or parquet file")
+        files = resolve(src.data_files)
+        if not Path(files).exists():
+            raise ConfigError(f"data file '{files}' does not exist; point data_files at a local file "
+                              "(the project ships data/ copies) or use a hub dataset name")
+        return _join(src, _local_texts(src, files))
     kwargs: dict = {"split": src.split}
     if src.data_files is not None:
         files = resolve(src.data_files)
@@ -64,8 +110,12 @@ def read_text(src: TextSource) -> str:
         raise ConfigError(f"could not read text source '{src.path}' ({src.data_files or src.name}): {exc}") from exc
     if src.text_field not in ds.column_names:
         raise ConfigError(f"text source has no column '{src.text_field}'; columns are {ds.column_names}")
+    return _join(src, ds[src.text_field])
+
+
+def _join(src: TextSource, texts) -> str:
     parts, total = [], 0
-    for text in ds[src.text_field]:
+    for text in texts:
         if not text:
             continue
         parts.append(text)

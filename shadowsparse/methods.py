@@ -11,9 +11,9 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .gating import GatingConfig, ScoreSource, SparsityCounter, attach_gating
+from .progress import progress
 
 
 @dataclass
@@ -43,7 +43,8 @@ def evaluate_levels(model, windows: torch.Tensor, source: ScoreSource | None, le
     """Perplexity of ``model`` gated by ``source`` at every level (source None: dense). Fills and returns levels.
     Extra keyword arguments go to GatingConfig (budget, min_keep)."""
     device = next(model.parameters()).device
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="win"):
+    levels_desc = f"{desc}, {len(levels)} level{'s' if len(levels) > 1 else ''}"
+    for start in progress(range(0, len(windows), batch_size), desc=levels_desc, unit="batch"):
         ids = windows[start:start + batch_size].to(device)
         if before_batch is not None:
             before_batch(ids)  # runs with no gating hooks attached

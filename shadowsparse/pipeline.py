@@ -7,6 +7,7 @@ import hashlib
 import math
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -17,14 +18,16 @@ from .accounting import weight_bytes_skipped
 from .arch import ModelView
 from .criteria import get_criterion
 from .data import TextSource, WindowSpec, token_windows
+from .distributed import FIT_TARGETS_ENV, fit_only_targets, is_rank_zero
 from .errors import ConfigError
 from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
 from .llm import LLMConfig, check_context, load_llm
 from .methods import Level, evaluate_levels, window_nll
+from .progress import progress
 from .prune import SparsityConfig, sparsify_, squash_
 from .report import RESULTS, append_result, plot_frontier, plot_quality, print_table, read_results
 from .targets import FORMAT as TARGETS_FORMAT
-from .targets import TargetsConfig, collect, load_targets, model_fingerprint, read_manifest, score_window
+from .targets import TargetsConfig, collect, mean_scores, model_fingerprint, read_manifest, score_window
 from .tasks import TASKS, evaluate_tasks, task_examples
 from .teal import TealThresholds, attach_teal
 from .training_free import GateScores, LiveActivationScores, ThresholdScores
@@ -44,7 +47,7 @@ def targets_dir_for(cfg: DictConfig, model) -> Path:
     if cfg.paths.get("targets_dir"):
         return Path(cfg.paths.targets_dir)
     key = {"format": TARGETS_FORMAT, "model": model_fingerprint(model)["hash"],
-           "targets": OmegaConf.to_container(cfg.targets, resolve=True),
+           "targets": targets_config(cfg).data_fields(),  # not devices/accelerator: 1 or 8 GPUs, same targets
            "calib": OmegaConf.to_container(cfg.data.calib, resolve=True), "seed": cfg.seed,
            "sparsity": OmegaConf.to_container(cfg.sparsity, resolve=True) if cfg.sparsity.metric else None}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -90,10 +93,19 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
         spec = window_spec(cfg.data.calib)
         windows = token_windows(tok, spec)
         desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
-    tcfg = TargetsConfig(**OmegaConf.to_container(cfg.targets, resolve=True))
+    tcfg = targets_config(cfg)
     # resumes a killed collection of this configuration; targets_overwrite also discards one of another
-    collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed, overwrite=cfg.targets_overwrite)
+    if tcfg.world_size == 1:
+        collect(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed, overwrite=cfg.targets_overwrite)
+    else:  # Lightning DDP: ranks > 0 are this script re-run by Lightning; they leave once the targets are written
+        from .collect_dp import collect_distributed
+        collect_distributed(model, windows, tcfg, targets_dir, data_desc=desc, seed=cfg.seed,
+                            overwrite=cfg.targets_overwrite)
     log.info("targets: wrote %s", targets_dir)
+
+
+def targets_config(cfg) -> TargetsConfig:
+    return TargetsConfig(**OmegaConf.to_container(cfg.targets, resolve=True))
 
 
 def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
@@ -115,13 +127,40 @@ def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     loggers = make_loggers(cfg, run_dir)
     for lg in loggers:
         lg.log_hyperparams(info)
-    trainer = L.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True), logger=loggers or False,
-                        default_root_dir=str(run_dir), enable_checkpointing=False,
+    tkw = trainer_kwargs(cfg)
+    if tkw["strategy"] in MULTI_PROCESS:  # the processes Lightning launches train only: tell them what on
+        os.environ[FIT_TARGETS_ENV] = str(Path(targets_dir).absolute())
+    trainer = L.Trainer(**tkw, logger=loggers or False, default_root_dir=str(run_dir), enable_checkpointing=False,
                         callbacks=[EpochSummary()])
     trainer.fit(system, datamodule=dm)
-    trainer.save_checkpoint(str(run_dir / PREDICTOR_CKPT))
+    trainer.save_checkpoint(str(run_dir / PREDICTOR_CKPT))  # every rank calls it (FSDP gathers), rank 0 writes
+    os.environ.pop(FIT_TARGETS_ENV, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     return {**info, **metrics}
+
+
+STRATEGIES = ("auto", "ddp", "fsdp")  # conf/trainer/{cpu,gpu,ddp,fsdp}.yaml
+MULTI_PROCESS = ("ddp", "fsdp")
+
+
+def trainer_kwargs(cfg) -> dict:
+    """Lightning Trainer arguments from cfg.trainer, refused before any work when they cannot run."""
+    tkw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tkw.setdefault("strategy", "auto")
+    strategy, accel = tkw["strategy"], tkw.get("accelerator", "auto")
+    if strategy not in STRATEGIES:
+        hint = (" (ddp_spawn would pickle the DataModule, which holds the frozen LLM, into every process)"
+                if str(strategy).startswith("ddp_") else "")
+        raise ConfigError(f"trainer.strategy={strategy!r} is not supported{hint}; use trainer=ddp or trainer=fsdp "
+                          f"(or trainer.strategy= one of {', '.join(STRATEGIES)})")
+    if strategy == "fsdp" and accel == "cpu":
+        raise ConfigError("trainer=fsdp needs GPUs (FSDP shards parameters over CUDA devices; on CPU use "
+                          "trainer=ddp trainer.accelerator=cpu): set trainer.accelerator=gpu")
+    if strategy in MULTI_PROCESS and accel == "gpu" and torch.cuda.is_available() and \
+            isinstance(tkw.get("devices"), int) and tkw["devices"] > torch.cuda.device_count():
+        raise ConfigError(f"trainer.devices={tkw['devices']} but {torch.cuda.device_count()} GPU(s) are visible; "
+                          f"set trainer.devices to at most {torch.cuda.device_count()}")
+    return tkw
 
 
 def make_loggers(cfg, run_dir: Path) -> list:
@@ -132,9 +171,36 @@ def make_loggers(cfg, run_dir: Path) -> list:
     if kind == "csv":
         return [CSVLogger(str(run_dir), name="logs")]
     if kind == "wandb":
-        return [WandbLogger(project=cfg.logger.project, mode=cfg.logger.mode, save_dir=str(run_dir),
-                            config=OmegaConf.to_container(cfg, resolve=True))]
+        kw = wandb_init_kwargs(cfg, run_dir)
+        return [WandbLogger(save_dir=kw.pop("dir"), **kw)]
     raise ConfigError(f"logger.kind must be none, csv or wandb, got {kind!r}")
+
+
+def check_logger(cfg) -> None:
+    """logger.kind and (wandb) logger.mode, checked before the collection rather than when the fit opens them."""
+    if cfg.logger.kind not in ("none", "csv", "wandb"):
+        raise ConfigError(f"logger.kind must be none, csv or wandb, got {cfg.logger.kind!r} (e.g. logger=wandb)")
+    if cfg.logger.kind == "wandb" and (cfg.logger.get("mode") or "offline") not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be online, offline or disabled, got {cfg.logger.mode!r}")
+
+
+def wandb_init_kwargs(cfg, run_dir: Path) -> dict:
+    """wandb.init arguments of this run: project, mode, the run directory, and the whole resolved config. An online
+    run with no API key (WANDB_API_KEY or a `wandb login`) goes offline instead of failing at the first log call;
+    `wandb sync <run dir>/wandb/offline-run-*` uploads it later."""
+    check_logger(cfg)
+    mode = cfg.logger.get("mode") or "offline"
+    if mode == "online" and os.environ.get("WANDB_MODE") not in ("offline", "disabled"):
+        import netrc
+        try:
+            logged_in = bool(netrc.netrc().authenticators("api.wandb.ai"))
+        except (OSError, netrc.NetrcParseError):
+            logged_in = False
+        if not (os.environ.get("WANDB_API_KEY") or logged_in):
+            log.warning("wandb: no API key (WANDB_API_KEY or `wandb login`): logging offline to %s/wandb", run_dir)
+            mode = "offline"
+    return dict(project=cfg.logger.project, mode=mode, dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True))
 
 
 def gating_levels(cfg) -> list[tuple[float, float]]:
@@ -150,7 +216,8 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
     return levels
 
 
-METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal", "lte")
+METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal", "lte", "predictor_verify",
+           "gate_verify", "qgate_verify")
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
@@ -182,8 +249,11 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
     tasks = list(cfg.evaluate.get("tasks") or [])
 
     def record(method, lv_ffn, lv_heads, counter, dataset, metric, value, n_tokens, granularity, budget,
-               selector_bytes, more):
+               selector_bytes, more, stats_extra=None):
         stats = counter.stats(view.dims.n_heads, view.dims.ffn, view.dims.n_kv_heads)
+        if stats_extra is not None:  # counts a source keeps itself (predict-then-verify: its candidate sparsity)
+            stats.update(stats_extra(lv_ffn))
+            more = {**more, **{k: v for k, v in stats.items() if k.startswith("realized_candidate")}}
         row = {**base, "method": method, "granularity": granularity, "budget": budget, "ffn_sparsity": lv_ffn,
                "head_sparsity": lv_heads, "dataset": dataset, "metric": metric, "value": value,
                "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
@@ -197,7 +267,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
 
     def evaluate(method: str, source, granularity: str = gran, selector_bytes: int = 0, before_batch=None,
                  levels: list[tuple[float, float]] | None = None, budget: str = cfg.gating.budget,
-                 task_source="same", **more):
+                 task_source="same", stats_extra=None, **more):
         """Perplexity (and lm-eval tasks) of one method at every level; task_source: the selector to use inside
         lm-eval (None: skip tasks for this method, e.g. an oracle that needs its own dense pass)."""
         levels = [Level(f, h) for f, h in (levels if levels is not None else gating_levels(cfg))]
@@ -207,7 +277,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                         before_batch=before_batch, desc=method, **gating_kw)
         for lv in levels:
             record(method, lv.ffn, lv.heads, lv.counter, cfg.data.eval.name, "ppl", lv.ppl, lv.tokens, granularity,
-                   budget, selector_bytes, more)
+                   budget, selector_bytes, more, stats_extra)
         task_source = source if task_source == "same" else task_source
         if not tasks or (task_source is None and source is not None):
             return
@@ -223,7 +293,8 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                 for metric, value in res.items():
                     if metric != "n":
                         record(method, lv.ffn, lv.heads, counter, task, metric, value, None, granularity, budget,
-                               selector_bytes, {**more, "n_examples": res["n"], "task_limit": cfg.evaluate.task_limit})
+                               selector_bytes, {**more, "n_examples": res["n"], "task_limit": cfg.evaluate.task_limit},
+                               stats_extra)
 
     if "dense" in methods:
         evaluate("dense", None, granularity=None, levels=[(0.0, 0.0)], criterion=None, budget=None)
@@ -233,8 +304,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                  selector_bytes=pred.n_params() * next(model.parameters()).element_size(), predictor=kind,
                  predictor_params=pred.n_params(), predictor_flops_per_token=pred.flops_per_token(), **extra)
     if "static" in methods:
-        _, t = load_targets(targets_dir, model, verify=False, keys=("heads", "neurons"))
-        static = StaticScores(t["heads"].float().mean(0), t["neurons"].float().mean(0))  # (L, H), (L, F)
+        static = StaticScores(*mean_scores(targets_dir, model))  # (L, H), (L, F): streamed, not loaded whole
         del t
         evaluate("static", static, granularity=None)  # one mask for every input
     if "oracle" in methods:
@@ -263,7 +333,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                 continue  # TEAL has no head axis
             with attach_teal(model, thresholds, ffn, first_layer) as handle:
                 nll, n = 0.0, 0
-                for ids in windows.split(cfg.data.eval.batch_size):
+                for ids in progress(windows.split(cfg.data.eval.batch_size), desc=f"teal s={ffn:.2f}", unit="batch"):
                     nll += window_nll(model, ids.to(next(model.parameters()).device))
                     n += ids[:, 1:].numel()
                 st = handle.stats()
@@ -289,6 +359,31 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
             evaluate("lte", source, granularity="token", criterion=None, budget="local",
                      selector_bytes=lte.router_bytes(model), levels=[(f, h) for f, h in gating_levels(cfg) if h == 0],
                      **lte.info())
+    if {"predictor_verify", "gate_verify", "qgate_verify"} & set(methods):  # two-stage selection (verify.py), FFN only
+        from .verify import VerifyScores, sketch_bytes, verify_config, verify_predictor_for
+        vcfg = verify_config(cfg)
+        ffn_levels = [(f, h) for f, h in gating_levels(cfg) if h == 0]
+        for method in ("predictor_verify", "gate_verify", "qgate_verify"):
+            if method not in methods:
+                continue
+            if method != "predictor_verify" and not view.spec.glu:
+                log.warning("%s needs a gated FFN; %s has none: skipped", method, view.spec.family)
+                continue
+            vp = verify_predictor_for(cfg, model, tok, first_layer, run_dir) if method == "predictor_verify" else None
+            esize = next(model.parameters()).element_size()
+            proposer = {"predictor_verify": "predictor", "gate_verify": "gate", "qgate_verify": "qgate"}[method]
+            sel_bytes = {"predictor": vp.n_params() * esize if vp is not None else 0, "gate": 0,
+                         "qgate": sketch_bytes(view, view.dims.n_layers - first_layer, vcfg)}[proposer]
+            more_q = {"verify_bits": vcfg.bits, "verify_group": vcfg.group, "verify_sketch": vcfg.sketch} \
+                if proposer == "qgate" else {}
+            for q in vcfg.qs:
+                src = VerifyScores(q, vp, proposer, vcfg.final, sketch=vcfg)
+                evaluate(method, src, granularity="token", criterion=None, budget="local", levels=ffn_levels,
+                         selector_bytes=sel_bytes, **more_q,
+                         stats_extra=lambda f, src=src: {"realized_candidate_sparsity": src.candidate_sparsity(
+                             f, view.dims.ffn)}, verify_q=q, verify_final=vcfg.final,
+                         **({"predictor_params": vp.n_params(), "verify_rank": vcfg.rank, "verify_target": vcfg.target,
+                             "verify_train_tokens": vp.train_tokens} if vp is not None else {}))
     return rows
 
 
@@ -298,6 +393,9 @@ def validate(cfg: DictConfig) -> None:
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
     get_criterion(cfg.targets.criterion)
+    if cfg.stages.collect:
+        from .collect_dp import validate_collect
+        validate_collect(targets_config(cfg), cfg.llm.device)
     sparsity_config(cfg).validate()
     unknown_tasks = (set(cfg.evaluate.get("tasks") or []) | {cfg.data.calib.get("task") or "copa"}) - set(TASKS)
     if unknown_tasks:
@@ -320,6 +418,8 @@ def validate(cfg: DictConfig) -> None:
     if cfg.gating.budget != "local" and cfg.predictor.model.kind != "shared" and "predictor" in cfg.evaluate.methods:
         raise ConfigError(f"gating.budget={cfg.gating.budget} needs all layers' scores at once; the "
                           f"{cfg.predictor.model.kind} predictor scores one layer at a time: use budget=local")
+    trainer_kwargs(cfg)
+    check_logger(cfg)
     if cfg.predictor.fit.loss not in ("mse", "listnet", "bce"):
         raise ConfigError(f"predictor.fit.loss must be mse, listnet or bce, got {cfg.predictor.fit.loss!r}")
     # last: the other checks create nothing, this one probes the disk
@@ -354,6 +454,10 @@ def run(cfg: DictConfig) -> dict:
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     run_dir = Path(cfg.paths.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if fit_only_targets():  # a process Lightning launched for a multi-process fit: the training alone, no LLM
+        return stage_fit(cfg, None, Path(fit_only_targets()), run_dir)
+    from .collect_dp import bind_rank_device
+    bind_rank_device()  # in a process Lightning launched as a DDP rank: "cuda" is this rank's GPU from here on
     model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
     check_context(model, {**({} if cfg.data.calib.get("task") else {"data.calib.seq_len": cfg.data.calib.seq_len}),
                           **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {})})
@@ -367,6 +471,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.stages.fit and "lte" in cfg.evaluate.methods:
         from .lte import stage_lte
         metrics.update(stage_lte(cfg, model, tok, run_dir))
+    if not is_rank_zero():  # launched for a distributed stage: evaluation, report and metrics are rank 0's
+        return metrics
     if cfg.stages.evaluate:
         extra = {k: metrics[k] for k in ("val/spearman_ffn", "val/recall_ffn") if k in metrics}
         rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra, static)
@@ -378,6 +484,11 @@ def run(cfg: DictConfig) -> dict:
         print_table(rows, title=f"{cfg.llm.name} — {cfg.data.eval.name} perplexity")
         plot_frontier(rows, run_dir / "frontier.png")
         plot_quality(rows, run_dir / "quality.png")
+    if cfg.logger.kind == "wandb":  # the run the fit stage opened (or a new one) gets the table and plots, then ends
+        from .report import log_wandb
+        log_wandb(read_results([run_dir / RESULTS]) if (run_dir / RESULTS).exists() else [],
+                  {"plots/quality": run_dir / "quality.png", "plots/frontier": run_dir / "frontier.png"},
+                  wandb_init_kwargs(cfg, run_dir))
     metrics["wall_seconds"] = round(time.time() - t0, 1)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("run dir: %s (%.0f s)", run_dir, metrics["wall_seconds"])

@@ -173,6 +173,39 @@ def plot_frontier(rows: list[dict], path: str | Path) -> Path:
                       "perplexity / dense", [(1.0, "dense")])
 
 
+def table_columns(rows: list[dict]) -> tuple[list[str], list[list]]:
+    """results.jsonl rows as (columns, data) for a wandb.Table: the union of keys in first-seen order; values that
+    are not scalars (e.g. teal's per-projection realized sparsity) as JSON text, missing ones as None."""
+    columns: list[str] = []
+    for r in rows:
+        columns += [k for k in r if k not in columns]
+
+    def cell(v):
+        return v if v is None or isinstance(v, (bool, int, float, str)) else json.dumps(v)
+    return columns, [[cell(r.get(c)) for c in columns] for r in rows]
+
+
+def log_wandb(rows: list[dict], images: dict[str, str | Path], init: dict | None = None) -> str | None:
+    """Log the results table and the report plots to the active wandb run (the one the fit stage's WandbLogger
+    opened, which carries the config and training curves), or to a new one made with ``init`` (wandb.init keyword
+    arguments) when no stage opened one; then finish the run. Returns the run's directory."""
+    import wandb
+    run = wandb.run if wandb.run is not None else wandb.init(**(init or {}))
+    payload: dict = {}
+    if rows:
+        columns, data = table_columns(rows)
+        # mixed types: a column is None in some rows (dense has no criterion) and text or numbers in others
+        payload["results"] = wandb.Table(columns=columns, data=data, allow_mixed_types=True)
+    for key, path in images.items():
+        if Path(path).exists():
+            payload[key] = wandb.Image(str(path))
+    if payload:
+        run.log(payload)
+    run_dir = run.dir
+    run.finish()
+    return run_dir
+
+
 def main(argv: list[str]) -> int:
     md = "--markdown" in argv
     outputs = {}

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import ConfigError
 from .gating import n_keep
 from .predictor import PredictorConfig, build_predictor
-from .targets import load_targets
+from .targets import DTYPES, TargetsReader, read_manifest
 
 log = logging.getLogger("shadowsparse")
+# StreamingRows defines __len__ (batches per rank, for the LR schedule) and runs in the main process (no workers),
+# where Lightning's warning about IterableDataset lengths under multi-worker loading does not apply
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 
 
 @dataclass
@@ -45,7 +49,11 @@ def normalize_scores(s: torch.Tensor, eps: float, over: str = "layer") -> torch.
     s = s.float()
     dims = (-1,) if over == "layer" else (-2, -1)
     z = torch.log(s + eps * s.mean(dims, keepdim=True) + 1e-30)
-    return (z - z.mean(dims, keepdim=True)) / (z.std(dims, keepdim=True) + 1e-6)
+    mean, std = z.mean(dims, keepdim=True), z.std(dims, keepdim=True)
+    # a constant row (all-zero scores: e.g. a window's last token under gradient criteria, which predicts nothing)
+    # has no ranking: 0, not its rounding noise (|z| * 1e-7) divided by 1e-6, which depended on the batch shape
+    flat = std <= 1e-5 * (mean.abs() + 1)
+    return torch.where(flat, 0.0, (z - mean) / (std + 1e-6))
 
 
 def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -64,14 +72,101 @@ def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> torch.Tensor:
     return (tp & tt).sum(-1).float().mean() / k
 
 
-class TargetsDataModule(L.LightningDataModule):
-    """Serves (feature, normalized head scores, normalized neuron scores) rows of a targets/ folder.
+class StreamingRows(IterableDataset):
+    """Batches (x, normalized head scores, normalized neuron scores) of rows [lo, hi) of a targets/ folder, read from
+    its memory-mapped shards a chunk at a time (TargetsReader); at most one shuffle buffer of rows is in memory.
 
-    Scores are normalized once here (normalize_scores, chunked, stored in bf16) rather than in every step.
+    Chunks are runs of at most ``chunk_rows`` rows inside one shard. Scores are normalized per chunk as they are read
+    (normalize_scores works row by row, so this equals normalizing the whole collection) and kept in their stored
+    dtype, as the in-memory path did. With ``shuffle``: chunk order is permuted every epoch (seed + epoch), then rows
+    within a buffer of ``buffer_rows``. Data parallel: every rank walks the same permuted row stream and takes its own
+    contiguous share of ``(hi - lo) // world`` rows (the remainder, < world rows, is left out that epoch), so every
+    rank runs the same number of batches — DDP steps stay in lockstep.
+    """
+
+    def __init__(self, reader: TargetsReader, lo: int, hi: int, batch_size: int, input_key: str, eps: float,
+                 normalize: str, shuffle: bool, seed: int = 0, chunk_rows: int = 1024, buffer_rows: int = 16384):
+        super().__init__()
+        self.reader, self.lo, self.hi, self.batch_size = reader, lo, hi, batch_size
+        self.input_key, self.eps, self.normalize, self.shuffle, self.seed = input_key, eps, normalize, shuffle, seed
+        self.buffer_rows = max(batch_size, buffer_rows)
+        self.chunks = []  # (a, b) row ranges, each inside one shard
+        a = lo
+        while a < hi:
+            end = min(hi, a + chunk_rows, reader.starts[reader.shard_of(a) + 1])
+            self.chunks.append((a, end))
+            a = end
+        self.epoch = 0
+        self.peak_rows = 0  # most rows held at once (tests: the dataset streams, it never holds the whole range)
+
+    @staticmethod
+    def rank_world() -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def rows_per_rank(self) -> int:
+        return (self.hi - self.lo) // self.rank_world()[1]
+
+    def __len__(self) -> int:  # batches per epoch on this rank (Lightning's schedule and progress bar read it)
+        return math.ceil(self.rows_per_rank() / self.batch_size)
+
+    def _read(self, a: int, b: int) -> tuple[torch.Tensor, ...]:
+        x = self.reader.rows(self.input_key, a, b)  # (n, d) or (n, L, d)
+        h, n = (self.reader.rows(k, a, b) for k in ("heads", "neurons"))  # (n, L, H), (n, L, F)
+        return (x, normalize_scores(h, self.eps, self.normalize).to(h.dtype),
+                normalize_scores(n, self.eps, self.normalize).to(n.dtype))
+
+    def __iter__(self):
+        rank, world = self.rank_world()
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)  # same on every rank: same chunk order
+        self.epoch += 1
+        order = [self.chunks[i] for i in torch.randperm(len(self.chunks), generator=g)] if self.shuffle else self.chunks
+        per = self.rows_per_rank()
+        mine = (rank * per, (rank + 1) * per)  # this rank's share, in positions of the epoch's row stream
+        buf: list[tuple[torch.Tensor, ...]] = []
+        held, pos = 0, 0
+        for a, b in order:
+            first, pos = pos, pos + b - a  # this chunk is stream positions [first, pos)
+            s0, s1 = max(mine[0], first), min(mine[1], pos)  # the part of it that is ours
+            if s0 >= s1:
+                continue
+            buf.append(self._read(a + s0 - first, a + s1 - first))
+            held += s1 - s0
+            self.peak_rows = max(self.peak_rows, held)
+            if held >= self.buffer_rows:
+                buf, held = yield from self._emit(buf, g, final=False)
+        yield from self._emit(buf, g, final=True)
+
+    def _emit(self, buf, g, final: bool):
+        """Yield the buffer's full batches (and, if final, the last short one); return the rest as the new buffer."""
+        if not buf:
+            return [], 0
+        cols = [torch.cat(c) for c in zip(*buf)] if len(buf) > 1 else list(buf[0])
+        n = cols[0].shape[0]
+        if self.shuffle:
+            perm = torch.randperm(n, generator=g)
+            cols = [c[perm] for c in cols]
+        full = n if final else n - n % self.batch_size
+        for i in range(0, full, self.batch_size):
+            yield tuple(c[i:i + self.batch_size] for c in cols)
+        if full == n:
+            return [], 0
+        return [tuple(c[full:] for c in cols)], n - full
+
+
+class TargetsDataModule(L.LightningDataModule):
+    """Serves (feature, normalized head scores, normalized neuron scores) rows of a targets/ folder, streamed from
+    its memory-mapped shards (StreamingRows over TargetsReader): memory holds one shuffle buffer, not the targets.
+
+    Held-out rows are the last ``val_fraction`` of the rows: whole windows the predictor never saw (neighbouring
+    tokens are correlated). Under DDP each rank verifies its share of the shards' sha256 and streams its share of
+    the rows.
     """
 
     def __init__(self, targets_dir: str, batch_size: int = 256, val_fraction: float = 0.1, model=None, seed: int = 0,
-                 eps: float = 1e-3, input_key: str = "features", normalize: str = "layer"):
+                 eps: float = 1e-3, input_key: str = "features", normalize: str = "layer", chunk_rows: int = 1024,
+                 buffer_bytes: int = 1 << 30):
         super().__init__()
         self.targets_dir, self.batch_size, self.val_fraction, self.eps = targets_dir, batch_size, val_fraction, eps
         self.input_key = input_key  # "features" (shared predictor) or "layer_inputs" (per-layer predictors)
@@ -79,33 +174,40 @@ class TargetsDataModule(L.LightningDataModule):
             raise ConfigError(f"fit.normalize must be 'layer' or 'token', got {normalize!r}")
         self.normalize = normalize
         self.model, self.seed = model, seed
+        self.chunk_rows, self.buffer_bytes = chunk_rows, buffer_bytes  # the shuffle buffer's memory budget
         self.manifest = None
 
     def setup(self, stage: str | None = None):
         if self.manifest is not None:
             return
-        self.manifest, t = load_targets(self.targets_dir, self.model, keys=(self.input_key, "heads", "neurons"))
-        for key in ("heads", "neurons"):
-            scores = t[key]
-            for start in range(0, scores.shape[0], 1024):  # in place, chunk by chunk: no second full-size copy
-                chunk = normalize_scores(scores[start:start + 1024], self.eps, self.normalize)
-                scores[start:start + 1024] = chunk.to(scores.dtype)
-        x = t[self.input_key]
-        n = x.shape[0]
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        n_shards = len(read_manifest(self.targets_dir)["shards"])
+        reader = TargetsReader(self.targets_dir, self.model, verify=list(range(rank, n_shards, world)),
+                               keys=(self.input_key, "heads", "neurons"))
+        self.manifest = m = reader.manifest
+        n = reader.n_rows
         if n < 2:
             raise ConfigError(f"targets at '{self.targets_dir}' hold {n} row(s); collect more windows to train")
         n_val = max(1, int(round(n * self.val_fraction)))
-        # Held-out rows are the last ones: whole windows the predictor never saw (neighbouring tokens are correlated).
         cut = n - n_val
-        self.train_set = TensorDataset(x[:cut], t["heads"][:cut], t["neurons"][:cut])
-        self.val_set = TensorDataset(x[cut:], t["heads"][cut:], t["neurons"][cut:])
+        # bytes of one served row: input + heads + dense neurons, in their stored dtypes (top-k decodes to dense)
+        L, dtype, in_dtype = m["n_layers"], DTYPES[m.get("score_dtype", "bfloat16")], m.get("input_dtype", "bfloat16")
+        x_bytes = m["hidden"] * (4 if self.input_key == "features" else L * DTYPES[in_dtype].itemsize)
+        row_bytes = x_bytes + L * (m["n_heads"] + m["ffn"]) * dtype.itemsize
+        buffer_rows = int(min(1 << 16, max(self.batch_size, self.buffer_bytes // row_bytes)))
+        # a chunk is normalized in float32 with a few temporaries (~8x its stored bytes): keep it a quarter of the
+        # buffer (OPT-13B: 1.6 MB of neuron scores per row, 1 GiB buffer -> 646 rows, chunks of 161)
+        chunk_rows = max(1, min(self.chunk_rows, buffer_rows // 4))
+        kw = dict(batch_size=self.batch_size, input_key=self.input_key, eps=self.eps, normalize=self.normalize,
+                  seed=self.seed, chunk_rows=chunk_rows, buffer_rows=buffer_rows)
+        self.train_set = StreamingRows(reader, 0, cut, shuffle=True, **kw)
+        self.val_set = StreamingRows(reader, cut, n, shuffle=False, **kw)
 
     def train_dataloader(self):
-        g = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=g)
+        return DataLoader(self.train_set, batch_size=None)  # the dataset yields whole batches
 
     def val_dataloader(self):
-        return DataLoader(self.val_set, batch_size=self.batch_size)
+        return DataLoader(self.val_set, batch_size=None)
 
 
 class PredictorSystem(L.LightningModule):
@@ -137,15 +239,18 @@ class PredictorSystem(L.LightningModule):
         c = self.fit_cfg
         ph, pn = self.predictor(x.float())
         loss = self._unit_loss(pn, tn, c.ffn_sparsity) + c.head_weight * self._unit_loss(ph, th, c.head_sparsity)
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=stage == "train")
+        # sync_dist: under DDP/FSDP each rank sees its share of the rows; epoch values are the mean over ranks
+        sync = self.trainer.world_size > 1
+        self.log(f"{stage}/loss", loss, prog_bar=True, on_epoch=True, on_step=stage == "train", sync_dist=sync)
         if stage == "val":
             if self.trainer.sanity_checking or self.current_epoch == self.trainer.max_epochs - 1:
                 # full-row argsorts are costly on CPU: Spearman only on the final epoch (and the sanity check)
-                self.log("val/spearman_ffn", spearman(pn, tn), on_epoch=True)
-                self.log("val/spearman_heads", spearman(ph, th), on_epoch=True)
+                self.log("val/spearman_ffn", spearman(pn, tn), on_epoch=True, sync_dist=sync)
+                self.log("val/spearman_heads", spearman(ph, th), on_epoch=True, sync_dist=sync)
             self.log("val/recall_ffn", topk_recall(pn, tn, n_keep(tn.shape[-1], c.ffn_sparsity)), on_epoch=True,
-                     prog_bar=True)
-            self.log("val/recall_heads", topk_recall(ph, th, n_keep(th.shape[-1], c.head_sparsity)), on_epoch=True)
+                     prog_bar=True, sync_dist=sync)
+            self.log("val/recall_heads", topk_recall(ph, th, n_keep(th.shape[-1], c.head_sparsity)), on_epoch=True,
+                     sync_dist=sync)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -171,7 +276,7 @@ class EpochSummary(L.Callback):
     """One log line per validation epoch (progress bars vanish in non-interactive logs)."""
 
     def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or not trainer.is_global_zero:  # one line per epoch, not one per rank
             return
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         log.info("epoch %d: %s", trainer.current_epoch, "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())))

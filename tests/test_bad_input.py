@@ -48,6 +48,13 @@ CASES = [
      r"no targets at .*none' \(manifest.json missing\); run the collect stage first"),
     ("targets-of-another-model", "llm.seed=7 stages.collect=false paths.targets_dir={targets}",
      r"targets at .* was made from another model .*re-run the stage that makes it for this model"),
+    ("unknown-random-shape", "llm.name=random-shape:opt-14b", r"unknown model shape 'opt-14b'; choose from \["),
+    ("unknown-llm-device", "llm.device=gpu", r"llm.device must be cpu, cuda, cuda:<index> or auto"),
+    ("fsdp-on-cpu", "trainer=fsdp trainer.accelerator=cpu", r"trainer=fsdp needs GPUs .*set trainer.accelerator=gpu"),
+    ("unknown-trainer-strategy", "trainer.strategy=deepspeed",
+     r"trainer.strategy='deepspeed' is not supported; use trainer=ddp or trainer=fsdp"),
+    ("unknown-wandb-mode", "logger=wandb logger.mode=sometimes",
+     r"logger.mode must be online, offline or disabled, got 'sometimes'"),
     ("predictor-of-another-model", "llm.seed=7 stages.collect=false stages.fit=false evaluate.methods=[predictor] "
      "paths.predictor_ckpt={ckpt} paths.targets_dir={tmp}/unused",
      r"checkpoint .* was made from another model .*re-run the stage that makes it for this model"),

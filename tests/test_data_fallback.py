@@ -1,0 +1,39 @@
+"""Without the datasets library (a GPU host that gets its packages as wheels), local files are read directly and
+give the same text, so the same windows and targets, as through datasets."""
+import sys
+
+import pytest
+
+from shadowsparse.data import TextSource, read_text
+from shadowsparse.errors import ConfigError
+from tests.conftest import compose
+
+SOURCES = ["calib", "eval"]  # the shipped C4 sample (json lines) and WikiText-2 (text, whole document)
+
+
+@pytest.mark.parametrize("which", SOURCES)
+def test_local_files_read_the_same_without_datasets(which, monkeypatch):
+    from omegaconf import OmegaConf
+    node = compose().data[which].source
+    src = TextSource(**OmegaConf.to_container(node, resolve=True), max_chars=200_000)
+    with_datasets = read_text(src)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    assert read_text(src) == with_datasets
+
+
+def test_text_lines_paragraphs_and_json_array_without_datasets(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    f = tmp_path / "t.txt"
+    f.write_text("one\ntwo\n\nthree\n")
+    assert read_text(TextSource(path="text", data_files=str(f), separator="|")) == "one|two|three"
+    assert read_text(TextSource(path="text", data_files=str(f), sample_by="paragraph", separator="|")) == \
+        "one\ntwo|three\n"
+    j = tmp_path / "a.json"
+    j.write_text('[{"body": "a"}, {"body": ""}, {"body": "b"}]')
+    assert read_text(TextSource(path="json", data_files=str(j), text_field="body", separator=" ")) == "a b"
+    with pytest.raises(ConfigError, match="no column 'text'"):
+        read_text(TextSource(path="json", data_files=str(j)))
+    with pytest.raises(ConfigError, match="needs the 'datasets' library"):
+        read_text(TextSource(path="allenai/c4", name="en", split="validation"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_text(TextSource(path="json", data_files=str(tmp_path / "missing.jsonl")))

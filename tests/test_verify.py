@@ -1,0 +1,203 @@
+"""Predict-then-verify (shadowsparse/verify.py): the mask path equals a hand-sliced FFN that computes gate/up only
+for the candidates and down only for the kept neurons; counting, byte accounting, training and the pipeline."""
+import json
+import types
+
+import pytest
+import torch
+
+from shadowsparse.accounting import decoder_linear_bytes, weight_bytes_skipped
+from shadowsparse.arch import ModelView
+from shadowsparse.errors import ConfigError
+from shadowsparse.ffn_io import load_layer, record_ffn_io
+from shadowsparse.gating import GatingConfig, SparsityCounter, attach_gating, n_keep
+from shadowsparse.training_free import LiveActivationScores
+from shadowsparse.verify import (FFNInputPredictor, VerifyConfig, VerifyScores, fit_from_recording, fit_layer,
+                                 normalized_target, quantize_rows, sketch_bytes)
+from tests.conftest import tiny_model
+
+
+def _predictor(model, layers, seed=0):
+    view = ModelView(model)
+    torch.manual_seed(seed)
+    return FFNInputPredictor(view.dims.hidden, view.dims.ffn, layers, rank=8).eval().requires_grad_(False)
+
+
+def _sliced_forward(mlp, propose, q, s, final_col=None):
+    """The FFN as a kernel would run it: gate/up rows of the candidates only, down columns of the kept only."""
+    F = mlp.down_proj.weight.shape[1]
+
+    def forward(self, x):  # x: (B, T, d)
+        cand = propose(x).topk(int(round(q * F)), -1).indices  # (B, T, C)
+        g = torch.einsum("btd,btcd->btc", x, self.gate_proj.weight[cand])
+        u = torch.einsum("btd,btcd->btc", x, self.up_proj.weight[cand])
+        a = self.act_fn(g) * u  # (B, T, C): the candidates' activations, nothing else computed
+        rank = a.abs() if final_col is None else a.abs() * final_col[cand]
+        top = rank.topk(n_keep(F, s), -1).indices  # (B, T, K) positions among the candidates
+        keep, a_keep = cand.gather(-1, top), a.gather(-1, top)
+        return torch.einsum("btk,btko->bto", a_keep, self.down_proj.weight.T[keep])
+    return types.MethodType(forward, mlp)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("proposer,final", [("predictor", "activation"), ("gate", "activation"),
+                                            ("predictor", "contribution"), ("qgate", "activation"),
+                                            ("qgate_act", "activation")])
+def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
+    model = tiny_model(family)
+    view = ModelView(model)
+    q, s, first = 0.75, 0.5, 1
+    pred = _predictor(model, list(range(first, view.dims.n_layers)))
+    sketch = VerifyConfig(bits=2, group=16, sketch="act" if proposer == "qgate_act" else "gate")
+    src = VerifyScores(q, pred if proposer == "predictor" else None, proposer.replace("_act", ""), final, sketch)
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=s, first_layer=first)):
+        gated = model(input_ids=ids).logits
+    dense = model(input_ids=ids).logits
+    saved = {}
+    try:
+        for l in range(first, view.dims.n_layers):
+            mlp = view.layer(l).mlp
+            saved[l] = mlp.forward
+            qg, qu = quantize_rows(mlp.gate_proj.weight, 2, 16), quantize_rows(mlp.up_proj.weight, 2, 16)
+            propose = {"predictor": lambda x, l=l: pred.predict_layer(l, x),
+                       "gate": lambda x, mlp=mlp: mlp.act_fn(x @ mlp.gate_proj.weight.T).abs(),
+                       "qgate": lambda x, mlp=mlp, qg=qg: mlp.act_fn(x @ qg.T).abs(),
+                       "qgate_act": lambda x, mlp=mlp, qg=qg, qu=qu: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
+                       }[proposer]
+            col = mlp.down_proj.weight.norm(dim=0) if final == "contribution" else None
+            mlp.forward = _sliced_forward(mlp, propose, q, s, col)
+        ref = model(input_ids=ids).logits
+    finally:
+        for l, f in saved.items():
+            view.layer(l).mlp.forward = f
+    torch.testing.assert_close(gated, ref, atol=2e-5, rtol=1e-4)
+    assert not torch.allclose(gated, dense, atol=1e-3)  # it did gate something
+    torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=0, rtol=0)  # hooks gone: dense again
+
+
+def test_quantize_rows_by_hand():
+    w = torch.tensor([[1.0, -0.5, 0.25, -1.0, 2.0, 0.0, -2.0, 1.0]])
+    # symmetric: scale = max|w| per group; torch.round takes halves to even (1/2 -> 0)
+    assert quantize_rows(w, 2, 4, "symmetric").tolist() == [[1.0, 0.0, 0.0, -1.0, 2.0, 0.0, -2.0, 0.0]]
+    torch.testing.assert_close(quantize_rows(w, 3, 4, "symmetric")[0, :4], torch.tensor([1.0, -2 / 3, 1 / 3, -1.0]))
+    assert quantize_rows(w, 1, 4, "symmetric").tolist() == [[0.6875, -0.6875, 0.6875, -0.6875, 1.25, 0.0, -1.25, 1.25]]
+    with pytest.raises(ConfigError, match="divide"):
+        quantize_rows(w, 2, 3)
+    # midrise: 2**bits levels ±(k + 1/2)·Δ per group, no zero level; never worse than symmetric at the same bits
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    for bits in (1, 2, 3):
+        q = quantize_rows(w, bits, 16)
+        for grp in q.reshape(32, 4, 16).flatten(0, 1):
+            levels = grp.unique()
+            assert len(levels) <= 2 ** bits and (levels != 0).all()
+            step = 2 * levels.abs().min()  # the innermost levels are ±Δ/2
+            torch.testing.assert_close(levels / step - 0.5, (levels / step - 0.5).round())
+        err = (q - w).pow(2).mean()
+        assert err <= (quantize_rows(w, bits, 16, "symmetric") - w).pow(2).mean() + 1e-6
+    view = ModelView(tiny_model("llama"))  # d 64, ffn 96, fp32: 2 bits + a 16-bit scale per 16 = 3/16 of a matrix
+    assert sketch_bytes(view, 3, VerifyConfig(bits=2, group=16)) == 3 * 96 * 64 * 3 // 16 * 4
+    assert sketch_bytes(view, 3, VerifyConfig(bits=2, group=16, sketch="act")) == 2 * 3 * 96 * 64 * 3 // 16 * 4
+
+
+def test_full_proposal_is_the_activation_oracle(ids):
+    model = tiny_model("llama")
+    pred = _predictor(model, [1, 2, 3])
+    cfg = GatingConfig(ffn_sparsity=0.5, first_layer=1)
+    with attach_gating(model, VerifyScores(1.0, pred), cfg):
+        verify = model(input_ids=ids).logits
+    with attach_gating(model, LiveActivationScores(), cfg):
+        oracle = model(input_ids=ids).logits
+    torch.testing.assert_close(verify, oracle, atol=0, rtol=0)
+
+
+def test_candidate_and_final_sparsity_are_counted(ids):
+    model = tiny_model("llama")  # ffn 96
+    pred = _predictor(model, [1, 2, 3])
+    src, counter = VerifyScores(0.6, pred), SparsityCounter()
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.5, first_layer=1), counter=counter) as h:
+        model(input_ids=ids)
+        stats = h.stats()
+    assert stats["realized_ffn_sparsity"] == pytest.approx(0.5)
+    assert src.candidate_sparsity(0.5, 96) == pytest.approx(1 - round(0.6 * 96) / 96)
+    assert src.candidate_stats[0.5][1] == 3 * ids.numel()  # one row per token and gated layer
+    # fewer proposed than the final keep: the proposal grows to the keep (pure predictor top-k)
+    src = VerifyScores(0.3, pred)
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.5, first_layer=1)):
+        model(input_ids=ids)
+    assert src.candidate_sparsity(0.5, 96) == pytest.approx(0.5)
+
+
+def test_verify_refuses_heads_missing_layers_and_non_glu_gate(ids):
+    model = tiny_model("llama")
+    with pytest.raises(ConfigError, match="FFN neurons only"):
+        attach_gating(model, VerifyScores(0.7, _predictor(model, [1, 2, 3])), GatingConfig(head_sparsity=0.3))
+    with pytest.raises(ConfigError, match="no layer 1"):
+        attach_gating(model, VerifyScores(0.7, _predictor(model, [2, 3])), GatingConfig(first_layer=1))
+    with pytest.raises(ConfigError, match="gated FFN"):
+        attach_gating(tiny_model("opt"), VerifyScores(0.7, None, "gate"), GatingConfig(first_layer=1))
+    with pytest.raises(ConfigError, match="verify.q"):
+        VerifyConfig(q=0.0).validate()
+
+
+def test_verify_bytes_by_hand():
+    model = tiny_model("llama")  # 4 layers, d=64, ffn 96, fp32; per layer 30720 params
+    view = ModelView(model)
+    total = decoder_linear_bytes(view)
+    stats = {"realized_ffn_sparsity": 0.5, "realized_head_sparsity": 0.0, "realized_candidate_sparsity": 0.25,
+             "gated_layers": 3}
+    # non-candidates: 24 neurons skip gate+up rows; every skipped neuron (48) skips its down column
+    by_hand = 3 * (24 * 2 * 64 + 48 * 64) * 4
+    assert weight_bytes_skipped(view, "predictor_verify", stats, selector_bytes=500) == pytest.approx(
+        (by_hand - 500) / total)
+    assert weight_bytes_skipped(view, "gate_verify", stats) == pytest.approx(3 * (24 * 64 + 48 * 64) * 4 / total)
+
+
+def test_recording_matches_the_ffn_and_training_learns(tmp_path):
+    model = tiny_model("llama")
+    view = ModelView(model)
+    g = torch.Generator().manual_seed(1)
+    windows = torch.randint(0, 256, (40, 32), generator=g)
+    record_ffn_io(model, windows, [1, 2], tmp_path / "rec", layer_inputs=(2,))
+    x, a = load_layer(tmp_path / "rec", "x", 2).float(), load_layer(tmp_path / "rec", "a", 2).float()
+    mlp = view.layer(2).mlp
+    torch.testing.assert_close(mlp.act_fn(x @ mlp.gate_proj.weight.T) * (x @ mlp.up_proj.weight.T), a,
+                               atol=2e-2, rtol=2e-2)  # fp16 storage
+    trained = fit_from_recording(tmp_path / "rec", [1, 2], VerifyConfig(rank=8, epochs=1), model=model,
+                                 rows=slice(0, 1024))
+    assert trained.train_tokens == 1024 and trained.layers == [1, 2]
+    held_x = x[1024:]
+    trained.save(tmp_path / "v.safetensors")
+    again = FFNInputPredictor.load(tmp_path / "v.safetensors")
+    torch.testing.assert_close(again.predict_layer(1, held_x), trained.predict_layer(1, held_x))
+
+
+def test_fit_layer_learns_a_low_rank_ranking():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 32, generator=g)
+    z = x @ torch.randn(32, 4, generator=g) @ torch.randn(4, 48, generator=g)  # a rank-4 log-importance
+    target = normalized_target(torch.exp(z / z.std()), 1e-3)
+    pred = FFNInputPredictor(32, 48, [5], rank=8)
+    before = torch.nn.functional.mse_loss(pred.predict_layer(5, x[2500:]), target[2500:]).item()
+    fit_layer(pred, 5, x[:2500].half(), target[:2500], VerifyConfig(rank=8, epochs=20, lr=1e-2, batch_size=128))
+    after = torch.nn.functional.mse_loss(pred.predict_layer(5, x[2500:]), target[2500:]).item()
+    assert after < 0.15 < before, (before, after)  # z-scored: the row mean scores 1.0
+
+
+def test_pipeline_registers_verify_methods(tmp_path):
+    from tests.test_pipeline import smoke
+    from shadowsparse.pipeline import run
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.fit=false", "evaluate.methods=[predictor_verify,gate_verify,qgate_verify]",
+              "+evaluate.verify={q: [0.75, 1.0], rank: 8, train_windows: 2, epochs: 1}"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"predictor_verify", "gate_verify", "qgate_verify"}
+    for r in rows:
+        assert r["head_sparsity"] == 0 and r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.02)
+        assert r["realized_candidate_sparsity"] == pytest.approx(1 - r["verify_q"])  # round(0.75 * 96) = 72 proposed
+        assert r["weight_bytes_skipped"] != 0
+    # q = 1 proposes everything: both proposers reduce to the same top-|a| selection
+    full = {(r["method"], r["ffn_sparsity"]): r["value"] for r in rows if r["verify_q"] == 1.0}
+    for f in (0.3, 0.5, 0.7):
+        assert full["predictor_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
+        assert full["qgate_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
+    assert (tmp_path / "run" / "verify_predictor.safetensors").exists()
