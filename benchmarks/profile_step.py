@@ -16,7 +16,8 @@ from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder, ext
 from shadowsparse.runtime.bench import SHAPES, build_config, time_replays
 
 METHODS = {"dense": {}, "ffn50": dict(ffn_sparsity=0.5), "heads50": dict(head_sparsity=0.5),
-           "ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5)}
+           "ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5),
+           "ffn50+heads50/kv-dense": dict(ffn_sparsity=0.5, head_sparsity=0.5, kv="dense")}
 
 
 def main() -> None:

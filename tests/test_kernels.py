@@ -180,6 +180,60 @@ def test_residual_is_fused_exactly(backend):
     torch.testing.assert_close(out, r + h @ w_down_t[rows] + kw["b_out"], rtol=5e-3, atol=5e-3)
 
 
+@pytest.mark.parametrize("backend", _backends())
+def test_accumulate_into_fp32_residual_stream(backend):
+    """out=: the FFN (bias in the down kernel's first split) and the o-projection add into an fp32 tensor in place
+    (the engine's fp32 residual stream of gated layers), with more k-splits than one."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    args, kw = _inputs(2, 64, 160, 80, "relu", False, True, device=device)
+    x, w_in, w_down_t, idx = args
+    r = torch.randn(2, 64, generator=torch.Generator().manual_seed(7)).to(device)
+    ref = r + gated_ffn_reference(x, w_in, w_down_t, idx[0], **kw)
+    acc = r.clone()
+    got = gated_ffn(x, w_in, w_down_t, idx[0], **kw, backend=backend, out=acc)
+    assert got.data_ptr() == acc.data_ptr()
+    torch.testing.assert_close(acc, ref, rtol=5e-3, atol=5e-3)
+    h = torch.randn(2, 80, generator=torch.Generator().manual_seed(8)).to(device)
+    acc = r.clone()
+    linear_module.row_linear_t(h, w_down_t, idx[0], kw["b_out"], backend=backend, out=acc)
+    torch.testing.assert_close(acc, r + h @ w_down_t[idx[0]] + kw["b_out"], rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_norms_read_fp32_and_write_the_model_dtype(backend):
+    """An fp32 residual row normed into fp16 equals the fp16 norm of the same row up to fp16 rounding."""
+    from shadowsparse.kernels.rope_norm import layer_norm, rms_norm
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(9)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((3, 96), (96,), (96,)))
+    w16, b16 = w.half(), b.half()
+    out = rms_norm(x, w16, 1e-5, backend=backend, out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), (w16.float() * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))),
+                               rtol=2e-3, atol=2e-3)
+    out = layer_norm(x, w16, b16, 1e-5, backend=backend, out_dtype=torch.float16)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), torch.nn.functional.layer_norm(x, (96,), w16.float(), b16.float(), 1e-5),
+                               rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_decode_attention_query_from_a_window_slot(backend):
+    """q_slot: the token's query is row q_slot of a (B, W, J, D) window (lazy K/V's fused GEMV output)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(10)
+    B, W, H, S, D = 2, 4, 4, 40, 16
+    window = torch.randn(B, W, H, D, generator=g).to(device)
+    k, v = torch.randn(B, H, S, D, generator=g).to(device), torch.randn(B, H, S, D, generator=g).to(device)
+    heads = torch.tensor([3, 0], dtype=torch.int32, device=device)
+    pos, slot = torch.tensor([30], device=device), torch.tensor([2], device=device)
+    q = window[:, :, heads.long()]  # (B, W, J, D)
+    ref = decode_attention_torch(q[:, 2:3], k, v, heads, pos, 0.25, H)
+    out = decode_attention(q, k, v, heads, pos, 0.25, H, backend=backend, q_slot=slot)
+    assert out.shape == (B, 1, 2, D)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 # -- 2:4 compressed weights ---------------------------------------------------------------------------------------
 from shadowsparse.kernels import nm24  # noqa: E402
 

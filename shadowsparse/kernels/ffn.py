@@ -162,7 +162,7 @@ if triton is not None:
         tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], h, mask=mask_t[:, None] & mask_k[None, :])
 
     @triton.jit
-    def _shared_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, y_ptr, T, K, D, K_PER_SPLIT,
+    def _shared_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, b_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
                             T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -179,13 +179,17 @@ if triton is not None:
             hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                          other=0.0)  # (T_PAD, BLOCK_K)
             acc += tl.dot(hk.to(w.dtype), w)
+        if HAS_BIAS:  # added once, by the first split
+            first = (tl.program_id(1) == 0).to(tl.float32)
+            acc += first * tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         tl.atomic_add(y_ptr + offs_t[:, None] * D + offs_d[None, :], acc, mask=mask_t[:, None] & mask_d[None, :])
 
 
 def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,
-                             block_d2, splits, warps, stages, keep=None, residual=None):
+                             block_d2, splits, warps, stages, keep=None, residual=None, out=None):
     """idx (k,): one neuron set for all T tokens (T <= 16); keep (T, k) an optional per-token 0/1 factor;
-    residual (T, d): the fp32 accumulator starts from it (saves the add pass), output in its dtype."""
+    residual (T, d): the fp32 accumulator starts from it (saves the add pass), output in its dtype;
+    out (T, d) fp32: the result (+ b_out) is added into it in place and it is returned (an fp32 residual stream)."""
     T, D = x.shape
     K = idx.shape[0]
     if T > 16:
@@ -204,15 +208,22 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
         splits = max(1, min(triton.cdiv(4 * sms, d_blocks), triton.cdiv(K, block_k2)))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
-    if residual is None:
+    bias_in_kernel = out is not None and b_out is not None
+    if out is not None:
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
+        y = out
+    elif residual is None:
         y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     else:  # the accumulator starts at residual (+ bias): one pass instead of a zero fill, a bias add and an add
         y = torch.empty(T, D, device=x.device, dtype=torch.float32)
         torch.add(residual, b_out, out=y) if b_out is not None else y.copy_(residual)
         b_out = None
     _shared_down_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
-        h, w_down_t, idx, y, T, K, D, k_per_split, T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2,
-        num_warps=warps[1], num_stages=stages[1])
+        h, w_down_t, idx, b_out if bias_in_kernel else h, y, T, K, D, k_per_split, HAS_BIAS=bias_in_kernel,
+        T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1], num_stages=stages[1])
+    if out is not None:
+        return out
     if b_out is not None:
         y += b_out
     return y.to(x.dtype if residual is None else residual.dtype)
@@ -222,7 +233,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
                      block_k: int | None = None, block_d: int | None = None, block_k2: int | None = None,
                      block_d2: int | None = None, splits: int | None = None, warps: tuple[int, int] | None = None,
                      stages: tuple[int, int] | None = None, keep: torch.Tensor | None = None,
-                     residual: torch.Tensor | None = None):
+                     residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
     """The Triton path. One set for all tokens (idx (k,), or a single token) takes the tl.dot kernels, which were
     the fastest measured even at batch 1 (H100: 97% of pre-sliced weights on OPT-13B shapes); per-token sets for
     several tokens take the per-token kernels. Block sizes, warps, stages and the k-split are tunables
@@ -234,7 +245,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
     block_k, block_d, block_k2, block_d2, warps, stages = (g if g is not None else d for g, d in zip(given, defaults))
     if shared:
         return _gated_ffn_triton_shared(x, w_in, w_down_t, idx.reshape(-1), act, w_up, b_in, b_out, block_k,
-                                        block_d, block_k2, block_d2, splits, warps, stages, keep, residual)
+                                        block_d, block_k2, block_d2, splits, warps, stages, keep, residual, out)
     T, D = x.shape
     K = idx.shape[1]
     idx = idx.to(torch.int32).contiguous()
@@ -256,14 +267,17 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
         num_stages=stages[1])
     if b_out is not None:
         y += b_out
+    if out is not None:
+        return out.add_(y)
     return y.to(x.dtype) if residual is None else residual + y.to(residual.dtype)
 
 
 def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None,
-              backend: str = "auto", residual=None):
+              backend: str = "auto", residual=None, out=None):
     """Dispatch: the Triton kernels on a CUDA device where Triton is installed, the torch gather otherwise.
     backend "triton" forces the kernels (on the CPU they need TRITON_INTERPRET=1), "torch" the fallback.
-    residual (T, d), if given, is added to the output (fused into the accumulator on the shared-set path)."""
+    residual (T, d), if given, is added to the output (fused into the accumulator on the shared-set path);
+    out (T, d) fp32, if given, receives the output added in place and is returned (an fp32 residual stream)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
     if backend not in ("auto", "triton", "torch"):
@@ -271,6 +285,9 @@ def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=No
     if backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda):
         if triton is None:
             raise ValueError("backend='triton' needs the triton package: pip install triton")
-        return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, residual=residual)
+        return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, residual=residual,
+                                out=out)
     y = gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep)
+    if out is not None:
+        return out.add_(y)
     return y if residual is None else residual + y

@@ -22,14 +22,18 @@ MAX_TOKENS = 16  # the kernels pad tokens to 16 for tl.dot
 # 50% heads), too few row blocks to fill 132 SMs, so both kernels also split the reduction over programs (fp32
 # atomics): about 4 programs per SM.
 ROW_DEFAULTS = (32, 128, 4, 4)  # best of benchmarks/row_kernels.py on an H100 (OPT-13B and Llama-2-7B shapes)
-ROW_T_DEFAULTS = (128, 64, 4, 3)
+ROW_T_DEFAULTS = (128, 128, 4, 3)  # o-projection into the fp32 residual: 2.8-3.3 TB/s (benchmarks/row_kernels.py)
+PROGRAMS_PER_SM = 4  # the reduction is split until there are about this many programs per SM (1 split: no atomics)
+# lazy K/V's one GEMV (16 window rows x q + K/V rows of ~60% of the heads) has rows enough to fill the GPU without a
+# split: (32, 256, 4, 3) at 1 program per SM, 2.7-2.8 TB/s on OPT-13B and Llama-2-7B shapes (H100)
+LAZY_QKV = dict(config=(32, 256, 4, 3), programs_per_sm=1)
 
 if ffn.triton is not None:
     import triton.language as tl
 
     @ffn.triton.jit
     def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, D_PER_SPLIT, HAS_BIAS: tl.constexpr,
-                         T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                         ATOMIC: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
@@ -48,7 +52,10 @@ if ffn.triton is not None:
         if HAS_BIAS:  # added once, by the first split
             first = (tl.program_id(1) == 0).to(tl.float32)
             acc += first * tl.load(b_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        tl.atomic_add(y_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mask_t[:, None] & mask_k[None, :])
+        if ATOMIC:
+            tl.atomic_add(y_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mask_t[:, None] & mask_k[None, :])
+        else:  # one split: each output is written by one program
+            tl.store(y_ptr + offs_t[:, None] * K + offs_k[None, :], acc, mask=mask_t[:, None] & mask_k[None, :])
 
     @ffn.triton.jit
     def _row_gemv_t_kernel(h_ptr, w_t_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
@@ -84,38 +91,46 @@ def _backend(x: torch.Tensor, backend: str) -> str:
     return backend
 
 
-def _splits(x: torch.Tensor, blocks: int, max_splits: int) -> int:
+def _splits(x: torch.Tensor, blocks: int, max_splits: int, per_sm: int | None = None) -> int:
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    return max(1, min(ffn.triton.cdiv(4 * sms, blocks), max_splits))
+    return max(1, min(ffn.triton.cdiv((per_sm or PROGRAMS_PER_SM) * sms, blocks), max_splits))
 
 
-def row_linear(x, w, rows, b=None, backend: str = "auto", out_dtype: torch.dtype | None = None):
+def row_linear(x, w, rows, b=None, backend: str = "auto", out_dtype: torch.dtype | None = None,
+               config: tuple | None = None, programs_per_sm: int | None = None):
     """x (T, d), w (N, d), rows (K,) int, b (N,) or None -> (T, K) in out_dtype (default x's dtype). The Triton
-    path accumulates in fp32: out_dtype=torch.float32 returns that buffer without a cast."""
+    path accumulates in fp32: out_dtype=torch.float32 returns that buffer without a cast. config (block_k, block_d,
+    warps, stages) and programs_per_sm override ROW_DEFAULTS / PROGRAMS_PER_SM for one call."""
     out_dtype = out_dtype or x.dtype
     if _backend(x, backend) == "torch" or x.shape[0] > MAX_TOKENS:
         return F.linear(x, w.index_select(0, rows), None if b is None else b.index_select(0, rows)).to(out_dtype)
     triton = ffn.triton
     T, D = x.shape
     K = rows.shape[0]
-    bk, bd, warps, stages = ROW_DEFAULTS
+    bk, bd, warps, stages = config or ROW_DEFAULTS
     k_blocks = triton.cdiv(K, bk)
-    splits = _splits(x, k_blocks, triton.cdiv(D, bd))
+    splits = _splits(x, k_blocks, triton.cdiv(D, bd), programs_per_sm)
     d_per_split = triton.cdiv(triton.cdiv(D, splits), bd) * bd
-    y = torch.zeros(T, K, device=x.device, dtype=torch.float32)
-    _row_gemv_kernel[(k_blocks, triton.cdiv(D, d_per_split))](
+    n_splits = triton.cdiv(D, d_per_split)
+    y = (torch.zeros if n_splits > 1 else torch.empty)(T, K, device=x.device, dtype=torch.float32)
+    _row_gemv_kernel[(k_blocks, n_splits)](
         x.contiguous(), w, b if b is not None else x, rows, y, T, K, D, d_per_split, HAS_BIAS=b is not None,
-        T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        ATOMIC=n_splits > 1, T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
     return y.to(out_dtype)
 
 
-def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Tensor | None = None):
+def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Tensor | None = None,
+                 out: torch.Tensor | None = None):
     """h (T, K), w_t (N, d) (a weight stored transposed: row r is input channel r), rows (K,) int -> (T, d), plus
-    ``residual`` (T, d) if given (fused: the accumulator starts from it). Returns residual's dtype, else h's."""
+    ``residual`` (T, d) if given (fused: the accumulator starts from it). Returns residual's dtype, else h's.
+    out: an fp32 (T, d) contiguous tensor to add the result (+ b) into in place (an fp32 residual stream: no copy
+    in, no cast out); returned."""
     out_dtype = residual.dtype if residual is not None else h.dtype
     if _backend(h, backend) == "torch" or h.shape[0] > MAX_TOKENS:
         y = h.to(w_t.dtype) @ w_t.index_select(0, rows)
         y = y if b is None else y + b
+        if out is not None:
+            return out.add_(y)
         return (y if residual is None else residual + y).to(out_dtype)
     triton = ffn.triton
     T, K = h.shape
@@ -124,9 +139,14 @@ def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Te
     d_blocks = triton.cdiv(D, bd)
     splits = _splits(h, d_blocks, triton.cdiv(K, bk))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
-    y = torch.zeros(T, D, device=h.device, dtype=torch.float32) if residual is None else \
-        residual.to(torch.float32, copy=True)
+    if out is not None:
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
+        y = out
+    else:
+        y = torch.zeros(T, D, device=h.device, dtype=torch.float32) if residual is None else \
+            residual.to(torch.float32, copy=True)
     _row_gemv_t_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
         h.contiguous(), w_t, b if b is not None else h, rows, y, T, K, D, k_per_split, HAS_BIAS=b is not None,
         T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-    return y.to(out_dtype)
+    return y if out is not None else y.to(out_dtype)

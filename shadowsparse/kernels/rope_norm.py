@@ -19,19 +19,28 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
+    def _dst_row(row, slot_ptr, W, HAS_SLOT: tl.constexpr):
+        """The output row: row itself, or row's slot in a (rows, W, N) window (slot: a device value)."""
+        dst = row.to(tl.int64)
+        if HAS_SLOT:
+            dst = dst * W + tl.load(slot_ptr)
+        return dst
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
         x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
-        normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)  # cast back before the weight, as transformers does
+        normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as transformers
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
-        tl.store(y_ptr + row * N + offs, w * normed, mask=m)
+        tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, w * normed, mask=m)
 
     @triton.jit
-    def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, eps, BLOCK: tl.constexpr):
+    def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
+                           BLOCK: tl.constexpr):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
@@ -42,7 +51,8 @@ if triton is not None:
         var = tl.sum(xc * xc, axis=0) / N
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        tl.store(y_ptr + row * N + offs, (xc * tl.rsqrt(var + eps) * w + b).to(x.dtype), mask=m)
+        dst = y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N
+        tl.store(dst + offs, (xc * tl.rsqrt(var + eps) * w + b).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, D: tl.constexpr):
@@ -69,34 +79,54 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     return backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda)
 
 
-def rms_norm_torch(x, weight, eps):
+def rms_norm_torch(x, weight, eps, out_dtype=None):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return weight * xf.to(out_dtype or x.dtype)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto") -> torch.Tensor:
-    """x (..., N) -> (..., N)."""
+def _into_window(y: torch.Tensor, window, slot) -> torch.Tensor:
+    """Torch path of ``window=``: y (B, 1, N) stored at window[:, slot] (window (B, W, N)); returns window."""
+    window.index_copy_(1, slot.reshape(1), y.reshape(window.shape[0], 1, -1).to(window.dtype))
+    return window
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto",
+             out_dtype: torch.dtype | None = None, window: torch.Tensor | None = None,
+             slot: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., N) -> (..., N) in out_dtype (default x's: an fp32 residual stream gives fp16 normed inputs).
+    window (B, W, N), slot (1,) int64 on device: x is (B, 1, N) and row b is written to window[b, slot] instead
+    (lazy K/V's input window, engine.py); returns window."""
     if not _use_triton(x, backend):
-        return rms_norm_torch(x, weight, eps)
+        y = rms_norm_torch(x, weight, eps, out_dtype)
+        return y if window is None else _into_window(y, window, slot)
     N = x.shape[-1]
     xc = x.contiguous()
-    y = torch.empty_like(xc)
-    _rms_norm_kernel[(xc.numel() // N,)](xc, weight, y, N, eps, BLOCK=triton.next_power_of_2(N),
-                                         num_warps=8 if N >= 4096 else 4)
+    y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device) if window is None else window
+    _rms_norm_kernel[(xc.numel() // N,)](xc, weight, y, slot if window is not None else xc, N,
+                                         1 if window is None else window.shape[1], eps, HAS_SLOT=window is not None,
+                                         BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 4096 else 4)
     return y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", out_dtype: torch.dtype | None = None, window: torch.Tensor | None = None,
+               slot: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., N) -> (..., N): nn.LayerNorm's math (fp32 statistics, affine in fp32, one rounding). torch's own
     kernel takes ~10 us for one 5120-wide row on an H100 (one block per row); this one ~3 us."""
     if not _use_triton(x, backend):
-        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        if out_dtype is None or out_dtype == x.dtype:
+            y = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+        else:
+            y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(),
+                                               eps).to(out_dtype)
+        return y if window is None else _into_window(y, window, slot)
     N = x.shape[-1]
     xc = x.contiguous()
-    y = torch.empty_like(xc)
-    _layer_norm_kernel[(xc.numel() // N,)](xc, weight, bias, y, N, eps, BLOCK=triton.next_power_of_2(N),
+    y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device) if window is None else window
+    _layer_norm_kernel[(xc.numel() // N,)](xc, weight, bias, y, slot if window is not None else xc, N,
+                                           1 if window is None else window.shape[1], eps,
+                                           HAS_SLOT=window is not None, BLOCK=triton.next_power_of_2(N),
                                            num_warps=8 if N >= 4096 else 4)
     return y
 

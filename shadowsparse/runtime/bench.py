@@ -11,41 +11,11 @@ import time
 
 import torch
 
+# Exact shapes (and their transformers configs) live in shadowsparse/shapes.py, shared with random-shape:<name>
+# models of the training pipeline; re-exported here for benchmark.py and benchmarks/.
+from ..shapes import SHAPES, build_config  # noqa: F401
 from .engine import DecodeEngine
 from .weights import EngineWeights
-
-# Exact shapes from the models' published config.json files.
-SHAPES = {
-    "opt-13b": dict(family="opt", hidden_size=5120, num_attention_heads=40, num_hidden_layers=40, ffn_dim=20480,
-                    vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=5120,
-                    do_layer_norm_before=True, enable_bias=True, activation_function="relu"),
-    "llama-2-7b": dict(family="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False),
-    "smollm2-135m": dict(family="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True),
-    # tiny shapes for a smoke run of the whole benchmark
-    "tiny-llama": dict(family="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                       num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=1024,
-                       tie_word_embeddings=False),
-    "tiny-opt": dict(family="opt", hidden_size=256, num_attention_heads=4, num_hidden_layers=4, ffn_dim=1024,
-                     vocab_size=512, max_position_embeddings=1024, word_embed_proj_dim=256, do_layer_norm_before=True,
-                     enable_bias=True),
-}
-
-
-def build_config(name: str):
-    from transformers import LlamaConfig, OPTConfig
-    if name not in SHAPES:
-        from ..errors import ConfigError
-        raise ConfigError(f"unknown model shape '{name}'; choose from {sorted(SHAPES)}")
-    kw = dict(SHAPES[name])
-    family = kw.pop("family")
-    if family == "opt":
-        return OPTConfig(**kw)
-    theta = kw.pop("rope_theta", 10000.0)
-    return LlamaConfig(**kw, rope_parameters={"rope_type": "default", "rope_theta": theta})
 
 
 def build_random_model(name: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
@@ -108,9 +78,9 @@ def time_host(fn, repeats: int, warmup: int = 1) -> list[float]:
 
 def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int:
     """Bytes one decode step reads: the weight rows its kernels read (dense layers whole, gated layers only the
-    selected heads' q/o rows, all K/V rows, the selected neurons' FFN rows, 2:4-compressed where so), the lm_head,
-    the predictor's
-    parameters if it runs, and the KV cache up to ``context`` positions (the mean over the timed steps)."""
+    selected heads' q/o rows, all K/V rows or lazy K/V's, the selected neurons' FFN rows, 2:4-compressed where so),
+    the lm_head, the predictor's parameters if it runs, and the KV cache up to ``context`` positions (the mean over
+    the timed steps)."""
     w: EngineWeights = engine.w
     el = w.lm_head.element_size()
     d, D, H, KV, F_ = w.hidden, w.head_dim, w.n_heads, w.n_kv_heads, w.ffn
@@ -122,10 +92,12 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int
         kh = rows["heads"] if gated else H
         kf = rows["neurons"] if gated else F_
         kv_heads_read = min(KV, kh)  # kv heads whose cache a selected query head reads (an upper bound with GQA)
+        kv_proj = rows["kv_heads"] if gated else KV  # K/V projection heads: all, or lazy's selected + refresh
+        window = rows["window"] if gated else 0  # lazy K/V reads the window's W normed inputs per sequence
         ffn_bytes = (n_in + 1) * kf * d * el
         if engine.nm24 is not None:  # values (half the entries) + 4 bits of metadata per kept pair
             ffn_bytes = ffn_bytes * 9 // 16
-        total += (2 * kh * D * d + 2 * KV * D * d) * el + ffn_bytes
+        total += (2 * kh * D * d + 2 * kv_proj * D * d + engine.batch * window * d) * el + ffn_bytes
         total += int(engine.batch * kv_heads_read * context * D * 2 * el)
     if engine.predictor is not None:
         total += sum(p.numel() * p.element_size() for p in engine.predictor.parameters())

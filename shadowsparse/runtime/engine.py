@@ -8,8 +8,23 @@ Gating per step (layers >= first_layer): the scores come from the SharedPredicto
 entering layer feature_layer + 1, top-k on device) or are given per call (heads (B, T, L, H), neurons
 (B, T, L, F), the layout of gating.TensorScores). FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
 of the transposed down projection. Heads: the q rows, the attention and the o rows of unselected query heads are
-skipped; K/V stay dense so later tokens can select any head. With B·T > 1 tokens the rows read are one set per
-layer (select.py: "union", exact per-token semantics, or "vote", one fixed-size set).
+skipped. With B·T > 1 tokens the rows read are one set per layer (select.py: "union", exact per-token semantics,
+or "vote", one fixed-size set).
+
+K/V of skipped heads (kv="lazy"): a later token may select a head that earlier tokens skipped, and then needs
+that head's keys and values at every earlier position. kv="dense" computes every head's K/V at every token
+(correct, but the K/V projections are then 2/3 of the attention bytes that head gating cannot skip). kv="lazy"
+keeps the normed inputs of the last W positions (cache.InputWindow) and, at each single-token step, recomputes
+K/V over those W positions for the selected heads plus r = ceil(H / W) "refresh" heads that rotate through all
+heads. Why that is exact: every head is refreshed within any W consecutive steps, and a refresh rewrites the last
+W positions, so a position older than W steps holds valid K/V for every head; the positions of the last W steps
+are rewritten for each selected head before its attention runs. A multi-token step (prefill) first recomputes
+every head over the window, then computes its own tokens' K/V densely, so lazy steps can follow any history.
+The W rows cost one weight read (they share the GEMV, tokens padded to 16), hence batch * W <= 16.
+
+Gated layers of a pre-norm model keep the residual stream in fp32: the out-projection and FFN-down kernels add
+into it with their fp32 atomics and the norms read it, which removes a copy-in, a cast-out and a bias add per
+sub-block (small kernels that cost as much as the bytes they touch at decode). Dense layers keep the model dtype.
 
 Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
 step in a CUDA graph.
@@ -24,10 +39,11 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..gating import n_keep
 from ..kernels.attention import decode_attention
+from ..kernels.kv_window import kv_window_write
 from ..kernels.ffn import _act, gated_ffn
-from ..kernels.linear import row_linear, row_linear_t
+from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
-from .cache import StaticKVCache
+from .cache import InputWindow, StaticKVCache
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
@@ -46,6 +62,11 @@ class EngineConfig:
     batch_set: str = "union"  # rows read with several tokens per step: "union" (exact) or "vote" (fixed size)
     backend: str = "auto"  # kernels: "auto" (Triton on CUDA, torch elsewhere), "triton", "torch"
     nm24: bool = False  # FFN weights pruned to 2:4 (magnitude) and stored compressed (kernels/nm24.py)
+    kv: str = "auto"  # K/V of gated layers under head gating: "dense", "lazy" (module docstring) or "auto" (lazy
+    # where it is exact and reads fewer bytes: no grouped K/V heads, batch * window <= 16)
+    kv_window: int = 16  # W, the positions lazy K/V recomputes per step ("auto" shrinks it to 16 // batch)
+    all_kernels: bool = False  # run the gated path with every unit selected: the dense model through the gathered
+    # kernels and the fp32 residual stream (benchmark: is the dense baseline faster through cuBLAS or through them?)
 
     def validate(self) -> "EngineConfig":
         for name in ("ffn_sparsity", "head_sparsity"):
@@ -56,6 +77,10 @@ class EngineConfig:
             raise ConfigError(f"batch_set must be one of {BATCH_SETS}, got {self.batch_set!r}")
         if self.backend not in ("auto", "triton", "torch"):
             raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
+        if self.kv not in ("auto", "dense", "lazy"):
+            raise ConfigError(f"kv must be 'auto', 'dense' or 'lazy', got {self.kv!r}")
+        if not (isinstance(self.kv_window, int) and self.kv_window >= 2):
+            raise ConfigError(f"kv_window must be an integer >= 2, got {self.kv_window!r}")
         return self
 
 
@@ -67,6 +92,9 @@ class Selection:
     heads: torch.Tensor | None = None  # (Lg, Kh) int32 query heads
     head_rows: torch.Tensor | None = None  # (Lg, Kh*D) int32 rows of W_q / W_o.T
     head_keep: torch.Tensor | None = None  # (Lg, n, Kh) or None
+    kv_heads: torch.Tensor | None = None  # (Lg, Kh + r) int32: lazy K/V's heads (selected, then refresh)
+    kv_rows: torch.Tensor | None = None  # (Lg, 2*(Kh + r)*D) int32 rows of the K/V weight (keys, then values)
+    qkv_rows: torch.Tensor | None = None  # (Lg, Kh*D + 2*(Kh + r)*D) rows of the fused q/k/v weight (lazy K/V)
 
 
 class DecodeEngine:
@@ -104,10 +132,41 @@ class DecodeEngine:
         self.first_layer = first
         self.k_heads = n_keep(w.n_heads, self.cfg.head_sparsity)
         self.k_ffn = n_keep(w.ffn, self.cfg.ffn_sparsity)
-        self.gate_heads = self.k_heads < w.n_heads
-        self.gate_ffn = self.k_ffn < w.ffn
+        self.gate_heads = self.k_heads < w.n_heads or self.cfg.all_kernels
+        self.gate_ffn = self.k_ffn < w.ffn or self.cfg.all_kernels
         self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
+        self.window = self._plan_lazy_kv()
+        self.window_rope = None  # (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
+        self.resid32 = self.gated and w.norm_before and self.nm24 is None  # the fp32 residual stream (docstring)
+        self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
+
+    def _plan_lazy_kv(self) -> InputWindow | None:
+        """The input window of lazy K/V, or None for dense K/V (module docstring)."""
+        w, cfg = self.w, self.cfg
+        if cfg.kv == "dense" or (cfg.kv == "auto" and not self.gate_heads):
+            return None
+        window = cfg.kv_window if cfg.kv == "lazy" else min(cfg.kv_window, KERNEL_TOKENS // self.batch)
+        refresh = -(-w.n_heads // max(window, 1))
+        why_not = None
+        if not self.gate_heads:
+            why_not = "it needs head gating (head_sparsity > 0)"
+        elif w.n_kv_heads != w.n_heads:
+            why_not = "the model groups K/V heads (GQA): its K/V projections are small already"
+        elif window < 2 or self.batch * window > KERNEL_TOKENS:
+            why_not = f"batch * kv_window must be <= {KERNEL_TOKENS} (got {self.batch} * {window})"
+        elif padded_size(self.batch, self.k_heads, w.n_heads, cfg.batch_set) + refresh >= w.n_heads:
+            kh = padded_size(self.batch, self.k_heads, w.n_heads, cfg.batch_set)
+            why_not = f"{kh} selected + {refresh} refresh heads read every head's K/V"
+        if why_not:
+            if cfg.kv == "lazy":
+                raise ConfigError(f"kv='lazy' is not possible here: {why_not}; use kv='dense' or 'auto'")
+            return None
+        self.kv_refresh = refresh
+        self.kv_step = torch.zeros(1, dtype=torch.long, device=self.device)  # advanced in every _select
+        self.refresh_offsets = torch.arange(refresh, device=self.device)
+        return InputWindow(w.n_layers - self.first_layer, self.batch, window, w.hidden, self.max_len, self.dtype,
+                           self.device)
 
     @property
     def gated(self) -> bool:
@@ -127,6 +186,14 @@ class DecodeEngine:
             sel.heads, keep = select_units(s, self.k_heads, mode)
             sel.head_rows = head_rows(sel.heads, self.w.head_dim)
             sel.head_keep = None if keep is None else keep.to(self.dtype)
+            if self.window is not None:
+                H, r = self.w.n_heads, self.kv_refresh
+                refresh = ((self.kv_step * r + self.refresh_offsets) % H).to(torch.int32)  # (r,) rotating
+                self.kv_step.add_(1)
+                sel.kv_heads = torch.cat([sel.heads, refresh.expand(sel.heads.shape[0], r)], dim=1)
+                rows = head_rows(sel.kv_heads, self.w.head_dim)  # key rows; the value rows follow H*D later
+                sel.kv_rows = torch.cat([rows, rows + H * self.w.head_dim], dim=1)
+                sel.qkv_rows = torch.cat([sel.head_rows, sel.kv_rows + self.n_q], dim=1)
         return sel
 
     def rows_read(self, tokens: int) -> dict:
@@ -134,7 +201,9 @@ class DecodeEngine:
         mode = self.cfg.batch_set
         kh = padded_size(tokens, self.k_heads, self.w.n_heads, mode) if self.gate_heads else self.w.n_heads
         kf = padded_size(tokens, self.k_ffn, self.w.ffn, mode) if self.gate_ffn else self.w.ffn
-        return {"heads": kh, "neurons": kf}
+        lazy = self.window is not None and tokens == self.batch  # single-token steps
+        kv = kh + self.kv_refresh if lazy else self.w.n_kv_heads
+        return {"heads": kh, "neurons": kf, "kv_heads": kv, "window": self.window.window if lazy else 0}
 
     # -- the step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -155,6 +224,12 @@ class DecodeEngine:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
             pos = torch.tensor([pos], device=self.device, dtype=torch.long)
         positions = pos + torch.arange(T, device=self.device)  # (T,)
+        if self.window is not None:
+            if T > 1:
+                self._refresh_all_kv()
+            self.window.advance(positions)
+            if self.inv_freq is not None and T == 1:  # the window's q and k are rotated at their own positions
+                self.window_rope = rope_cos_sin(self.window.positions, self.inv_freq, torch.float32)
         x = F.embedding(ids, w.embed)  # (B, T, d_embed)
         rope = None
         if w.family == "opt":
@@ -171,15 +246,18 @@ class DecodeEngine:
                 p_heads, p_neurons = self.predictor(x)  # (B, T, L, H), (B, T, L, F)
                 sel = self._select(p_heads, p_neurons)
             gi = layer - self.first_layer
+            if gi == 0 and self.resid32:
+                x = x.float()  # (B, T, d) fp32 from here on (module docstring)
             x = self._layer(layer, x, pos, positions, rope, sel if gi >= 0 else None, gi)
+        be, dt = self.cfg.backend, self.dtype
         if w.family == "opt":
             if w.final_norm_w is not None:
-                x = layer_norm(x, w.final_norm_w, w.final_norm_b, w.eps, backend=self.cfg.backend)
+                x = layer_norm(x, w.final_norm_w, w.final_norm_b, w.eps, backend=be, out_dtype=dt)
             if w.project_out is not None:
-                x = F.linear(x, w.project_out)
+                x = F.linear(x.to(dt), w.project_out)
         else:
-            x = rms_norm(x, w.final_norm_w, w.eps, backend=self.cfg.backend)
-        return F.linear(x, w.lm_head)
+            x = rms_norm(x, w.final_norm_w, w.eps, backend=be, out_dtype=dt)
+        return F.linear(x.to(dt), w.lm_head)
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, start: int = 0, heads=None, neurons=None) -> torch.Tensor:
@@ -205,16 +283,40 @@ class DecodeEngine:
             out.append(logits[:, -1:].argmax(-1))
         return torch.cat(out, dim=1)
 
+    def _refresh_all_kv(self) -> None:
+        """Every head's K/V over the window's positions, in every gated layer (before a multi-token step)."""
+        W, B = self.window.window, self.batch
+        for gi in range(self.window.h.shape[0]):
+            layer = gi + self.first_layer
+            lw = self.w.layers[layer]
+            kv = _linear(self.window.h[gi].view(B * W, -1), lw.kv_w(self.n_q),
+                         None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (B*W, 2*H*D)
+            kv_window_write(kv, self.cache.keys[layer], self.cache.values[layer], self.all_heads,
+                            self.window.positions, self.inv_freq, backend=self.cfg.backend)
+
     # -- one decoder layer ---------------------------------------------------------------------------------------------
-    def _norm(self, x, w, b):
+    def _norm(self, x, w, b, gi: int | None = None):
+        """x (B, T, d) in the model dtype or fp32 (the residual stream of gated layers) -> model dtype. With gi
+        (a lazy K/V step, T = 1), the output goes to gated layer gi's slot of the input window; returns None."""
+        kw = dict(backend=self.cfg.backend, out_dtype=self.dtype)
+        if gi is not None:
+            kw.update(window=self.window.h[gi], slot=self.window.slot)
         if self.w.family == "llama":
-            return rms_norm(x, w, self.w.eps, backend=self.cfg.backend)
-        return layer_norm(x, w, b, self.w.eps, backend=self.cfg.backend)
+            y = rms_norm(x, w, self.w.eps, **kw)
+        else:
+            y = layer_norm(x, w, b, self.w.eps, **kw)
+        return None if gi is not None else y
+
+    def _lazy(self, sel: Selection | None, T: int) -> bool:
+        """Whether this gated layer's step computes K/V lazily (module docstring): single tokens only."""
+        return sel is not None and sel.heads is not None and self.window is not None and T == 1
 
     def _layer(self, layer, x, pos, positions, rope, sel: Selection | None, gi: int):
         lw = self.w.layers[layer]
         pre = self.w.norm_before
-        h = self._norm(x, lw.norm1_w, lw.norm1_b) if pre else x
+        # a lazy step of a pre-norm layer writes the normed input straight into the window (the only reader)
+        into_window = pre and self._lazy(sel, x.shape[1])
+        h = self._norm(x, lw.norm1_w, lw.norm1_b, gi if into_window else None) if pre else x
         x = self._attention(layer, h, x, pos, positions, rope, sel, gi)  # the residual added inside
         if not pre:
             x = self._norm(x, lw.norm1_w, lw.norm1_b)
@@ -225,14 +327,32 @@ class DecodeEngine:
         return x
 
     def _attention(self, layer, h, resid, pos, positions, rope, sel, gi):
-        """h (B, T, d) the normed input, resid (B, T, d) the residual stream -> resid + attention(h)."""
+        """h (B, T, d) the normed input (None: already in the input window), resid (B, T, d) the residual stream
+        -> resid + attention(h)."""
         w, lw = self.w, self.w.layers[layer]
-        B, T, d = h.shape
+        B, T, d = resid.shape
         D, KV = w.head_dim, w.n_kv_heads
-        hf = h.reshape(B * T, d)
+        hf = None if h is None else h.reshape(B * T, d)
         be = self.cfg.backend
         gated = sel is not None and sel.heads is not None
-        if gated:
+        lazy = self._lazy(sel, T)
+        if gated and self.window is not None and h is not None:
+            self.window.write(gi, h)
+        q_slot = None
+        if lazy:
+            # One GEMV over the window's W inputs reads the selected heads' q rows and the K/V rows of the selected
+            # + refresh heads (each weight row once; the tokens are padded to 16 anyway). The new token's query is
+            # the window row of its slot; the keys and values go straight into the cache.
+            rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
+            W, Kq = self.window.window, sel.head_rows.shape[1]
+            out = row_linear(self.window.h[gi].view(B * W, d), lw.qkv_w, sel.qkv_rows[gi], lw.qkv_b, backend=be,
+                             out_dtype=torch.float32, **LAZY_QKV)  # (B*W, Kq + 2*(Kh + r)*D)
+            if rope is not None:
+                rope_(out, *self.window_rope, heads.shape[0], D, W, backend=be)
+            kv_window_write(out[:, Kq:], self.cache.keys[layer], self.cache.values[layer], sel.kv_heads[gi],
+                            self.window.positions, self.inv_freq, backend=be)
+            q, q_slot = out[:, :Kq], self.window.slot
+        elif gated:
             rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
             # q stays in the kernel's fp32 accumulator (no cast pass); the attention kernel reads it as is
             q = _chunked(lambda xs: row_linear(xs, lw.q_w(self.n_q), rows, lw.qkv_b, backend=be,
@@ -248,17 +368,25 @@ class DecodeEngine:
                 rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
             q, kv = qkv[:, :self.n_q], qkv[:, self.n_q:]
         J = heads.shape[0]
-        q = q.view(B, T, J, D)  # a strided view, read in place by the attention kernel
-        k = kv[:, :KV * D].view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
-        v = kv[:, KV * D:].view(B, T, KV, D).transpose(1, 2)
-        self.cache.write(layer, positions, k, v)
+        q = q.view(B, -1, J, D)  # a strided view, read in place by the attention kernel; (B, W, J, D) if lazy
+        if not lazy:
+            k = kv[:, :KV * D].view(B, T, KV, D).transpose(1, 2)  # (B, KV, T, D)
+            v = kv[:, KV * D:].view(B, T, KV, D).transpose(1, 2)
+            self.cache.write(layer, positions, k, v)
         # OPT scales q (bias included) before attention in transformers; the same product, scaled in the kernel
         a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
-                             w.n_heads, backend=be)  # (B, T, J, D)
+                             w.n_heads, backend=be, q_slot=q_slot)  # (B, T, J, D)
         if gated and sel.head_keep is not None:
             a = a * sel.head_keep[gi].view(B, T, J, 1)
         a = a.reshape(B * T, J * D)
         rf = resid.reshape(B * T, d)
+        if sel is not None and self.resid32:
+            # the fp32 residual stream: the out-projection adds into it (every head's rows if heads are not gated)
+            o_rows = rows if gated else self.all_q_rows
+            for i in range(0, B * T, KERNEL_TOKENS):
+                row_linear_t(a[i:i + KERNEL_TOKENS], lw.o_t, o_rows, lw.o_b, backend=be,
+                             out=rf[i:i + KERNEL_TOKENS])
+            return resid
         if gated:
             out = [row_linear_t(a[i:i + KERNEL_TOKENS], lw.o_t, rows, lw.o_b, backend=be,
                                 residual=rf[i:i + KERNEL_TOKENS]) for i in range(0, B * T, KERNEL_TOKENS)]
@@ -270,6 +398,7 @@ class DecodeEngine:
         lw = self.w.layers[layer]
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
+        into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
         if self.nm24 is not None:
             return _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i), hf, rf)
         if sel is not None and sel.ffn_idx is not None:
@@ -280,14 +409,17 @@ class DecodeEngine:
                 t1 = t0 + KERNEL_TOKENS
                 outs.append(gated_ffn(hf[t0:t1], lw.w_in, lw.down_t, idx, self.w.act, w_up=lw.w_up, b_in=lw.b_in,
                                       b_out=lw.b_out, keep=None if keep is None else keep[t0:t1],
-                                      backend=self.cfg.backend, residual=rf[t0:t1]))
-            return torch.cat(outs) if len(outs) > 1 else outs[0]
+                                      backend=self.cfg.backend, residual=None if into else rf[t0:t1],
+                                      out=rf[t0:t1] if into else None))
+            return rf if into else (torch.cat(outs) if len(outs) > 1 else outs[0])
         if lw.b_in is not None and self.w.act == "relu":  # OPT fc1: bias and ReLU in cuBLASLt's epilogue
             g = torch._addmm_activation(lw.b_in, hf, lw.w_in.t())
         else:
             g = _act(_linear(hf, lw.w_in, lw.b_in), self.w.act)  # (n, F)
         if lw.w_up is not None:
             g = g * F.linear(hf, lw.w_up)
+        if into:
+            return rf.add_(_linear(g, lw.down_w, lw.b_out))
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
 
 

@@ -1,8 +1,8 @@
 """Positions as transformers 5 computes them (so the engine's logits match the model's); the norms and their torch
 fallbacks live in kernels/rope_norm.py. RoPE (default type): inverse frequencies
 theta^(-2i/D) in fp32, angles pos * inv_freq, cos/sin of [angles, angles] cast to the activations' dtype, applied
-as q·cos + rotate_half(q)·sin. OPT: learned positions indexed at pos + 2 (its historic offset). The decode step runs the fused Triton twins of
-RMSNorm and RoPE (kernels/rope_norm.py), tested against these.
+as q·cos + rotate_half(q)·sin. OPT: learned positions indexed at pos + 2 (its historic offset). The decode step
+runs the fused Triton twins of RMSNorm and RoPE (kernels/rope_norm.py), tested against these.
 """
 from __future__ import annotations
 
