@@ -305,7 +305,6 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                  predictor_params=pred.n_params(), predictor_flops_per_token=pred.flops_per_token(), **extra)
     if "static" in methods:
         static = StaticScores(*mean_scores(targets_dir, model))  # (L, H), (L, F): streamed, not loaded whole
-        del t
         evaluate("static", static, granularity=None)  # one mask for every input
     if "oracle" in methods:
         crit = get_criterion(info["criterion"])
