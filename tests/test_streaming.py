@@ -48,7 +48,7 @@ def test_streamed_rows_equal_the_in_memory_rows(targets, monkeypatch, input_key,
     monkeypatch.setattr(T, "load_targets", lambda *a, **k: pytest.fail("the DataModule loaded every shard"))
     # a shuffle buffer of 24 feature rows (64 * 4 bytes + 4 layers * (4 heads + 96 neurons) * 2 bytes each)
     dm = TargetsDataModule(str(out), batch_size=7, val_fraction=0.25, model=model, seed=0, input_key=input_key,
-                           normalize=normalize, chunk_rows=5, buffer_bytes=24 * 1056)
+                           normalize=normalize, chunk_rows=5, buffer_bytes=24 * 1056, keep_bytes=0)
     dm.setup()
     cut = n - round(n * 0.25)
     (x, h, nn), sizes = streamed(dm.train_dataloader())
@@ -80,6 +80,31 @@ def test_each_row_is_read_once_per_epoch_from_its_shard(targets):
     assert reader.rows_read == 3 * reader.n_rows  # features, heads, neurons: each row once
     assert ds.peak_rows <= 20 + 6 - 1
     assert len(reader._open) <= reader.MAX_OPEN
+
+
+def test_kept_rows_serve_later_epochs_without_reading_the_shards(targets):
+    """keep=True (a range inside the DataModule's keep_bytes): the first epoch reads and normalizes every row once,
+    later epochs read nothing and serve exactly what a streaming dataset with the same seed serves."""
+    out, model = targets
+    kw = dict(batch_size=8, input_key="features", eps=1e-3, normalize="layer", shuffle=True, seed=3, chunk_rows=6,
+              buffer_rows=20)
+    kept_reader, stream_reader = T.TargetsReader(out, model), T.TargetsReader(out, model)
+    kept = StreamingRows(kept_reader, 0, kept_reader.n_rows, keep=True, **kw)
+    stream = StreamingRows(stream_reader, 0, stream_reader.n_rows, **kw)
+    for epoch in range(3):
+        a, b = list(kept), list(stream)
+        assert len(a) == len(b) and all(torch.equal(u, v) for x, y in zip(a, b) for u, v in zip(x, y))
+        assert kept_reader.rows_read == 3 * kept_reader.n_rows  # only the first epoch read the shards
+        assert stream_reader.rows_read == 3 * stream_reader.n_rows * (epoch + 1)
+
+
+def test_datamodule_keeps_small_ranges_only(targets):
+    out, model = targets
+    small = TargetsDataModule(str(out), batch_size=7, model=model)
+    small.setup()
+    big = TargetsDataModule(str(out), batch_size=7, model=model, keep_bytes=100)
+    big.setup()
+    assert small.train_set.kept is not None and big.train_set.kept is None
 
 
 def test_ddp_ranks_stream_disjoint_equal_shares(targets, monkeypatch):
