@@ -217,7 +217,7 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
 
 
 METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal", "lte", "predictor_verify",
-           "gate_verify", "qgate_verify")
+           "gate_verify", "sketch_verify")
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
@@ -358,11 +358,11 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
             evaluate("lte", source, granularity="token", criterion=None, budget="local",
                      selector_bytes=lte.router_bytes(model), levels=[(f, h) for f, h in gating_levels(cfg) if h == 0],
                      **lte.info())
-    if {"predictor_verify", "gate_verify", "qgate_verify"} & set(methods):  # two-stage selection (verify.py), FFN only
+    if {"predictor_verify", "gate_verify", "sketch_verify"} & set(methods):  # two-stage selection (verify.py), FFN only
         from .verify import VerifyScores, sketch_bytes, verify_config, verify_predictor_for
         vcfg = verify_config(cfg)
         ffn_levels = [(f, h) for f, h in gating_levels(cfg) if h == 0]
-        for method in ("predictor_verify", "gate_verify", "qgate_verify"):
+        for method in ("predictor_verify", "gate_verify", "sketch_verify"):
             if method not in methods:
                 continue
             if method != "predictor_verify" and not view.spec.glu:
@@ -370,11 +370,11 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
                 continue
             vp = verify_predictor_for(cfg, model, tok, first_layer, run_dir) if method == "predictor_verify" else None
             esize = next(model.parameters()).element_size()
-            proposer = {"predictor_verify": "predictor", "gate_verify": "gate", "qgate_verify": "qgate"}[method]
+            proposer = {"predictor_verify": "predictor", "gate_verify": "gate", "sketch_verify": "sketch"}[method]
             sel_bytes = {"predictor": vp.n_params() * esize if vp is not None else 0, "gate": 0,
-                         "qgate": sketch_bytes(view, view.dims.n_layers - first_layer, vcfg)}[proposer]
+                         "sketch": sketch_bytes(view, view.dims.n_layers - first_layer, vcfg)}[proposer]
             more_q = {"verify_bits": vcfg.bits, "verify_group": vcfg.group, "verify_sketch": vcfg.sketch} \
-                if proposer == "qgate" else {}
+                if proposer == "sketch" else {}
             for q in vcfg.qs:
                 src = VerifyScores(q, vp, proposer, vcfg.final, sketch=vcfg)
                 evaluate(method, src, granularity="token", criterion=None, budget="local", levels=ffn_levels,

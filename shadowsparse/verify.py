@@ -1,16 +1,19 @@
-"""Predict-then-verify FFN selection (two stages per token and layer):
+"""Predict-then-verify FFN selection (two stages per token and layer), evaluated as three methods:
 
-1. propose: a cheap selector ranks the layer's neurons *before* the FFN runs and keeps the top ``q`` fraction as
-   candidates. The proposer is either a per-layer low-rank predictor reading the FFN input itself (the vector gate
-   and up read), or (``gate_verify``) the full gate projection, CATS-style.
+1. propose: a selector ranks the layer's neurons and keeps the top ``q`` fraction as candidates —
+   ``predictor_verify``: a per-layer low-rank predictor reading the FFN input itself (the vector gate and up read);
+   ``sketch_verify``: a low-bit copy of the FFN's own weights, |act(Q(W_gate) x) * Q(W_up) x| (sketch "act") or
+   |act(Q(W_gate) x)| (sketch "gate"), read instead of the real weights (docs/research.md: the best proposer here);
+   ``gate_verify``: the real gate projection in full, CATS-style.
 2. verify: gate and up are computed for the candidates only; the final keep set is the top (1 - s) of the
-   candidates by their true |a| (optionally |a| * ||W_down[:, i]||, the neuron's output contribution).
+   candidates by their true |a| (optionally |a| * ||W_down[:, i]||, the neuron's output contribution). With
+   q <= 1 - s there is nothing to verify: the proposal is the keep set, decided before the FFN runs.
 
 A real kernel reads, per token, the candidates' gate and up rows and the kept neurons' down columns, so the bytes
-skipped are (1 - q) of gate + up (predictor) or of up (gate proposer) plus s of down, minus the predictor's own
-bytes (shadowsparse.accounting). Here it runs through the gating hooks' mask path: the activation is computed
-densely and every neuron outside the final set is zeroed, which equals the sliced computation exactly because
-non-candidates are never eligible (tests/test_verify.py checks it against a hand-sliced forward).
+skipped are (1 - q) of gate + up (of up alone for gate_verify) plus s of down, minus the proposer's own bytes
+(shadowsparse.accounting, sketch_bytes). Here it runs through the gating hooks' mask path: the activation is
+computed densely and every neuron outside the final set is zeroed, which equals the sliced computation exactly
+because non-candidates are never eligible (tests/test_verify.py checks it against a hand-sliced forward).
 """
 from __future__ import annotations
 
@@ -45,10 +48,11 @@ class VerifyConfig:
     batch_size: int = 512
     weight_decay: float = 0.0
     eps: float = 1e-3  # targets are log(s + eps * mean_row(s)), z-scored per row (as the shared predictor's)
-    sketch: str = "gate"  # qgate_verify's proposer: "gate" |act(Q(W_gate) x)| or "act" (also Q(W_up) x: |a| estimate)
-    bits: int = 2  # qgate_verify: bits per weight of the low-bit copy (1 = sign times the group's mean |w|)
-    group: int = 64  # qgate_verify: input channels sharing one 16-bit scale
-    quantizer: str = "midrise"  # qgate_verify: "midrise" (2**bits levels, MSE-fitted clip) or "symmetric" (with 0)
+    sketch: str = "act"  # sketch_verify's proposer: "act" |act(Q(W_gate) x) * Q(W_up) x| (an |a| estimate) or "gate"
+    # |act(Q(W_gate) x)| alone (half the bytes, weaker: docs/research.md)
+    bits: int = 2  # sketch_verify: bits per weight of the low-bit copy (1 = sign times the group's mean |w|)
+    group: int = 64  # sketch_verify: input channels sharing one 16-bit scale
+    quantizer: str = "midrise"  # sketch_verify: "midrise" (2**bits levels, MSE-fitted clip) or "symmetric" (with 0)
 
     @property
     def qs(self) -> list[float]:
@@ -58,7 +62,7 @@ class VerifyConfig:
         if not self.qs or not all(0.0 < q <= 1.0 for q in self.qs):
             raise ConfigError(f"verify.q must be in (0, 1] (the fraction proposed), got {self.q}")
         for key, allowed in (("act", ("gelu", "none")), ("target", ("activation", "contribution")),
-                             ("final", ("activation", "contribution"))):
+                             ("final", ("activation", "contribution")), ("quantizer", ("midrise", "symmetric"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"verify.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.sketch not in ("gate", "act") or not 1 <= self.bits <= 8 or self.group < 1:
@@ -242,9 +246,9 @@ class VerifyScores(ScoreSource):
 
     def __init__(self, q: float, predictor: FFNInputPredictor | None = None, proposer: str = "predictor",
                  final: str = "activation", sketch: VerifyConfig | None = None):
-        if proposer not in ("predictor", "gate", "qgate"):
-            raise ConfigError(f"verify proposer must be 'predictor', 'gate' or 'qgate', got {proposer!r}")
-        self.sketch = sketch or VerifyConfig()  # qgate: bits, group and what is sketched
+        if proposer not in ("predictor", "gate", "sketch"):
+            raise ConfigError(f"verify proposer must be 'predictor', 'gate' or 'sketch', got {proposer!r}")
+        self.sketch = sketch or VerifyConfig()  # sketch proposer: bits, group and what is sketched
         self._qweights: dict = {}  # (layer, which) -> dequantized low-bit copy, made once
         if proposer == "predictor" and predictor is None:
             raise ConfigError("the predictor proposer needs a trained FFNInputPredictor")
@@ -259,7 +263,7 @@ class VerifyScores(ScoreSource):
         spec = view.spec
         if cfg.head_sparsity > 0:
             raise ConfigError("predict-then-verify selects FFN neurons only; set head_sparsity=0 for it")
-        if self.proposer in ("gate", "qgate") and (not spec.glu or spec.ffn_gate is None):
+        if self.proposer in ("gate", "sketch") and (not spec.glu or spec.ffn_gate is None):
             raise ConfigError(f"gate_verify needs a gated FFN (SwiGLU); '{spec.family}' has none")
         F = view.dims.ffn
         k_final = n_keep(F, cfg.ffn_sparsity)
@@ -278,7 +282,7 @@ class VerifyScores(ScoreSource):
                     with torch.no_grad():
                         self._set(l, self.predictor.predict_layer(l, args[0]), stats)
                 hooks.append(ffn_input_module(view, l).register_forward_pre_hook(propose))
-            elif self.proposer == "qgate":
+            elif self.proposer == "sketch":
                 act = view.module(l, spec.ffn_act)
                 qg = self._qweight(view, l, spec.ffn_gate)
                 qu = self._qweight(view, l, spec.ffn_in[-1]) if self.sketch.sketch == "act" else None

@@ -13,8 +13,8 @@ from shadowsparse.ffn_io import load_layer, record_ffn_io
 from shadowsparse.gating import GatingConfig, SparsityCounter, attach_gating, n_keep
 from shadowsparse.training_free import LiveActivationScores
 from shadowsparse.verify import (FFNInputPredictor, VerifyConfig, VerifyScores, fit_from_recording, fit_layer,
-                                 normalized_target, quantize_rows, sketch_bytes)
-from tests.conftest import tiny_model
+                                 normalized_target, quantize_rows, sketch_bytes, verify_config)
+from tests.conftest import compose, tiny_model
 
 
 def _predictor(model, layers, seed=0):
@@ -41,14 +41,14 @@ def _sliced_forward(mlp, propose, q, s, final_col=None):
 
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("proposer,final", [("predictor", "activation"), ("gate", "activation"),
-                                            ("predictor", "contribution"), ("qgate", "activation"),
-                                            ("qgate_act", "activation")])
+                                            ("predictor", "contribution"), ("sketch", "activation"),
+                                            ("sketch_act", "activation")])
 def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
     model = tiny_model(family)
     view = ModelView(model)
     q, s, first = 0.75, 0.5, 1
     pred = _predictor(model, list(range(first, view.dims.n_layers)))
-    sketch = VerifyConfig(bits=2, group=16, sketch="act" if proposer == "qgate_act" else "gate")
+    sketch = VerifyConfig(bits=2, group=16, sketch="act" if proposer == "sketch_act" else "gate")
     src = VerifyScores(q, pred if proposer == "predictor" else None, proposer.replace("_act", ""), final, sketch)
     with attach_gating(model, src, GatingConfig(ffn_sparsity=s, first_layer=first)):
         gated = model(input_ids=ids).logits
@@ -61,8 +61,8 @@ def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
             qg, qu = quantize_rows(mlp.gate_proj.weight, 2, 16), quantize_rows(mlp.up_proj.weight, 2, 16)
             propose = {"predictor": lambda x, l=l: pred.predict_layer(l, x),
                        "gate": lambda x, mlp=mlp: mlp.act_fn(x @ mlp.gate_proj.weight.T).abs(),
-                       "qgate": lambda x, mlp=mlp, qg=qg: mlp.act_fn(x @ qg.T).abs(),
-                       "qgate_act": lambda x, mlp=mlp, qg=qg, qu=qu: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
+                       "sketch": lambda x, mlp=mlp, qg=qg: mlp.act_fn(x @ qg.T).abs(),
+                       "sketch_act": lambda x, mlp=mlp, qg=qg, qu=qu: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
                        }[proposer]
             col = mlp.down_proj.weight.norm(dim=0) if final == "contribution" else None
             mlp.forward = _sliced_forward(mlp, propose, q, s, col)
@@ -96,7 +96,7 @@ def test_quantize_rows_by_hand():
         err = (q - w).pow(2).mean()
         assert err <= (quantize_rows(w, bits, 16, "symmetric") - w).pow(2).mean() + 1e-6
     view = ModelView(tiny_model("llama"))  # d 64, ffn 96, fp32: 2 bits + a 16-bit scale per 16 = 3/16 of a matrix
-    assert sketch_bytes(view, 3, VerifyConfig(bits=2, group=16)) == 3 * 96 * 64 * 3 // 16 * 4
+    assert sketch_bytes(view, 3, VerifyConfig(bits=2, group=16, sketch="gate")) == 3 * 96 * 64 * 3 // 16 * 4
     assert sketch_bytes(view, 3, VerifyConfig(bits=2, group=16, sketch="act")) == 2 * 3 * 96 * 64 * 3 // 16 * 4
 
 
@@ -137,7 +137,11 @@ def test_verify_refuses_heads_missing_layers_and_non_glu_gate(ids):
     with pytest.raises(ConfigError, match="gated FFN"):
         attach_gating(tiny_model("opt"), VerifyScores(0.7, None, "gate"), GatingConfig(first_layer=1))
     with pytest.raises(ConfigError, match="verify.q"):
-        VerifyConfig(q=0.0).validate()
+        VerifyConfig(q=[0.5, 1.5]).validate()
+    with pytest.raises(ConfigError, match="verify.quantizer"):
+        VerifyConfig(quantizer="nf4").validate()
+    with pytest.raises(ConfigError, match="unknown evaluate.verify"):
+        verify_config(compose("experiment=research_sketch", "+evaluate.verify.bitz=3"))
 
 
 def test_verify_bytes_by_hand():
@@ -187,10 +191,10 @@ def test_fit_layer_learns_a_low_rank_ranking():
 def test_pipeline_registers_verify_methods(tmp_path):
     from tests.test_pipeline import smoke
     from shadowsparse.pipeline import run
-    run(smoke(tmp_path, "llm.name=random:llama", "stages.fit=false", "evaluate.methods=[predictor_verify,gate_verify,qgate_verify]",
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.fit=false", "evaluate.methods=[predictor_verify,gate_verify,sketch_verify]",
               "+evaluate.verify={q: [0.75, 1.0], rank: 8, train_windows: 2, epochs: 1}"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    assert {r["method"] for r in rows} == {"predictor_verify", "gate_verify", "qgate_verify"}
+    assert {r["method"] for r in rows} == {"predictor_verify", "gate_verify", "sketch_verify"}
     for r in rows:
         assert r["head_sparsity"] == 0 and r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.02)
         assert r["realized_candidate_sparsity"] == pytest.approx(1 - r["verify_q"])  # round(0.75 * 96) = 72 proposed
@@ -199,5 +203,5 @@ def test_pipeline_registers_verify_methods(tmp_path):
     full = {(r["method"], r["ffn_sparsity"]): r["value"] for r in rows if r["verify_q"] == 1.0}
     for f in (0.3, 0.5, 0.7):
         assert full["predictor_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
-        assert full["qgate_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
+        assert full["sketch_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
     assert (tmp_path / "run" / "verify_predictor.safetensors").exists()
