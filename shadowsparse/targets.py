@@ -332,11 +332,8 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
         return Signals(x=inputs[key].detach(), **extra)
 
     B, T = input_ids.shape  # some models (OPT) flatten tokens before the FFN: restore (B, T, U) per layer
-    out = (lambda t: t) if on_device else (lambda t: t.cpu())  # noqa: E731
-    dev = input_ids.device if on_device else None  # layers of a model split over GPUs: gather on the input's
-
-    def put(t):
-        return out(t if dev is None else t.to(dev))
+    def put(t):  # layers of a model split over GPUs: gather on the input's device, or on the host
+        return t.to(input_ids.device) if on_device else t.cpu()
     with torch.no_grad():
         heads = torch.stack([put(crit.head(signals(("head", i)), view.attn_out(i).weight, H).reshape(B, T, -1))
                              for i in range(L)], 2)

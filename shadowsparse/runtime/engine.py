@@ -219,13 +219,14 @@ class DecodeEngine:
                 (self.gate_ffn and neurons is None) or (self.gate_heads and heads is None)):
             raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
         w = self.w
+        fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: no earlier K/V to refresh
         if not torch.is_tensor(pos):
             if pos + T > self.max_len:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
             pos = torch.tensor([pos], device=self.device, dtype=torch.long)
         positions = pos + torch.arange(T, device=self.device)  # (T,)
         if self.window is not None:
-            if T > 1:
+            if T > 1 and not fresh:
                 self._refresh_all_kv()
             self.window.advance(positions)
             if self.inv_freq is not None and T == 1:  # the window's q and k are rotated at their own positions
