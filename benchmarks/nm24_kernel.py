@@ -20,13 +20,25 @@ from shadowsparse.kernels.ffn import gated_ffn_triton
 from shadowsparse.kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 
 SHAPES = {"opt-13b": (5120, 20480, "relu", False, True), "llama-2-7b": (4096, 11008, "silu", True, False)}
-IN_CONFIGS = [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4), (16, 512, 4, 3)]
-T_CONFIGS = [(32, 128, 4, 3), (64, 128, 8, 3), (32, 256, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)]
+# per token count: the configs swept (nm24.py: GEMV_DEFAULTS' fields for 1 token, DOT_DEFAULTS' for more)
+IN_CONFIGS = {
+    1: [(16, 64, 4, 3, True), (16, 64, 4, 3, False), (32, 64, 4, 3, True), (8, 128, 4, 3, True),
+        (8, 128, 4, 3, False), (16, 128, 8, 3, True), (32, 32, 4, 3, True), (4, 256, 4, 3, True),
+        (8, 256, 8, 3, True), (8, 128, 4, 4, True), (16, 128, 4, 3, True), (8, 64, 2, 3, True)],
+    8: [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4), (16, 512, 4, 3)],
+}
+T_CONFIGS = {
+    1: [(16, 32, 4, 3, True, False), (16, 32, 4, 3, False, False), (16, 32, 4, 3, True, True),
+        (16, 32, 4, 3, False, True), (32, 32, 4, 3, True, False), (16, 64, 4, 3, True, False),
+        (8, 64, 4, 3, True, False), (32, 64, 8, 3, True, False), (8, 32, 2, 3, True, False),
+        (32, 16, 4, 3, True, False), (16, 64, 8, 3, False, True), (8, 128, 4, 3, True, True)],
+    8: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 256, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)],
+}
 
 
 def in_kw(cfg) -> dict:
     """kwargs of nm24_linear / nm24_linear_t for one sweep config."""
-    return dict(block_r=cfg[0], block_k=cfg[1], warps=cfg[2], stages=cfg[3])
+    return dict(config=cfg)
 
 
 t_kw = in_kw
@@ -37,15 +49,19 @@ def bench(fn) -> float:
     return do_bench_cudagraph(fn, rep=100, return_mode="median")
 
 
-def best(make, configs):
-    """(ms, config) of the fastest config; make(config) -> a zero-argument callable."""
-    out = None
+def best(make, configs, ref):
+    """(ms, config) of the fastest config; make(config) -> a zero-argument callable whose result must match ref."""
+    out, sweep = None, []
     for cfg in configs:
         fn = make(cfg)
-        fn()
+        err = ((fn().float() - ref.float()).norm() / ref.float().norm()).item()
+        if err > 1e-2:
+            raise AssertionError(f"config {cfg} is wrong: relative error {err:.2e}")
         t = bench(fn)
+        sweep.append((str(cfg), round(t * 1e3, 1)))
         if out is None or t < out[0]:
             out = (t, cfg)
+    print("    sweep (config, us):", sweep, flush=True)
     return out
 
 
@@ -90,10 +106,12 @@ def main() -> None:
             t_dense = bench(dense)
             t_gemv = bench(lambda: F.linear(x, w_in))
             t_gemv_t = bench(lambda: F.linear(h_all, down))
-            in_cfgs, t_cfgs = IN_CONFIGS, T_CONFIGS
-            g_in = best(lambda c: lambda: nm24_linear(x, *c_in, all_rows, **in_kw(c)), in_cfgs)
-            g_t = best(lambda c: lambda: nm24_linear_t(h_all, *c_down, all_rows, **t_kw(c)), t_cfgs)
-            g_t_half = best(lambda c: lambda: nm24_linear_t(h_half, *c_down, half, **t_kw(c)), t_cfgs)
+            in_cfgs, t_cfgs = IN_CONFIGS[T], T_CONFIGS[T]
+            g_in = best(lambda c: lambda: nm24_linear(x, *c_in, all_rows, **in_kw(c)), in_cfgs, F.linear(x, w_in))
+            g_t = best(lambda c: lambda: nm24_linear_t(h_all, *c_down, all_rows, **t_kw(c)), t_cfgs,
+                       F.linear(h_all, down))
+            g_t_half = best(lambda c: lambda: nm24_linear_t(h_half, *c_down, half, **t_kw(c)), t_cfgs,
+                            h_half @ down_t[half.long()])
             t_24 = bench(ffn24(all_rows, g_in[1], g_t[1]))
             t_24_half = bench(ffn24(half, g_in[1], g_t_half[1]))
             t_shared = bench(lambda: gated_ffn_triton(x, w_in, down_t, half, act, w_up=w_up, b_in=b_in, b_out=b_out))

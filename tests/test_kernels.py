@@ -256,25 +256,35 @@ def test_24_compress_roundtrip_and_exact_pattern():
     torch.testing.assert_close(nm24.decompress_24(*nm24.compress_24(sparse)), sparse, rtol=0, atol=0)
     with pytest.raises(ValueError, match="not 2:4 sparse"):
         nm24.compress_24(w)
+    assert all(bin(int(m) & 0xFFFFFFFF)[2:].count("1") == 16 for m in meta.flatten())  # 2 bits per group of 4
+    with pytest.raises(ValueError, match="not a 2:4 position mask"):
+        nm24.decompress_24(values, meta ^ 1)
+
+
+# one token: the FMA kernels' variants (meta loaded per group or per word; products in fp16 or fp32); 5: tl.dot
+_CONFIGS_24 = [(1, (16, 16, 4, 2, True), (16, 16, 4, 2, True, False)),
+               (1, (8, 32, 4, 2, False), (8, 32, 4, 2, False, True)),
+               (5, (32, 64, 4, 2), (32, 64, 4, 2))]
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("T", [1, 5])
-def test_24_kernels_match_masked_dense(backend, T):
+@pytest.mark.parametrize("T,config,config_t", _CONFIGS_24)
+def test_24_kernels_match_masked_dense(backend, T, config, config_t):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(8)
-    w = nm24.prune_24(torch.randn(80, 128, generator=g)).to(device)  # (F, d): fc1 rows / down.T rows
+    w = nm24.prune_24(torch.randn(80, 160, generator=g)).to(device)  # (F, d): fc1 rows / down.T rows
+    w[3, :8] = 0  # groups with fewer than two nonzeros still decode
     b = torch.randn(80, generator=g).to(device)
     values, meta = nm24.compress_24(w)
-    x = torch.randn(T, 128, generator=g).to(device)
+    x = torch.randn(T, 160, generator=g).to(device)
     rows = torch.randperm(80, generator=g)[:40].to(device)
     tol = dict(rtol=5e-3, atol=5e-3)
-    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, backend=backend), x @ w.t(), **tol)
-    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, rows, b, backend=backend, block_k=64),
+    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, backend=backend, config=config), x @ w.t(), **tol)
+    torch.testing.assert_close(nm24.nm24_linear(x, values, meta, rows, b, backend=backend, config=config),
                                x @ w[rows].t() + b[rows], **tol)
     h = torch.randn(T, 40, generator=g).to(device)
-    r = torch.randn(T, 128, generator=g).to(device)
-    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, backend=backend, block_k=64, splits=2),
+    r = torch.randn(T, 160, generator=g).to(device)
+    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, backend=backend, config=config_t, splits=2),
                                h @ w[rows], **tol)
-    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, residual=r, backend=backend), r + h @ w[rows],
-                               **tol)
+    torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, residual=r, backend=backend,
+                                                  config=config_t), r + h @ w[rows], **tol)

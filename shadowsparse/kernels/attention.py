@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .ffn import triton
+from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
     import triton.language as tl
@@ -24,8 +25,9 @@ if triton is not None:
     @triton.jit
     def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, heads_ptr, pos_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, scale, J,
                                   T, KV, S, D, GROUP, CHUNK, NSPLIT, sq_b, sq_t, sq_j, HAS_SLOT: tl.constexpr,
-                                  BLOCK_S: tl.constexpr, D_PAD: tl.constexpr):
+                                  BLOCK_S: tl.constexpr, D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
         """One (token row, head, chunk of keys): partial softmax statistics (max, sum, weighted values)."""
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)  # b * T + t
         j = tl.program_id(1)
         split = tl.program_id(2)
@@ -61,6 +63,7 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=0)
             acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
             m_i = m_new
+        pdl_launch_next(USE_PDL)
         part = (row * J + j) * NSPLIT + split
         one = tl.arange(0, 1)
         tl.store(m_ptr + part + one, m_i)  # -inf and 0 for a chunk past the last visible key
@@ -69,7 +72,8 @@ if triton is not None:
 
     @triton.jit
     def _decode_attn_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, J, D, NSPLIT, SPLIT_PAD: tl.constexpr,
-                                    D_PAD: tl.constexpr):
+                                    D_PAD: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         j = tl.program_id(1)
         offs_s = tl.arange(0, SPLIT_PAD)
@@ -84,6 +88,7 @@ if triton is not None:
         m_max = tl.max(m, axis=0)
         w = tl.where(mask_s & (m > float("-inf")), tl.exp(m - m_max), 0.0)  # empty chunks weigh nothing
         out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+        pdl_launch_next(USE_PDL)
         tl.store(out_ptr + (row * J + j) * D + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
 
 
@@ -141,8 +146,8 @@ def decode_attention(q, k_cache, v_cache, heads, pos, scale, n_heads, backend: s
     _decode_attn_split_kernel[(B * T, J, nsplit)](
         q, k_cache, v_cache, heads.contiguous(), pos, q_slot if q_slot is not None else pos, m, l, acc, scale, J, T,
         KV, S, D, n_heads // KV, chunk, nsplit, q.stride(0), q.stride(1), q.stride(2), HAS_SLOT=q_slot is not None,
-        BLOCK_S=block_s, D_PAD=d_pad, num_warps=4)
+        BLOCK_S=block_s, D_PAD=d_pad, num_warps=4, **pdl_kwargs(q))
     _decode_attn_combine_kernel[(B * T, J)](m, l, acc, out, J, D, nsplit,
                                             SPLIT_PAD=max(2, triton.next_power_of_2(nsplit)), D_PAD=d_pad,
-                                            num_warps=2)
+                                            num_warps=2, **pdl_kwargs(q))
     return out

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
+
 try:  # Triton is optional: CPU wheels of torch ship without it
     import triton
     import triton.language as tl
@@ -83,7 +85,8 @@ if triton is not None:
     @triton.jit
     def _gather_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, K, D,
                           HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         t = tl.program_id(0)
         offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -101,6 +104,7 @@ if triton is not None:
             if HAS_UP:
                 wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0).to(tl.float32)
                 acc_u += tl.sum(wu * xs[None, :], axis=1)
+        pdl_launch_next(USE_PDL)
         if HAS_BIAS:
             acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)
         h = _act_fn(acc_g, ACT)
@@ -110,7 +114,8 @@ if triton is not None:
 
     @triton.jit
     def _gather_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, y_ptr, K, D, K_PER_SPLIT,
-                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                            BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         t = tl.program_id(0)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
@@ -124,6 +129,7 @@ if triton is not None:
             w = tl.load(w_down_t_ptr + rows[:, None] * D + offs_d[None, :],
                         mask=mask_k[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             acc += tl.sum(w * hk[:, None], axis=0)
+        pdl_launch_next(USE_PDL)
         tl.atomic_add(y_ptr + t * D + offs_d, acc, mask=mask_d)
 
 
@@ -131,7 +137,8 @@ if triton is not None:
     @triton.jit
     def _shared_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, keep_ptr, T, K, D,
                           HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_KEEP: tl.constexpr,
-                          T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                          T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
@@ -151,6 +158,7 @@ if triton is not None:
             if HAS_UP:
                 wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0)
                 acc_u += tl.dot(xs, tl.trans(wu))
+        pdl_launch_next(USE_PDL)
         if HAS_BIAS:
             acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         h = _act_fn(acc_g, ACT)
@@ -163,7 +171,8 @@ if triton is not None:
 
     @triton.jit
     def _shared_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, b_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
-                            T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                            T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         offs_t = tl.arange(0, T_PAD)
@@ -179,6 +188,7 @@ if triton is not None:
             hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                          other=0.0)  # (T_PAD, BLOCK_K)
             acc += tl.dot(hk.to(w.dtype), w)
+        pdl_launch_next(USE_PDL)
         if HAS_BIAS:  # added once, by the first split
             first = (tl.program_id(1) == 0).to(tl.float32)
             acc += first * tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -202,7 +212,7 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h,
         keep.contiguous() if keep is not None else dummy, T, K, D, HAS_UP=w_up is not None,
         HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), HAS_KEEP=keep is not None, T_PAD=16,
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0])
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0], **pdl_kwargs(x))
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
@@ -221,7 +231,7 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         b_out = None
     _shared_down_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
         h, w_down_t, idx, b_out if bias_in_kernel else h, y, T, K, D, k_per_split, HAS_BIAS=bias_in_kernel,
-        T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1], num_stages=stages[1])
+        T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1], num_stages=stages[1], **pdl_kwargs(x))
     if out is not None:
         return out
     if b_out is not None:
@@ -255,7 +265,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
     _gather_in_kernel[(T, triton.cdiv(K, block_k))](
         x, w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h, K, D,
         HAS_UP=w_up is not None, HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act),
-        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0])
+        BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0], **pdl_kwargs(x))
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:  # enough programs to cover the SMs a few times over at batch 1
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
@@ -264,7 +274,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
     y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     _gather_down_kernel[(T, d_blocks, triton.cdiv(K, k_per_split))](
         h, w_down_t, idx, y, K, D, k_per_split, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1],
-        num_stages=stages[1])
+        num_stages=stages[1], **pdl_kwargs(x))
     if b_out is not None:
         y += b_out
     if out is not None:

@@ -17,13 +17,15 @@ from __future__ import annotations
 import torch
 
 from .ffn import triton
+from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
     def _kv_window_kernel(kv_ptr, k_ptr, v_ptr, heads_ptr, pos_ptr, inv_freq_ptr, W, J, KV, S, row_stride,
-                          HAS_ROPE: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr):
+                          HAS_ROPE: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)  # b * W + w
         j = tl.program_id(1)
         b = row // W
@@ -38,6 +40,7 @@ if triton is not None:
             c, s = tl.cos(ang), tl.sin(ang)
             k1, k2 = k1 * c - k2 * s, k2 * c + k1 * s
         dst = ((b * KV + h).to(tl.int64) * S + p) * D
+        pdl_launch_next(USE_PDL)
         tl.store(k_ptr + dst + offs, k1.to(k_ptr.dtype.element_ty))
         tl.store(k_ptr + dst + HALF + offs, k2.to(k_ptr.dtype.element_ty))
         vsrc = src + J * D
@@ -80,4 +83,4 @@ def kv_window_write(kv, k_cache, v_cache, heads, positions, inv_freq=None, backe
                          "is fine)")
     _kv_window_kernel[(B * W, J)](kv, k_cache, v_cache, heads, positions, inv_freq if inv_freq is not None else kv,
                                   W, J, KV, S, kv.stride(0), HAS_ROPE=inv_freq is not None, HALF=D // 2, D=D,
-                                  num_warps=1)
+                                  num_warps=1, **pdl_kwargs(kv))

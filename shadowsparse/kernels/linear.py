@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ffn
+from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 MAX_TOKENS = 16  # the kernels pad tokens to 16 for tl.dot
 # (block_k, block_d, warps, stages) of both kernels. A q or o projection keeps few rows (2560 of OPT-13B's 5120 at
@@ -33,7 +34,9 @@ if ffn.triton is not None:
 
     @ffn.triton.jit
     def _row_gemv_kernel(x_ptr, w_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, D_PER_SPLIT, HAS_BIAS: tl.constexpr,
-                         ATOMIC: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                         ATOMIC: tl.constexpr, T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         rows = tl.load(rows_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
@@ -49,6 +52,7 @@ if ffn.triton is not None:
             w = tl.load(w_ptr + rows[:, None] * D + offs_d[None, :], mask=mask_k[:, None] & mask_d[None, :],
                         other=0.0)  # (BLOCK_K, BLOCK_D): each selected row read once
             acc += tl.dot(xs.to(w.dtype), tl.trans(w))
+        pdl_launch_next(USE_PDL)
         if HAS_BIAS:  # added once, by the first split
             first = (tl.program_id(1) == 0).to(tl.float32)
             acc += first * tl.load(b_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
@@ -59,7 +63,8 @@ if ffn.triton is not None:
 
     @ffn.triton.jit
     def _row_gemv_t_kernel(h_ptr, w_t_ptr, b_ptr, rows_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
-                           T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+                           T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
         offs_t = tl.arange(0, T_PAD)
@@ -75,6 +80,7 @@ if ffn.triton is not None:
             hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                          other=0.0)  # (T_PAD, BLOCK_K)
             acc += tl.dot(hk.to(w.dtype), w)
+        pdl_launch_next(USE_PDL)
         if HAS_BIAS:
             first = (tl.program_id(1) == 0).to(tl.float32)
             acc += first * tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
@@ -115,7 +121,8 @@ def row_linear(x, w, rows, b=None, backend: str = "auto", out_dtype: torch.dtype
     y = (torch.zeros if n_splits > 1 else torch.empty)(T, K, device=x.device, dtype=torch.float32)
     _row_gemv_kernel[(k_blocks, n_splits)](
         x.contiguous(), w, b if b is not None else x, rows, y, T, K, D, d_per_split, HAS_BIAS=b is not None,
-        ATOMIC=n_splits > 1, T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        ATOMIC=n_splits > 1, T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages,
+        **pdl_kwargs(x))
     return y.to(out_dtype)
 
 
@@ -148,5 +155,5 @@ def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Te
             residual.to(torch.float32, copy=True)
     _row_gemv_t_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
         h.contiguous(), w_t, b if b is not None else h, rows, y, T, K, D, k_per_split, HAS_BIAS=b is not None,
-        T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+        T_PAD=16, BLOCK_K=bk, BLOCK_D=bd, num_warps=warps, num_stages=stages, **pdl_kwargs(h))
     return y if out is not None else y.to(out_dtype)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .ffn import triton
+from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
     import triton.language as tl
@@ -27,7 +28,9 @@ if triton is not None:
         return dst
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr):
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
@@ -36,11 +39,13 @@ if triton is not None:
         var = tl.sum(xf * xf, axis=0) / N
         normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as transformers
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        pdl_launch_next(USE_PDL)
         tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, w * normed, mask=m)
 
     @triton.jit
     def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
@@ -52,10 +57,12 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dst = y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N
+        pdl_launch_next(USE_PDL)
         tl.store(dst + offs, (xc * tl.rsqrt(var + eps) * w + b).to(y_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, D: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         t = row % T
@@ -67,6 +74,7 @@ if triton is not None:
         c2 = tl.load(cos_ptr + t * D + HALF + offs).to(tl.float32)
         s1 = tl.load(sin_ptr + t * D + offs).to(tl.float32)
         s2 = tl.load(sin_ptr + t * D + HALF + offs).to(tl.float32)
+        pdl_launch_next(USE_PDL)
         tl.store(base + offs, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty))
         tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty))
 
@@ -105,7 +113,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device) if window is None else window
     _rms_norm_kernel[(xc.numel() // N,)](xc, weight, y, slot if window is not None else xc, N,
                                          1 if window is None else window.shape[1], eps, HAS_SLOT=window is not None,
-                                         BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 4096 else 4)
+                                         BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 4096 else 4,
+                                         **pdl_kwargs(xc))
     return y
 
 
@@ -127,7 +136,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     _layer_norm_kernel[(xc.numel() // N,)](xc, weight, bias, y, slot if window is not None else xc, N,
                                            1 if window is None else window.shape[1], eps,
                                            HAS_SLOT=window is not None, BLOCK=triton.next_power_of_2(N),
-                                           num_warps=8 if N >= 4096 else 4)
+                                           num_warps=8 if N >= 4096 else 4, **pdl_kwargs(xc))
     return y
 
 
@@ -147,5 +156,5 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, hea
         return rope_torch_(x, cos, sin, heads, head_dim, T)
     n, C = x.shape
     _rope_kernel[(n, heads)](x, cos.contiguous(), sin.contiguous(), T, C, HALF=head_dim // 2, D=head_dim,
-                             num_warps=1)
+                             num_warps=1, **pdl_kwargs(x))
     return x

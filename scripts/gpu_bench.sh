@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The decode-speed measurements of docs/benchmarks.md on one GPU host, in one go (rows and logs under $OUT):
+#   scripts/gpu_bench.sh [tests] [nm24] [ffn] [decode] [decode-nopdl] [all-models]    (default: tests nm24 decode)
+#   tests         the kernel / runtime / lazy-K/V equivalence tests on the GPU (full sizes, Triton compiled)
+#   nm24          benchmarks/nm24_kernel.py: the 2:4 GEMVs and FFN blocks against cuBLAS, config sweep
+#   ffn           benchmarks/ffn_kernel.py: the gated FFN block against cuBLAS and pre-sliced weights
+#   decode        benchmark.py experiment=opt13b at batch 1 (the targets), $METHODS
+#   decode-nopdl  the same with programmatic dependent launch off (SHADOWSPARSE_PDL=0), in the same session
+#   all-models    benchmark.py experiment=all (SmolLM2, Llama-2-7B, OPT-13B shapes; batch 1 and 8; every method)
+# The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
+set -euo pipefail
+OUT=${OUT:-outputs/gpu-bench}
+METHODS=${METHODS:-'[dense,dense/kernels,ffn50,ffn50+heads50,predictor+ffn50+heads50,"2:4","2:4+ffn50"]'}
+mkdir -p "$OUT"
+if ! python3 -c "import hydra, omegaconf" 2>/dev/null; then
+    [ -d .whl ] || { echo "hydra-core/omegaconf missing and no .whl/ folder: see README 'Big models'" >&2; exit 2; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HYDRA_FULL_ERROR=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/nvidia-smi.csv" 2>/dev/null || true
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee "$OUT/env.txt"
+
+parts=("$@")
+[ ${#parts[@]} -gt 0 ] || parts=(tests nm24 decode)
+for part in "${parts[@]}"; do
+    echo "== $part $(date -u +%H:%M:%S)"
+    case $part in
+        tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_lazy_kv.py \
+                   tests/test_runtime.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt" || true ;;
+        nm24) python3 benchmarks/nm24_kernel.py --out "$OUT/nm24.jsonl" 2>&1 | tee "$OUT/nm24.txt" ;;
+        ffn) python3 benchmarks/ffn_kernel.py --tokens 1 8 --out "$OUT/ffn.jsonl" 2>&1 | tee "$OUT/ffn.txt" ;;
+        decode) python3 benchmark.py experiment=opt13b batches=[1] "methods=$METHODS" \
+                    out="$OUT/decode.jsonl" 2>&1 | tee "$OUT/decode.txt" ;;
+        decode-nopdl) SHADOWSPARSE_PDL=0 python3 benchmark.py experiment=opt13b batches=[1] "methods=$METHODS" \
+                          out="$OUT/decode-nopdl.jsonl" 2>&1 | tee "$OUT/decode-nopdl.txt" ;;
+        all-models) python3 benchmark.py experiment=all out="$OUT/all.jsonl" 2>&1 | tee "$OUT/all.txt" ;;
+        *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl or all-models" >&2; exit 2 ;;
+    esac
+done
