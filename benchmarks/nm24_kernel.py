@@ -22,16 +22,16 @@ from shadowsparse.kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, p
 SHAPES = {"opt-13b": (5120, 20480, "relu", False, True), "llama-2-7b": (4096, 11008, "silu", True, False)}
 # per token count: the configs swept (nm24.py: GEMV_DEFAULTS' fields for 1 token, DOT_DEFAULTS' for more)
 IN_CONFIGS = {
-    1: [(16, 64, 4, 3, True), (16, 64, 4, 3, False), (32, 64, 4, 3, True), (8, 128, 4, 3, True),
-        (8, 128, 4, 3, False), (16, 128, 8, 3, True), (32, 32, 4, 3, True), (4, 256, 4, 3, True),
-        (8, 256, 8, 3, True), (8, 128, 4, 4, True), (16, 128, 4, 3, True), (8, 64, 2, 3, True)],
+    1: [(8, 128, 4, 3, False), (8, 128, 4, 3, True), (16, 64, 4, 3, False), (4, 256, 4, 3, False),
+        (8, 256, 8, 3, False), (16, 128, 8, 3, False), (8, 128, 2, 3, False), (8, 64, 2, 3, False),
+        (8, 128, 4, 4, False), (4, 128, 2, 3, False), (16, 64, 2, 3, False), (32, 64, 8, 3, False)],
     8: [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4), (16, 512, 4, 3)],
 }
 T_CONFIGS = {
-    1: [(16, 32, 4, 3, True, False), (16, 32, 4, 3, False, False), (16, 32, 4, 3, True, True),
-        (16, 32, 4, 3, False, True), (32, 32, 4, 3, True, False), (16, 64, 4, 3, True, False),
-        (8, 64, 4, 3, True, False), (32, 64, 8, 3, True, False), (8, 32, 2, 3, True, False),
-        (32, 16, 4, 3, True, False), (16, 64, 8, 3, False, True), (8, 128, 4, 3, True, True)],
+    1: [(8, 128, 4, 3, True, True), (8, 128, 4, 3, False, True), (4, 256, 4, 3, True, True),
+        (8, 256, 8, 3, True, True), (8, 128, 8, 3, True, True), (8, 128, 2, 3, True, True),
+        (16, 128, 8, 3, True, True), (4, 128, 2, 3, True, True), (8, 128, 4, 4, True, True),
+        (8, 64, 2, 3, True, True), (16, 64, 4, 3, True, True), (16, 32, 4, 3, False, True)],
     8: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 256, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)],
 }
 
@@ -95,12 +95,9 @@ def main() -> None:
                 return F.linear(h, down, b_out)
 
             def ffn24(rows_, cin, ct):
-                def run():
-                    h = actf(nm24_linear(x, *c_in, rows_, b_in, **in_kw(cin)))
-                    if glu:
-                        h = h * nm24_linear(x, *c_up, rows_, **in_kw(cin))
-                    resid = None if b_out is None else b_out.expand(T, d)
-                    return nm24_linear_t(h, *c_down, rows_, residual=resid, **t_kw(ct))
+                def run():  # gate/up (fc1), bias and act in one call (one kernel at one token), then down + bias
+                    h = nm24_linear(x, *c_in, rows_, b_in, act=act, up=c_up, **in_kw(cin))
+                    return nm24_linear_t(h, *c_down, rows_, bias=b_out, **t_kw(ct))
                 return run
 
             t_dense = bench(dense)

@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from shadowsparse.kernels import gated_ffn, gated_ffn_reference, gated_ffn_torch
 from shadowsparse.kernels import ffn as module
@@ -288,3 +289,19 @@ def test_24_kernels_match_masked_dense(backend, T, config, config_t):
                                h @ w[rows], **tol)
     torch.testing.assert_close(nm24.nm24_linear_t(h, values, meta, rows, residual=r, backend=backend,
                                                   config=config_t), r + h @ w[rows], **tol)
+    # an FFN's two sides: act(x·W[rows]ᵀ + b) · (x·U[rows]ᵀ) in one call, and the down side with its bias added
+    # into an fp32 residual stream in place
+    u = nm24.prune_24(torch.randn(80, 160, generator=g)).to(device)
+    fused = nm24.nm24_linear(x, values, meta, rows, b, backend=backend, config=config, act="silu",
+                             up=nm24.compress_24(u))
+    # (on a GPU, tl.dot rounds fp32 inputs to TF32, and the product of two such outputs doubles the error)
+    fused_tol = tol if device == "cpu" or T == 1 else dict(rtol=5e-2, atol=5e-1)
+    torch.testing.assert_close(fused, F.silu(x @ w[rows].t() + b[rows]) * (x @ u[rows].t()), **fused_tol)
+    relu = nm24.nm24_linear(x, values, meta, rows, b, backend=backend, config=config, act="relu")
+    torch.testing.assert_close(relu, F.relu(x @ w[rows].t() + b[rows]), **tol)
+    stream, bias_d = r.clone(), torch.randn(160, generator=g).to(device)
+    returned = nm24.nm24_linear_t(h, values, meta, rows, bias=bias_d, out=stream, backend=backend, config=config_t)
+    assert returned is stream
+    torch.testing.assert_close(stream, r + h @ w[rows] + bias_d, **tol)
+    with pytest.raises(ValueError, match="act must be one of"):
+        nm24.nm24_linear(x, values, meta, act="tanh")

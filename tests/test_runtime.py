@@ -232,6 +232,13 @@ def test_24_engine_matches_model_with_pruned_ffn(family, backend):
     with attach_gating(pruned, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5)), torch.no_grad():
         ref = pruned(ids).logits
     torch.testing.assert_close(out, ref, **tol)
+    # batch 1: single-token steps take the one-token FMA kernels (gate, up and act fused) and, gated, the fp32
+    # residual stream that the down kernel adds into in place
+    out = _engine_steps(DecodeEngine(w, 1, 32, cfg), ids[:1], CHUNKS_24, heads[:1], neurons[:1])
+    with attach_gating(pruned, TensorScores(heads[:1], neurons[:1]), GatingConfig(ffn_sparsity=0.5)), \
+            torch.no_grad():
+        ref = pruned(ids[:1]).logits
+    torch.testing.assert_close(out, ref, **tol)
 
 
 def test_benchmark_cli_refuses_bad_input():

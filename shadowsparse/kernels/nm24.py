@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import triton
+from .ffn import ACTIVATIONS, _act, triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 MAX_TOKENS = 16
@@ -37,11 +37,13 @@ DOT_DEFAULTS = (32, 256, 4, 3)
 DOT_T_DEFAULTS = (32, 128, 4, 3)
 # (block_r, groups per chunk, warps, stages, META_DUP) of the one-token FMA kernels; the transposed one adds
 # PROD16 (products h·v in fp16, one packed multiply for both values of a group, before the fp32 accumulation)
-GEMV_DEFAULTS = (16, 64, 4, 3, True)
-GEMV_T_DEFAULTS = (16, 32, 4, 3, True, False)
+GEMV_DEFAULTS = (4, 256, 4, 3, False)  # best of benchmarks/nm24_kernel.py on an H100 (OPT-13B and Llama-2-7B)
+GEMV_T_DEFAULTS = (8, 128, 4, 3, False, True)
 
 if triton is not None:
     import triton.language as tl
+
+    from .ffn import _act_fn
 
     @triton.jit
     def _load_groups(v_ptr, m_ptr, rows, mask_r, g0, HALF_K, WORDS_K, G: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -116,9 +118,9 @@ if triton is not None:
         tl.store(y_ptr + offs_t[:, None] * R + offs_r[None, :], acc, mask=mask_t[:, None] & mask_r[None, :])
 
     @triton.jit
-    def _nm24_t_kernel(h_ptr, v_ptr, m_ptr, rows_ptr, y_ptr, T, R, K, HALF_K, WORDS_K, R_PER_SPLIT,
-                       T_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, G: tl.constexpr,
-                       USE_PDL: tl.constexpr):
+    def _nm24_t_kernel(h_ptr, v_ptr, m_ptr, rows_ptr, b_ptr, y_ptr, T, R, K, HALF_K, WORDS_K, R_PER_SPLIT,
+                       HAS_BIAS: tl.constexpr, T_PAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       G: tl.constexpr, USE_PDL: tl.constexpr):
         """2..16 tokens, transposed weight: acc_p (T, G) += h (T, BLOCK_R) · w_p (BLOCK_R, G) with tl.dot."""
         pdl_wait(USE_PDL)
         c0 = tl.program_id(0) * BLOCK_K
@@ -144,24 +146,42 @@ if triton is not None:
             acc2 += tl.dot(hk, w2)
             acc3 += tl.dot(hk, w3)
         pdl_launch_next(USE_PDL)
-        _add_positions(y_ptr + offs_t[:, None] * K + c0 + 4 * tl.arange(0, G)[None, :],
-                       mask_t[:, None] & (c0 + 4 * tl.arange(0, G) < K)[None, :], acc0, acc1, acc2, acc3)
+        cols = c0 + 4 * tl.arange(0, G)
+        _add_positions(y_ptr + offs_t[:, None] * K + cols[None, :], mask_t[:, None] & (cols < K)[None, :],
+                       b_ptr + cols[None, :], HAS_BIAS, acc0, acc1, acc2, acc3)
 
     @triton.jit
-    def _add_positions(out, mask, acc0, acc1, acc2, acc3):
-        """Atomic adds of the four positions' accumulators into out (the columns of position 0) + p."""
+    def _add_positions(out, mask, bias, HAS_BIAS: tl.constexpr, acc0, acc1, acc2, acc3):
+        """Atomic adds of the four positions' accumulators into out (the columns of position 0) + p, with the
+        bias (at the same columns of bias) added by the first row split only."""
+        if HAS_BIAS:
+            first = (tl.program_id(1) == 0).to(tl.float32)
+            acc0 += first * tl.load(bias, mask=mask, other=0.0).to(tl.float32)
+            acc1 += first * tl.load(bias + 1, mask=mask, other=0.0).to(tl.float32)
+            acc2 += first * tl.load(bias + 2, mask=mask, other=0.0).to(tl.float32)
+            acc3 += first * tl.load(bias + 3, mask=mask, other=0.0).to(tl.float32)
         tl.atomic_add(out, acc0, mask=mask)
         tl.atomic_add(out + 1, acc1, mask=mask)
         tl.atomic_add(out + 2, acc2, mask=mask)
         tl.atomic_add(out + 3, acc3, mask=mask)
 
     @triton.jit
-    def _nm24_gemv_kernel(x_ptr, v_ptr, m_ptr, rows_ptr, b_ptr, y_ptr, R, K, HALF_K, WORDS_K,
-                          HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr, META_DUP: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+    def _gemv_groups(v, words, x0, x1, x2, x3, b0, b1, b2, b3, BLOCK_R: tl.constexpr, G: tl.constexpr):
+        """(BLOCK_R, G) fp32 partial products v0·x[4g + i0] + v1·x[4g + i1]: each kept value picks its input with
+        two bit tests and two selects (module docstring)."""
+        v0, v1 = _split_pairs(v, BLOCK_R, G)
+        xs0 = tl.where((words & b0) != 0, x0, tl.where((words & b1) != 0, x1, x2))
+        xs1 = tl.where((words & b3) != 0, x3, tl.where((words & b2) != 0, x2, x1))
+        return v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+
+    @triton.jit
+    def _nm24_gemv_kernel(x_ptr, v_ptr, m_ptr, u_ptr, um_ptr, rows_ptr, b_ptr, y_ptr, R, K, HALF_K, WORDS_K,
+                          HAS_BIAS: tl.constexpr, HAS_UP: tl.constexpr, ACT: tl.constexpr, BLOCK_R: tl.constexpr,
+                          G: tl.constexpr, META_DUP: tl.constexpr, USE_PDL: tl.constexpr):
         """One token: y[r] = sum_g v0·x[4g + i0] + v1·x[4g + i1] with fp32 FMAs into a (BLOCK_R, G) accumulator
-        reduced once at the end. x's four positions are loaded once per chunk (shared by the rows); each kept
-        value picks its input with two bit tests and two selects (module docstring)."""
+        reduced once at the end; x's four positions are loaded once per chunk and shared by the rows. An FFN's
+        input side in one pass: + b, act (ACT >= 0, ffn.ACTIVATIONS), times the same rows of a second compressed
+        matrix (HAS_UP: SwiGLU's up projection)."""
         pdl_wait(USE_PDL)
         offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -169,28 +189,34 @@ if triton is not None:
         offs_g = tl.arange(0, G)
         b0, b1, b2, b3 = _position_bits(G)
         acc = tl.zeros((BLOCK_R, G), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_R, G), dtype=tl.float32)
         for c0 in range(0, K, 4 * G):
-            v, words = _load_groups(v_ptr, m_ptr, rows, mask_r, c0 // 4, HALF_K, WORDS_K, G, BLOCK_R, META_DUP)
-            v0, v1 = _split_pairs(v, BLOCK_R, G)
             cols = c0 + 4 * offs_g
             mask_c = cols < K
             x0 = tl.load(x_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
             x1 = tl.load(x_ptr + cols + 1, mask=mask_c, other=0.0).to(tl.float32)[None, :]
             x2 = tl.load(x_ptr + cols + 2, mask=mask_c, other=0.0).to(tl.float32)[None, :]
             x3 = tl.load(x_ptr + cols + 3, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-            xs0 = tl.where((words & b0) != 0, x0, tl.where((words & b1) != 0, x1, x2))
-            xs1 = tl.where((words & b3) != 0, x3, tl.where((words & b2) != 0, x2, x1))
-            acc += v0.to(tl.float32) * xs0 + v1.to(tl.float32) * xs1
+            v, words = _load_groups(v_ptr, m_ptr, rows, mask_r, c0 // 4, HALF_K, WORDS_K, G, BLOCK_R, META_DUP)
+            acc += _gemv_groups(v, words, x0, x1, x2, x3, b0, b1, b2, b3, BLOCK_R, G)
+            if HAS_UP:
+                v, words = _load_groups(u_ptr, um_ptr, rows, mask_r, c0 // 4, HALF_K, WORDS_K, G, BLOCK_R,
+                                        META_DUP)
+                acc_u += _gemv_groups(v, words, x0, x1, x2, x3, b0, b1, b2, b3, BLOCK_R, G)
         pdl_launch_next(USE_PDL)
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
+        if ACT >= 0:
+            y = _act_fn(y, ACT)
+        if HAS_UP:
+            y = y * tl.sum(acc_u, axis=1)
         tl.store(y_ptr + offs_r, y, mask=mask_r)
 
     @triton.jit
-    def _nm24_gemv_t_kernel(h_ptr, v_ptr, m_ptr, rows_ptr, y_ptr, R, K, HALF_K, WORDS_K, R_PER_SPLIT,
-                            BLOCK_R: tl.constexpr, G: tl.constexpr, META_DUP: tl.constexpr, PROD16: tl.constexpr,
-                            USE_PDL: tl.constexpr):
+    def _nm24_gemv_t_kernel(h_ptr, v_ptr, m_ptr, rows_ptr, b_ptr, y_ptr, R, K, HALF_K, WORDS_K, R_PER_SPLIT,
+                            HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr, META_DUP: tl.constexpr,
+                            PROD16: tl.constexpr, USE_PDL: tl.constexpr):
         """One token, transposed weight: y[4g + p] += sum_r h[r]·W_t[r, 4g + p] over this program's rows. The
         products h·v0 and h·v1 go to the accumulator of their position by bit tests (four (BLOCK_R, G) fp32
         accumulators, reduced over rows once), then four strided atomic adds per program."""
@@ -223,8 +249,8 @@ if triton is not None:
             acc2 += w2
             acc3 += w3
         pdl_launch_next(USE_PDL)
-        _add_positions(y_ptr + 4 * gi, gi < K // 4, tl.sum(acc0, axis=0), tl.sum(acc1, axis=0),
-                       tl.sum(acc2, axis=0), tl.sum(acc3, axis=0))
+        _add_positions(y_ptr + 4 * gi, gi < K // 4, b_ptr + 4 * gi, HAS_BIAS, tl.sum(acc0, axis=0),
+                       tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0))
 
 
 def prune_24(w: torch.Tensor) -> torch.Tensor:
@@ -280,43 +306,67 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         x.shape[0] <= MAX_TOKENS
 
 
-def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", config: tuple | None = None):
+def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", config: tuple | None = None,
+                act: str | None = None, up: tuple | None = None):
     """x (T, K) · W[rows]ᵀ + b[rows] over the compressed W (N, K) -> (T, R) in x's dtype (rows None: all N).
-    One token takes the FMA kernel (config: GEMV_DEFAULTS' fields), 2..16 the tl.dot one (DOT_DEFAULTS')."""
+    act ("silu", "relu", "gelu") and up (values, meta of a second compressed (N, K) matrix) make it an FFN's input
+    side: act(x·W[rows]ᵀ + b) · (x·U[rows]ᵀ). One token takes the FMA kernel, everything in one pass (config:
+    GEMV_DEFAULTS' fields); 2..16 tokens the tl.dot one per matrix (DOT_DEFAULTS'), act and product in torch."""
     N = values.shape[0]
     K = values.shape[1] * 2
+    if act is not None and act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS} or None, got {act!r}")
     if rows is None:
         rows = torch.arange(N, device=x.device, dtype=torch.int32)
+    T, R = x.shape[0], rows.shape[0]
+    if _use_triton(x, backend) and T == 1:
+        y = torch.empty(T, R, device=x.device, dtype=x.dtype)
+        block_r, groups, warps, stages, meta_dup = config or GEMV_DEFAULTS
+        u, um = up if up is not None else (values, meta)
+        _nm24_gemv_kernel[(triton.cdiv(R, block_r),)](
+            x.contiguous(), values, meta, u, um, rows.contiguous(), bias if bias is not None else x, y, R, K, K // 2,
+            K // 32, HAS_BIAS=bias is not None, HAS_UP=up is not None,
+            ACT=-1 if act is None else ACTIVATIONS.index(act), BLOCK_R=block_r, G=min(groups, K // 4),
+            META_DUP=meta_dup, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
+        return y
+    y = _nm24_linear_tokens(x, values, meta, rows, bias, backend, config)
+    if act is not None:
+        y = _act(y, act)
+    return y if up is None else y * _nm24_linear_tokens(x, *up, rows, None, backend, config)
+
+
+def _nm24_linear_tokens(x, values, meta, rows, bias, backend, config):
+    """nm24_linear without act/up for any token count: the tl.dot kernel (2..16 tokens) or the torch fallback."""
+    K = values.shape[1] * 2
     if not _use_triton(x, backend):
         w = decompress_24(values, meta, rows)
         y = x.to(w.dtype) @ w.t()
         return (y if bias is None else y + bias[rows.long()]).to(x.dtype)
     T, R = x.shape[0], rows.shape[0]
     y = torch.empty(T, R, device=x.device, dtype=x.dtype)
-    args = (x.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else x, y)
-    if T == 1:
-        block_r, groups, warps, stages, meta_dup = config or GEMV_DEFAULTS
-        _nm24_gemv_kernel[(triton.cdiv(R, block_r),)](
-            *args, R, K, K // 2, K // 32, HAS_BIAS=bias is not None, BLOCK_R=block_r, G=min(groups, K // 4),
-            META_DUP=meta_dup, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
-        return y
-    block_r, block_k, warps, stages = config or DOT_DEFAULTS
+    block_r, block_k, warps, stages = (config if config is not None and len(config) == 4 else DOT_DEFAULTS)
     block_k = min(block_k, K)
     _nm24_kernel[(triton.cdiv(R, block_r),)](
-        *args, T, R, K, K // 2, K // 32, HAS_BIAS=bias is not None, T_PAD=16, BLOCK_R=block_r, BLOCK_K=block_k,
-        G=block_k // 4, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
+        x.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else x, y, T, R, K, K // 2,
+        K // 32, HAS_BIAS=bias is not None, T_PAD=16, BLOCK_R=block_r, BLOCK_K=block_k, G=block_k // 4,
+        num_warps=warps, num_stages=stages, **pdl_kwargs(x))
     return y
 
 
-def nm24_linear_t(h, values, meta, rows, residual=None, backend: str = "auto", config: tuple | None = None,
-                  splits: int | None = None):
-    """h (T, R) · W_t[rows] over the compressed W_t (F, K) (+ residual (T, K)) -> (T, K) in h's (residual's) dtype.
-    One token takes the FMA kernel (config: GEMV_T_DEFAULTS' fields), 2..16 the tl.dot one (DOT_T_DEFAULTS');
-    the rows are split over programs (fp32 atomics) until about 4 programs run per SM, or into ``splits``."""
+def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, backend: str = "auto",
+                  config: tuple | None = None, splits: int | None = None):
+    """h (T, R) · W_t[rows] (+ bias (K,)) over the compressed W_t (F, K) -> (T, K), in residual's dtype with
+    residual (T, K) added, else h's. out (T, K) fp32 contiguous: the result is added into it in place (an fp32
+    residual stream) and it is returned. One token takes the FMA kernel (config: GEMV_T_DEFAULTS' fields), 2..16
+    the tl.dot one (DOT_T_DEFAULTS'); the rows are split over programs (fp32 atomics) until about 4 programs run per
+    SM, or into ``splits``."""
     out_dtype = residual.dtype if residual is not None else h.dtype
     K = values.shape[1] * 2
     if not _use_triton(h, backend):
         y = h.to(values.dtype) @ decompress_24(values, meta, rows)
+        y = y if bias is None else y + bias
+        if out is not None:
+            return out.add_(y)
         return (y if residual is None else residual + y).to(out_dtype)
     T, R = h.shape
     one = T == 1
@@ -331,15 +381,21 @@ def nm24_linear_t(h, values, meta, rows, residual=None, backend: str = "auto", c
         sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 8
         splits = max(1, min(triton.cdiv(4 * sms, k_blocks), triton.cdiv(R, block_r)))
     r_per_split = triton.cdiv(triton.cdiv(R, splits), block_r) * block_r
-    y = torch.zeros(T, K, device=h.device, dtype=torch.float32) if residual is None else \
-        residual.to(torch.float32, copy=True)
-    args = (h.contiguous(), values, meta, rows.contiguous(), y)
+    if out is not None:
+        if out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
+        y = out
+    else:
+        y = torch.zeros(T, K, device=h.device, dtype=torch.float32) if residual is None else \
+            residual.to(torch.float32, copy=True)
+    args = (h.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else y, y)
     grid = (k_blocks, triton.cdiv(R, r_per_split))
     if one:
-        _nm24_gemv_t_kernel[grid](*args, R, K, K // 2, K // 32, r_per_split, BLOCK_R=block_r, G=block_k // 4,
-                                  META_DUP=meta_dup, PROD16=prod16, num_warps=warps, num_stages=stages,
-                                  **pdl_kwargs(h))
+        _nm24_gemv_t_kernel[grid](*args, R, K, K // 2, K // 32, r_per_split, HAS_BIAS=bias is not None,
+                                  BLOCK_R=block_r, G=block_k // 4, META_DUP=meta_dup, PROD16=prod16,
+                                  num_warps=warps, num_stages=stages, **pdl_kwargs(h))
     else:
-        _nm24_t_kernel[grid](*args, T, R, K, K // 2, K // 32, r_per_split, T_PAD=16, BLOCK_R=block_r,
-                             BLOCK_K=block_k, G=block_k // 4, num_warps=warps, num_stages=stages, **pdl_kwargs(h))
-    return y.to(out_dtype)
+        _nm24_t_kernel[grid](*args, T, R, K, K // 2, K // 32, r_per_split, HAS_BIAS=bias is not None, T_PAD=16,
+                             BLOCK_R=block_r, BLOCK_K=block_k, G=block_k // 4, num_warps=warps, num_stages=stages,
+                             **pdl_kwargs(h))
+    return y if out is not None else y.to(out_dtype)

@@ -138,7 +138,7 @@ class DecodeEngine:
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.window = self._plan_lazy_kv()
         self.window_rope = None  # (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
-        self.resid32 = self.gated and w.norm_before and self.nm24 is None  # the fp32 residual stream (docstring)
+        self.resid32 = self.gated and w.norm_before  # the fp32 residual stream (module docstring)
         self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
 
     def _plan_lazy_kv(self) -> InputWindow | None:
@@ -401,7 +401,8 @@ class DecodeEngine:
         rf = resid.reshape(-1, h.shape[-1])
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
         if self.nm24 is not None:
-            return _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i), hf, rf)
+            y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into), hf, rf)
+            return rf if into else y
         if sel is not None and sel.ffn_idx is not None:
             idx = sel.ffn_idx[gi]
             keep = None if sel.ffn_keep is None else sel.ffn_keep[gi]
@@ -424,19 +425,19 @@ class DecodeEngine:
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
 
 
-    def _ffn_24(self, layer, hf, rf, sel, gi, row0):
-        """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows)."""
+    def _ffn_24(self, layer, hf, rf, sel, gi, row0, into):
+        """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows).
+        into: add into the fp32 residual stream rf in place (module docstring)."""
         lw, (v_in, m_in), up, (v_d, m_d) = self.w.layers[layer], *self.nm24[layer]
         be = self.cfg.backend
         gated = sel is not None and sel.ffn_idx is not None
         idx = sel.ffn_idx[gi] if gated else self.all_neurons
-        g = _act(nm24_linear(hf, v_in, m_in, idx, lw.b_in, backend=be), self.w.act)  # (n, K)
-        if up is not None:
-            g = g * nm24_linear(hf, *up, idx, backend=be)
+        g = nm24_linear(hf, v_in, m_in, idx, lw.b_in, backend=be, act=self.w.act, up=up)  # (n, K): act(.)·up
         if gated and sel.ffn_keep is not None:
             g = g * sel.ffn_keep[gi][row0:row0 + hf.shape[0]]
-        resid = rf if lw.b_out is None else rf + lw.b_out
-        return nm24_linear_t(g, v_d, m_d, idx, residual=resid, backend=be)
+        if into:
+            return nm24_linear_t(g, v_d, m_d, idx, bias=lw.b_out, out=rf, backend=be)
+        return nm24_linear_t(g, v_d, m_d, idx, residual=rf, bias=lw.b_out, backend=be)
 
 
 def _compress_ffn(lw):
