@@ -263,9 +263,11 @@ def test_24_compress_roundtrip_and_exact_pattern():
 
 
 # one token: the FMA kernels' variants (meta loaded per group or per word; products in fp16 or fp32); 5: tl.dot
-_CONFIGS_24 = [(1, (16, 16, 4, 2, True), (16, 16, 4, 2, True, False)),
+_CONFIGS_24 = [(1, (16, 64, 4, 2, True), (16, 64, 4, 2, True, False)),  # 64 > the rows' 40 groups: one masked chunk
                (1, (8, 32, 4, 2, False), (8, 32, 4, 2, False, True)),
-               (5, (32, 64, 4, 2), (32, 64, 4, 2))]
+               (1, (16, 16, 4, 2, True), (16, 16, 4, 2, True, False)),
+               (5, (32, 64, 4, 2), (32, 64, 4, 2)),
+               (5, (32, 256, 4, 2), (32, 256, 4, 2))]
 
 
 @pytest.mark.parametrize("backend", _backends())

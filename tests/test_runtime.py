@@ -252,3 +252,20 @@ def test_benchmark_cli_refuses_bad_input():
         cpu = subprocess.run([sys.executable, "benchmark.py", "experiment=smoke"], cwd=ROOT, capture_output=True,
                              text=True)
         assert cpu.returncode != 0 and "needs a CUDA GPU" in cpu.stderr
+
+
+def test_decode_table_renders_rows():
+    """benchmarks/decode_table.py: one markdown row per kept benchmark row, the model named once, the headline
+    method in bold at batch 1, the predictor share as a percentage, batched rows filtered separately."""
+    from benchmarks.decode_table import table
+    base = dict(model="opt-13b", ms_per_token=5.795, floor_ms=4.53, gb_per_s=2327.0, frac_copy_bw=0.782, speedup=1.84,
+                speedup_vs_best_dense=1.83, speedup_vs_hf_eager=5.02)
+    rows = [dict(base, batch=1, method="ffn50+heads50"), dict(base, batch=1, method="predictor+ffn50+heads50",
+                                                              predictor_share=0.027),
+            dict(base, batch=8, method="ffn50+heads50"), dict(base, batch=8, method="ffn70")]
+    lines = table(rows, None, None, methods_batched=["ffn50+heads50"]).splitlines()
+    assert len(lines) == 2 + 3  # header, rule, 2 batch-1 rows, 1 batch-8 row (ffn70 filtered out)
+    assert lines[2].startswith("| OPT-13B | 1 | ffn50+heads50 | **5.795**") and "**1.84**" in lines[2]
+    assert lines[3].startswith("|  | 1 | predictor") and lines[3].endswith("| 2.7% |")
+    assert lines[4].startswith("|  | 8 | ffn50+heads50 | 5.795 |") and lines[4].endswith("| 5.02 |  |")
+    assert all(line.count("|") == 12 for line in lines)

@@ -306,6 +306,12 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         x.shape[0] <= MAX_TOKENS
 
 
+def _groups(groups: int, K: int) -> int:
+    """Groups of 4 per program chunk: the configured number, or fewer for short rows, a power of two (tl.arange)
+    and a multiple of 8 (one code word); a row's last chunk is masked."""
+    return max(8, min(groups, triton.next_power_of_2(K // 4)))
+
+
 def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", config: tuple | None = None,
                 act: str | None = None, up: tuple | None = None):
     """x (T, K) · W[rows]ᵀ + b[rows] over the compressed W (N, K) -> (T, R) in x's dtype (rows None: all N).
@@ -326,7 +332,7 @@ def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", co
         _nm24_gemv_kernel[(triton.cdiv(R, block_r),)](
             x.contiguous(), values, meta, u, um, rows.contiguous(), bias if bias is not None else x, y, R, K, K // 2,
             K // 32, HAS_BIAS=bias is not None, HAS_UP=up is not None,
-            ACT=-1 if act is None else ACTIVATIONS.index(act), BLOCK_R=block_r, G=min(groups, K // 4),
+            ACT=-1 if act is None else ACTIVATIONS.index(act), BLOCK_R=block_r, G=_groups(groups, K),
             META_DUP=meta_dup, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
         return y
     y = _nm24_linear_tokens(x, values, meta, rows, bias, backend, config)
@@ -345,7 +351,7 @@ def _nm24_linear_tokens(x, values, meta, rows, bias, backend, config):
     T, R = x.shape[0], rows.shape[0]
     y = torch.empty(T, R, device=x.device, dtype=x.dtype)
     block_r, block_k, warps, stages = (config if config is not None and len(config) == 4 else DOT_DEFAULTS)
-    block_k = min(block_k, K)
+    block_k = 4 * _groups(block_k // 4, K)
     _nm24_kernel[(triton.cdiv(R, block_r),)](
         x.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else x, y, T, R, K, K // 2,
         K // 32, HAS_BIAS=bias is not None, T_PAD=16, BLOCK_R=block_r, BLOCK_K=block_k, G=block_k // 4,
@@ -372,10 +378,10 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
     one = T == 1
     if one:
         block_r, groups, warps, stages, meta_dup, prod16 = config or GEMV_T_DEFAULTS
-        block_k = 4 * min(groups, K // 4)
+        block_k = 4 * _groups(groups, K)
     else:
         block_r, block_k, warps, stages = config or DOT_T_DEFAULTS
-        block_k = min(block_k, K)
+        block_k = 4 * _groups(block_k // 4, K)
     k_blocks = triton.cdiv(K, block_k)
     if splits is None:
         sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 8
