@@ -27,11 +27,11 @@ IN_CONFIGS = {
         (8, 128, 4, 4, False), (4, 128, 2, 3, False), (16, 64, 2, 3, False), (32, 64, 8, 3, False)],
     8: [(32, 256, 4, 3), (16, 256, 4, 3), (32, 512, 4, 3), (64, 256, 8, 3), (32, 128, 4, 4), (16, 512, 4, 3)],
 }
-T_CONFIGS = {
-    1: [(8, 128, 4, 3, True, True), (8, 128, 4, 3, False, True), (4, 256, 4, 3, True, True),
-        (8, 256, 8, 3, True, True), (8, 128, 8, 3, True, True), (8, 128, 2, 3, True, True),
-        (16, 128, 8, 3, True, True), (4, 128, 2, 3, True, True), (8, 128, 4, 4, True, True),
-        (8, 64, 2, 3, True, True), (16, 64, 4, 3, True, True), (16, 32, 4, 3, False, True)],
+T_CONFIGS = {  # (block_r, groups, warps, stages, META_DUP, SUM3)
+    1: [(8, 128, 4, 3, False, False), (8, 128, 4, 3, False, True), (8, 128, 4, 3, True, True),
+        (4, 256, 4, 3, False, True), (8, 128, 8, 3, False, True), (16, 64, 4, 3, False, True),
+        (16, 32, 4, 3, False, True), (16, 32, 4, 3, False, False), (8, 128, 4, 4, False, True),
+        (8, 64, 4, 3, False, True), (4, 128, 4, 3, False, True), (16, 128, 8, 3, False, True)],
     8: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 256, 4, 3), (16, 128, 4, 3), (64, 64, 4, 3)],
 }
 

@@ -262,7 +262,7 @@ def test_24_compress_roundtrip_and_exact_pattern():
         nm24.decompress_24(values, meta ^ 1)
 
 
-# one token: the FMA kernels' variants (meta loaded per group or per word; products in fp16 or fp32); 5: tl.dot
+# one token: the FMA kernels' variants (meta loaded per group or per word; position 2 by selects or by SUM3)
 _CONFIGS_24 = [(1, (16, 64, 4, 2, True), (16, 64, 4, 2, True, False)),  # 64 > the rows' 40 groups: one masked chunk
                (1, (8, 32, 4, 2, False), (8, 32, 4, 2, False, True)),
                (1, (16, 16, 4, 2, True), (16, 16, 4, 2, True, False)),

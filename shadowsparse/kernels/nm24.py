@@ -35,8 +35,8 @@ MAX_TOKENS = 16
 # (block_r, block_k, warps, stages) of the tl.dot kernels (2..16 tokens)
 DOT_DEFAULTS = (32, 256, 4, 3)
 DOT_T_DEFAULTS = (32, 128, 4, 3)
-# (block_r, groups per chunk, warps, stages, META_DUP) of the one-token FMA kernels; the transposed one adds
-# PROD16 (products h·v in fp16, one packed multiply for both values of a group, before the fp32 accumulation)
+# (block_r, groups per chunk, warps, stages, META_DUP) of the one-token FMA kernels; the transposed one adds SUM3
+# (_nm24_gemv_t_kernel)
 GEMV_DEFAULTS = (4, 256, 4, 3, False)  # best of benchmarks/nm24_kernel.py on an H100 (OPT-13B and Llama-2-7B)
 GEMV_T_DEFAULTS = (8, 128, 4, 3, False, True)
 
@@ -216,10 +216,12 @@ if triton is not None:
     @triton.jit
     def _nm24_gemv_t_kernel(h_ptr, v_ptr, m_ptr, rows_ptr, b_ptr, y_ptr, R, K, HALF_K, WORDS_K, R_PER_SPLIT,
                             HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, G: tl.constexpr, META_DUP: tl.constexpr,
-                            PROD16: tl.constexpr, USE_PDL: tl.constexpr):
-        """One token, transposed weight: y[4g + p] += sum_r h[r]·W_t[r, 4g + p] over this program's rows. The
-        products h·v0 and h·v1 go to the accumulator of their position by bit tests (four (BLOCK_R, G) fp32
-        accumulators, reduced over rows once), then four strided atomic adds per program."""
+                            SUM3: tl.constexpr, USE_PDL: tl.constexpr):
+        """One token, transposed weight: y[4g + p] += sum_r h[r]·W_t[r, 4g + p] over this program's rows. Both
+        products h·v of a group come from one packed fp16 multiply (one rounding, as the fp16 weight itself) and
+        go to the fp32 accumulator of their position by bit tests ((BLOCK_R, G) accumulators, reduced over rows
+        once), then four strided atomic adds per program. SUM3: position 2 is not accumulated but recovered as the
+        group's total minus the other three (one accumulator of a0 + a1 instead of two tests and two selects)."""
         pdl_wait(USE_PDL)
         g0 = tl.program_id(0) * G
         gi = g0 + tl.arange(0, G)
@@ -227,7 +229,7 @@ if triton is not None:
         b0, b1, b2, b3 = _position_bits(G)
         acc0 = tl.zeros((BLOCK_R, G), dtype=tl.float32)
         acc1 = tl.zeros((BLOCK_R, G), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_R, G), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_R, G), dtype=tl.float32)  # SUM3: the total of both products
         acc3 = tl.zeros((BLOCK_R, G), dtype=tl.float32)
         for r0 in range(r_start, r_start + R_PER_SPLIT, BLOCK_R):
             offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -235,22 +237,27 @@ if triton is not None:
             rows = tl.load(rows_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
             v, words = _load_groups(v_ptr, m_ptr, rows, mask_r, g0, HALF_K, WORDS_K, G, BLOCK_R, META_DUP)
             hk = tl.load(h_ptr + offs_r, mask=mask_r, other=0.0)[:, None]  # (BLOCK_R, 1)
-            if PROD16:
-                a0, a1 = _split_pairs(v * hk.to(v.dtype), BLOCK_R, G)
-                a0 = a0.to(tl.float32)
-                a1 = a1.to(tl.float32)
+            a0, a1 = _split_pairs(v * hk.to(v.dtype), BLOCK_R, G)
+            a0 = a0.to(tl.float32)
+            a1 = a1.to(tl.float32)
+            if SUM3:
+                k0 = (words & b0) != 0
+                k3 = (words & b3) != 0
+                acc0 += tl.where(k0, a0, 0.0)
+                acc1 += tl.where((words & b1) != 0, tl.where(k0, a1, a0), 0.0)
+                acc2 += a0 + a1
+                acc3 += tl.where(k3, a1, 0.0)
             else:
-                v0, v1 = _split_pairs(v, BLOCK_R, G)
-                a0 = v0.to(tl.float32) * hk.to(tl.float32)
-                a1 = v1.to(tl.float32) * hk.to(tl.float32)
-            w0, w1, w2, w3 = _position_tiles(a0, a1, words, b0, b1, b2, b3)
-            acc0 += w0
-            acc1 += w1
-            acc2 += w2
-            acc3 += w3
+                w0, w1, w2, w3 = _position_tiles(a0, a1, words, b0, b1, b2, b3)
+                acc0 += w0
+                acc1 += w1
+                acc2 += w2
+                acc3 += w3
         pdl_launch_next(USE_PDL)
-        _add_positions(y_ptr + 4 * gi, gi < K // 4, b_ptr + 4 * gi, HAS_BIAS, tl.sum(acc0, axis=0),
-                       tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0))
+        y0, y1, y2, y3 = tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0)
+        if SUM3:
+            y2 = y2 - y0 - y1 - y3
+        _add_positions(y_ptr + 4 * gi, gi < K // 4, b_ptr + 4 * gi, HAS_BIAS, y0, y1, y2, y3)
 
 
 def prune_24(w: torch.Tensor) -> torch.Tensor:
@@ -377,7 +384,7 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
     T, R = h.shape
     one = T == 1
     if one:
-        block_r, groups, warps, stages, meta_dup, prod16 = config or GEMV_T_DEFAULTS
+        block_r, groups, warps, stages, meta_dup, sum3 = config or GEMV_T_DEFAULTS
         block_k = 4 * _groups(groups, K)
     else:
         block_r, block_k, warps, stages = config or DOT_T_DEFAULTS
@@ -398,7 +405,7 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
     grid = (k_blocks, triton.cdiv(R, r_per_split))
     if one:
         _nm24_gemv_t_kernel[grid](*args, R, K, K // 2, K // 32, r_per_split, HAS_BIAS=bias is not None,
-                                  BLOCK_R=block_r, G=block_k // 4, META_DUP=meta_dup, PROD16=prod16,
+                                  BLOCK_R=block_r, G=block_k // 4, META_DUP=meta_dup, SUM3=sum3,
                                   num_warps=warps, num_stages=stages, **pdl_kwargs(h))
     else:
         _nm24_t_kernel[grid](*args, T, R, K, K // 2, K // 32, r_per_split, HAS_BIAS=bias is not None, T_PAD=16,
