@@ -74,6 +74,9 @@ def load_config(argv: list[str]) -> dict:
         sys.exit(f"unknown methods {bad}; choose from {sorted(METHODS)}")
     if any(not 1 <= b <= 8 for b in cfg["batches"]):
         sys.exit(f"batches must be in 1..8 (the engine's decode batch), got {cfg['batches']}")
+    if any(not (isinstance(st, int) and 1 <= st <= 64) for st in cfg["prefill_steps"]):
+        sys.exit(f"prefill_steps must be integers in 1..64 (tokens per sequence per prefill step), got "
+                 f"{cfg['prefill_steps']}")
     if cfg["gen"] < 2:
         sys.exit("gen must be >= 2 (HF generate's per-token time is (t(gen) - t(1)) / (gen - 1))")
     if not cfg.get("out"):
@@ -98,7 +101,7 @@ def hf_ms_per_token(model, prompt, gen: int, cache: str, repeats: int) -> list[f
 def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
     from shadowsparse import PredictorConfig, SharedPredictor
     from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder
-    from shadowsparse.runtime.bench import step_bytes, time_replays
+    from shadowsparse.runtime.bench import step_bytes, time_host, time_replays
 
     P, gen = cfg["prompt"], cfg["gen"]
     w = weights
@@ -134,6 +137,12 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
         logits = engine.prefill(prompt, heads=None if heads is None else heads.expand(-1, P, -1, -1),
                                 neurons=None if neurons is None else neurons.expand(-1, P, -1, -1))
         first = logits[:, -1:].argmax(-1)
+        prefill_ms = {}
+        for st in cfg["prefill_steps"]:  # the prompt in steps of st tokens: kernels (B·st <= 16) or masked GEMMs
+            pt = time_host(lambda: engine.prefill(prompt, heads=None if heads is None else heads.expand(-1, P, -1, -1),
+                                                  neurons=None if neurons is None else neurons.expand(-1, P, -1, -1),
+                                                  step_tokens=st), cfg["repeats"])
+            prefill_ms[f"step{st}"] = statistics.median(pt)
         times = time_replays(graph.graph.replay, gen, cfg["repeats"], cfg["warmup"], lambda: graph.start(first, P))
         ms = statistics.median(times)
         nbytes = step_bytes(engine, 1, P + gen / 2)
@@ -143,7 +152,7 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
                    rows_read_per_layer=engine.rows_read(batch), first_gated_layer=engine.first_layer if engine.gated
                    else None, ms_per_token=ms, ms_repeats=times, bytes_per_token=nbytes,
                    gb_per_s=nbytes / ms / 1e6, copy_gb_per_s=bw, frac_copy_bw=nbytes / ms / 1e6 / bw,
-                   floor_ms=nbytes / bw / 1e6)
+                   floor_ms=nbytes / bw / 1e6, prefill_ms=prefill_ms)
         if method == "dense":
             dense_ms = ms
             with torch.no_grad():  # the engine computes the model: its prompt logits against transformers'

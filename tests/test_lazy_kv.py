@@ -146,3 +146,35 @@ def test_lazy_kv_bad_input_names_the_fix():
         EngineConfig(kv="sometimes").validate()
     with pytest.raises(ConfigError, match="kv_window must be"):
         EngineConfig(kv_window=1).validate()
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_token_steps_take_the_masked_path(family, backend):
+    """A step of more than 16 token rows (a prompt in one go) runs the gated layers as the mask path on dense GEMMs;
+    the logits still equal the mask path's, and lazy K/V steps after it (the window written by the long step)
+    and a later 20-row step (every head refreshed first) stay exact."""
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = _model(family).to(device)
+    window, batch = 4, 2
+    chunks = [10] + [1] * (2 * window + 2) + [10] + [1] * 3
+    S = sum(chunks)
+    ids = _ids(batch, S, seed=15).to(device)
+    heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=16))
+    cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.75, kv="lazy", kv_window=window, backend=backend)
+    engine = DecodeEngine(extract_weights(model), batch=batch, max_len=48, config=cfg)
+    seen, select = [], engine._select
+
+    def spy(h, n):  # records which steps took the masked path (one _select per step: it advances the refresh)
+        sel = select(h, n)
+        seen.append(sel.masked)
+        return sel
+    engine._select = spy
+    out = _engine_steps(engine, ids, chunks, heads, neurons)
+    assert seen[0] and seen[-4] and not any(seen[1:-4]) and not any(seen[-3:])  # 2 x 10 rows > 16: masked
+    with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.75)), \
+            torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **tol)
+    with pytest.raises(ConfigError, match="step_tokens must be in"):
+        engine.prefill(ids[:, :4], step_tokens=65)

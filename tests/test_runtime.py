@@ -150,7 +150,7 @@ def test_bad_input_names_the_fix():
     with pytest.raises(ConfigError, match="needs scores"):
         engine.step(_ids(1, 1), 0)
     with pytest.raises(ConfigError, match="use prefill"):
-        DecodeEngine(w, batch=1, max_len=16).step(_ids(1, 9), 0)
+        DecodeEngine(w, batch=1, max_len=16).step(_ids(1, 65), 0)
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="decode engine supports"):
@@ -248,6 +248,9 @@ def test_benchmark_cli_refuses_bad_input():
     from tests.conftest import ROOT
     bad = subprocess.run([sys.executable, "benchmark.py", "experiment=nope"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown experiment 'nope'" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmark.py", "prefill_steps=[0,8]"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert bad.returncode != 0 and "prefill_steps must be integers in 1..64" in bad.stderr
     if not torch.cuda.is_available():
         cpu = subprocess.run([sys.executable, "benchmark.py", "experiment=smoke"], cwd=ROOT, capture_output=True,
                              text=True)

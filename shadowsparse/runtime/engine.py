@@ -1,7 +1,7 @@
 """The decode engine: one full decoder forward for 1..8 new tokens per sequence, dense or gated.
 
     engine = DecodeEngine(extract_weights(model), batch=1, max_len=512, config=EngineConfig(ffn_sparsity=0.5))
-    logits = engine.prefill(prompt_ids)                      # (B, P, V), in steps of <= 8 tokens
+    logits = engine.prefill(prompt_ids)                      # (B, P, V), in steps of <= 64 tokens
     logits = engine.step(next_ids, pos)                      # (B, T, V)
 
 Gating per step (layers >= first_layer): the scores come from the SharedPredictor (run once on the hidden state
@@ -25,6 +25,12 @@ The W rows cost one weight read (they share the GEMV, tokens padded to 16), henc
 Gated layers of a pre-norm model keep the residual stream in fp32: the out-projection and FFN-down kernels add
 into it with their fp32 atomics and the norms read it, which removes a copy-in, a cast-out and a bias add per
 sub-block (small kernels that cost as much as the bytes they touch at decode). Dense layers keep the model dtype.
+
+Many tokens (prefill): a step of B·T > 16 rows would make the gathered kernels re-read the selected rows once per
+16 tokens, and the tokens' union covers nearly every unit anyway. Its gated layers therefore run the mask path
+itself on cuBLAS GEMMs: every head's q/k/v and every neuron computed, each token's unselected heads and neurons
+zeroed by its own top-k mask (exact per-token semantics, whatever batch_set says), one pass over the weights for
+all the step's tokens. benchmark.py's prefill rows measure both ways (docs/benchmarks.md).
 
 Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
 step in a CUDA graph.
@@ -50,8 +56,9 @@ from .select import BATCH_SETS, head_rows, padded_size, select_units
 from .weights import EngineWeights
 
 MAX_BATCH = 8
-MAX_STEP_TOKENS = 8
-KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call
+MAX_STEP_TOKENS = 64  # new tokens per sequence in one step (prefill() cuts prompts into steps of this size)
+KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call; a step with more rows in all
+# (B·T > 16) runs its gated layers as the mask path on cuBLAS GEMMs (module docstring: "Many tokens")
 
 
 @dataclass
@@ -95,6 +102,9 @@ class Selection:
     kv_heads: torch.Tensor | None = None  # (Lg, Kh + r) int32: lazy K/V's heads (selected, then refresh)
     kv_rows: torch.Tensor | None = None  # (Lg, 2*(Kh + r)*D) int32 rows of the K/V weight (keys, then values)
     qkv_rows: torch.Tensor | None = None  # (Lg, Kh*D + 2*(Kh + r)*D) rows of the fused q/k/v weight (lazy K/V)
+    masked: bool = False  # B·T > KERNEL_TOKENS: per-token masks on dense GEMMs instead of index sets
+    head_scores: torch.Tensor | None = None  # masked: (n, Lg, H), each token keeps its own top-k heads
+    neuron_scores: torch.Tensor | None = None  # masked: (n, Lg, F)
 
 
 class DecodeEngine:
@@ -174,7 +184,14 @@ class DecodeEngine:
 
     # -- selection -------------------------------------------------------------------------------------------------
     def _select(self, heads: torch.Tensor | None, neurons: torch.Tensor | None) -> Selection:
-        """heads (B, T, L, H), neurons (B, T, L, F) -> this step's index sets for layers >= first_layer."""
+        """heads (B, T, L, H), neurons (B, T, L, F) -> this step's index sets for layers >= first_layer (or, for a
+        step of more than KERNEL_TOKENS rows, the per-token scores its masks come from)."""
+        s = neurons if neurons is not None else heads
+        if s.shape[0] * s.shape[1] > KERNEL_TOKENS:
+            lg = slice(self.first_layer, None)
+            return Selection(masked=True,
+                             head_scores=heads[:, :, lg].flatten(0, 1) if self.gate_heads else None,
+                             neuron_scores=neurons[:, :, lg].flatten(0, 1) if self.gate_ffn else None)
         sel = Selection()
         mode = self.cfg.batch_set
         if self.gate_ffn:
@@ -261,12 +278,15 @@ class DecodeEngine:
         return F.linear(x.to(dt), w.lm_head)
 
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, start: int = 0, heads=None, neurons=None) -> torch.Tensor:
-        """ids (B, P) from position ``start``, in steps of <= 8 tokens -> logits (B, P, V). Scores, if given, are
-        (B, P, L, U) and are sliced per step."""
+    def prefill(self, ids: torch.Tensor, start: int = 0, heads=None, neurons=None,
+                step_tokens: int = MAX_STEP_TOKENS) -> torch.Tensor:
+        """ids (B, P) from position ``start``, in steps of <= step_tokens tokens -> logits (B, P, V). Scores, if
+        given, are (B, P, L, U) and are sliced per step."""
+        if not 1 <= step_tokens <= MAX_STEP_TOKENS:
+            raise ConfigError(f"step_tokens must be in 1..{MAX_STEP_TOKENS}, got {step_tokens}")
         out = []
-        for t0 in range(0, ids.shape[1], MAX_STEP_TOKENS):
-            t1 = min(ids.shape[1], t0 + MAX_STEP_TOKENS)
+        for t0 in range(0, ids.shape[1], step_tokens):
+            t1 = min(ids.shape[1], t0 + step_tokens)
             h = None if heads is None else heads[:, t0:t1]
             n = None if neurons is None else neurons[:, t0:t1]
             out.append(self.step(ids[:, t0:t1], start + t0, heads=h, neurons=n))
@@ -335,9 +355,10 @@ class DecodeEngine:
         D, KV = w.head_dim, w.n_kv_heads
         hf = None if h is None else h.reshape(B * T, d)
         be = self.cfg.backend
-        gated = sel is not None and sel.heads is not None
+        gated = sel is not None and sel.heads is not None  # head gating through the gathered kernels
+        masked = sel is not None and sel.masked  # many tokens: every head computed, unselected ones zeroed
         lazy = self._lazy(sel, T)
-        if gated and self.window is not None and h is not None:
+        if sel is not None and self.window is not None and h is not None:
             self.window.write(gi, h)
         q_slot = None
         if lazy:
@@ -379,8 +400,13 @@ class DecodeEngine:
                              w.n_heads, backend=be, q_slot=q_slot)  # (B, T, J, D)
         if gated and sel.head_keep is not None:
             a = a * sel.head_keep[gi].view(B, T, J, 1)
+        if masked and sel.head_scores is not None:
+            a = a * _topk_mask(sel.head_scores[:, gi], self.k_heads, a.dtype).view(B, T, J, 1)
         a = a.reshape(B * T, J * D)
         rf = resid.reshape(B * T, d)
+        if masked and self.resid32:  # cuBLAS for the many tokens, added into the fp32 residual stream
+            rf.add_(_linear(a.to(lw.o_w.dtype), lw.o_w, lw.o_b))
+            return resid
         if sel is not None and self.resid32:
             # the fp32 residual stream: the out-projection adds into it (every head's rows if heads are not gated)
             o_rows = rows if gated else self.all_q_rows
@@ -400,9 +426,18 @@ class DecodeEngine:
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
+        mask = None  # (n, F) per-token 0/1 of a masked (many-token) step
+        if sel is not None and sel.masked and sel.neuron_scores is not None:
+            mask = _topk_mask(sel.neuron_scores[:, gi], self.k_ffn, self.dtype)
         if self.nm24 is not None:
-            y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into), hf, rf)
+            y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
             return rf if into else y
+        if mask is not None:  # the mask path on cuBLAS: every neuron computed, each token's others zeroed
+            g = _act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
+            g = (g if lw.w_up is None else g * F.linear(hf, lw.w_up)) * mask
+            if into:
+                return rf.add_(_linear(g, lw.down_w, lw.b_out))
+            return _residual_linear(rf, g, lw.down_w, lw.b_out)
         if sel is not None and sel.ffn_idx is not None:
             idx = sel.ffn_idx[gi]
             keep = None if sel.ffn_keep is None else sel.ffn_keep[gi]
@@ -425,9 +460,10 @@ class DecodeEngine:
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
 
 
-    def _ffn_24(self, layer, hf, rf, sel, gi, row0, into):
+    def _ffn_24(self, layer, hf, rf, sel, gi, row0, into, mask=None):
         """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows).
-        into: add into the fp32 residual stream rf in place (module docstring)."""
+        into: add into the fp32 residual stream rf in place (module docstring); mask (n, F): a masked step's
+        per-token 0/1 over every neuron."""
         lw, (v_in, m_in), up, (v_d, m_d) = self.w.layers[layer], *self.nm24[layer]
         be = self.cfg.backend
         gated = sel is not None and sel.ffn_idx is not None
@@ -435,6 +471,8 @@ class DecodeEngine:
         g = nm24_linear(hf, v_in, m_in, idx, lw.b_in, backend=be, act=self.w.act, up=up)  # (n, K): act(.)·up
         if gated and sel.ffn_keep is not None:
             g = g * sel.ffn_keep[gi][row0:row0 + hf.shape[0]]
+        if mask is not None:
+            g = g * mask[row0:row0 + hf.shape[0]]
         if into:
             return nm24_linear_t(g, v_d, m_d, idx, bias=lw.b_out, out=rf, backend=be)
         return nm24_linear_t(g, v_d, m_d, idx, residual=rf, bias=lw.b_out, backend=be)
@@ -444,6 +482,12 @@ def _compress_ffn(lw):
     """Magnitude 2:4 of gate/up (fc1) along d and of the transposed down projection along d, compressed."""
     up = None if lw.w_up is None else compress_24(prune_24(lw.w_up))
     return compress_24(prune_24(lw.w_in)), up, compress_24(prune_24(lw.down_t))
+
+
+def _topk_mask(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """scores (n, U) -> (n, U) 0/1 in dtype: each row's top-k units (the mask path's per-token selection)."""
+    top = scores.topk(k, dim=-1, sorted=False).indices
+    return torch.zeros(scores.shape, dtype=dtype, device=scores.device).scatter_(-1, top, 1.0)
 
 
 def _chunked2(fn, x, r):
