@@ -1,4 +1,4 @@
-"""The decode engine: one full decoder forward for 1..8 new tokens per sequence, dense or gated.
+"""The decode engine: one full decoder forward for 1..64 new tokens per sequence, dense or gated.
 
     engine = DecodeEngine(extract_weights(model), batch=1, max_len=512, config=EngineConfig(ffn_sparsity=0.5))
     logits = engine.prefill(prompt_ids)                      # (B, P, V), in steps of <= 64 tokens
@@ -8,8 +8,8 @@ Gating per step (layers >= first_layer): the scores come from the SharedPredicto
 entering layer feature_layer + 1, top-k on device) or are given per call (heads (B, T, L, H), neurons
 (B, T, L, F), the layout of gating.TensorScores). FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
 of the transposed down projection. Heads: the q rows, the attention and the o rows of unselected query heads are
-skipped. With B·T > 1 tokens the rows read are one set per layer (select.py: "union", exact per-token semantics,
-or "vote", one fixed-size set).
+skipped. With 1 < B·T <= 16 tokens the rows read are one set per layer (select.py: "union", exact per-token
+semantics, or "vote", one fixed-size set); with more, see "Many tokens" below.
 
 K/V of skipped heads (kv="lazy"): a later token may select a head that earlier tokens skipped, and then needs
 that head's keys and values at every earlier position. kv="dense" computes every head's K/V at every token
