@@ -307,3 +307,17 @@ def test_24_kernels_match_masked_dense(backend, T, config, config_t):
     torch.testing.assert_close(stream, r + h @ w[rows] + bias_d, **tol)
     with pytest.raises(ValueError, match="act must be one of"):
         nm24.nm24_linear(x, values, meta, act="tanh")
+
+
+def test_pdl_is_off_where_it_cannot_run(monkeypatch):
+    """Programmatic dependent launch only on CUDA devices of sm_90+ with Triton's gdc instructions, and never with
+    SHADOWSPARSE_PDL=0: off, the kernels get USE_PDL=False and no launch_pdl keyword."""
+    from shadowsparse.kernels import pdl
+    assert pdl.pdl_kwargs(torch.zeros(1)) == {"USE_PDL": False}
+    if torch.cuda.is_available():
+        monkeypatch.setenv("SHADOWSPARSE_PDL", "0")
+        assert pdl.pdl_kwargs(torch.zeros(1, device="cuda")) == {"USE_PDL": False}
+        monkeypatch.setenv("SHADOWSPARSE_PDL", "1")
+        on = torch.cuda.get_device_capability()[0] >= 9 and pdl._HAS_GDC
+        assert pdl.pdl_kwargs(torch.zeros(1, device="cuda")) == ({"USE_PDL": True, "launch_pdl": True} if on else
+                                                                 {"USE_PDL": False})

@@ -13,6 +13,7 @@ benchmark measures both).
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -44,11 +45,16 @@ else:  # pragma: no cover - machines without triton
     _HAS_GDC = False
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_later(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels working on ``t`` are launched with PDL (module docstring)."""
     if not (_HAS_GDC and t.is_cuda) or os.environ.get("SHADOWSPARSE_PDL", "1") == "0":
         return False
-    return torch.cuda.get_device_capability(t.device)[0] >= 9
+    return _hopper_or_later(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def pdl_kwargs(t: torch.Tensor) -> dict:
