@@ -1,9 +1,10 @@
 """Where a decode step's time goes: per-kernel GPU time of the engine's step (eager, torch.profiler).
 
-    python benchmarks/profile_step.py [--model opt-13b] [--layers 4] [--methods dense ffn50+heads50]
+    python benchmarks/profile_step.py [--model opt-13b] [--layers 4] [--methods dense ffn50+heads50] [--prefill 64]
 
 Random weights in the model's per-layer shapes with fewer layers (a layer's kernels do not depend on depth);
-prints the kernels by total GPU time per step, and the graph-replayed step time for comparison.
+prints the kernels by total GPU time per step, and the graph-replayed step time for comparison. --prefill T profiles
+a T-token step at position 128 instead (the masked path of engine.py when T > 16), eager.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--methods", nargs="+", default=["dense", "ffn50+heads50"])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prefill", type=int, default=0, help="profile a step of this many tokens instead")
     args = ap.parse_args()
     cfg = build_config(args.model)
     cfg.num_hidden_layers = args.layers
@@ -45,6 +47,9 @@ def main() -> None:
         ms = statistics.median(time_replays(g.graph.replay, 50, 5, 2, lambda: g.start(
             torch.zeros(1, 1, dtype=torch.long, device="cuda"), 128)))
         ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+        if args.prefill:
+            ids = torch.zeros(1, args.prefill, dtype=torch.long, device="cuda")
+            kw = {k: v.expand(-1, args.prefill, -1, -1) for k, v in kw.items()}
         for _ in range(3):
             engine.step(ids, 128, **kw)
         torch.cuda.synchronize()
