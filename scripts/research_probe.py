@@ -22,6 +22,13 @@ TRAIN, HELD = "outputs/research/ffn_train", "outputs/research/ffn_heldout"
 COLS = torch.load("outputs/research/down_col_norms.pt")  # {layer: (F,)}
 
 
+def write_probe(res: dict) -> None:
+    """Print one probe's result and append it to outputs/research/probes.jsonl."""
+    print(json.dumps(res))
+    with open("outputs/research/probes.jsonl", "a") as f:
+        f.write(json.dumps(res) + "\n")
+
+
 def topk_bool(s, k):
     return torch.zeros_like(s, dtype=torch.bool).scatter_(-1, s.topk(k, -1).indices, True)
 
@@ -55,9 +62,7 @@ def baselines(layers, qs):
         gate = torch.nn.functional.silu(xh @ gates[l].T).abs()
         res[f"L{l}"] = {"static": scores_mass(mean.expand_as(ah), ah, qs, COLS[l]),
                         "gate": scores_mass(gate, ah, qs, COLS[l])}
-    print(json.dumps(res))
-    with open("outputs/research/probes.jsonl", "a") as f:
-        f.write(json.dumps(res) + "\n")
+    write_probe(res)
 
 
 def qgate(bits_list, group, with_up=False, mode="midrise", layers=(3, 15, 27), qs=(0.5, 0.6, 0.7, 0.8)):
@@ -74,9 +79,7 @@ def qgate(bits_list, group, with_up=False, mode="midrise", layers=(3, 15, 27), q
                 s = s * (xh @ quantize_rows(ups[l], bits, group, mode).T)
             s = s.abs()
             res[f"L{l}"] = {k: round(v, 4) for k, v in scores_mass(s, ah, list(qs), COLS[l]).items()}
-        print(json.dumps(res))
-        with open("outputs/research/probes.jsonl", "a") as f:
-            f.write(json.dumps(res) + "\n")
+        write_probe(res)
 
 
 def main():
@@ -110,9 +113,7 @@ def main():
             s = pred.predict_layer(l, xh)
         res[f"L{l}"] = {k: round(v, 4) for k, v in scores_mass(s, ah, qs, COLS[l]).items()}
     res["seconds"] = round(time.time() - t0)
-    print(json.dumps(res))
-    with open("outputs/research/probes.jsonl", "a") as f:
-        f.write(json.dumps(res) + "\n")
+    write_probe(res)
 
 
 if __name__ == "__main__":

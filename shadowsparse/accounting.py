@@ -20,7 +20,7 @@ from .arch import ModelView
 # the gate run in full (a non-candidate saves up and down).
 DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early", "lte": "early",
             "gate": "after_gate", "oracle": "late", "threshold": "late", "predictor_verify": "verify",
-            "sketch_verify": "verify", "gate_verify": "gate_verify"}
+            "sketch": "verify", "sketch_verify": "verify", "gate_verify": "gate_verify"}
 
 
 def decoder_linear_bytes(view: ModelView) -> int:

@@ -20,7 +20,7 @@ from .criteria import get_criterion
 from .data import TextSource, WindowSpec, token_windows
 from .distributed import FIT_TARGETS_ENV, fit_only_targets, is_rank_zero
 from .errors import ConfigError
-from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating
+from .gating import GatingConfig, SparsityCounter, StaticScores, TensorScores, attach_gating, n_keep
 from .llm import LLMConfig, check_context, load_llm
 from .methods import Level, evaluate_levels, window_nll
 from .progress import progress
@@ -216,8 +216,18 @@ def gating_levels(cfg) -> list[tuple[float, float]]:
     return levels
 
 
+def ffn_only_levels(cfg, method: str) -> list[tuple[float, float]]:
+    """The levels without head sparsity, for a method that selects FFN neurons only; the others are named in the log
+    (the method has no head axis to compose with, so those levels get no row of it)."""
+    levels = gating_levels(cfg)
+    skipped = [f"ffn={f:.2f} heads={h:.2f}" for f, h in levels if h]
+    if skipped:
+        log.info("%s selects FFN neurons only: level(s) %s skipped for it", method, ", ".join(skipped))
+    return [(f, h) for f, h in levels if not h]
+
+
 METHODS = ("dense", "predictor", "oracle", "static", "threshold", "gate", "teal", "lte", "predictor_verify",
-           "gate_verify", "sketch_verify")
+           "gate_verify", "sketch", "sketch_verify")
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
@@ -327,9 +337,7 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
     if "teal" in methods:  # input-channel sparsity on every projection; one sparsity for all of them
         calib = token_windows(tok, window_spec(cfg.data.calib))[: cfg.evaluate.threshold_windows]
         thresholds = TealThresholds.calibrate(model, calib, cfg.seed)
-        for ffn, heads in gating_levels(cfg):
-            if heads:
-                continue  # TEAL has no head axis
+        for ffn, _ in ffn_only_levels(cfg, "teal"):  # TEAL has no head axis
             with attach_teal(model, thresholds, ffn, first_layer) as handle:
                 nll, n = 0.0, 0
                 for ids in progress(windows.split(cfg.data.eval.batch_size), desc=f"teal s={ffn:.2f}", unit="batch"):
@@ -350,37 +358,54 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
             log.warning("gate (CATS) needs a gated FFN; %s has none: skipped", view.spec.family)
         else:
             evaluate("gate", GateScores(), granularity="token", criterion=None, budget="local",
-                     levels=[(f, h) for f, h in gating_levels(cfg) if h == 0])  # FFN only
+                     levels=ffn_only_levels(cfg, "gate"))
     if "lte" in methods:  # its fine-tuned weights are swapped into the model for this method only, then restored
         from .lte import load_lte, lte_folder
         lte = load_lte(lte_folder(cfg, run_dir), model)
         with lte.applied(model) as source:
             evaluate("lte", source, granularity="token", criterion=None, budget="local",
-                     selector_bytes=lte.router_bytes(model), levels=[(f, h) for f, h in gating_levels(cfg) if h == 0],
+                     selector_bytes=lte.router_bytes(model), levels=ffn_only_levels(cfg, "lte"),
                      **lte.info())
-    if {"predictor_verify", "gate_verify", "sketch_verify"} & set(methods):  # two-stage selection (verify.py), FFN only
+    verify_methods = [m for m in ("predictor_verify", "gate_verify", "sketch", "sketch_verify") if m in methods]
+    if verify_methods:  # selection before / around the FFN (verify.py), FFN levels only
         from .verify import VerifyScores, sketch_bytes, verify_config, verify_predictor_for
         vcfg = verify_config(cfg)
-        ffn_levels = [(f, h) for f, h in gating_levels(cfg) if h == 0]
-        for method in ("predictor_verify", "gate_verify", "sketch_verify"):
-            if method not in methods:
-                continue
+        qcache: dict = {}  # the low-bit copies, quantized once for sketch and sketch_verify
+        hessians = None
+        if vcfg.quantizer == "gptq" and {"sketch", "sketch_verify"} & set(methods) and view.spec.glu:
+            from .verify import ffn_input_hessians  # calibrated on the calibration text, never the evaluation windows
+            calib = token_windows(tok, window_spec(cfg.data.calib))[: vcfg.calib_windows]
+            hessians = ffn_input_hessians(model, calib, list(range(first_layer, view.dims.n_layers)))
+        for method in verify_methods:
             if method != "predictor_verify" and not view.spec.glu:
-                log.warning("%s needs a gated FFN; %s has none: skipped", method, view.spec.family)
+                log.warning("%s needs a gated FFN (SwiGLU) to sketch or read the gate; %s has none: skipped", method,
+                            view.spec.family)
                 continue
+            levels = ffn_only_levels(cfg, method)
             vp = verify_predictor_for(cfg, model, tok, first_layer, run_dir) if method == "predictor_verify" else None
             esize = next(model.parameters()).element_size()
-            proposer = {"predictor_verify": "predictor", "gate_verify": "gate", "sketch_verify": "sketch"}[method]
+            proposer = {"predictor_verify": "predictor", "gate_verify": "gate"}.get(method, "sketch")
             sel_bytes = {"predictor": vp.n_params() * esize if vp is not None else 0, "gate": 0,
                          "sketch": sketch_bytes(view, view.dims.n_layers - first_layer, vcfg)}[proposer]
-            more_q = {"verify_bits": vcfg.bits, "verify_group": vcfg.group, "verify_sketch": vcfg.sketch} \
-                if proposer == "sketch" else {}
-            for q in vcfg.qs:
-                src = VerifyScores(q, vp, proposer, vcfg.final, sketch=vcfg)
-                evaluate(method, src, granularity="token", criterion=None, budget="local", levels=ffn_levels,
+            more_q = {"verify_bits": vcfg.bits, "verify_group": vcfg.group, "verify_sketch": vcfg.sketch,
+                      "verify_quantizer": vcfg.quantizer} if proposer == "sketch" else {}
+            # sketch: the proposal is the keep set (q = 0 proposes no more than 1 - s), no verify stage
+            for q in ([0.0] if method == "sketch" else vcfg.qs):
+                q_levels = levels
+                if method == "sketch_verify" and "sketch" in methods:  # no verify stage = the sketch row again
+                    same = [(f, h) for f, h in levels if round(q * view.dims.ffn) <= n_keep(view.dims.ffn, f)]
+                    if same:
+                        log.info("sketch_verify q=%.2f proposes no more than it keeps at ffn=%s: the same selection "
+                                 "as the sketch row, not evaluated again", q, ", ".join(f"{f:.2f}" for f, _ in same))
+                    q_levels = [lv for lv in levels if lv not in same]
+                if not q_levels:
+                    continue
+                src = VerifyScores(q, vp, proposer, vcfg.final, sketch=vcfg, qcache=qcache, hessians=hessians)
+                evaluate(method, src, granularity="token", criterion=None, budget="local", levels=q_levels,
                          selector_bytes=sel_bytes, **more_q,
                          stats_extra=lambda f, src=src: {"realized_candidate_sparsity": src.candidate_sparsity(
-                             f, view.dims.ffn)}, verify_q=q, verify_final=vcfg.final,
+                             f, view.dims.ffn)}, **({} if method == "sketch" else {"verify_q": q}),
+                         verify_final=vcfg.final,
                          **({"predictor_params": vp.n_params(), "verify_rank": vcfg.rank, "verify_target": vcfg.target,
                              "verify_train_tokens": vp.train_tokens} if vp is not None else {}))
     return rows

@@ -41,6 +41,16 @@ def static_label(r: dict) -> str:
     return f"{r.get('sparsity_metric') or ''} {r['nm']}".strip() if r.get("nm") else "-"
 
 
+def method_label(r: dict) -> str:
+    """The method with the settings that tell its variants apart: a sketch's bit width, a verify stage's proposal
+    ('sketch_verify 3-bit q=0.6')."""
+    bits = f" {r['verify_bits']}-bit" if r.get("verify_bits") else ""
+    if r.get("verify_quantizer") not in (None, "midrise"):  # the data-free copy goes unnamed (older rows have none)
+        bits += f" {r['verify_quantizer']}"
+    q = f" q={r['verify_q']:g}" if r.get("verify_q") is not None else ""
+    return f"{r['method']}{bits}{q}"
+
+
 def table_rows(rows: list[dict]) -> list[list[str]]:
     """Rows formatted for display; 'x dense' divides by the dense row of the same model and dataset (the unpruned
     one: a statically masked model is compared with the model it came from)."""
@@ -50,7 +60,8 @@ def table_rows(rows: list[dict]) -> list[list[str]]:
     for r in rows:
         base = dense.get((r["model"], r["dataset"], r["metric"]))
         ratio = f"{r['value'] / base:.3f}" if base and r["metric"] == "ppl" else "-"
-        out.append([r["model"].split("/")[-1], r["dataset"], static_label(r), r["method"], str(r.get("criterion") or "-"),
+        out.append([r["model"].split("/")[-1], r["dataset"], static_label(r), method_label(r),
+                    str(r.get("criterion") or "-"),
                     r.get("granularity") or "-", f"{r['ffn_sparsity']:.2f}", f"{r['realized_ffn_sparsity']:.3f}",
                     f"{r['head_sparsity']:.2f}", f"{r['realized_head_sparsity']:.3f}", r["metric"],
                     f"{r['value']:.3f}", ratio, f"{r.get('weight_bytes_skipped', 0.0):.3f}"])
@@ -68,7 +79,7 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
 
 def _series_label(r: dict) -> str:
     static = f"{static_label(r)} + " if r.get("nm") else ""
-    return (f"{static}{r['method']} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, "
+    return (f"{static}{method_label(r)} ({r.get('criterion') or '-'}, {r.get('granularity') or '-'}, "
             f"heads {r['head_sparsity']:.2f})")
 
 
@@ -113,7 +124,7 @@ def summary_rows(rows: list[dict]) -> list[list[str]]:
     mean accuracy over the lm-eval tasks evaluated (acc, not acc_norm)."""
     groups: dict = {}
     for r in rows:
-        key = (r["model"], r["method"], r.get("criterion"), r.get("granularity"), r.get("budget"),
+        key = (r["model"], method_label(r), r.get("criterion"), r.get("granularity"), r.get("budget"),
                r["ffn_sparsity"], r["head_sparsity"], static_label(r))
         groups.setdefault(key, []).append(r)
     dense = {r["model"]: r["value"] for r in rows if r["method"] == "dense" and r["metric"] == "ppl" and not r.get("nm")}

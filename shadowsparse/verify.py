@@ -1,10 +1,12 @@
-"""Predict-then-verify FFN selection (two stages per token and layer), evaluated as three methods:
+"""Predict-then-verify FFN selection (two stages per token and layer), evaluated as four methods:
 
 1. propose: a selector ranks the layer's neurons and keeps the top ``q`` fraction as candidates —
    ``predictor_verify``: a per-layer low-rank predictor reading the FFN input itself (the vector gate and up read);
    ``sketch_verify``: a low-bit copy of the FFN's own weights, |act(Q(W_gate) x) * Q(W_up) x| (sketch "act") or
    |act(Q(W_gate) x)| (sketch "gate"), read instead of the real weights (docs/research.md: the best proposer here);
-   ``gate_verify``: the real gate projection in full, CATS-style.
+   ``gate_verify``: the real gate projection in full, CATS-style;
+   ``sketch``: the ``sketch_verify`` proposer with nothing to verify (q = 1 - s at every level): a selector that
+   decides before the FFN runs (in the default run, next to ``sketch_verify`` with q = 0.6).
 2. verify: gate and up are computed for the candidates only; the final keep set is the top (1 - s) of the
    candidates by their true |a| (optionally |a| * ||W_down[:, i]||, the neuron's output contribution). With
    q <= 1 - s there is nothing to verify: the proposal is the keep set, decided before the FFN runs.
@@ -50,9 +52,11 @@ class VerifyConfig:
     eps: float = 1e-3  # targets are log(s + eps * mean_row(s)), z-scored per row (as the shared predictor's)
     sketch: str = "act"  # sketch_verify's proposer: "act" |act(Q(W_gate) x) * Q(W_up) x| (an |a| estimate) or "gate"
     # |act(Q(W_gate) x)| alone (half the bytes, weaker: docs/research.md)
-    bits: int = 2  # sketch_verify: bits per weight of the low-bit copy (1 = sign times the group's mean |w|)
+    bits: int = 3  # sketch_verify: bits per weight of the low-bit copy (1 = sign times the group's mean |w|)
     group: int = 64  # sketch_verify: input channels sharing one 16-bit scale
-    quantizer: str = "midrise"  # sketch_verify: "midrise" (2**bits levels, MSE-fitted clip) or "symmetric" (with 0)
+    quantizer: str = "midrise"  # sketch_verify: "midrise" (2**bits levels, MSE-fitted clip), "symmetric" (with 0) or
+    # "gptq" (midrise levels, GPTQ error feedback in act order on calibration inputs of each FFN)
+    calib_windows: int = 32  # quantizer gptq: calibration windows (of the calibration text) for X^T X per layer
 
     @property
     def qs(self) -> list[float]:
@@ -62,14 +66,16 @@ class VerifyConfig:
         if not self.qs or not all(0.0 < q <= 1.0 for q in self.qs):
             raise ConfigError(f"verify.q must be in (0, 1] (the fraction proposed), got {self.q}")
         for key, allowed in (("act", ("gelu", "none")), ("target", ("activation", "contribution")),
-                             ("final", ("activation", "contribution")), ("quantizer", ("midrise", "symmetric"))):
+                             ("final", ("activation", "contribution")),
+                             ("quantizer", ("midrise", "symmetric", "gptq"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"verify.{key} must be one of {allowed}, got {getattr(self, key)!r}")
         if self.sketch not in ("gate", "act") or not 1 <= self.bits <= 8 or self.group < 1:
             raise ConfigError(f"verify.sketch must be gate or act, bits in [1, 8], group >= 1; got {self.sketch!r}, "
                               f"{self.bits}, {self.group}")
-        if self.rank < 1 or self.train_windows < 1 or self.epochs < 1:
-            raise ConfigError("verify.rank, verify.train_windows and verify.epochs must be positive")
+        if self.rank < 1 or self.train_windows < 1 or self.epochs < 1 or self.calib_windows < 1:
+            raise ConfigError("verify.rank, verify.train_windows, verify.epochs and verify.calib_windows must be "
+                              "positive")
         return self
 
 
@@ -145,18 +151,89 @@ def quantize_rows(w: torch.Tensor, bits: int, group: int, mode: str = "midrise")
         raise ConfigError(f"quantizer mode must be midrise or symmetric, got {mode!r}")
     if bits == 1:  # sign · mean|w| is the exact least-squares 1-bit code
         return (g.sign() * g.abs().mean(-1, keepdim=True)).reshape(F, d).to(w.dtype)
+    return _midrise(g, midrise_step(g, bits), bits).reshape(F, d).to(w.dtype)
+
+
+def _midrise(g: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Values on the 2**bits midrise levels ±(k + 1/2)·step nearest to g (step broadcasts over g's last axis)."""
     half = 2 ** (bits - 1)
-    best_q, best_err = None, None
+    return ((g / step).floor().clamp(-half, half - 1) + 0.5) * step
+
+
+def midrise_step(g: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., group) -> (..., 1): the midrise step of each group, clip = a fraction of max|w| from a grid of 17,
+    the one with the least squared error."""
+    amax = g.abs().amax(-1, keepdim=True).clamp(min=1e-12)
+    best_step, best_err = None, None
     for frac in torch.linspace(0.2, 1.0, 17).tolist():
-        step = amax * frac / half
-        q = ((g / step).floor().clamp(-half, half - 1) + 0.5) * step
-        err = (q - g).pow(2).sum(-1, keepdim=True)
-        if best_q is None:
-            best_q, best_err = q, err
+        step = amax * frac / 2 ** (bits - 1)
+        err = (_midrise(g, step, bits) - g).pow(2).sum(-1, keepdim=True)
+        if best_step is None:
+            best_step, best_err = step, err
         else:
             better = err < best_err
-            best_q, best_err = torch.where(better, q, best_q), torch.where(better, err, best_err)
-    return best_q.reshape(F, d).to(w.dtype)
+            best_step, best_err = torch.where(better, step, best_step), torch.where(better, err, best_err)
+    return best_step
+
+
+def gptq_act_order(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01) -> torch.Tensor:
+    """gptq_rows with the input channels taken in order of decreasing diag(H) (the most active first; groups are
+    formed in that order, so a kernel gathers x by one fixed permutation); the copy is returned in w's own order."""
+    perm = torch.argsort(torch.diag(hessian), descending=True)
+    q = torch.empty_like(w)
+    q[:, perm] = gptq_rows(w[:, perm], hessian[perm][:, perm], bits, group, damp)
+    return q
+
+
+@torch.no_grad()
+def ffn_input_hessians(model, windows: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """X^T X (d, d) of each layer's FFN input over the tokens of windows (N, T), one dense pass (float64 sums)."""
+    view = ModelView(model)
+    out = {l: torch.zeros(view.dims.hidden, view.dims.hidden, dtype=torch.float64) for l in layers}
+
+    def add(module, args, l):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        out[l] += (x.T @ x).double().cpu()  # one window's sum in fp32, the running sum in fp64
+    hooks = [ffn_input_module(view, l).register_forward_pre_hook(lambda m, a, l=l: add(m, a, l)) for l in layers]
+    device = next(model.parameters()).device
+    try:
+        for ids in windows.split(1):
+            model(input_ids=ids.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+def gptq_rows(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01) -> torch.Tensor:
+    """GPTQ (arXiv 2210.17323) with the midrise groups of quantize_rows: input channels are quantized in order and
+    each one's rounding error, weighted by the inverse of H = X^T X (calibration inputs x, (d, d)), is moved onto the
+    channels not yet quantized, so the copy's *outputs* on inputs like x stay close (||(Q - W) x||), not its weights.
+    A group's step is chosen when the group is reached, from the error-updated weights. Returns the dequantized
+    copy (F, d) in w's dtype."""
+    F, d = w.shape
+    if d % group:
+        raise ConfigError(f"verify.group={group} must divide the FFN input width {d}")
+    W = w.detach().float().clone()
+    H = hessian.to(W.device, torch.float64).clone()
+    dead = torch.diag(H) == 0  # channels never active in the calibration: nothing to preserve there
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(d, dtype=H.dtype, device=H.device)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # H^-1 = U^T U
+    Q = torch.zeros_like(W)
+    for j0 in range(0, d, group):  # one group at a time; its errors reach the later groups in one product
+        j1 = j0 + group
+        blk, err = W[:, j0:j1].clone(), W.new_zeros(F, group)
+        step = midrise_step(blk, bits) if bits > 1 else None  # (F, 1), from the error-updated weights
+        scale = blk.abs().mean(-1, keepdim=True)
+        for i in range(group):
+            col = blk[:, i:i + 1]
+            q = col.sign() * scale if bits == 1 else _midrise(col, step, bits)
+            Q[:, j0 + i:j0 + i + 1] = q
+            err[:, i:i + 1] = (col - q) / U[j0 + i, j0 + i]
+            blk[:, i + 1:] -= err[:, i:i + 1] @ U[j0 + i:j0 + i + 1, j0 + i + 1:j1]
+        W[:, j1:] -= err @ U[j0:j1, j1:]
+    return Q.to(w.dtype)
 
 
 def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
@@ -245,11 +322,16 @@ class VerifyScores(ScoreSource):
     """
 
     def __init__(self, q: float, predictor: FFNInputPredictor | None = None, proposer: str = "predictor",
-                 final: str = "activation", sketch: VerifyConfig | None = None):
+                 final: str = "activation", sketch: VerifyConfig | None = None, qcache: dict | None = None,
+                 hessians: dict | None = None):
         if proposer not in ("predictor", "gate", "sketch"):
             raise ConfigError(f"verify proposer must be 'predictor', 'gate' or 'sketch', got {proposer!r}")
         self.sketch = sketch or VerifyConfig()  # sketch proposer: bits, group and what is sketched
-        self._qweights: dict = {}  # (layer, which) -> dequantized low-bit copy, made once
+        # (layer, which, bits, group, quantizer) -> dequantized low-bit copy, made once; sources may share one dict
+        self._qweights: dict = {} if qcache is None else qcache
+        self.hessians = hessians  # quantizer gptq: layer -> X^T X of its FFN input (ffn_input_hessians)
+        if proposer == "sketch" and self.sketch.quantizer == "gptq" and hessians is None:
+            raise ConfigError("verify.quantizer=gptq needs calibration inputs (ffn_input_hessians)")
         if proposer == "predictor" and predictor is None:
             raise ConfigError("the predictor proposer needs a trained FFNInputPredictor")
         self.q, self.predictor, self.proposer, self.final = q, predictor, proposer, final
@@ -305,10 +387,14 @@ class VerifyScores(ScoreSource):
         return hooks
 
     def _qweight(self, view: ModelView, layer: int, path: str) -> torch.Tensor:
-        key = (layer, path)
+        key = (layer, path, self.sketch.bits, self.sketch.group, self.sketch.quantizer)
         if key not in self._qweights:
-            self._qweights[key] = quantize_rows(view.module(layer, path).weight, self.sketch.bits, self.sketch.group,
-                                                self.sketch.quantizer)
+            w = view.module(layer, path).weight
+            if self.sketch.quantizer == "gptq":
+                h = self.hessians[layer].to(w.device)
+                self._qweights[key] = gptq_act_order(w, h, self.sketch.bits, self.sketch.group)
+            else:
+                self._qweights[key] = quantize_rows(w, self.sketch.bits, self.sketch.group, self.sketch.quantizer)
         return self._qweights[key]
 
     def _set(self, layer: int, scores: torch.Tensor, stats: list) -> None:
@@ -320,6 +406,8 @@ class VerifyScores(ScoreSource):
 
     def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
         cand = self._cand.pop(layer)  # from this very forward's FFN input
+        if self._k_cand <= k:  # nothing to verify: the candidates are the keep set (skips a masked top-k)
+            return cand.reshape(x.shape).to(x.dtype)
         s = x.abs().float()
         if self.final == "contribution":
             s = s * self._col[layer].to(x.device)

@@ -39,6 +39,22 @@ def _sliced_forward(mlp, propose, q, s, final_col=None):
     return types.MethodType(forward, mlp)
 
 
+def _sliced_logits(model, ids, first, make_propose, q, s, final_col=None):
+    """Logits with every FFN from ``first`` on replaced by _sliced_forward (make_propose(layer, mlp) -> scores of x;
+    final_col(mlp) -> the contribution weights or None); the FFNs are restored afterwards."""
+    view = ModelView(model)
+    saved = {}
+    try:
+        for l in range(first, view.dims.n_layers):
+            mlp = view.layer(l).mlp
+            saved[l] = mlp.forward
+            mlp.forward = _sliced_forward(mlp, make_propose(l, mlp), q, s, final_col(mlp) if final_col else None)
+        return model(input_ids=ids).logits
+    finally:
+        for l, f in saved.items():
+            view.layer(l).mlp.forward = f
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("proposer,final", [("predictor", "activation"), ("gate", "activation"),
                                             ("predictor", "contribution"), ("sketch", "activation"),
@@ -53,23 +69,16 @@ def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
     with attach_gating(model, src, GatingConfig(ffn_sparsity=s, first_layer=first)):
         gated = model(input_ids=ids).logits
     dense = model(input_ids=ids).logits
-    saved = {}
-    try:
-        for l in range(first, view.dims.n_layers):
-            mlp = view.layer(l).mlp
-            saved[l] = mlp.forward
-            qg, qu = quantize_rows(mlp.gate_proj.weight, 2, 16), quantize_rows(mlp.up_proj.weight, 2, 16)
-            propose = {"predictor": lambda x, l=l: pred.predict_layer(l, x),
-                       "gate": lambda x, mlp=mlp: mlp.act_fn(x @ mlp.gate_proj.weight.T).abs(),
-                       "sketch": lambda x, mlp=mlp, qg=qg: mlp.act_fn(x @ qg.T).abs(),
-                       "sketch_act": lambda x, mlp=mlp, qg=qg, qu=qu: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
-                       }[proposer]
-            col = mlp.down_proj.weight.norm(dim=0) if final == "contribution" else None
-            mlp.forward = _sliced_forward(mlp, propose, q, s, col)
-        ref = model(input_ids=ids).logits
-    finally:
-        for l, f in saved.items():
-            view.layer(l).mlp.forward = f
+
+    def make_propose(l, mlp):
+        qg, qu = quantize_rows(mlp.gate_proj.weight, 2, 16), quantize_rows(mlp.up_proj.weight, 2, 16)
+        return {"predictor": lambda x: pred.predict_layer(l, x),
+                "gate": lambda x: mlp.act_fn(x @ mlp.gate_proj.weight.T).abs(),
+                "sketch": lambda x: mlp.act_fn(x @ qg.T).abs(),
+                "sketch_act": lambda x: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
+                }[proposer]
+    col = (lambda mlp: mlp.down_proj.weight.norm(dim=0)) if final == "contribution" else None
+    ref = _sliced_logits(model, ids, first, make_propose, q, s, col)
     torch.testing.assert_close(gated, ref, atol=2e-5, rtol=1e-4)
     assert not torch.allclose(gated, dense, atol=1e-3)  # it did gate something
     torch.testing.assert_close(model(input_ids=ids).logits, dense, atol=0, rtol=0)  # hooks gone: dense again
@@ -191,8 +200,9 @@ def test_fit_layer_learns_a_low_rank_ranking():
 def test_pipeline_registers_verify_methods(tmp_path):
     from tests.test_pipeline import smoke
     from shadowsparse.pipeline import run
-    run(smoke(tmp_path, "llm.name=random:llama", "stages.fit=false", "evaluate.methods=[predictor_verify,gate_verify,sketch_verify]",
-              "+evaluate.verify={q: [0.75, 1.0], rank: 8, train_windows: 2, epochs: 1}"))
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.fit=false",
+              "evaluate.methods=[predictor_verify,gate_verify,sketch_verify]",
+              "++evaluate.verify={q: [0.75, 1.0], rank: 8, train_windows: 2, epochs: 1}"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert {r["method"] for r in rows} == {"predictor_verify", "gate_verify", "sketch_verify"}
     for r in rows:
@@ -205,3 +215,91 @@ def test_pipeline_registers_verify_methods(tmp_path):
         assert full["predictor_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
         assert full["sketch_verify", f] == pytest.approx(full["gate_verify", f], rel=1e-6)
     assert (tmp_path / "run" / "verify_predictor.safetensors").exists()
+
+
+def test_sketch_without_verify_is_a_top_k_of_the_estimate(ids):
+    """method ``sketch`` (q = 0: the proposal is the keep set) equals an FFN that reads only the kept neurons' gate/up
+    rows and down columns, chosen by the 3-bit estimate |silu(Q(W_g) x) * Q(W_u) x| alone."""
+    model = tiny_model("llama")
+    view = ModelView(model)
+    s, first = 0.5, 1
+    sketch = VerifyConfig(bits=3, group=16, sketch="act")
+    with attach_gating(model, VerifyScores(0.0, None, "sketch", sketch=sketch),
+                       GatingConfig(ffn_sparsity=s, first_layer=first)):
+        gated = model(input_ids=ids).logits
+
+    def make_propose(l, mlp):
+        qg, qu = quantize_rows(mlp.gate_proj.weight, 3, 16), quantize_rows(mlp.up_proj.weight, 3, 16)
+        return lambda x: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs()
+    torch.testing.assert_close(gated, _sliced_logits(model, ids, first, make_propose, 1 - s, s), atol=2e-5, rtol=1e-4)
+
+
+def test_default_run_evaluates_the_sketch_selectors():
+    cfg = compose()  # what `make run` composes
+    assert {"sketch", "sketch_verify"} <= set(cfg.evaluate.methods)
+    v = verify_config(cfg)
+    assert (v.sketch, v.bits, v.group, v.quantizer, v.qs, v.calib_windows) == ("act", 3, 64, "gptq", [0.6], 32)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_pipeline_sketch_rows_levels_and_bytes(tmp_path, family, caplog):
+    from shadowsparse.pipeline import run
+    from tests.test_pipeline import smoke
+    caplog.set_level("INFO", logger="shadowsparse")
+    run(smoke(tmp_path, f"llm.name=random:{family}", "stages.collect=false", "stages.fit=false",
+              "evaluate.methods=[dense,sketch,sketch_verify]"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    if family == "opt":  # no gate to sketch: skipped, and the log says why
+        assert [r["method"] for r in rows] == ["dense"]
+        assert "sketch needs a gated FFN" in caplog.text and "sketch_verify needs a gated FFN" in caplog.text
+        return
+    levels = {m: [r["ffn_sparsity"] for r in rows if r["method"] == m] for m in ("sketch", "sketch_verify")}
+    # default levels 0.3 / 0.5 / 0.7 / (0.5, heads 0.3): no head axis; q = 0.6 keeps 0.7 at 0.3 = the sketch row
+    assert levels == {"sketch": [0.3, 0.5, 0.7], "sketch_verify": [0.5, 0.7]}
+    assert "sketch selects FFN neurons only: level(s) ffn=0.50 heads=0.30 skipped" in caplog.text
+    assert "sketch_verify q=0.60 proposes no more than it keeps at ffn=0.30" in caplog.text
+    model = tiny_model("llama")
+    view = ModelView(model)
+    d, F, n = view.dims.hidden, view.dims.ffn, view.dims.n_layers - 1  # layer 0 feeds the (absent) predictor
+    sketch = 2 * n * F * d * (3 + 16 / 64) / 16 * 4  # two 3-bit copies with a 16-bit scale per 64 inputs, fp32 units
+    for r in rows[1:]:
+        assert r["verify_bits"] == 3 and r["realized_ffn_sparsity"] == pytest.approx(r["ffn_sparsity"], abs=0.02)
+        cand = r["realized_candidate_sparsity"]
+        if r["method"] == "sketch":
+            assert "verify_q" not in r and cand == r["realized_ffn_sparsity"]
+        else:
+            assert r["verify_q"] == 0.6 and cand == pytest.approx(1 - round(0.6 * F) / F)
+        by_hand = n * F * d * 4 * (2 * cand + r["realized_ffn_sparsity"]) - int(sketch)
+        assert r["weight_bytes_skipped"] == pytest.approx(by_hand / decoder_linear_bytes(view), rel=1e-6)
+
+
+def test_gptq_sketch_by_hand_and_on_correlated_inputs():
+    from shadowsparse.verify import gptq_act_order, gptq_rows
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 64, generator=g)
+    # a diagonal X^T X moves no error between channels: GPTQ is the plain per-group midrise copy, in any order
+    for bits in (1, 2, 3):
+        assert torch.equal(gptq_rows(w, 3 * torch.eye(64), bits, 16), quantize_rows(w, bits, 16))
+        h = torch.diag(torch.rand(64, generator=g) + 0.5)
+        ordered = gptq_act_order(w, h, bits, 16)  # groups formed in the order of diag(H): other groups, other steps
+        assert len(ordered[0].unique()) > 1 and ordered.shape == w.shape
+    # correlated inputs: the copy's outputs on them are closer than round-to-nearest's (what the sketch reads)
+    x = torch.randn(2000, 64, generator=g) @ torch.randn(64, 64, generator=g)
+    for bits in (2, 3):
+        rtn = (x @ (quantize_rows(w, bits, 16) - w).T).norm()
+        assert (x @ (gptq_rows(w, x.T @ x, bits, 16) - w).T).norm() < 0.85 * rtn
+        assert (x @ (gptq_act_order(w, x.T @ x, bits, 16) - w).T).norm() < 0.85 * rtn
+
+
+def test_pipeline_gptq_sketch_rows(tmp_path):
+    from shadowsparse.pipeline import run
+    from shadowsparse.report import method_label
+    from tests.test_pipeline import smoke
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.collect=false", "stages.fit=false",
+              "evaluate.methods=[sketch]", "evaluate.verify.quantizer=gptq", "++evaluate.verify.calib_windows=2",
+              "gating.ffn_sparsity=0.5"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["verify_quantizer"], method_label(r)) for r in rows] == [
+        ("sketch", "gptq", "sketch 3-bit gptq")]
+    with pytest.raises(ConfigError, match="calibration inputs"):
+        VerifyScores(0.0, None, "sketch", sketch=VerifyConfig(quantizer="gptq"))
