@@ -357,7 +357,9 @@ def _nm24_linear_tokens(x, values, meta, rows, bias, backend, config):
         return (y if bias is None else y + bias[rows.long()]).to(x.dtype)
     T, R = x.shape[0], rows.shape[0]
     y = torch.empty(T, R, device=x.device, dtype=x.dtype)
-    block_r, block_k, warps, stages = (config if config is not None and len(config) == 4 else DOT_DEFAULTS)
+    if config is not None and len(config) != 4:
+        raise ValueError(f"a 2:4 config for 2..16 tokens is (block_r, block_k, warps, stages), got {config}")
+    block_r, block_k, warps, stages = config or DOT_DEFAULTS
     block_k = 4 * _groups(block_k // 4, K)
     _nm24_kernel[(triton.cdiv(R, block_r),)](
         x.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else x, y, T, R, K, K // 2,
