@@ -321,3 +321,19 @@ def test_pdl_is_off_where_it_cannot_run(monkeypatch):
         on = torch.cuda.get_device_capability()[0] >= 9 and pdl._HAS_GDC
         assert pdl.pdl_kwargs(torch.zeros(1, device="cuda")) == ({"USE_PDL": True, "launch_pdl": True} if on else
                                                                  {"USE_PDL": False})
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_prefill_attention_matches_the_plain_path(kv_heads):
+    """The many-token path (torch SDPA over the whole cache with a device-side causal mask) equals the plain
+    attention of every head, MHA and GQA, for a step that starts mid-cache (position 7, 20 tokens)."""
+    from shadowsparse.kernels.attention import prefill_attention
+    g = torch.Generator().manual_seed(21)
+    B, H, T, S, D = 2, 4, 20, 40, 16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(B, T, H, D, generator=g).to(device)
+    k, v = (torch.randn(B, kv_heads, S, D, generator=g).to(device) for _ in range(2))
+    pos = torch.tensor([7], device=device)
+    heads = torch.arange(H, device=device, dtype=torch.int32)
+    ref = decode_attention_torch(q, k, v, heads, pos, 0.25, H)
+    torch.testing.assert_close(prefill_attention(q, k, v, pos, 0.25), ref, rtol=1e-4, atol=1e-4)

@@ -151,13 +151,14 @@ def test_lazy_kv_bad_input_names_the_fix():
 @pytest.mark.parametrize("family", ["llama", "opt"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_token_steps_take_the_masked_path(family, backend):
-    """A step of more than 16 token rows (a prompt in one go) runs the gated layers as the mask path on dense GEMMs;
-    the logits still equal the mask path's, and lazy K/V steps after it (the window written by the long step)
-    and a later 20-row step (every head refreshed first) stay exact."""
+    """A step of more than 16 token rows (a prompt in one go) runs the gated layers as the mask path on dense GEMMs
+    (its 17 tokens per sequence also take the SDPA attention); the logits still equal the mask path's, and lazy
+    K/V steps after it (the window written by the long step) and a later 20-row step (every head refreshed first)
+    stay exact."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = _model(family).to(device)
     window, batch = 4, 2
-    chunks = [10] + [1] * (2 * window + 2) + [10] + [1] * 3
+    chunks = [17] + [1] * (2 * window + 2) + [10] + [1] * 3
     S = sum(chunks)
     ids = _ids(batch, S, seed=15).to(device)
     heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=16))

@@ -111,6 +111,24 @@ def decode_attention_torch(q, k_cache, v_cache, heads, pos, scale, n_heads, q_sl
     return torch.matmul(probs, v).transpose(1, 2)  # (B, T, J, D)
 
 
+def causal_visible(positions: torch.Tensor, S: int) -> torch.Tensor:
+    """positions (T,) of the query tokens -> (T, S) bool: cache position s is visible to token t (s <= its position)."""
+    return torch.arange(S, device=positions.device)[None, :] <= positions[:, None]
+
+
+def prefill_attention(q, k_cache, v_cache, pos, scale, visible=None):
+    """Many query tokens of every head: q (B, T, H, D) at positions pos .. pos+T-1 over the cache (B, KV, S, D) ->
+    (B, T, H, D), through torch's scaled_dot_product_attention (a fused kernel with tensor cores; the decode kernel
+    runs one program per token and head). The causal limit is a device-side mask over all S positions
+    (causal_visible; pass it to share one between layers), so nothing is read back to the host."""
+    B, T, H, D = q.shape
+    if visible is None:
+        visible = causal_visible(pos.reshape(1) + torch.arange(T, device=q.device), k_cache.shape[2])  # (T, S)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k_cache, v_cache, attn_mask=visible, scale=scale, enable_gqa=H != k_cache.shape[1])
+    return out.transpose(1, 2)  # (B, T, H, D)
+
+
 def decode_attention(q, k_cache, v_cache, heads, pos, scale, n_heads, backend: str = "auto", block_s: int = 64,
                      target_splits: int = 8, q_slot: torch.Tensor | None = None):
     """Dispatch: the Triton kernels on CUDA (or backend='triton' under TRITON_INTERPRET=1), torch otherwise.

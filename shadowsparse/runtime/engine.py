@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..gating import n_keep
-from ..kernels.attention import decode_attention
+from ..kernels.attention import causal_visible, decode_attention, prefill_attention
 from ..kernels.kv_window import kv_window_write
 from ..kernels.ffn import _act, gated_ffn
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
@@ -57,6 +57,7 @@ from .weights import EngineWeights
 
 MAX_BATCH = 8
 MAX_STEP_TOKENS = 64  # new tokens per sequence in one step (prefill() cuts prompts into steps of this size)
+PREFILL_TOKENS = 16  # query tokens per sequence above which attention runs as torch's fused SDPA (every head)
 KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call; a step with more rows in all
 # (B·T > 16) runs its gated layers as the mask path on cuBLAS GEMMs (module docstring: "Many tokens")
 
@@ -242,6 +243,7 @@ class DecodeEngine:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
             pos = torch.tensor([pos], device=self.device, dtype=torch.long)
         positions = pos + torch.arange(T, device=self.device)  # (T,)
+        self._visible = None  # the causal mask of a many-token step's attention, made by its first layer
         if self.window is not None:
             if T > 1 and not fresh:
                 self._refresh_all_kv()
@@ -396,8 +398,14 @@ class DecodeEngine:
             v = kv[:, KV * D:].view(B, T, KV, D).transpose(1, 2)
             self.cache.write(layer, positions, k, v)
         # OPT scales q (bias included) before attention in transformers; the same product, scaled in the kernel
-        a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
-                             w.n_heads, backend=be, q_slot=q_slot)  # (B, T, J, D)
+        if T > PREFILL_TOKENS and heads is self.all_heads:  # many tokens, every head in order: a fused SDPA kernel
+            if self._visible is None:  # one causal mask for the step's layers
+                self._visible = causal_visible(positions, self.cache.keys.shape[3])
+            a = prefill_attention(q, self.cache.keys[layer], self.cache.values[layer], pos, self.scale,
+                                  self._visible)
+        else:
+            a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
+                                 w.n_heads, backend=be, q_slot=q_slot)  # (B, T, J, D)
         if gated and sel.head_keep is not None:
             a = a * sel.head_keep[gi].view(B, T, J, 1)
         if masked and sel.head_scores is not None:
