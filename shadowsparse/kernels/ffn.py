@@ -35,6 +35,20 @@ def _act(t: torch.Tensor, act: str) -> torch.Tensor:
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](t)
 
 
+def reduction_splits(x: torch.Tensor, blocks: int, max_splits: int, per_sm: int = 4) -> int:
+    """How many programs share a reduction (fp32 atomics) so that ``blocks`` output blocks x splits fill the SMs
+    about ``per_sm`` times over at decode: never more than ``max_splits`` (one block of the reduction each)."""
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    return max(1, min(triton.cdiv(per_sm * sms, blocks), max_splits))
+
+
+def check_fp32_out(out: torch.Tensor) -> torch.Tensor:
+    """An ``out=`` accumulator the kernels add into with fp32 atomics (an fp32 residual stream)."""
+    if out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
+    return out
+
+
 def _check_keep(idx: torch.Tensor, keep, T: int) -> None:
     if keep is not None and (idx.dim() != 1 or keep.shape != (T, idx.shape[0])):
         raise ValueError(f"keep must be (T, k) = ({T}, {idx.shape[-1]}) with a shared idx (k,), got "
@@ -215,14 +229,11 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0], **pdl_kwargs(x))
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-        splits = max(1, min(triton.cdiv(4 * sms, d_blocks), triton.cdiv(K, block_k2)))
+        splits = reduction_splits(x, d_blocks, triton.cdiv(K, block_k2))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
     bias_in_kernel = out is not None and b_out is not None
     if out is not None:
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
-        y = out
+        y = check_fp32_out(out)
     elif residual is None:
         y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     else:  # the accumulator starts at residual (+ bias): one pass instead of a zero fill, a bias add and an add
@@ -268,8 +279,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0], **pdl_kwargs(x))
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:  # enough programs to cover the SMs a few times over at batch 1
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-        splits = max(1, min(triton.cdiv(4 * sms, T * d_blocks), triton.cdiv(K, block_k2)))
+        splits = reduction_splits(x, T * d_blocks, triton.cdiv(K, block_k2))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
     y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     _gather_down_kernel[(T, d_blocks, triton.cdiv(K, k_per_split))](

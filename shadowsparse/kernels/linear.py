@@ -98,8 +98,7 @@ def _backend(x: torch.Tensor, backend: str) -> str:
 
 
 def _splits(x: torch.Tensor, blocks: int, max_splits: int, per_sm: int | None = None) -> int:
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    return max(1, min(ffn.triton.cdiv((per_sm or PROGRAMS_PER_SM) * sms, blocks), max_splits))
+    return ffn.reduction_splits(x, blocks, max_splits, per_sm or PROGRAMS_PER_SM)
 
 
 def row_linear(x, w, rows, b=None, backend: str = "auto", out_dtype: torch.dtype | None = None,
@@ -147,9 +146,7 @@ def row_linear_t(h, w_t, rows, b=None, backend: str = "auto", residual: torch.Te
     splits = _splits(h, d_blocks, triton.cdiv(K, bk))
     k_per_split = triton.cdiv(triton.cdiv(K, splits), bk) * bk
     if out is not None:
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
-        y = out
+        y = ffn.check_fp32_out(out)
     else:
         y = torch.zeros(T, D, device=h.device, dtype=torch.float32) if residual is None else \
             residual.to(torch.float32, copy=True)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import ACTIVATIONS, _act, triton
+from .ffn import ACTIVATIONS, _act, check_fp32_out, reduction_splits, triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 MAX_TOKENS = 16
@@ -393,13 +393,10 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
         block_k = 4 * _groups(block_k // 4, K)
     k_blocks = triton.cdiv(K, block_k)
     if splits is None:
-        sms = torch.cuda.get_device_properties(h.device).multi_processor_count if h.is_cuda else 8
-        splits = max(1, min(triton.cdiv(4 * sms, k_blocks), triton.cdiv(R, block_r)))
+        splits = reduction_splits(h, k_blocks, triton.cdiv(R, block_r))
     r_per_split = triton.cdiv(triton.cdiv(R, splits), block_r) * block_r
     if out is not None:
-        if out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
-        y = out
+        y = check_fp32_out(out)
     else:
         y = torch.zeros(T, K, device=h.device, dtype=torch.float32) if residual is None else \
             residual.to(torch.float32, copy=True)
