@@ -1,15 +1,19 @@
 """Decode speed of the gated runtime against its own dense engine and Hugging Face generate, on one GPU.
 
-    python benchmark.py experiment=opt13b                 # conf/bench/opt13b.yaml
-    python benchmark.py experiment=h100 gen=64 batches=[1,8] out=$OUT/benchmark.jsonl
+    python benchmark.py bench=opt13b                       # conf/bench/opt13b.yaml
+    python benchmark.py bench=all bench.gen=64 "bench.batches=[1,8]" bench.out=$OUT/benchmark.jsonl
+    python benchmark.py --help                             # the experiments and every key with its value
 
-Config: conf/bench/default.yaml, then conf/bench/<experiment>.yaml, then key=value overrides (values parsed as
-YAML). Hydra is deliberately not needed: GPU boxes often lack it (DESIGN.md), and the benchmark has no sweeps.
+Config: a Hydra app over conf/benchmark.yaml. bench=<name> picks conf/bench/<name>.yaml (default.yaml, or an
+experiment file that extends it), then bench.<key>=<value> overrides. BenchConfig below is the schema, registered
+in Hydra's ConfigStore: a value of the wrong type (bench.batches=abc) is refused when the config is composed,
+before any model is built, and check() then refuses values out of range. Nothing is written besides ``out`` (no
+run folder, no log file); the benchmark has no sweeps.
 
 Per model (random weights in its exact shapes, built on the GPU), batch size and method: the engine's decode step
 captured in a CUDA graph (dense and gated alike), a prompt prefilled, then ``gen`` greedy tokens replayed back to
 back, ``repeats`` times after ``warmup``; ms/token is the median (a step yields one token per sequence). HF generate
-runs on the same weights. Prints a table and appends rows (DESIGN.md benchmark.jsonl schema) to ``out``.
+runs on the same weights. Prints a table and appends rows (docs/design.md benchmark.jsonl schema) to ``out``.
 """
 from __future__ import annotations
 
@@ -19,13 +23,17 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
+import hydra
 import torch
-import yaml
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
-ROOT = Path(__file__).resolve().parent
-CONF = ROOT / "conf" / "bench"
+from shadowsparse.errors import ConfigError
 
 # method -> engine settings; "hf-*" are transformers' generate on the same weights
 METHODS = {
@@ -48,40 +56,50 @@ METHODS = {
 }
 
 
-def load_config(argv: list[str]) -> dict:
-    """default.yaml <- <experiment>.yaml <- key=value overrides. Unknown keys are errors that name the valid ones."""
-    cfg = yaml.safe_load((CONF / "default.yaml").read_text())
-    overrides = {}
-    for arg in argv:
-        if "=" not in arg:
-            sys.exit(f"arguments are key=value overrides (e.g. experiment=opt13b gen=64), got '{arg}'")
-        key, value = arg.split("=", 1)
-        overrides[key] = yaml.safe_load(value)
-    exp = overrides.pop("experiment", cfg.get("experiment"))
-    if exp:
-        path = CONF / f"{exp}.yaml"
-        if not path.exists():
-            names = sorted(p.stem for p in CONF.glob("*.yaml") if p.stem != "default")
-            sys.exit(f"unknown experiment '{exp}'; choose one of {names} (files in conf/bench/)")
-        cfg.update(yaml.safe_load(path.read_text()) or {})
-        cfg["experiment"] = exp
-    for key, value in overrides.items():
-        if key not in cfg:
-            sys.exit(f"unknown key '{key}'; valid keys: {sorted(cfg)}")
-        cfg[key] = value
-    bad = [m for m in cfg["methods"] if m not in METHODS]
+# typing.List / Optional rather than list[int] / int | None: OmegaConf reads these annotations to type the nodes
+@dataclass
+class BenchConfig:
+    """The keys of conf/bench/*.yaml and their types. The values, and what each key means, are in
+    conf/bench/default.yaml (one place: the schema holds no second copy of the defaults)."""
+    models: List[str] = MISSING
+    batches: List[int] = MISSING
+    prompt: int = MISSING
+    gen: int = MISSING
+    prefill_steps: List[int] = MISSING
+    repeats: int = MISSING
+    warmup: int = MISSING
+    hf_repeats: int = MISSING
+    dtype: str = MISSING
+    methods: List[str] = MISSING
+    batch_set: str = MISSING
+    feature_layer: int = MISSING
+    predictor_hidden: int = MISSING
+    predictor_rank: int = MISSING
+    out: Optional[str] = None
+
+
+@dataclass
+class BenchmarkConfig:
+    """conf/benchmark.yaml's schema: the bench node (the hydra node is Hydra's own)."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+ConfigStore.instance().store(name="benchmark_schema", node=BenchmarkConfig)
+
+
+def check(bench: DictConfig) -> None:
+    """Refuse values of the right type but out of range (the types are the schema's), before any model is built.
+    Raises ConfigError naming the key and what it accepts."""
+    bad = [m for m in bench.methods if m not in METHODS]
     if bad:
-        sys.exit(f"unknown methods {bad}; choose from {sorted(METHODS)}")
-    if any(not 1 <= b <= 8 for b in cfg["batches"]):
-        sys.exit(f"batches must be in 1..8 (the engine's decode batch), got {cfg['batches']}")
-    if any(not (isinstance(st, int) and 1 <= st <= 64) for st in cfg["prefill_steps"]):
-        sys.exit(f"prefill_steps must be integers in 1..64 (tokens per sequence per prefill step), got "
-                 f"{cfg['prefill_steps']}")
-    if cfg["gen"] < 2:
-        sys.exit("gen must be >= 2 (HF generate's per-token time is (t(gen) - t(1)) / (gen - 1))")
-    if not cfg.get("out"):
-        cfg["out"] = str(Path(os.environ.get("OUT", ".")) / "benchmark.jsonl")
-    return cfg
+        raise ConfigError(f"unknown methods {bad}; choose from {sorted(METHODS)}")
+    if any(not 1 <= b <= 8 for b in bench.batches):
+        raise ConfigError(f"batches must be in 1..8 (the engine's decode batch), got {list(bench.batches)}")
+    if any(not (isinstance(st, int) and 1 <= st <= 64) for st in bench.prefill_steps):
+        raise ConfigError(f"prefill_steps must be integers in 1..64 (tokens per sequence per prefill step), got "
+                          f"{list(bench.prefill_steps)}")
+    if bench.gen < 2:
+        raise ConfigError("gen must be >= 2 (HF generate's per-token time is (t(gen) - t(1)) / (gen - 1))")
 
 
 def hf_ms_per_token(model, prompt, gen: int, cache: str, repeats: int) -> list[float]:
@@ -99,16 +117,14 @@ def hf_ms_per_token(model, prompt, gen: int, cache: str, repeats: int) -> list[f
 
 
 def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
-    from shadowsparse import PredictorConfig, SharedPredictor
-    from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder
-    from shadowsparse.runtime.bench import step_bytes, time_host, time_replays
+    """Every method of cfg["methods"] at one batch size -> its benchmark.jsonl rows, speedups filled in."""
+    from shadowsparse.progress import progress
 
     P, gen = cfg["prompt"], cfg["gen"]
-    w = weights
+    # one generator per batch size: the prompt, then each gated method's random scores, in method order
     g = torch.Generator(device="cuda").manual_seed(batch)
-    prompt = torch.randint(0, w.vocab, (batch, P), device="cuda", generator=g)
-    from shadowsparse.progress import progress
-    rows, dense_ms, hf_ms = [], None, None
+    prompt = torch.randint(0, weights.vocab, (batch, P), device="cuda", generator=g)  # (B, P)
+    rows = []
     bar = progress(cfg["methods"], desc=f"{name} batch {batch}", unit="method")
     for method in bar:
         bar.set_postfix_str(method)  # HF generate on a 13B model takes minutes: the ETA says how many
@@ -117,62 +133,102 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
                     method=method, weights="random, exact shapes", **env)
         if "hf" in spec:
             times = hf_ms_per_token(model, prompt, gen, spec["hf"], cfg["hf_repeats"])
-            ms = statistics.median(times)
-            if method == "hf-eager":
-                hf_ms = ms
-            rows.append(dict(base, ffn_sparsity=0.0, head_sparsity=0.0, ms_per_token=ms, ms_repeats=times))
-            continue
-        predictor = None
-        if spec.pop("predictor", False):
-            torch.manual_seed(0)
-            predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
-                                        PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
-        ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
-        engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor)
-        heads = neurons = None
-        if engine.gated and predictor is None:  # given scores (random sets); the top-k still runs in every step
-            heads = torch.randn(batch, 1, w.n_layers, w.n_heads, device="cuda", generator=g)
-            neurons = torch.randn(batch, 1, w.n_layers, w.ffn, device="cuda", generator=g)
-        graph = GraphedDecoder(engine, heads=heads, neurons=neurons)
-        logits = engine.prefill(prompt, heads=None if heads is None else heads.expand(-1, P, -1, -1),
-                                neurons=None if neurons is None else neurons.expand(-1, P, -1, -1))
-        first = logits[:, -1:].argmax(-1)
-        prefill_ms = {}
-        for st in cfg["prefill_steps"]:  # the prompt in steps of st tokens: kernels (B·st <= 16) or masked GEMMs
-            pt = time_host(lambda: engine.prefill(prompt, heads=None if heads is None else heads.expand(-1, P, -1, -1),
-                                                  neurons=None if neurons is None else neurons.expand(-1, P, -1, -1),
-                                                  step_tokens=st), cfg["repeats"])
-            prefill_ms[f"step{st}"] = statistics.median(pt)
-        times = time_replays(graph.graph.replay, gen, cfg["repeats"], cfg["warmup"], lambda: graph.start(first, P))
-        ms = statistics.median(times)
-        nbytes = step_bytes(engine, 1, P + gen / 2)
-        row = dict(base, ffn_sparsity=ecfg.ffn_sparsity, head_sparsity=ecfg.head_sparsity,
-                   nm="2:4 ffn" if ecfg.nm24 else None,
-                   batch_set=ecfg.batch_set if batch > 1 and engine.gated else None,
-                   rows_read_per_layer=engine.rows_read(batch), first_gated_layer=engine.first_layer if engine.gated
-                   else None, ms_per_token=ms, ms_repeats=times, bytes_per_token=nbytes,
-                   gb_per_s=nbytes / ms / 1e6, copy_gb_per_s=bw, frac_copy_bw=nbytes / ms / 1e6 / bw,
-                   floor_ms=nbytes / bw / 1e6, prefill_ms=prefill_ms)
-        if method == "dense":
-            dense_ms = ms
-            with torch.no_grad():  # the engine computes the model: its prompt logits against transformers'
-                ref = model(prompt[:, :16]).logits.float()
-                own = engine.prefill(prompt[:, :16]).float()
-            row["logits_rel_err_vs_hf"] = ((own - ref).norm() / ref.norm()).item()
-        if predictor is not None:  # the predictor + top-k alone, captured and timed the same way
-            x = torch.randn(batch, 1, w.hidden, device="cuda", dtype=engine.dtype)
-            pg = torch.cuda.CUDAGraph()
-            engine._select(*engine.predictor(x))
-            torch.cuda.synchronize()
-            with torch.cuda.graph(pg):
-                engine._select(*engine.predictor(x))
-            pt = statistics.median(time_replays(pg.replay, gen, cfg["repeats"], cfg["warmup"]))
-            row.update(predictor_ms=pt, predictor_share=pt / ms,
-                       predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
-            del pg
-        rows.append(row)
-        del graph, engine, logits
-        torch.cuda.empty_cache()
+            rows.append(dict(base, ffn_sparsity=0.0, head_sparsity=0.0, ms_per_token=statistics.median(times),
+                             ms_repeats=times))
+        else:
+            rows.append(engine_row(base, model, weights, prompt, spec, cfg, bw, g))
+    add_speedups(rows)
+    return rows
+
+
+def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g: torch.Generator) -> dict:
+    """One engine method (spec: METHODS' settings) on prompt (B, P): its decode step captured in a CUDA graph and
+    timed, the prompt's prefill timed, the bytes a step reads; dense also checks its logits against the model's,
+    predictor methods time the predictor + top-k alone."""
+    from shadowsparse import PredictorConfig, SharedPredictor
+    from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder
+    from shadowsparse.runtime.bench import step_bytes, time_replays
+
+    w, gen = weights, cfg["gen"]
+    batch, P = prompt.shape
+    predictor = None
+    if spec.pop("predictor", False):
+        torch.manual_seed(0)
+        predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
+                                    PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
+    ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
+    engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor)
+    heads = neurons = None
+    if engine.gated and predictor is None:  # given scores (random sets); the top-k still runs in every step
+        heads = torch.randn(batch, 1, w.n_layers, w.n_heads, device="cuda", generator=g)  # (B, 1, L, H)
+        neurons = torch.randn(batch, 1, w.n_layers, w.ffn, device="cuda", generator=g)  # (B, 1, L, F)
+    graph = GraphedDecoder(engine, heads=heads, neurons=neurons)
+    logits = engine.prefill(prompt, **prompt_scores(heads, neurons, P))
+    first = logits[:, -1:].argmax(-1)  # (B, 1)
+    prefill_ms = prefill_times(engine, prompt, heads, neurons, cfg)
+    times = time_replays(graph.graph.replay, gen, cfg["repeats"], cfg["warmup"], lambda: graph.start(first, P))
+    ms = statistics.median(times)
+    nbytes = step_bytes(engine, 1, P + gen / 2)
+    row = dict(base, ffn_sparsity=ecfg.ffn_sparsity, head_sparsity=ecfg.head_sparsity,
+               nm="2:4 ffn" if ecfg.nm24 else None,
+               batch_set=ecfg.batch_set if batch > 1 and engine.gated else None,
+               rows_read_per_layer=engine.rows_read(batch), first_gated_layer=engine.first_layer if engine.gated
+               else None, ms_per_token=ms, ms_repeats=times, bytes_per_token=nbytes,
+               gb_per_s=nbytes / ms / 1e6, copy_gb_per_s=bw, frac_copy_bw=nbytes / ms / 1e6 / bw,
+               floor_ms=nbytes / bw / 1e6, prefill_ms=prefill_ms)
+    if base["method"] == "dense":
+        with torch.no_grad():  # the engine computes the model: its prompt logits against transformers'
+            ref = model(prompt[:, :16]).logits.float()
+            own = engine.prefill(prompt[:, :16]).float()
+        row["logits_rel_err_vs_hf"] = ((own - ref).norm() / ref.norm()).item()
+    if predictor is not None:
+        row.update(predictor_timing(engine, cfg, ms))
+    del graph, engine, logits
+    torch.cuda.empty_cache()
+    return row
+
+
+def prompt_scores(heads, neurons, P: int) -> dict:
+    """The given scores (B, 1, L, U) or None, as prefill's keywords for a P-token prompt: (B, P, L, U) views."""
+    return dict(heads=None if heads is None else heads.expand(-1, P, -1, -1),
+                neurons=None if neurons is None else neurons.expand(-1, P, -1, -1))
+
+
+def prefill_times(engine, prompt, heads, neurons, cfg) -> dict:
+    """Wall ms (median) of prefilling the prompt (B, P) in steps of each of cfg["prefill_steps"] tokens per
+    sequence: the gathered kernels (B·st <= 16 rows) or the masked GEMMs (more) -> {"step<st>": ms}."""
+    from shadowsparse.runtime.bench import time_host
+    P = prompt.shape[1]
+    out = {}
+    for st in cfg["prefill_steps"]:
+        pt = time_host(lambda: engine.prefill(prompt, **prompt_scores(heads, neurons, P), step_tokens=st),
+                       cfg["repeats"])
+        out[f"step{st}"] = statistics.median(pt)
+    return out
+
+
+def predictor_timing(engine, cfg, ms: float) -> dict:
+    """The predictor + top-k alone, captured in a CUDA graph and timed as the step is; ms: the whole step's."""
+    from shadowsparse.runtime.bench import time_replays
+    x = torch.randn(engine.batch, 1, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, 1, d)
+    pg = torch.cuda.CUDAGraph()
+    engine.select(*engine.predictor(x))
+    torch.cuda.synchronize()
+    with torch.cuda.graph(pg):
+        engine.select(*engine.predictor(x))
+    pt = statistics.median(time_replays(pg.replay, cfg["gen"], cfg["repeats"], cfg["warmup"]))
+    return dict(predictor_ms=pt, predictor_share=pt / ms,
+                predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """The speedup columns of one batch size's rows, in place: against own dense, the best dense, HF eager."""
+    dense_ms = hf_ms = None
+    for row in rows:  # the last row of a method listed twice wins
+        if row["method"] == "dense":
+            dense_ms = row["ms_per_token"]
+        elif row["method"] == "hf-eager":
+            hf_ms = row["ms_per_token"]
     # the fairest baseline is the faster of the two dense engines (cuBLAS, or every unit through our kernels)
     best_dense = min([r["ms_per_token"] for r in rows if r["method"] in ("dense", "dense/kernels")], default=None)
     for row in rows:
@@ -180,11 +236,17 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
         row["speedup"] = dense_ms / row["ms_per_token"] if dense_ms else None
         row["speedup_vs_best_dense"] = best_dense / row["ms_per_token"] if best_dense else None
         row["speedup_vs_hf_eager"] = hf_ms / row["ms_per_token"] if hf_ms else None
-    return rows
 
 
-def main(argv: list[str]) -> None:
-    cfg = load_config(argv)
+@hydra.main(version_base="1.3", config_path="conf", config_name="benchmark")
+def main(hcfg: DictConfig) -> None:
+    try:
+        check(hcfg.bench)
+    except ConfigError as exc:
+        sys.exit(str(exc))
+    cfg = OmegaConf.to_container(hcfg.bench, resolve=True)  # a plain dict from here on
+    if not cfg["out"]:
+        cfg["out"] = str(Path(os.environ.get("OUT", ".")) / "benchmark.jsonl")
     if not torch.cuda.is_available():
         sys.exit("benchmark.py needs a CUDA GPU (the kernels and CUDA graphs are what it measures)")
     import transformers
@@ -200,8 +262,9 @@ def main(argv: list[str]) -> None:
     bw = copy_bandwidth()
     env = dict(torch=torch.__version__, transformers=transformers.__version__,
                triton=__import__("triton").__version__, host=platform.node(), time=time.strftime("%Y-%m-%d %H:%M"))
+    experiment = HydraConfig.get().runtime.choices.get("bench")
     print(f"{card}, torch {env['torch']}, transformers {env['transformers']}, triton {env['triton']}; "
-          f"copy bandwidth {bw:.0f} GB/s; config {json.dumps(cfg)}", flush=True)
+          f"copy bandwidth {bw:.0f} GB/s; config {json.dumps(dict(experiment=experiment, **cfg))}", flush=True)
     Path(cfg["out"]).parent.mkdir(parents=True, exist_ok=True)
     all_rows = []
     for name in cfg["models"]:
@@ -237,4 +300,4 @@ def _fmt(r: dict) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -4,7 +4,7 @@
 
 Random weights in the exact shapes of OPT-13B (5120 -> 20480, ReLU, biases), Llama-2-7B (4096 -> 11008, SwiGLU)
 and SmolLM2-135M (576 -> 1536, SwiGLU); fp16; CUDA-graph replays timed by triton.testing.do_bench_cudagraph
-(median). Prints a table and appends one JSON row per timing (DESIGN.md's benchmark.jsonl schema).
+(median). Prints a table and appends one JSON row per timing (docs/design.md's benchmark.jsonl schema).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@
 #   tests         the kernel / runtime / lazy-K/V equivalence tests on the GPU (full sizes, Triton compiled)
 #   nm24          benchmarks/nm24_kernel.py: the 2:4 GEMVs and FFN blocks against cuBLAS, config sweep
 #   ffn           benchmarks/ffn_kernel.py: the gated FFN block against cuBLAS and pre-sliced weights
-#   decode        benchmark.py experiment=opt13b at batch 1 (the targets), $METHODS
+#   decode        benchmark.py bench=opt13b at batch 1 (the targets), $METHODS
 #   decode-nopdl  the same with programmatic dependent launch off (SHADOWSPARSE_PDL=0), in the same session
-#   all-models    benchmark.py experiment=all (SmolLM2, Llama-2-7B, OPT-13B shapes; batch 1 and 8; every method)
+#   all-models    benchmark.py bench=all (SmolLM2, Llama-2-7B, OPT-13B shapes; batch 1 and 8; every method)
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
 OUT=${OUT:-outputs/gpu-bench}
@@ -31,11 +31,12 @@ for part in "${parts[@]}"; do
                    tests/test_runtime.py 2>&1 | tail -n 15 | tee "$OUT/tests.txt" || true ;;
         nm24) python3 benchmarks/nm24_kernel.py --out "$OUT/nm24.jsonl" 2>&1 | tee "$OUT/nm24.txt" ;;
         ffn) python3 benchmarks/ffn_kernel.py --tokens 1 8 --out "$OUT/ffn.jsonl" 2>&1 | tee "$OUT/ffn.txt" ;;
-        decode) python3 benchmark.py experiment=opt13b batches=[1] "methods=$METHODS" \
-                    out="$OUT/decode.jsonl" 2>&1 | tee "$OUT/decode.txt" ;;
-        decode-nopdl) SHADOWSPARSE_PDL=0 python3 benchmark.py experiment=opt13b batches=[1] "methods=$METHODS" \
-                          out="$OUT/decode-nopdl.jsonl" 2>&1 | tee "$OUT/decode-nopdl.txt" ;;
-        all-models) python3 benchmark.py experiment=all out="$OUT/all.jsonl" 2>&1 | tee "$OUT/all.txt" ;;
+        decode) python3 benchmark.py bench=opt13b "bench.batches=[1]" "bench.methods=$METHODS" \
+                    bench.out="$OUT/decode.jsonl" 2>&1 | tee "$OUT/decode.txt" ;;
+        decode-nopdl) SHADOWSPARSE_PDL=0 python3 benchmark.py bench=opt13b "bench.batches=[1]" \
+                          "bench.methods=$METHODS" bench.out="$OUT/decode-nopdl.jsonl" 2>&1 \
+                          | tee "$OUT/decode-nopdl.txt" ;;
+        all-models) python3 benchmark.py bench=all bench.out="$OUT/all.jsonl" 2>&1 | tee "$OUT/all.txt" ;;
         *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl or all-models" >&2; exit 2 ;;
     esac
 done

@@ -3,7 +3,16 @@ FFN neurons per token at inference, evaluate and report."""
 from .gating import (GatingConfig, GatingHandle, PredictorScores, StaticScores, TensorScores, attach_gating,
                      gated)
 from .predictor import PredictorConfig, SharedPredictor
+from .schema import register_schemas  # conf/ groups typed before any compose
 
 __all__ = ["attach_gating", "gated", "GatingConfig", "GatingHandle", "PredictorScores", "StaticScores",
-           "TensorScores", "SharedPredictor", "PredictorConfig"]
+           "TensorScores", "SharedPredictor", "PredictorConfig", "load_gated", "GatedLM"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """load_gated / GatedLM load on first use (they pull in transformers and the selector registry)."""
+    if name in ("load_gated", "GatedLM"):
+        from . import generation
+        return getattr(generation, name)
+    raise AttributeError(f"module 'shadowsparse' has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """weight_bytes_skipped: the fraction of all decoder-linear weight bytes a real kernel would not read per token.
 
-What a skip saves depends on when the decision is made (DESIGN.md): a neuron chosen *before* the FFN runs (a
+What a skip saves depends on when the decision is made (docs/design.md): a neuron chosen *before* the FFN runs (a
 predictor, a static mask) saves its rows of every FFN input projection and its column of the down projection; one
 chosen from its own activation (oracle, threshold) saves only the down column, one chosen from the gate (CATS) its
 up row and down column. A skipped query head saves its q rows and
@@ -12,15 +12,14 @@ from torch import nn
 
 from .arch import ModelView
 
-# When each selector decides, hence what a skip saves: "early" = before the block runs (all of a neuron's gate/up
-# rows and down column; a head's q rows and o columns, and k/v with its whole GQA group); "after_gate" = CATS, the
-# gate ran in full (a neuron saves up and down); "late" = from the unit's own output (only the down column / the
-# o columns); "verify" = predict-then-verify (shadowsparse.verify): a non-candidate neuron saves its gate/up rows
-# and its down column, a candidate that verification drops saves its down column only; "gate_verify" the same with
-# the gate run in full (a non-candidate saves up and down).
-DECISION = {"dense": "early", "predictor": "early", "per_layer": "early", "static": "early", "lte": "early",
-            "gate": "after_gate", "oracle": "late", "threshold": "late", "predictor_verify": "verify",
-            "sketch": "verify", "sketch_verify": "verify", "gate_verify": "gate_verify"}
+# When a selector decides (its class attribute ``decision``, shadowsparse/selectors/), hence what a skip saves:
+# "early" = before the block runs (all of a neuron's gate/up rows and down column; a head's q rows and o columns, and
+# k/v with its whole GQA group); "after_gate" = CATS, the gate ran in full (a neuron saves up and down); "late" = from
+# the unit's own output (only the down column / the o columns); "verify" = predict-then-verify (shadowsparse.verify):
+# a non-candidate neuron saves its gate/up rows and its down column, a candidate that verification drops saves its
+# down column only; "gate_verify" the same with the gate run in full (a non-candidate saves up and down). Input-channel
+# selectors (teal) count their own bytes from the hooks.
+DECISIONS = ("early", "after_gate", "late", "verify", "gate_verify")
 
 
 def decoder_linear_bytes(view: ModelView) -> int:
@@ -28,13 +27,15 @@ def decoder_linear_bytes(view: ModelView) -> int:
                if isinstance(m, nn.Linear))
 
 
-def weight_bytes_skipped(view: ModelView, method: str, stats: dict, selector_bytes: int = 0) -> float:
-    """Average fraction of decoder-linear weight bytes skipped per token, minus the selector's own bytes."""
+def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes: int = 0) -> float:
+    """Average fraction of decoder-linear weight bytes skipped per token, minus the selector's own bytes; ``when``
+    is the selector's decision point (DECISIONS)."""
+    if when not in DECISIONS:
+        raise ValueError(f"unknown decision point {when!r}; one of {DECISIONS}")
     d = view.dims
     total = decoder_linear_bytes(view)
-    if method == "dense" or not stats:
+    if not stats:
         return 0.0
-    when = DECISION.get(method, "early")
     esize = view.ffn_down(0).weight.element_size()
     if when in ("verify", "gate_verify"):  # FFN only; stats carry the counted candidate sparsity
         n_in = len(view.spec.ffn_in) - (1 if when == "gate_verify" else 0)

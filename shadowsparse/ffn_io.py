@@ -1,8 +1,8 @@
 """Per-layer FFN input/output recordings for training per-layer selectors on many tokens.
 
-One dense pass over calibration windows writes, for each requested layer, two fp16 memmaps on disk:
-``x{l}.f16`` (N, d_model) — the FFN input (what gate/up read: the post-attention-norm hidden state) and
-``a{l}.f16`` (N, F) — the FFN activation (what the down projection reads). Optionally ``h{l}.f16`` (N, d_model),
+One dense pass over calibration windows writes, for each requested layer, two fp16 memmaps on disk (``.npy``):
+``x{l}.npy`` (N, d_model) — the FFN input (what gate/up read: the post-attention-norm hidden state) and
+``a{l}.npy`` (N, F) — the FFN activation (what the down projection reads). Optionally ``h{l}.npy`` (N, d_model),
 the decoder layer's own input (pre-attention), for comparing what a predictor reads. Layers are stored apart so a
 trainer loads one layer at a time (RAM stays at one layer's rows), whatever the number of tokens.
 """

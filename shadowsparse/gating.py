@@ -1,6 +1,6 @@
 """Runtime gating: per token, keep each gated layer's top (1-s) heads and FFN neurons by some score and skip the rest.
 
-Hook points (DESIGN.md): a forward pre-hook on the attention out-projection input (B, T, H*D) zeroes skipped heads;
+Hook points (docs/design.md): a forward pre-hook on the attention out-projection input (B, T, H*D) zeroes skipped heads;
 one on the FFN down-projection input (B, T, F) zeroes skipped neurons. Scores come from a ScoreSource: a learned
 predictor (run once per forward on the hidden state after its feature layer), precomputed tensors (the oracle), or
 a fixed vector (a static mask). This multiply-by-mask path is the reference every fast kernel must match.

@@ -1,68 +1,70 @@
-"""Predictor-gated generation from a finished run:
+"""Gated generation from a finished run on the command line (a Hydra app over conf/generate.yaml):
 
     python -m shadowsparse.generate run_dir=outputs/runs/<run> prompt="The capital of France is" \
-        [ffn_sparsity=0.5] [head_sparsity=0.0] [max_new_tokens=40] [granularity=token]
+        [method=predictor|sketch|sketch_verify|threshold|...] [ffn_sparsity=0.5] [head_sparsity=0.0] \
+        [max_new_tokens=40] [temperature=0.0] [top_p=1.0] [top_k=0] [seed=null] [chat=false] [device=null]
+    python -m shadowsparse.generate --help
 
-Loads the run's model (its saved Hydra config) and predictor checkpoint, generates greedily with gating, and prints
-the text and the realized sparsity counted by the hooks.
+Prints the continuation, the realized sparsity counted by the hooks, and tokens/s (shadowsparse.generation).
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import List, Optional
 
-import torch
-from omegaconf import OmegaConf
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 
 from .errors import ConfigError
-from .gating import GatingConfig, attach_gating
-from .llm import LLMConfig, load_llm
-
-DEFAULTS = {"run_dir": None, "prompt": None, "ffn_sparsity": 0.5, "head_sparsity": 0.0, "max_new_tokens": 40,
-            "granularity": "token"}
 
 
-def generate(run_dir: str, prompt: str, ffn_sparsity: float = 0.5, head_sparsity: float = 0.0,
-             max_new_tokens: int = 40, granularity: str = "token") -> tuple[str, dict]:
-    from .pipeline import PREDICTOR_CKPT
-    from .system import load_predictor
-    run = Path(run_dir)
-    saved = run / ".hydra" / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"'{run_dir}' is not a train.py run directory (no .hydra/config.yaml)")
-    cfg = OmegaConf.load(saved)
-    cfg.llm.seed = cfg.get("seed", 0)
-    model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
-    predictor = load_predictor(str(run / PREDICTOR_CKPT), model).to(next(model.parameters()).device)
-    gcfg = GatingConfig(ffn_sparsity=float(ffn_sparsity), head_sparsity=float(head_sparsity), granularity=granularity)
-    enc = tok(prompt, return_tensors="pt")
-    ids = enc["input_ids"].to(next(model.parameters()).device)
-    with attach_gating(model, predictor, gcfg) as handle:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=int(max_new_tokens),
-                             do_sample=False, pad_token_id=tok.pad_token_id)
-        stats = handle.stats()
-    text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-    return text, stats
+@dataclass
+class GenerateConfig:
+    """The schema of conf/generate.yaml: a value of the wrong type is refused before any model loads."""
+    run_dir: str = MISSING  # a train.py run directory (holds .hydra/config.yaml and the selector's artifacts)
+    prompt: str = MISSING
+    method: str = "predictor"  # a registered selector (evaluate.methods); training-free ones need no fit
+    ffn_sparsity: float = 0.5  # fraction of FFN neurons skipped per token
+    head_sparsity: float = 0.0  # fraction of attention heads skipped per token
+    max_new_tokens: int = 40
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    chat: bool = False  # wrap the prompt in the model's chat template
+    device: Optional[str] = None  # null: the run's llm.device
+    engine: str = "auto"
 
 
-def main(argv: list[str]) -> int:
-    args = {**DEFAULTS, **OmegaConf.to_container(OmegaConf.from_dotlist(argv))}
-    unknown = set(args) - set(DEFAULTS)
-    if unknown or args["run_dir"] is None or args["prompt"] is None:
-        print(f"usage: python -m shadowsparse.generate run_dir=<run> prompt=\"...\" [{' '.join(f'{k}=' for k in list(DEFAULTS)[2:])}]"
-              + (f"\nunknown argument(s): {sorted(unknown)}" if unknown else ""), file=sys.stderr)
-        return 2
+ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="generate")
+def main(cfg) -> None:
+    missing = [k for k in ("run_dir", "prompt") if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        print(f"error: {' and '.join(missing)} must be given, e.g. python -m shadowsparse.generate "
+              "run_dir=outputs/runs/<run> prompt=\"The capital of France is\" (--help lists every key)", file=sys.stderr)
+        sys.exit(2)
+    from .generation import load_gated
     try:
-        text, stats = generate(**{k: args[k] for k in DEFAULTS})
+        g = load_gated(cfg.run_dir, method=cfg.method, ffn_sparsity=cfg.ffn_sparsity,
+                       head_sparsity=cfg.head_sparsity, device=cfg.device, engine=cfg.engine)
+        text = g.generate(cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                          top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, stop=list(cfg.stop), chat=cfg.chat)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(args["prompt"] + text)
-    print(f"realized sparsity over {stats['gated_layers']} gated layers: FFN {stats['realized_ffn_sparsity']:.3f} "
-          f"(requested {float(args['ffn_sparsity']):.3f}), heads {stats['realized_head_sparsity']:.3f} "
-          f"(requested {float(args['head_sparsity']):.3f})")
-    return 0
+        sys.exit(2)
+    st = g.stats()
+    print(cfg.prompt + text)
+    print(f"{cfg.method} ({st['engine']}): realized sparsity over {st['gated_layers']} gated layers: FFN "
+          f"{st['realized_ffn_sparsity']:.3f} (requested {cfg.ffn_sparsity:.3f}), heads "
+          f"{st['realized_head_sparsity']:.3f} (requested {cfg.head_sparsity:.3f}); "
+          f"{st.get('tokens_per_s', 0.0):.1f} tokens/s")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
+    main()

@@ -11,18 +11,26 @@
 ``device`` is "cpu", "cuda" / "cuda:N", or "auto" (accelerate's device_map over the visible GPUs, for a model that
 does not fit one). Gating and recording hooks are plain torch forward pre-hooks; accelerate's own hooks (which move
 activations between devices) wrap ``module.forward`` and are left untouched.
+
+A loaded model's identity lives here too, since every stage's artifact records it: ``model_fingerprint`` (dims and a
+weight checksum) and ``check_fingerprint`` (refuse an artifact made from another model); and ``eager_attention``, a
+temporary switch away from fused attention for criteria that take second derivatives.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .arch import ModelView
 from .errors import ConfigError
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -279,5 +287,38 @@ def check_context(model: nn.Module, lengths: dict[str, int]) -> None:
                               f"(max_position_embeddings); set {key} to at most {limit}")
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def model_fingerprint(model) -> dict:
+    """Identity of a model for artifact checks: its name, architecture dims and a checksum of a few weights."""
+    view = ModelView(model)
+    probe = [view.ffn_down(0).weight, view.attn_out(view.dims.n_layers - 1).weight]
+    checksum = float(sum(p.detach().float().abs().sum().item() for p in probe))
+    fp = {"name": getattr(model.config, "_name_or_path", "") or "", **view.config_fingerprint(),
+          "vocab_size": model.config.vocab_size, "weight_checksum": round(checksum, 3)}
+    # the name is shown, not hashed: the same GGUF or hub model loaded from another folder is the same model
+    ident = {k: v for k, v in fp.items() if k != "name"}
+    fp["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    return fp
+
+
+def check_fingerprint(found: dict, model, what: str) -> None:
+    """Refuse an artifact (targets, predictor or LTE checkpoint) whose recorded fingerprint is not this model's."""
+    expected = model_fingerprint(model)
+    if found.get("hash") != expected["hash"]:
+        raise ConfigError(f"{what} was made from another model ({found.get('name')!r}, hash {found.get('hash')}) "
+                          f"than the one loaded ({expected['name']!r}, hash {expected['hash']}); "
+                          "re-run the stage that makes it for this model, or load the matching model")
+
+
+@contextmanager
+def eager_attention(model, needed: bool):
+    """Double backward (Hessian-vector products) is not implemented for fused SDPA kernels: switch to the eager
+    attention for the duration, then restore."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if not needed or current in (None, "eager"):
+        yield
+        return
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(current)

@@ -13,11 +13,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
 from .errors import ConfigError
+from .fitting import normalize_scores, warmup_cosine
 from .gating import n_keep
 from .predictor import PredictorConfig, build_predictor
 from .targets import DTYPES, TargetsReader, read_manifest
 
 log = logging.getLogger("shadowsparse")
+PREDICTOR_CKPT = "predictor.ckpt"  # in the run directory, written by the fit stage
 # StreamingRows defines __len__ (batches per rank, for the LR schedule) and runs in the main process (no workers),
 # where Lightning's warning about IterableDataset lengths under multi-worker loading does not apply
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
@@ -36,24 +38,6 @@ class FitConfig:
     eps: float = 1e-3  # scores are normalized as log(s + eps * mean_row(s)), then z-scored
     normalize: str = "layer"  # z-score over each (token, layer) ("layer") or over a token's whole model ("token")
     # (the DataModule applies it; kept here so the checkpoint records it)
-
-
-def normalize_scores(s: torch.Tensor, eps: float, over: str = "layer") -> torch.Tensor:
-    """Standardized log scores: (N, L, U) -> (N, L, U).
-
-    over="layer": mean 0 / std 1 over each (row, layer)'s U units — only the ranking within a layer is kept, which
-    is all a local budget uses. over="token": over all L*U units of a row, so that scores stay comparable across
-    layers, as global and hybrid budgets need. Raw scores span decades and differ between criteria; the log keeps
-    the order and tames the scale.
-    """
-    s = s.float()
-    dims = (-1,) if over == "layer" else (-2, -1)
-    z = torch.log(s + eps * s.mean(dims, keepdim=True) + 1e-30)
-    mean, std = z.mean(dims, keepdim=True), z.std(dims, keepdim=True)
-    # a constant row (all-zero scores: e.g. a window's last token under gradient criteria, which predicts nothing)
-    # has no ranking: 0, not its rounding noise (|z| * 1e-7) divided by 1e-6, which depended on the batch shape
-    flat = std <= 1e-5 * (mean.abs() + 1)
-    return torch.where(flat, 0.0, (z - mean) / (std + 1e-6))
 
 
 def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -274,13 +258,7 @@ class PredictorSystem(L.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.predictor.parameters(), lr=self.fit_cfg.lr, weight_decay=self.fit_cfg.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = max(1, total // 20)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine decay to 0
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(1, total // 20), total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -297,7 +275,7 @@ class EpochSummary(L.Callback):
 def load_predictor(ckpt_path: str, model=None):
     """Rebuild the predictor from a Lightning checkpoint; refuses a checkpoint made for another model."""
     from pathlib import Path
-    from .targets import check_fingerprint
+    from .llm import check_fingerprint
     if not Path(ckpt_path).exists():
         raise ConfigError(f"predictor checkpoint '{ckpt_path}' does not exist; run the fit stage first")
     system = PredictorSystem.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)

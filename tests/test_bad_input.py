@@ -31,7 +31,7 @@ CASES = [
     ("unknown-budget", "gating.budget=everywhere", r"budget must be 'local', 'global' or 'hybrid'"),
     ("conflicting-budget-and-predictor", "predictor=per_layer gating.budget=global",
      r"per_layer predictor scores one layer at a time: use budget=local"),
-    ("unknown-method", "evaluate.methods=[dense,magic]", r"unknown evaluation method\(s\) \['magic'\]; use dense"),
+    ("unknown-method", "evaluate.methods=[dense,magic]", r"unknown evaluation method\(s\) \['magic'\]; registered: dense"),
     ("unknown-eval-task", "evaluate.tasks=[mmlu]", r"unknown task\(s\) \['mmlu'\]; shipped tasks are"),
     ("unknown-calib-task", "data.calib.task=mmlu", r"unknown task\(s\) \['mmlu'\]; shipped tasks are"),
     ("empty-data-file", "data.calib.source.data_files={empty}", r"is empty; give a file or split with text"),

@@ -27,12 +27,12 @@ DDP = ["targets.devices=2", "targets.accelerator=cpu", "trainer.max_epochs=1", "
 SLOW_TRAIN = """
 import sys, time, runpy
 sys.path.insert(0, {root!r})
-import shadowsparse.targets as targets
-real = targets.score_window
+import shadowsparse.targets.score as score
+real = score.score_window
 def slow(*a, **k):
     time.sleep(2.0)
     return real(*a, **k)
-targets.score_window = slow
+score.score_window = slow
 sys.argv = [{train!r}, *{args!r}]
 runpy.run_path({train!r}, run_name="__main__")
 """
@@ -122,7 +122,7 @@ def test_rank_0_alone_runs_the_later_stages(killed_then_resumed):
 
 @pytest.mark.parametrize("n,step,world", [(7, 2, 2), (12, 1, 3), (5, 4, 4), (1, 1, 2), (64, 8, 3)])
 def test_rank_blocks_are_contiguous_whole_batches_covering_every_window(n, step, world):
-    from shadowsparse.collect_dp import rank_block
+    from shadowsparse.targets.collect_dp import rank_block
     blocks = [rank_block(n, step, r, world) for r in range(world)]
     assert blocks[0][0] == 0 and blocks[-1][1] == n
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))  # contiguous, in rank order
@@ -137,7 +137,7 @@ def test_rank_blocks_are_contiguous_whole_batches_covering_every_window(n, step,
     (dict(devices=2, accelerator="gpu"), "cuda", "GPUs per node requested"),
 ])
 def test_bad_ddp_collection_configs_are_refused_before_loading(keys, device, match):
-    from shadowsparse.collect_dp import validate_collect
+    from shadowsparse.targets.collect_dp import validate_collect
     from shadowsparse.errors import ConfigError
     from shadowsparse.targets import TargetsConfig
     if "GPUs" in match and torch.cuda.device_count() >= 2:

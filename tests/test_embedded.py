@@ -9,7 +9,7 @@ from shadowsparse.arch import ModelView
 from shadowsparse.criteria import get_criterion
 from shadowsparse.data import TextSource, WindowSpec, token_windows
 from shadowsparse.llm import LLMConfig, load_llm
-from shadowsparse.methods import Level, evaluate_levels
+from shadowsparse.perplexity import Level, evaluate_levels
 from shadowsparse.targets import score_window
 from tests.conftest import ROOT, compose
 
@@ -31,7 +31,7 @@ def test_embedded_model_spec(smol):
 
 
 def test_oracle_50pct_ffn_is_close_to_dense(smol):
-    """Per-token oracle FFN gating at 50% costs a few percent of perplexity on this model (DESIGN.md: 1.036x on 32
+    """Per-token oracle FFN gating at 50% costs a few percent of perplexity on this model (docs/design.md: 1.036x on 32
     windows of 512); a broken hook layout or score order would cost far more."""
     model, tok = smol
     windows = token_windows(tok, WindowSpec(seq_len=256, n_windows=3, source=WIKI))

@@ -27,16 +27,82 @@ def test_keep_all_equals_dense_bit_for_bit(tiny, ids):
 
 
 @torch.no_grad()
-def test_all_ones_mask_path_is_exact(tiny, ids):
-    """Even with the hooks on, a mask of ones changes nothing: the multiply path is a faithful reference."""
+def test_hooks_keeping_every_unit_are_exact(tiny, ids):
+    """The mask path with its hooks attached and running, but told to keep every unit, leaves the logits bit for
+    bit: a hook that scales, drops or reorders anything (or masks the wrong units) fails here."""
     model, _, _ = tiny
-    d = ModelView(model).dims
+    view = ModelView(model)
+    d = view.dims
     dense = model(input_ids=ids).logits
-    src = StaticScores(torch.ones(d.n_layers, d.n_heads), torch.ones(d.n_layers, d.ffn))
-    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.0, head_sparsity=0.0, first_layer=0)) as h:
-        # force hooks with k = all units
-        h.k_heads, h.k_neurons = d.n_heads, d.ffn
-        assert torch.equal(dense, model(input_ids=ids).logits)
+    before = _hook_count(model)
+    src = TensorScores(torch.randn(*ids.shape, d.n_layers, d.n_heads), torch.randn(*ids.shape, d.n_layers, d.ffn))
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5, first_layer=0)) as h:
+        assert _hook_count(model) == before + 2 * d.n_layers  # one head and one neuron hook per gated layer
+        h.k_heads, h.k_neurons = d.n_heads, d.ffn  # the hooks read k at call time: keep all units
+        kept = model(input_ids=ids).logits
+        s = h.stats()
+    assert h.counter.rows["heads"] == h.counter.rows["neurons"] == ids.numel() * d.n_layers  # every hook ran
+    assert s["realized_ffn_sparsity"] == 0.0 and s["realized_head_sparsity"] == 0.0
+    assert torch.equal(dense, kept)
+
+
+def _kept(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores of each row, (R, U) -> (R, k), by a full sort (not topk)."""
+    return scores.argsort(-1, descending=True)[:, :k]
+
+
+def _sliced_linear(x: torch.Tensor, weight: torch.Tensor, bias, cols: torch.Tensor) -> torch.Tensor:
+    """A linear layer that reads only the given input channels of each row: x (..., I), cols (R, k) with R the rows
+    of x -> (..., O). What a sliced kernel computes: the kept columns of W times the kept inputs, nothing else."""
+    rows = x.reshape(-1, x.shape[-1])  # (R, I)
+    xs = rows.gather(-1, cols)  # (R, k)
+    ws = weight[:, cols]  # (O, R, k)
+    out = torch.einsum("rk,ork->ro", xs, ws)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@pytest.mark.parametrize("ffn,heads", [(0.5, 0.5), (0.5, 0.0), (0.0, 0.5)])
+@torch.no_grad()
+def test_mask_path_equals_a_hand_sliced_forward(tiny, ids, ffn, heads):
+    """Gating by the mask path equals a forward that never reads the skipped units: per token, the out-projection
+    reads only the kept heads' channels (head h owns [h*D, (h+1)*D), also under GQA) and the down projection only
+    the kept neurons' rows of W_down^T (the rest of each is never touched)."""
+    model, _, family = tiny
+    view = ModelView(model)
+    d = view.dims
+    B, T = ids.shape
+    g = torch.Generator().manual_seed(1)
+    heads_s, neurons_s = torch.randn(B, T, d.n_layers, d.n_heads, generator=g), torch.randn(B, T, d.n_layers, d.ffn,
+                                                                                            generator=g)
+    cfg = GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, first_layer=1)
+    dense = model(input_ids=ids).logits
+    with attach_gating(model, TensorScores(heads_s, neurons_s), cfg) as h:
+        gated_logits = model(input_ids=ids).logits
+        s = h.stats()
+    assert s["realized_ffn_sparsity"] == pytest.approx(1 - n_keep(d.ffn, ffn) / d.ffn)
+    assert s["realized_head_sparsity"] == pytest.approx(1 - n_keep(d.n_heads, heads) / d.n_heads)
+    assert not torch.equal(dense, gated_logits)  # something was skipped
+
+    hooks = []  # the reference: forward hooks replace each gated projection's output by the sliced computation
+    for layer in range(1, d.n_layers):
+        if heads > 0:
+            kh = _kept(heads_s[:, :, layer].reshape(B * T, -1), n_keep(d.n_heads, heads))  # (R, kh)
+            channels = (kh[:, :, None] * d.head_dim + torch.arange(d.head_dim)).flatten(1)  # (R, kh * D)
+            hooks.append(view.attn_out(layer).register_forward_hook(
+                lambda m, args, out, c=channels: _sliced_linear(args[0], m.weight, m.bias, c)))
+        if ffn > 0:
+            kn = _kept(neurons_s[:, :, layer].reshape(B * T, -1), n_keep(d.ffn, ffn))  # (R, kf)
+            hooks.append(view.ffn_down(layer).register_forward_hook(
+                lambda m, args, out, c=kn: _sliced_linear(args[0], m.weight, m.bias, c)))
+    try:
+        sliced = model(input_ids=ids).logits
+    finally:
+        for hk in hooks:
+            hk.remove()
+    torch.testing.assert_close(gated_logits, sliced, rtol=1e-5, atol=1e-5)
+    assert (gated_logits - dense).abs().max() > 100 * (gated_logits - sliced).abs().max()  # not dense by accident
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from shadowsparse.kernels import gated_ffn, gated_ffn_reference, gated_ffn_torch
+from shadowsparse.kernels import common
 from shadowsparse.kernels import ffn as module
 
 CASES = [  # (T, d, F, k, act, gated, bias)
@@ -33,7 +34,7 @@ def test_torch_gather_matches_mask_path(case):
 
 
 def _triton_device():
-    if module.triton is None:
+    if common.triton is None:
         return None
     if torch.cuda.is_available():
         return "cuda"
@@ -318,7 +319,7 @@ def test_pdl_is_off_where_it_cannot_run(monkeypatch):
         monkeypatch.setenv("SHADOWSPARSE_PDL", "0")
         assert pdl.pdl_kwargs(torch.zeros(1, device="cuda")) == {"USE_PDL": False}
         monkeypatch.setenv("SHADOWSPARSE_PDL", "1")
-        on = torch.cuda.get_device_capability()[0] >= 9 and pdl._HAS_GDC
+        on = torch.cuda.get_device_capability()[0] >= 9 and pdl.HAS_GDC
         assert pdl.pdl_kwargs(torch.zeros(1, device="cuda")) == ({"USE_PDL": True, "launch_pdl": True} if on else
                                                                  {"USE_PDL": False})
 

@@ -9,13 +9,12 @@ import torch
 
 from shadowsparse import GatingConfig, TensorScores, attach_gating
 from shadowsparse.errors import ConfigError
-from shadowsparse.kernels import ffn as ffn_module
 from shadowsparse.kernels.kv_window import kv_window_write, kv_window_write_torch
 from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
 from shadowsparse.runtime.ops import rope_inv_freq
 
 from tests.conftest import tiny_model
-from tests.test_runtime import BACKENDS, TOL, TRITON_DEVICE, TRITON_TOL, _engine_steps, _ids
+from tests.test_runtime import BACKENDS, TOL, TRITON_DEVICE, TRITON_TOL, engine_steps, token_ids
 
 
 def mha_llama():
@@ -55,14 +54,14 @@ def test_lazy_kv_engine_matches_mask_path(family, backend, batch, window):
     model = _model(family).to(device)
     chunks = [5] + [1] * (2 * window + 4) + [3] + [1] * 6
     S = sum(chunks)
-    ids = _ids(batch, S, seed=11).to(device)
+    ids = token_ids(batch, S, seed=11).to(device)
     heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=12))
     hs = 0.5 if batch == 1 else 0.75  # batch 2 reads the union of two tokens' heads: 1 + 1 (+ 1 refresh) < 4
     cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=hs, kv="lazy", kv_window=window, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=48, config=cfg)
     assert engine.window is not None and engine.kv_refresh == -(-4 // window)
     assert engine.rows_read(batch)["kv_heads"] == batch * engine.k_heads + engine.kv_refresh < 4  # fewer K/V rows
-    out = _engine_steps(engine, ids, chunks, heads, neurons)
+    out = engine_steps(engine, ids, chunks, heads, neurons)
     with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=hs)), \
             torch.no_grad():
         ref = model(ids).logits
@@ -76,13 +75,13 @@ def test_without_refresh_the_skipped_head_would_be_wrong():
     window = 4
     chunks = [5] + [1] * (2 * window + 8)
     S = sum(chunks)
-    ids = _ids(1, S, seed=13)
+    ids = token_ids(1, S, seed=13)
     heads, neurons = _long_skip_scores(model, 1, S, window, seed=14)
     engine = DecodeEngine(extract_weights(model), batch=1, max_len=48,
                           config=EngineConfig(head_sparsity=0.5, kv="lazy", kv_window=window))
     engine.kv_refresh = 0
     engine.refresh_offsets = engine.refresh_offsets[:0]
-    out = _engine_steps(engine, ids, chunks, heads, neurons)
+    out = engine_steps(engine, ids, chunks, heads, neurons)
     gcfg = GatingConfig(ffn_sparsity=0.0, head_sparsity=0.5)
     with attach_gating(model, TensorScores(heads, neurons), gcfg), torch.no_grad():
         ref = model(ids).logits
@@ -160,18 +159,18 @@ def test_many_token_steps_take_the_masked_path(family, backend):
     window, batch = 4, 2
     chunks = [17] + [1] * (2 * window + 2) + [10] + [1] * 3
     S = sum(chunks)
-    ids = _ids(batch, S, seed=15).to(device)
+    ids = token_ids(batch, S, seed=15).to(device)
     heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=16))
     cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.75, kv="lazy", kv_window=window, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=48, config=cfg)
-    seen, select = [], engine._select
+    seen, select = [], engine.select
 
-    def spy(h, n):  # records which steps took the masked path (one _select per step: it advances the refresh)
+    def spy(h, n):  # records which steps took the masked path (one select() per step: it advances the refresh)
         sel = select(h, n)
         seen.append(sel.masked)
         return sel
-    engine._select = spy
-    out = _engine_steps(engine, ids, chunks, heads, neurons)
+    engine.select = spy
+    out = engine_steps(engine, ids, chunks, heads, neurons)
     assert seen[0] and seen[-4] and not any(seen[1:-4]) and not any(seen[-3:])  # 2 x 10 rows > 16: masked
     with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.75)), \
             torch.no_grad():

@@ -221,9 +221,11 @@ def test_lte_bytes_skipped_charges_the_routers_and_lora_runs_through_the_pipelin
     model = tiny_model("llama")
     view = ModelView(model)
     from shadowsparse.accounting import decoder_linear_bytes, weight_bytes_skipped
+    from shadowsparse.selectors import SELECTORS
     stats = {"realized_ffn_sparsity": row["realized_ffn_sparsity"], "realized_head_sparsity": 0.0,
              "gated_layers": view.dims.n_layers - 1}
-    free = weight_bytes_skipped(view, "predictor", stats)  # an early decision: gate, up and down of each neuron
+    # an early decision: gate, up and down of each neuron
+    free = weight_bytes_skipped(view, SELECTORS["predictor"].decision, stats)
     assert row["weight_bytes_skipped"] == pytest.approx(free - row["router_params"] * 4 / decoder_linear_bytes(view))
 
 

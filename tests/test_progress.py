@@ -1,7 +1,7 @@
 """Evaluation loops show a tqdm bar with the ETA; in a log (not a terminal) it is redrawn rarely; it can be off."""
 import torch
 
-from shadowsparse.methods import Level, evaluate_levels
+from shadowsparse.perplexity import Level, evaluate_levels
 from shadowsparse.progress import progress
 from tests.conftest import tiny_model
 

@@ -167,7 +167,7 @@ def test_hutchinson_matches_exact_trace():
     k = ModelView(model).module(0, "self_attn.k_proj").weight  # (32, 64): 2048 parameters
     est = hutchinson_traces(model, {"k": k}, ids, samples=300, seed=0)["k"]
     k.requires_grad_(True)
-    from shadowsparse.targets import eager_attention
+    from shadowsparse.llm import eager_attention
     with eager_attention(model, True):
         g = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, k, create_graph=True)[0].flatten()
         eye = torch.eye(g.numel())

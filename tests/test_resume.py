@@ -20,12 +20,12 @@ COLLECT_ONLY = ["experiment=smoke", "stages.fit=false", "stages.evaluate=false",
 SLOW_TRAIN = """
 import sys, time
 sys.path.insert(0, {root!r})
-import shadowsparse.targets as targets
-real = targets.score_window
+import shadowsparse.targets.score as score
+real = score.score_window
 def slow(*a, **k):
     time.sleep(0.4)
     return real(*a, **k)
-targets.score_window = slow
+score.score_window = slow
 sys.argv = [{train!r}, *{args!r}]
 import runpy
 runpy.run_path({train!r}, run_name="__main__")

@@ -9,12 +9,12 @@ import torch
 
 from shadowsparse import GatingConfig, PredictorConfig, SharedPredictor, TensorScores, attach_gating
 from shadowsparse.errors import ConfigError
-from shadowsparse.kernels import ffn as ffn_module
+from shadowsparse.kernels import common as kernels_common
 from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder, extract_weights, select_units
 
 from tests.conftest import tiny_model
 
-BACKENDS = ["torch"] + (["triton"] if ffn_module.triton is not None else [])
+BACKENDS = ["torch"] + (["triton"] if kernels_common.triton is not None else [])
 TOL = dict(rtol=1e-4, atol=1e-4)
 # the Triton path runs on the GPU where there is one (fp32 through tl.dot may use tf32 there), else interpreted
 TRITON_DEVICE, TRITON_TOL = ("cuda", dict(rtol=5e-3, atol=5e-3)) if torch.cuda.is_available() else ("cpu", TOL)
@@ -28,11 +28,11 @@ def _scores(model, B, S, seed=0):
     return torch.randn(B, S, L, H, generator=g), torch.randn(B, S, L, F_, generator=g)
 
 
-def _ids(B, S, seed=0):
+def token_ids(B, S, seed=0):
     return torch.randint(0, 256, (B, S), generator=torch.Generator().manual_seed(seed))
 
 
-def _engine_steps(engine, ids, chunks, heads=None, neurons=None):
+def engine_steps(engine, ids, chunks, heads=None, neurons=None):
     """Run the engine over ids in steps of the given sizes (a prefill step, then decode steps) -> (B, S, V)."""
     out, t = [], 0
     for n in chunks:
@@ -49,11 +49,11 @@ CHUNKS = [5, 1, 1, 3, 1]  # prefill 5, then decode 1 token, 1, a 3-token step, 1
 @pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
 def test_dense_engine_matches_model(family):
     model = tiny_model(family)
-    ids = _ids(2, sum(CHUNKS))
+    ids = token_ids(2, sum(CHUNKS))
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32)
     with torch.no_grad():
         ref = model(ids).logits
-    torch.testing.assert_close(_engine_steps(engine, ids, CHUNKS), ref, **TOL)
+    torch.testing.assert_close(engine_steps(engine, ids, CHUNKS), ref, **TOL)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -64,11 +64,11 @@ def test_gated_engine_matches_mask_path(family, backend, batch):
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = tiny_model(family).to(device)
     S = sum(CHUNKS)
-    ids = _ids(batch, S, seed=1).to(device)
+    ids = token_ids(batch, S, seed=1).to(device)
     heads, neurons = (t.to(device) for t in _scores(model, batch, S, seed=2))
     cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=32, config=cfg)
-    out = _engine_steps(engine, ids, CHUNKS, heads, neurons)
+    out = engine_steps(engine, ids, CHUNKS, heads, neurons)
     with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), \
             torch.no_grad():
         ref = model(ids).logits
@@ -86,11 +86,11 @@ def test_vote_sets_match_mask_path_with_those_sets():
     scores that select exactly that set for each of the step's tokens."""
     model = tiny_model("llama")
     B, S = 2, sum(CHUNKS)
-    ids = _ids(B, S, seed=3)
+    ids = token_ids(B, S, seed=3)
     heads, neurons = _scores(model, B, S, seed=4)
     engine = DecodeEngine(extract_weights(model), batch=B, max_len=32,
                           config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, batch_set="vote"))
-    out = _engine_steps(engine, ids, CHUNKS, heads, neurons)
+    out = engine_steps(engine, ids, CHUNKS, heads, neurons)
     vh, vn = torch.zeros_like(heads), torch.zeros_like(neurons)  # 1 on the step's vote set
     t = 0
     for n in CHUNKS:
@@ -118,7 +118,7 @@ def test_greedy_generation_matches_mask_path(family):
     """The predictor in the loop (after layer 0), FFN 50% + heads 50%, batch 2: token for token."""
     model = tiny_model(family)
     pred = _predictor(model)
-    ids = _ids(2, 7, seed=5)
+    ids = token_ids(2, 7, seed=5)
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32, predictor=pred,
                           config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5))
     out = engine.generate(ids, 10)
@@ -130,11 +130,11 @@ def test_greedy_generation_matches_mask_path(family):
 def test_predictor_engine_logits_match_mask_path():
     model = tiny_model("llama")
     pred = _predictor(model, feature_layer=1, seed=1)
-    ids = _ids(1, sum(CHUNKS), seed=6)
+    ids = token_ids(1, sum(CHUNKS), seed=6)
     engine = DecodeEngine(extract_weights(model), batch=1, max_len=32, predictor=pred,
                           config=EngineConfig(ffn_sparsity=0.7, head_sparsity=0.25))
     assert engine.first_layer == 2
-    out = _engine_steps(engine, ids, CHUNKS)
+    out = engine_steps(engine, ids, CHUNKS)
     with attach_gating(model, pred, GatingConfig(ffn_sparsity=0.7, head_sparsity=0.25)), torch.no_grad():
         ref = model(ids).logits
     torch.testing.assert_close(out, ref, **TOL)
@@ -148,9 +148,9 @@ def test_bad_input_names_the_fix():
         DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(ffn_sparsity=1.0))
     engine = DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(head_sparsity=0.5))
     with pytest.raises(ConfigError, match="needs scores"):
-        engine.step(_ids(1, 1), 0)
+        engine.step(token_ids(1, 1), 0)
     with pytest.raises(ConfigError, match="use prefill"):
-        DecodeEngine(w, batch=1, max_len=16).step(_ids(1, 65), 0)
+        DecodeEngine(w, batch=1, max_len=16).step(token_ids(1, 65), 0)
     from transformers import GPT2Config, GPT2LMHeadModel
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="decode engine supports"):
@@ -164,7 +164,7 @@ def test_cuda_graph_generation_matches_eager(family):
     """On a GPU (fp16): the captured step decodes the same tokens as the eager engine, dense and gated."""
     model = tiny_model(family).to("cuda", torch.float16)
     pred = _predictor(model).to("cuda")
-    ids = _ids(2, 7, seed=7).cuda()
+    ids = token_ids(2, 7, seed=7).cuda()
     w = extract_weights(model)
     for cfg in (EngineConfig(), EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5)):
         eager = DecodeEngine(w, batch=2, max_len=32, config=cfg, predictor=pred).generate(ids, 12)
@@ -185,11 +185,11 @@ def test_embedded_smollm2_engine_matches_model():
     w = extract_weights(model)
     with torch.no_grad():
         ref = model(ids).logits
-    torch.testing.assert_close(_engine_steps(DecodeEngine(w, 1, 32), ids, [8, 1, 2]),
+    torch.testing.assert_close(engine_steps(DecodeEngine(w, 1, 32), ids, [8, 1, 2]),
                                ref, rtol=1e-3, atol=1e-3)
     heads, neurons = _scores(model, 1, S, seed=8)
     engine = DecodeEngine(w, 1, 32, config=EngineConfig(ffn_sparsity=0.5, head_sparsity=0.33))
-    out = _engine_steps(engine, ids, [8, 1, 2], heads, neurons)
+    out = engine_steps(engine, ids, [8, 1, 2], heads, neurons)
     with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.33)), \
             torch.no_grad():
         ref = model(ids).logits
@@ -220,41 +220,25 @@ def test_24_engine_matches_model_with_pruned_ffn(family, backend):
                 m.weight.copy_(prune_24(m.weight))
             down = view.ffn_down(i)
             down.weight.copy_(prune_24(down.weight.t().contiguous()).t())
-    ids = _ids(2, sum(CHUNKS_24), seed=9).to(device)
+    ids = token_ids(2, sum(CHUNKS_24), seed=9).to(device)
     w = extract_weights(model)
-    out = _engine_steps(DecodeEngine(w, 2, 32, EngineConfig(nm24=True, backend=backend)), ids, CHUNKS_24)
+    out = engine_steps(DecodeEngine(w, 2, 32, EngineConfig(nm24=True, backend=backend)), ids, CHUNKS_24)
     with torch.no_grad():
         ref = pruned(ids).logits
     torch.testing.assert_close(out, ref, **tol)
     heads, neurons = (t.to(device) for t in _scores(model, 2, sum(CHUNKS_24), seed=10))
     cfg = EngineConfig(nm24=True, ffn_sparsity=0.5, backend=backend)
-    out = _engine_steps(DecodeEngine(w, 2, 32, cfg), ids, CHUNKS_24, heads, neurons)
+    out = engine_steps(DecodeEngine(w, 2, 32, cfg), ids, CHUNKS_24, heads, neurons)
     with attach_gating(pruned, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5)), torch.no_grad():
         ref = pruned(ids).logits
     torch.testing.assert_close(out, ref, **tol)
     # batch 1: single-token steps take the one-token FMA kernels (gate, up and act fused) and, gated, the fp32
     # residual stream that the down kernel adds into in place
-    out = _engine_steps(DecodeEngine(w, 1, 32, cfg), ids[:1], CHUNKS_24, heads[:1], neurons[:1])
+    out = engine_steps(DecodeEngine(w, 1, 32, cfg), ids[:1], CHUNKS_24, heads[:1], neurons[:1])
     with attach_gating(pruned, TensorScores(heads[:1], neurons[:1]), GatingConfig(ffn_sparsity=0.5)), \
             torch.no_grad():
         ref = pruned(ids[:1]).logits
     torch.testing.assert_close(out, ref, **tol)
-
-
-def test_benchmark_cli_refuses_bad_input():
-    """benchmark.py names the problem and exits non-zero (an unknown experiment, or no CUDA GPU here)."""
-    import subprocess
-    import sys
-    from tests.conftest import ROOT
-    bad = subprocess.run([sys.executable, "benchmark.py", "experiment=nope"], cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode != 0 and "unknown experiment 'nope'" in bad.stderr
-    bad = subprocess.run([sys.executable, "benchmark.py", "prefill_steps=[0,8]"], cwd=ROOT, capture_output=True,
-                         text=True)
-    assert bad.returncode != 0 and "prefill_steps must be integers in 1..64" in bad.stderr
-    if not torch.cuda.is_available():
-        cpu = subprocess.run([sys.executable, "benchmark.py", "experiment=smoke"], cwd=ROOT, capture_output=True,
-                             text=True)
-        assert cpu.returncode != 0 and "needs a CUDA GPU" in cpu.stderr
 
 
 def test_decode_table_renders_rows():

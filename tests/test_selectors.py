@@ -4,6 +4,7 @@ import torch
 
 from shadowsparse import GatingConfig, attach_gating
 from shadowsparse.accounting import decoder_linear_bytes, weight_bytes_skipped
+from shadowsparse.selectors import SELECTORS
 from shadowsparse.arch import ModelView
 from shadowsparse.errors import ConfigError
 from shadowsparse.gating import n_keep, topk_mask
@@ -110,9 +111,11 @@ def test_weight_bytes_skipped_by_hand():
              "gated_layers": 3}
     total = 4 * 30720 * 4
     early = 3 * (48 * 3 * 64 + 2 * 2 * 16 * 64 + 1 * 2 * 16 * 64) * 4  # neurons x3 mats, heads q+o, one kv group
-    assert weight_bytes_skipped(view, "predictor", stats, selector_bytes=1000) == pytest.approx((early - 1000) / total)
+    decision = {m: SELECTORS[m].decision for m in ("predictor", "oracle", "gate")}  # early, late, after_gate
+    assert weight_bytes_skipped(view, decision["predictor"], stats, selector_bytes=1000) == pytest.approx(
+        (early - 1000) / total)
     late = 3 * (48 * 64 + 2 * 16 * 64) * 4  # down column, o columns only
-    assert weight_bytes_skipped(view, "oracle", stats) == pytest.approx(late / total)
-    assert weight_bytes_skipped(view, "gate", {**stats, "realized_head_sparsity": 0.0,
-                                               "realized_kv_group_sparsity": 0.0}) == pytest.approx(
+    assert weight_bytes_skipped(view, decision["oracle"], stats) == pytest.approx(late / total)
+    assert weight_bytes_skipped(view, decision["gate"], {**stats, "realized_head_sparsity": 0.0,
+                                                         "realized_kv_group_sparsity": 0.0}) == pytest.approx(
         3 * 48 * 2 * 64 * 4 / total)

@@ -1,6 +1,7 @@
 """Targets storage: the plan logged before a collection, the free-disk refusal, score dtypes, top-k neuron targets
 and layer inputs left out."""
 import json
+import shutil
 from collections import namedtuple
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 import shadowsparse.targets as T
+import shadowsparse.targets.score as S
 from shadowsparse.errors import ConfigError
 from shadowsparse.gating import n_keep
 from shadowsparse.system import normalize_scores, spearman, topk_recall
@@ -38,7 +40,7 @@ def test_storage_plan_of_opt13b_shapes():
 
 def fake_disk(monkeypatch, free: int):
     usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: usage(free * 2, free, free))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(free * 2, free, free))
 
 
 def test_a_disk_too_small_is_refused_before_any_forward_pass(tmp_path, monkeypatch, windows):
@@ -48,7 +50,7 @@ def test_a_disk_too_small_is_refused_before_any_forward_pass(tmp_path, monkeypat
 
     def no_forward(*a, **k):
         raise AssertionError("scored a window after the disk check should have refused")
-    monkeypatch.setattr(T, "score_window", no_forward)
+    monkeypatch.setattr(S, "score_window", no_forward)
     with pytest.raises(ConfigError) as err:
         collect(model, windows, TargetsConfig(criterion="activation"), tmp_path / "t")
     msg = str(err.value)
@@ -170,7 +172,7 @@ def test_bad_storage_and_run_keys(tmp_path, windows, bad, match):
 def test_an_interrupted_collection_is_resumed_only_by_the_same_process_layout(tmp_path, monkeypatch, windows):
     """progress records name their process layout: a 1-process run does not silently discard a 2-rank run's shards
     (nor the other way round); targets_overwrite does."""
-    from shadowsparse.collect_dp import ddp_layout
+    from shadowsparse.targets.collect_dp import ddp_layout
     from tests.test_targets import interrupt_after
     model, cfg = tiny_model("llama"), TargetsConfig(criterion="activation", shard_tokens=16)
     with monkeypatch.context() as mp:

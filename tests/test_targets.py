@@ -59,11 +59,11 @@ def test_damaged_shard_is_refused_by_name(tmp_path, windows, damage):
 
 def test_failed_collection_leaves_nothing(tmp_path, windows, monkeypatch):
     model = tiny_model("llama")
-    import shadowsparse.targets as targets
+    import shadowsparse.targets.store as store
 
     def boom(*a, **k):
         raise RuntimeError("interrupted")
-    monkeypatch.setattr(targets, "save_file", boom)
+    monkeypatch.setattr(store, "save_file", boom)
     with pytest.raises(RuntimeError):
         collect(model, windows, TargetsConfig(criterion="activation", shard_tokens=16), tmp_path / "t")
     assert list(tmp_path.iterdir()) == []
@@ -83,22 +83,22 @@ def test_missing_targets_folder(tmp_path):
 
 def shard_digests(out):
     """(manifest shard list, sha256 of each file as found on disk)."""
-    from shadowsparse.targets import _sha256
+    from shadowsparse.targets import file_sha256
     shards = read_manifest(out)["shards"]
-    return shards, [_sha256(out / s["file"]) for s in shards]
+    return shards, [file_sha256(out / s["file"]) for s in shards]
 
 
 def interrupt_after(monkeypatch, n_batches):
     """Make score_window raise on its (n_batches + 1)-th call, as a Ctrl-C in the middle of a collection would."""
-    import shadowsparse.targets as targets
-    real, calls = targets.score_window, []
+    import shadowsparse.targets.score as score  # score_rows looks score_window up here
+    real, calls = score.score_window, []
 
     def scorer(*a, **k):
         calls.append(1)
         if len(calls) > n_batches:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(targets, "score_window", scorer)
+    monkeypatch.setattr(score, "score_window", scorer)
 
 
 @pytest.mark.parametrize("batch_size,shard_tokens", [(1, 32), (2, 40)])

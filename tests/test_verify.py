@@ -7,13 +7,16 @@ import pytest
 import torch
 
 from shadowsparse.accounting import decoder_linear_bytes, weight_bytes_skipped
+from shadowsparse.selectors import SELECTORS
 from shadowsparse.arch import ModelView
 from shadowsparse.errors import ConfigError
 from shadowsparse.ffn_io import load_layer, record_ffn_io
 from shadowsparse.gating import GatingConfig, SparsityCounter, attach_gating, n_keep
 from shadowsparse.training_free import LiveActivationScores
-from shadowsparse.verify import (FFNInputPredictor, VerifyConfig, VerifyScores, fit_from_recording, fit_layer,
-                                 normalized_target, quantize_rows, sketch_bytes, verify_config)
+from shadowsparse.quant import quantize_rows
+from shadowsparse.config import verify_config
+from shadowsparse.verify import VerifyConfig, VerifyScores, sketch_bytes
+from shadowsparse.verify_predictor import FFNInputPredictor, fit_from_recording, fit_layer, normalized_target
 from tests.conftest import compose, tiny_model
 
 
@@ -161,9 +164,9 @@ def test_verify_bytes_by_hand():
              "gated_layers": 3}
     # non-candidates: 24 neurons skip gate+up rows; every skipped neuron (48) skips its down column
     by_hand = 3 * (24 * 2 * 64 + 48 * 64) * 4
-    assert weight_bytes_skipped(view, "predictor_verify", stats, selector_bytes=500) == pytest.approx(
-        (by_hand - 500) / total)
-    assert weight_bytes_skipped(view, "gate_verify", stats) == pytest.approx(3 * (24 * 64 + 48 * 64) * 4 / total)
+    verify, gate_verify = SELECTORS["predictor_verify"].decision, SELECTORS["gate_verify"].decision
+    assert weight_bytes_skipped(view, verify, stats, selector_bytes=500) == pytest.approx((by_hand - 500) / total)
+    assert weight_bytes_skipped(view, gate_verify, stats) == pytest.approx(3 * (24 * 64 + 48 * 64) * 4 / total)
 
 
 def test_recording_matches_the_ffn_and_training_learns(tmp_path):
@@ -274,7 +277,7 @@ def test_pipeline_sketch_rows_levels_and_bytes(tmp_path, family, caplog):
 
 
 def test_gptq_sketch_by_hand_and_on_correlated_inputs():
-    from shadowsparse.verify import gptq_act_order, gptq_rows
+    from shadowsparse.quant import gptq_act_order, gptq_rows
     g = torch.Generator().manual_seed(0)
     w = torch.randn(96, 64, generator=g)
     # a diagonal X^T X moves no error between channels: GPTQ is the plain per-group midrise copy, in any order

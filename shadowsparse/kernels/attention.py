@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import triton
+from .common import tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
-    import triton.language as tl
-
     @triton.jit
     def _decode_attn_split_kernel(q_ptr, k_ptr, v_ptr, heads_ptr, pos_ptr, slot_ptr, m_ptr, l_ptr, acc_ptr, scale, J,
                                   T, KV, S, D, GROUP, CHUNK, NSPLIT, sq_b, sq_t, sq_j, HAS_SLOT: tl.constexpr,
@@ -141,13 +139,8 @@ def decode_attention(q, k_cache, v_cache, heads, pos, scale, n_heads, backend: s
     layer has only B·T·J (token, head) pairs, too few programs to keep the SMs busy if each walked all keys.
     Chunks past the last visible key exit at once, so the fixed grid (CUDA graphs) costs little. (One pass with no
     combine kernel at short contexts was measured slower: OPT-13B step 6.30 vs 6.03 ms at 200 positions, H100.)"""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    use_triton = backend == "triton" or (backend == "auto" and triton is not None and q.is_cuda)
-    if not use_triton:
+    if not use_triton(q, backend):
         return decode_attention_torch(q, k_cache, v_cache, heads, pos, scale, n_heads, q_slot)
-    if triton is None:
-        raise ValueError("backend='triton' needs the triton package: pip install triton")
     B, T, J, D = q.shape
     if q.stride(3) != 1:
         q = q.contiguous()

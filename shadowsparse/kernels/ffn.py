@@ -17,13 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .common import check_fp32_out, reduction_splits, split_length, tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
-
-try:  # Triton is optional: CPU wheels of torch ship without it
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
 
 ACTIVATIONS = ("silu", "relu", "gelu")
 # (block_k, block_d, block_k2, block_d2, warps (in, down), stages (in, down)): best measured on an H100, fp16
@@ -31,22 +26,10 @@ SHARED_DEFAULTS = (32, 256, 64, 128, (4, 8), (3, 3))
 PER_TOKEN_DEFAULTS = (16, 512, 128, 64, (4, 8), (3, 4))
 
 
-def _act(t: torch.Tensor, act: str) -> torch.Tensor:
+def apply_act(t: torch.Tensor, act: str) -> torch.Tensor:
+    """The FFN activation ``act`` (one of ACTIVATIONS) of t, any shape: the torch twin of apply_act_tl, also used
+    by the engine's dense and masked FFN paths and by nm24.py's multi-token path."""
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](t)
-
-
-def reduction_splits(x: torch.Tensor, blocks: int, max_splits: int, per_sm: int = 4) -> int:
-    """How many programs share a reduction (fp32 atomics) so that ``blocks`` output blocks x splits fill the SMs
-    about ``per_sm`` times over at decode: never more than ``max_splits`` (one block of the reduction each)."""
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
-    return max(1, min(triton.cdiv(per_sm * sms, blocks), max_splits))
-
-
-def check_fp32_out(out: torch.Tensor) -> torch.Tensor:
-    """An ``out=`` accumulator the kernels add into with fp32 atomics (an fp32 residual stream)."""
-    if out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError("out must be a contiguous fp32 tensor (the kernel adds into it with fp32 atomics)")
-    return out
 
 
 def _check_keep(idx: torch.Tensor, keep, T: int) -> None:
@@ -60,7 +43,7 @@ def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None
     keep (T, k), with a shared idx (k,): a per-token 0/1 factor on the selected units (a union read once, each
     token keeping only its own units)."""
     _check_keep(idx, keep, x.shape[0])
-    h = _act(F.linear(x, w_in, b_in), act)  # (T, F)
+    h = apply_act(F.linear(x, w_in, b_in), act)  # (T, F)
     if w_up is not None:
         h = h * F.linear(x, w_up)
     idx = idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx
@@ -71,13 +54,13 @@ def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None
 
 def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None):
     """Fallback that reads only the selected rows, by gathering them (T, k, d) — correct everywhere, and on a GPU
-    slower than dense (DESIGN.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
+    slower than dense (docs/design.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
     _check_keep(idx, keep, x.shape[0])
     idx = (idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx).long()
     g = torch.einsum("tkd,td->tk", w_in[idx], x)  # (T, k)
     if b_in is not None:
         g = g + b_in[idx]
-    h = _act(g, act)
+    h = apply_act(g, act)
     if w_up is not None:
         h = h * torch.einsum("tkd,td->tk", w_up[idx], x)
     if keep is not None:
@@ -87,8 +70,11 @@ def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_
 
 
 if triton is not None:
+    from .linear import row_gemv_t_kernel  # defined only where Triton is: the shared-set down projection
+
     @triton.jit
-    def _act_fn(g, ACT: tl.constexpr):
+    def apply_act_tl(g, ACT: tl.constexpr):
+        """Inside a kernel: ACTIVATIONS[ACT] of the fp32 tile g (nm24.py's fused input kernel uses it too)."""
         if ACT == 0:  # silu
             return g * tl.sigmoid(g)
         elif ACT == 1:  # relu
@@ -121,7 +107,7 @@ if triton is not None:
         pdl_launch_next(USE_PDL)
         if HAS_BIAS:
             acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)
-        h = _act_fn(acc_g, ACT)
+        h = apply_act_tl(acc_g, ACT)
         if HAS_UP:
             h = h * acc_u
         tl.store(h_ptr + t * K + offs_k, h, mask=mask_k)
@@ -175,38 +161,13 @@ if triton is not None:
         pdl_launch_next(USE_PDL)
         if HAS_BIAS:
             acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        h = _act_fn(acc_g, ACT)
+        h = apply_act_tl(acc_g, ACT)
         if HAS_UP:
             h = h * acc_u
         if HAS_KEEP:  # per-token 0/1 inside a shared (union) set: a token keeps only its own units
             h = h * tl.load(keep_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                             other=0.0).to(tl.float32)
         tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], h, mask=mask_t[:, None] & mask_k[None, :])
-
-    @triton.jit
-    def _shared_down_kernel(h_ptr, w_down_t_ptr, idx_ptr, b_ptr, y_ptr, T, K, D, K_PER_SPLIT, HAS_BIAS: tl.constexpr,
-                            T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
-        pdl_wait(USE_PDL)
-        offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        offs_t = tl.arange(0, T_PAD)
-        mask_t = offs_t < T
-        k_start = tl.program_id(1) * K_PER_SPLIT
-        acc = tl.zeros((T_PAD, BLOCK_D), dtype=tl.float32)
-        for k0 in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            mask_k = (offs_k < K) & (offs_k < k_start + K_PER_SPLIT)
-            rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
-            w = tl.load(w_down_t_ptr + rows[:, None] * D + offs_d[None, :],
-                        mask=mask_k[:, None] & mask_d[None, :], other=0.0)  # (BLOCK_K, BLOCK_D)
-            hk = tl.load(h_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
-                         other=0.0)  # (T_PAD, BLOCK_K)
-            acc += tl.dot(hk.to(w.dtype), w)
-        pdl_launch_next(USE_PDL)
-        if HAS_BIAS:  # added once, by the first split
-            first = (tl.program_id(1) == 0).to(tl.float32)
-            acc += first * tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        tl.atomic_add(y_ptr + offs_t[:, None] * D + offs_d[None, :], acc, mask=mask_t[:, None] & mask_d[None, :])
 
 
 def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,
@@ -230,7 +191,7 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:
         splits = reduction_splits(x, d_blocks, triton.cdiv(K, block_k2))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
+    k_per_split = split_length(K, splits, block_k2)
     bias_in_kernel = out is not None and b_out is not None
     if out is not None:
         y = check_fp32_out(out)
@@ -240,8 +201,10 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         y = torch.empty(T, D, device=x.device, dtype=torch.float32)
         torch.add(residual, b_out, out=y) if b_out is not None else y.copy_(residual)
         b_out = None
-    _shared_down_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
-        h, w_down_t, idx, b_out if bias_in_kernel else h, y, T, K, D, k_per_split, HAS_BIAS=bias_in_kernel,
+    # the down projection of a shared set is row_linear_t's product: h (T, k) · W_down.T[idx] (linear.py);
+    # arguments in its order: h, w_t, bias, rows, y
+    row_gemv_t_kernel[(d_blocks, triton.cdiv(K, k_per_split))](
+        h, w_down_t, b_out if bias_in_kernel else h, idx, y, T, K, D, k_per_split, HAS_BIAS=bias_in_kernel,
         T_PAD=16, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1], num_stages=stages[1], **pdl_kwargs(x))
     if out is not None:
         return out
@@ -280,7 +243,7 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
     d_blocks = triton.cdiv(D, block_d2)
     if splits is None:  # enough programs to cover the SMs a few times over at batch 1
         splits = reduction_splits(x, T * d_blocks, triton.cdiv(K, block_k2))
-    k_per_split = triton.cdiv(triton.cdiv(K, splits), block_k2) * block_k2
+    k_per_split = split_length(K, splits, block_k2)
     y = torch.zeros(T, D, device=x.device, dtype=torch.float32)
     _gather_down_kernel[(T, d_blocks, triton.cdiv(K, k_per_split))](
         h, w_down_t, idx, y, K, D, k_per_split, BLOCK_K=block_k2, BLOCK_D=block_d2, num_warps=warps[1],
@@ -300,11 +263,7 @@ def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=No
     out (T, d) fp32, if given, receives the output added in place and is returned (an fp32 residual stream)."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda):
-        if triton is None:
-            raise ValueError("backend='triton' needs the triton package: pip install triton")
+    if use_triton(x, backend):
         return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, residual=residual,
                                 out=out)
     y = gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep)

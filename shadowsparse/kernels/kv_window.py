@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import triton
+from .common import check_backend, tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
-    import triton.language as tl
-
     @triton.jit
     def _kv_window_kernel(kv_ptr, k_ptr, v_ptr, heads_ptr, pos_ptr, inv_freq_ptr, W, J, KV, S, row_stride,
                           HAS_ROPE: tl.constexpr, HALF: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
@@ -67,17 +65,15 @@ def kv_window_write(kv, k_cache, v_cache, heads, positions, inv_freq=None, backe
     """Scatter (and rotate) a window of recomputed K/V rows into one layer's cache, in place. Shapes above.
     A head listed twice is written twice with the same values (the engine's refresh set may overlap the
     selected heads)."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    check_backend(backend)  # a bad backend is named before a bad shape
     B, KV, S, D = k_cache.shape
     W, J = positions.shape[0], heads.shape[0]
     if kv.shape != (B * W, 2 * J * D) or D % 2:
         raise ValueError(f"kv must be (B*W, 2*J*D) = ({B * W}, {2 * J * D}) with an even D, got {tuple(kv.shape)}")
-    use_triton = backend == "triton" or (backend == "auto" and triton is not None and kv.is_cuda)
-    if not use_triton or (D // 2) & (D // 2 - 1):  # the kernel needs a power-of-two half head
+    # the kernel needs a power-of-two half head; other head sizes take the fallback, even with backend="triton"
+    # (tested before use_triton, so such heads never need the triton package)
+    if (D // 2) & (D // 2 - 1) or not use_triton(kv, backend):
         return kv_window_write_torch(kv, k_cache, v_cache, heads, positions, inv_freq)
-    if triton is None:
-        raise ValueError("backend='triton' needs the triton package: pip install triton")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and kv.stride(1) == 1):
         raise ValueError("kv_window_write needs contiguous caches and kv rows (a column slice of a wider output "
                          "is fine)")

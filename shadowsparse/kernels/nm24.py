@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import ACTIVATIONS, _act, check_fp32_out, reduction_splits, triton
+from .common import fp32_accumulator, reduction_splits, split_length, tl, triton, use_triton
+from .ffn import ACTIVATIONS, apply_act
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 MAX_TOKENS = 16
@@ -41,9 +42,7 @@ GEMV_DEFAULTS = (4, 256, 4, 3, False)  # best of benchmarks/nm24_kernel.py on an
 GEMV_T_DEFAULTS = (8, 128, 4, 3, False, True)
 
 if triton is not None:
-    import triton.language as tl
-
-    from .ffn import _act_fn
+    from .ffn import apply_act_tl  # the FFN activations inside a kernel, as gated_ffn's
 
     @triton.jit
     def _load_groups(v_ptr, m_ptr, rows, mask_r, g0, HALF_K, WORDS_K, G: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -208,7 +207,7 @@ if triton is not None:
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=mask_r, other=0.0).to(tl.float32)
         if ACT >= 0:
-            y = _act_fn(y, ACT)
+            y = apply_act_tl(y, ACT)
         if HAS_UP:
             y = y * tl.sum(acc_u, axis=1)
         tl.store(y_ptr + offs_r, y, mask=mask_r)
@@ -276,7 +275,7 @@ def compress_24(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     nz = g != 0
     if (nz.sum(-1) > 2).any():
         raise ValueError("weight is not 2:4 sparse (a group of 4 has more than 2 nonzeros): prune it first "
-                         "(prune_24 or shadowsparse.nm)")
+                         "(prune_24 or shadowsparse.prune.sparsify_)")
     # the positions of the nonzeros first (then zero positions to fill), in increasing order within the group
     order = nz.float() * 8 - torch.arange(4, device=w.device)  # nonzeros rank first, then lower positions first
     pos = order.topk(2, dim=-1).indices.sort(-1).values  # (N, G, 2)
@@ -304,15 +303,6 @@ def decompress_24(values: torch.Tensor, meta: torch.Tensor, rows: torch.Tensor |
     return dense.reshape(N, 2 * half)
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise ValueError("backend='triton' needs the triton package: pip install triton")
-    return (backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda)) and \
-        x.shape[0] <= MAX_TOKENS
-
-
 def _groups(groups: int, K: int) -> int:
     """Groups of 4 per program chunk: the configured number, or fewer for short rows, a power of two (tl.arange)
     and a multiple of 8 (one code word); a row's last chunk is masked."""
@@ -332,7 +322,7 @@ def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", co
     if rows is None:
         rows = torch.arange(N, device=x.device, dtype=torch.int32)
     T, R = x.shape[0], rows.shape[0]
-    if _use_triton(x, backend) and T == 1:
+    if use_triton(x, backend) and T == 1:
         y = torch.empty(T, R, device=x.device, dtype=x.dtype)
         block_r, groups, warps, stages, meta_dup = config or GEMV_DEFAULTS
         u, um = up if up is not None else (values, meta)
@@ -344,14 +334,14 @@ def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", co
         return y
     y = _nm24_linear_tokens(x, values, meta, rows, bias, backend, config)
     if act is not None:
-        y = _act(y, act)
+        y = apply_act(y, act)
     return y if up is None else y * _nm24_linear_tokens(x, *up, rows, None, backend, config)
 
 
 def _nm24_linear_tokens(x, values, meta, rows, bias, backend, config):
     """nm24_linear without act/up for any token count: the tl.dot kernel (2..16 tokens) or the torch fallback."""
     K = values.shape[1] * 2
-    if not _use_triton(x, backend):
+    if not (use_triton(x, backend) and x.shape[0] <= MAX_TOKENS):  # the kernels pad tokens to 16
         w = decompress_24(values, meta, rows)
         y = x.to(w.dtype) @ w.t()
         return (y if bias is None else y + bias[rows.long()]).to(x.dtype)
@@ -377,7 +367,7 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
     SM, or into ``splits``."""
     out_dtype = residual.dtype if residual is not None else h.dtype
     K = values.shape[1] * 2
-    if not _use_triton(h, backend):
+    if not (use_triton(h, backend) and h.shape[0] <= MAX_TOKENS):
         y = h.to(values.dtype) @ decompress_24(values, meta, rows)
         y = y if bias is None else y + bias
         if out is not None:
@@ -394,12 +384,8 @@ def nm24_linear_t(h, values, meta, rows, residual=None, bias=None, out=None, bac
     k_blocks = triton.cdiv(K, block_k)
     if splits is None:
         splits = reduction_splits(h, k_blocks, triton.cdiv(R, block_r))
-    r_per_split = triton.cdiv(triton.cdiv(R, splits), block_r) * block_r
-    if out is not None:
-        y = check_fp32_out(out)
-    else:
-        y = torch.zeros(T, K, device=h.device, dtype=torch.float32) if residual is None else \
-            residual.to(torch.float32, copy=True)
+    r_per_split = split_length(R, splits, block_r)
+    y = fp32_accumulator(out, residual, T, K, h.device)  # (T, K) fp32: out, a copy of residual, or zeros
     args = (h.contiguous(), values, meta, rows.contiguous(), bias if bias is not None else y, y)
     grid = (k_blocks, triton.cdiv(R, r_per_split))
     if one:

@@ -18,15 +18,11 @@ import os
 
 import torch
 
-try:  # Triton is optional (ffn.py)
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - machines without triton
-    triton = None
+from .common import tl, triton
 
 if triton is not None:
 
-    _HAS_GDC = hasattr(tl.extra, "cuda") and hasattr(tl.extra.cuda, "gdc_wait")
+    HAS_GDC = hasattr(tl.extra, "cuda") and hasattr(tl.extra.cuda, "gdc_wait")  # this Triton has the instructions
 
     @triton.jit
     def pdl_wait(USE_PDL: tl.constexpr):
@@ -42,7 +38,7 @@ if triton is not None:
         if USE_PDL:
             tl.extra.cuda.gdc_launch_dependents()
 else:  # pragma: no cover - machines without triton
-    _HAS_GDC = False
+    HAS_GDC = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,7 +48,7 @@ def _hopper_or_later(device_index: int) -> bool:
 
 def pdl_enabled(t: torch.Tensor) -> bool:
     """Whether kernels working on ``t`` are launched with PDL (module docstring)."""
-    if not (_HAS_GDC and t.is_cuda) or os.environ.get("SHADOWSPARSE_PDL", "1") == "0":
+    if not (HAS_GDC and t.is_cuda) or os.environ.get("SHADOWSPARSE_PDL", "1") == "0":
         return False
     return _hopper_or_later(t.device.index if t.device.index is not None else torch.cuda.current_device())
 

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from .ffn import triton
+from .common import tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 if triton is not None:
-    import triton.language as tl
-
     @triton.jit
     def _dst_row(row, slot_ptr, W, HAS_SLOT: tl.constexpr):
         """The output row: row itself, or row's slot in a (rows, W, N) window (slot: a device value)."""
@@ -28,14 +26,20 @@ if triton is not None:
         return dst
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
-        pdl_wait(USE_PDL)
+    def _load_row(x_ptr, N, BLOCK: tl.constexpr):
+        """This program's row of x (rows of N) -> (row index, offsets (BLOCK,), mask (BLOCK,), the row in fp32):
+        both norms read their row the same way (statistics in fp32 whatever x's dtype)."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         m = offs < N
-        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0)
-        xf = x.to(tl.float32)
+        xf = tl.load(x_ptr + row * N + offs, mask=m, other=0.0).to(tl.float32)
+        return row, offs, m, xf
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr,
+                         USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
+        row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         var = tl.sum(xf * xf, axis=0) / N
         normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as transformers
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
@@ -46,11 +50,7 @@ if triton is not None:
     def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
                            BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
-        row = tl.program_id(0)
-        offs = tl.arange(0, BLOCK)
-        m = offs < N
-        x = tl.load(x_ptr + row * N + offs, mask=m, other=0.0)
-        xf = x.to(tl.float32)
+        row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         mean = tl.sum(xf, axis=0) / N
         xc = tl.where(m, xf - mean, 0.0)
         var = tl.sum(xc * xc, axis=0) / N
@@ -79,14 +79,6 @@ if triton is not None:
         tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty))
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise ValueError("backend='triton' needs the triton package: pip install triton")
-    return backend == "triton" or (backend == "auto" and triton is not None and x.is_cuda)
-
-
 def rms_norm_torch(x, weight, eps, out_dtype=None):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
@@ -105,7 +97,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """x (..., N) -> (..., N) in out_dtype (default x's: an fp32 residual stream gives fp16 normed inputs).
     window (B, W, N), slot (1,) int64 on device: x is (B, 1, N) and row b is written to window[b, slot] instead
     (lazy K/V's input window, engine.py); returns window."""
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend):
         y = rms_norm_torch(x, weight, eps, out_dtype)
         return y if window is None else _into_window(y, window, slot)
     N = x.shape[-1]
@@ -123,7 +115,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
                slot: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., N) -> (..., N): nn.LayerNorm's math (fp32 statistics, affine in fp32, one rounding). torch's own
     kernel takes ~10 us for one 5120-wide row on an H100 (one block per row); this one ~3 us."""
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend):
         if out_dtype is None or out_dtype == x.dtype:
             y = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
         else:
@@ -152,7 +144,7 @@ def rope_torch_(x, cos, sin, heads, head_dim, T):
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, head_dim: int, T: int,
           backend: str = "auto") -> torch.Tensor:
     """In place on x (B*T, C) contiguous rows; cos/sin (T, D) in x's dtype. Returns x."""
-    if not _use_triton(x, backend):
+    if not use_triton(x, backend):
         return rope_torch_(x, cos, sin, heads, head_dim, T)
     n, C = x.shape
     _rope_kernel[(n, heads)](x, cos.contiguous(), sin.contiguous(), T, C, HALF=head_dim // 2, D=head_dim,

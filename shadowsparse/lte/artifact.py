@@ -101,7 +101,7 @@ class LTEArtifact:
 
 def load_lte(folder: str | Path, model: nn.Module | None = None) -> LTEArtifact:
     """Read an LTE folder; with ``model`` given, refuse one trained from another base model."""
-    from ..targets import check_fingerprint
+    from ..llm import check_fingerprint
     folder = Path(folder)
     if not (folder / META).exists():
         raise ConfigError(f"no trained LTE at '{folder}' ({META} missing); train it (python train.py "

@@ -1,5 +1,5 @@
 """The pipeline's LTE pieces: config checks before any work, and the training stage (reads the calibration text,
-writes <run>/lte/). Evaluation is one branch in pipeline.stage_evaluate through ``load_lte(...).applied(model)``."""
+writes <run>/lte/). Evaluation is the `lte` selector (shadowsparse/selectors/lte.py) through ``load_lte(...).applied(model)``."""
 from __future__ import annotations
 
 import logging
@@ -36,7 +36,7 @@ def lte_folder(cfg, run_dir: Path) -> str:
 
 def stage_lte(cfg, model, tok, run_dir: Path) -> dict:
     """Train LTE on the calibration text source and save it to <run>/lte/; skipped when lte.ckpt names one."""
-    from ..pipeline import make_loggers
+    from ..loggers import make_loggers
     from .train import train_lte
     lcfg = lte_config(cfg)
     if lcfg.ckpt:

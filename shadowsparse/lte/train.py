@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..arch import ModelView
 from ..errors import ConfigError
+from ..fitting import warmup_cosine
 from ..gating import GatingConfig, attach_gating
 from .artifact import LTEArtifact
 from .config import LTEConfig
@@ -99,13 +100,8 @@ class LTESystem(L.LightningModule):
         if self.stage == 1:
             groups.append({"params": list(self.routers.parameters()), "lr": c.router_lr, "weight_decay": 0.0})
         opt = torch.optim.AdamW(groups)
-        total = max(1, c.total_steps)
-
-        def schedule(step: int) -> float:  # linear warm-up, then cosine to 10% (stage 2 still needs a step size)
-            if step < c.warmup_steps:
-                return (step + 1) / c.warmup_steps
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        # linear warm-up, then cosine to 10% (stage 2 still needs a step size)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup_steps, max(1, c.total_steps), floor=0.1))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -153,7 +149,7 @@ def train_lte(model: nn.Module, windows: torch.Tensor, cfg: LTEConfig, first_lay
               ) -> tuple[LTEArtifact, nn.Module]:
     """Train LTE on a copy of ``model`` over token windows (N, T): the last cfg.val_windows are held out.
     Returns the artifact (routers + changed weights) and the trained copy (hooks removed)."""
-    from ..targets import model_fingerprint
+    from ..llm import model_fingerprint
     cfg.validate()
     view = ModelView(model)  # refuses unregistered architectures with the fix
     n_layers = view.dims.n_layers

@@ -49,7 +49,7 @@ def spread(scores: dict[str, float], sizes: dict[str, int], p: float, alpha: flo
 def hutchinson_traces(model, params: dict[str, torch.nn.Parameter], windows: torch.Tensor, samples: int,
                       seed: int) -> dict[str, float]:
     """tr(H_k) of the next-token loss for each named weight, averaged over ``samples`` Rademacher probes."""
-    from ..targets import eager_attention
+    from ..llm import eager_attention
     gen = torch.Generator().manual_seed(seed)
     tensors = list(params.values())
     traces = torch.zeros(len(tensors), dtype=torch.float64)

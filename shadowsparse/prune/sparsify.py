@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelView
 from ..errors import ConfigError
-from . import esparse
+from .esparse import DEFAULTS as ESPARSE_DEFAULTS
+from .esparse import channel_importance, shuffle_for
 from .allocation import ALLOCATIONS, hutchinson_traces, outlier_ratio, sensitivity_scores, spread
 from .metrics import get_metric
 from .patterns import Pattern, apply_mask_, keep_mask
@@ -216,10 +217,10 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
             w.copy_(sparsegpt_prune(w, st.hessian().to(w.device), pattern, ratios[(i, path)], **cfg.sparsegpt))
             continue
         scores = metric.score(w, st, cfg.esparse)  # (O, I)
-        shuffle = cfg.metric == "esparse" and pattern.is_nm and {**esparse.DEFAULTS, **cfg.esparse}["shuffle"]
+        shuffle = cfg.metric == "esparse" and pattern.is_nm and {**ESPARSE_DEFAULTS, **cfg.esparse}["shuffle"]
         if shuffle and path != view.spec.attn_out:
-            importance = esparse.channel_importance(st, cfg.esparse)
-            perm = esparse.shuffle_for(scores, importance, pattern.n, pattern.m, cfg.esparse, gen)
+            importance = channel_importance(st, cfg.esparse)
+            perm = shuffle_for(scores, importance, pattern.n, pattern.m, cfg.esparse, gen)
             if path == view.spec.ffn_down:
                 fold_neuron_perm_(view, i, perm)  # function-preserving without any run-time gather
             else:
@@ -241,7 +242,7 @@ def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
     ratios = _allocate(model, view, cfg, pattern, windows, names)
     metric = get_metric(cfg.metric)
     gen = torch.Generator().manual_seed(cfg.seed)
-    opts = {**esparse.DEFAULTS, **cfg.esparse}
+    opts = {**ESPARSE_DEFAULTS, **cfg.esparse}
     batches = _layer_inputs(model, view, windows, cfg.batch_size) if metric.needs else None
     for i in tqdm(range(view.dims.n_layers), desc=f"prune {cfg.metric} {pattern.label}", unit="layer"):
         linears = target_linears(view, i, cfg.modules)

@@ -43,14 +43,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
-from ..gating import n_keep
+from ..gating import n_keep, topk_mask
 from ..kernels.attention import causal_visible, decode_attention, prefill_attention
+from ..kernels.common import BACKENDS
+from ..kernels.ffn import apply_act, gated_ffn
 from ..kernels.kv_window import kv_window_write
-from ..kernels.ffn import _act, gated_ffn
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
-from .cache import InputWindow, StaticKVCache
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
+from .cache import InputWindow, StaticKVCache
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
 from .weights import EngineWeights
@@ -83,7 +84,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be in [0, 1) (the fraction skipped), got {v!r}")
         if self.batch_set not in BATCH_SETS:
             raise ConfigError(f"batch_set must be one of {BATCH_SETS}, got {self.batch_set!r}")
-        if self.backend not in ("auto", "triton", "torch"):
+        if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be 'auto', 'triton' or 'torch', got {self.backend!r}")
         if self.kv not in ("auto", "dense", "lazy"):
             raise ConfigError(f"kv must be 'auto', 'dense' or 'lazy', got {self.kv!r}")
@@ -174,7 +175,7 @@ class DecodeEngine:
                 raise ConfigError(f"kv='lazy' is not possible here: {why_not}; use kv='dense' or 'auto'")
             return None
         self.kv_refresh = refresh
-        self.kv_step = torch.zeros(1, dtype=torch.long, device=self.device)  # advanced in every _select
+        self.kv_step = torch.zeros(1, dtype=torch.long, device=self.device)  # advanced in every select()
         self.refresh_offsets = torch.arange(refresh, device=self.device)
         return InputWindow(w.n_layers - self.first_layer, self.batch, window, w.hidden, self.max_len, self.dtype,
                            self.device)
@@ -184,9 +185,10 @@ class DecodeEngine:
         return self.gate_heads or self.gate_ffn
 
     # -- selection -------------------------------------------------------------------------------------------------
-    def _select(self, heads: torch.Tensor | None, neurons: torch.Tensor | None) -> Selection:
+    def select(self, heads: torch.Tensor | None, neurons: torch.Tensor | None) -> Selection:
         """heads (B, T, L, H), neurons (B, T, L, F) -> this step's index sets for layers >= first_layer (or, for a
-        step of more than KERNEL_TOKENS rows, the per-token scores its masks come from)."""
+        step of more than KERNEL_TOKENS rows, the per-token scores its masks come from). step() calls it once per
+        step (with lazy K/V it advances the refresh rotation); benchmark.py times it alone, after the predictor."""
         s = neurons if neurons is not None else heads
         if s.shape[0] * s.shape[1] > KERNEL_TOKENS:
             lg = slice(self.first_layer, None)
@@ -260,11 +262,11 @@ class DecodeEngine:
             rope = rope_cos_sin(positions, self.inv_freq, self.dtype)
         sel = None
         if self.gated and self.predictor is None:
-            sel = self._select(heads, neurons)
+            sel = self.select(heads, neurons)
         for layer in range(w.n_layers):
             if self.predictor is not None and self.gated and layer == self.predict_at:
                 p_heads, p_neurons = self.predictor(x)  # (B, T, L, H), (B, T, L, F)
-                sel = self._select(p_heads, p_neurons)
+                sel = self.select(p_heads, p_neurons)
             gi = layer - self.first_layer
             if gi == 0 and self.resid32:
                 x = x.float()  # (B, T, d) fp32 from here on (module docstring)
@@ -352,45 +354,15 @@ class DecodeEngine:
     def _attention(self, layer, h, resid, pos, positions, rope, sel, gi):
         """h (B, T, d) the normed input (None: already in the input window), resid (B, T, d) the residual stream
         -> resid + attention(h)."""
-        w, lw = self.w, self.w.layers[layer]
+        w = self.w
         B, T, d = resid.shape
         D, KV = w.head_dim, w.n_kv_heads
-        hf = None if h is None else h.reshape(B * T, d)
-        be = self.cfg.backend
         gated = sel is not None and sel.heads is not None  # head gating through the gathered kernels
         masked = sel is not None and sel.masked  # many tokens: every head computed, unselected ones zeroed
         lazy = self._lazy(sel, T)
         if sel is not None and self.window is not None and h is not None:
             self.window.write(gi, h)
-        q_slot = None
-        if lazy:
-            # One GEMV over the window's W inputs reads the selected heads' q rows and the K/V rows of the selected
-            # + refresh heads (each weight row once; the tokens are padded to 16 anyway). The new token's query is
-            # the window row of its slot; the keys and values go straight into the cache.
-            rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
-            W, Kq = self.window.window, sel.head_rows.shape[1]
-            out = row_linear(self.window.h[gi].view(B * W, d), lw.qkv_w, sel.qkv_rows[gi], lw.qkv_b, backend=be,
-                             out_dtype=torch.float32, **LAZY_QKV)  # (B*W, Kq + 2*(Kh + r)*D)
-            if rope is not None:
-                rope_(out, *self.window_rope, heads.shape[0], D, W, backend=be)
-            kv_window_write(out[:, Kq:], self.cache.keys[layer], self.cache.values[layer], sel.kv_heads[gi],
-                            self.window.positions, self.inv_freq, backend=be)
-            q, q_slot = out[:, :Kq], self.window.slot
-        elif gated:
-            rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
-            # q stays in the kernel's fp32 accumulator (no cast pass); the attention kernel reads it as is
-            q = _chunked(lambda xs: row_linear(xs, lw.q_w(self.n_q), rows, lw.qkv_b, backend=be,
-                                               out_dtype=torch.float32), hf)  # (n, Kh*D)
-            kv = _linear(hf, lw.kv_w(self.n_q), None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (n, 2*KV*D)
-            if rope is not None:
-                rope_(q, *rope, heads.shape[0], D, T, backend=be)
-                rope_(kv, *rope, KV, D, T, backend=be)
-        else:
-            heads = self.all_heads
-            qkv = _linear(hf, lw.qkv_w, lw.qkv_b)  # (n, H*D + 2*KV*D): one GEMV
-            if rope is not None:  # q and k heads are adjacent: one in-place pass over both
-                rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
-            q, kv = qkv[:, :self.n_q], qkv[:, self.n_q:]
+        q, kv, heads = self._project_qkv(layer, h, rope, sel, gi, lazy, gated, B, T)
         J = heads.shape[0]
         q = q.view(B, -1, J, D)  # a strided view, read in place by the attention kernel; (B, W, J, D) if lazy
         if not lazy:
@@ -403,26 +375,70 @@ class DecodeEngine:
                 self._visible = causal_visible(positions, self.cache.keys.shape[3])
             a = prefill_attention(q, self.cache.keys[layer], self.cache.values[layer], pos, self.scale,
                                   self._visible)
-        else:
+        else:  # lazy (q_slot): the new token's query is the window row of its slot
             a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
-                                 w.n_heads, backend=be, q_slot=q_slot)  # (B, T, J, D)
+                                 w.n_heads, backend=self.cfg.backend,
+                                 q_slot=self.window.slot if lazy else None)  # (B, T, J, D)
         if gated and sel.head_keep is not None:
             a = a * sel.head_keep[gi].view(B, T, J, 1)
         if masked and sel.head_scores is not None:
-            a = a * _topk_mask(sel.head_scores[:, gi], self.k_heads, a.dtype).view(B, T, J, 1)
-        a = a.reshape(B * T, J * D)
+            a = a * topk_mask(sel.head_scores[:, gi], self.k_heads, a.dtype).view(B, T, J, 1)
+        return self._out_projection(layer, a.reshape(B * T, J * D), resid, sel, gi, gated, masked)
+
+    def _project_qkv(self, layer, h, rope, sel, gi, lazy, gated, B, T):
+        """The q/k/v projections of one layer's step (RoPE applied) -> q (rows, J*D) of the heads attended with,
+        kv (B*T, 2*KV*D) the keys and values to cache (None when lazy: already written into the cache), and those
+        heads (J,) int32: every head (self.all_heads), or the selected ones. Lazy: q has the window's B*W rows."""
+        w, lw, be = self.w, self.w.layers[layer], self.cfg.backend
+        D, KV = w.head_dim, w.n_kv_heads
+        if lazy:
+            # One GEMV over the window's W inputs reads the selected heads' q rows and the K/V rows of the selected
+            # + refresh heads (each weight row once; the tokens are padded to 16 anyway). The new token's query is
+            # the window row of its slot; the keys and values go straight into the cache.
+            heads = sel.heads[gi]  # (Kh,)
+            W, Kq = self.window.window, sel.head_rows.shape[1]
+            out = row_linear(self.window.h[gi].view(B * W, -1), lw.qkv_w, sel.qkv_rows[gi], lw.qkv_b, backend=be,
+                             out_dtype=torch.float32, **LAZY_QKV)  # (B*W, Kq + 2*(Kh + r)*D)
+            if rope is not None:
+                rope_(out, *self.window_rope, heads.shape[0], D, W, backend=be)
+            kv_window_write(out[:, Kq:], self.cache.keys[layer], self.cache.values[layer], sel.kv_heads[gi],
+                            self.window.positions, self.inv_freq, backend=be)
+            return out[:, :Kq], None, heads
+        hf = h.reshape(B * T, -1)  # (n, d)
+        if gated:
+            rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
+            # q stays in the kernel's fp32 accumulator (no cast pass); the attention kernel reads it as is
+            q = _chunked(lambda xs: row_linear(xs, lw.q_w(self.n_q), rows, lw.qkv_b, backend=be,
+                                               out_dtype=torch.float32), hf)  # (n, Kh*D)
+            kv = _linear(hf, lw.kv_w(self.n_q), None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (n, 2*KV*D)
+            if rope is not None:
+                rope_(q, *rope, heads.shape[0], D, T, backend=be)
+                rope_(kv, *rope, KV, D, T, backend=be)
+            return q, kv, heads
+        qkv = _linear(hf, lw.qkv_w, lw.qkv_b)  # (n, H*D + 2*KV*D): one GEMV
+        if rope is not None:  # q and k heads are adjacent: one in-place pass over both
+            rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
+        return qkv[:, :self.n_q], qkv[:, self.n_q:], self.all_heads
+
+    def _out_projection(self, layer, a, resid, sel, gi, gated, masked):
+        """a (B*T, J*D) the attention output of the attended heads, resid (B, T, d) -> resid + the out-projection
+        of a (only the selected heads' rows of W_o when gated): added into the fp32 residual stream in place
+        (returns resid), or a new tensor in the residual's dtype."""
+        lw, be = self.w.layers[layer], self.cfg.backend
+        B, T, d = resid.shape
         rf = resid.reshape(B * T, d)
         if masked and self.resid32:  # cuBLAS for the many tokens, added into the fp32 residual stream
             rf.add_(_linear(a.to(lw.o_w.dtype), lw.o_w, lw.o_b))
             return resid
         if sel is not None and self.resid32:
             # the fp32 residual stream: the out-projection adds into it (every head's rows if heads are not gated)
-            o_rows = rows if gated else self.all_q_rows
+            o_rows = sel.head_rows[gi] if gated else self.all_q_rows
             for i in range(0, B * T, KERNEL_TOKENS):
                 row_linear_t(a[i:i + KERNEL_TOKENS], lw.o_t, o_rows, lw.o_b, backend=be,
                              out=rf[i:i + KERNEL_TOKENS])
             return resid
         if gated:
+            rows = sel.head_rows[gi]  # (Kh*D,) the selected heads' rows of W_o.T
             out = [row_linear_t(a[i:i + KERNEL_TOKENS], lw.o_t, rows, lw.o_b, backend=be,
                                 residual=rf[i:i + KERNEL_TOKENS]) for i in range(0, B * T, KERNEL_TOKENS)]
             return (out[0] if len(out) == 1 else torch.cat(out)).view(B, T, d)
@@ -436,12 +452,12 @@ class DecodeEngine:
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
         mask = None  # (n, F) per-token 0/1 of a masked (many-token) step
         if sel is not None and sel.masked and sel.neuron_scores is not None:
-            mask = _topk_mask(sel.neuron_scores[:, gi], self.k_ffn, self.dtype)
+            mask = topk_mask(sel.neuron_scores[:, gi], self.k_ffn, self.dtype)  # (n, F): the mask path's top-k
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
             return rf if into else y
         if mask is not None:  # the mask path on cuBLAS: every neuron computed, each token's others zeroed
-            g = _act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
+            g = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
             g = (g if lw.w_up is None else g * F.linear(hf, lw.w_up)) * mask
             if into:
                 return rf.add_(_linear(g, lw.down_w, lw.b_out))
@@ -460,13 +476,12 @@ class DecodeEngine:
         if lw.b_in is not None and self.w.act == "relu":  # OPT fc1: bias and ReLU in cuBLASLt's epilogue
             g = torch._addmm_activation(lw.b_in, hf, lw.w_in.t())
         else:
-            g = _act(_linear(hf, lw.w_in, lw.b_in), self.w.act)  # (n, F)
+            g = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)  # (n, F)
         if lw.w_up is not None:
             g = g * F.linear(hf, lw.w_up)
         if into:
             return rf.add_(_linear(g, lw.down_w, lw.b_out))
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
-
 
     def _ffn_24(self, layer, hf, rf, sel, gi, row0, into, mask=None):
         """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows).
@@ -490,12 +505,6 @@ def _compress_ffn(lw):
     """Magnitude 2:4 of gate/up (fc1) along d and of the transposed down projection along d, compressed."""
     up = None if lw.w_up is None else compress_24(prune_24(lw.w_up))
     return compress_24(prune_24(lw.w_in)), up, compress_24(prune_24(lw.down_t))
-
-
-def _topk_mask(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """scores (n, U) -> (n, U) 0/1 in dtype: each row's top-k units (the mask path's per-token selection)."""
-    top = scores.topk(k, dim=-1, sorted=False).indices
-    return torch.zeros(scores.shape, dtype=dtype, device=scores.device).scatter_(-1, top, 1.0)
 
 
 def _chunked2(fn, x, r):

@@ -1,4 +1,4 @@
-"""Save ||W_down[:, i]|| per layer and the probe layers' gate weights for scripts/research_probe.py."""
+"""Save ||W_down[:, i]|| per layer and the probe layers' gate weights for research/research_probe.py."""
 import torch
 from shadowsparse.llm import load_llm, LLMConfig
 from shadowsparse.arch import ModelView

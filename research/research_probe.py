@@ -1,12 +1,12 @@
 """Held-out screening of per-layer neuron selectors on recorded FFN inputs/activations (docs/research.md).
 
-Trains one variant per probe layer on the first N rows of a training recording (scripts/research_record.py) and
+Trains one variant per probe layer on the first N rows of a training recording (research/research_record.py) and
 scores it on a held-out recording (other C4 windows):
   mass50      Σ|a| over the predicted top half / Σ|a| over the true top half (per token, averaged)
   vmass50@q   the same for predict-then-verify: the top half by |a| among the predicted top q
   recall@q    fraction of the true top half inside the predicted top q
   cmass50     like vmass50@q but mass measured as |a|·||W_down col|| (output contribution)
-usage: python scripts/research_probe.py NAME key=value ...   (keys: VerifyConfig fields, rows, feature, layers)
+usage: python research/research_probe.py NAME key=value ...   (keys: VerifyConfig fields, rows, feature, layers)
 """
 import json
 import sys
@@ -16,7 +16,9 @@ import torch
 
 torch.set_num_threads(1)
 from shadowsparse.ffn_io import load_layer  # noqa: E402
-from shadowsparse.verify import FFNInputPredictor, VerifyConfig, fit_layer, normalized_target, quantize_rows  # noqa
+from shadowsparse.quant import quantize_rows  # noqa
+from shadowsparse.verify import VerifyConfig
+from shadowsparse.verify_predictor import FFNInputPredictor, fit_layer, normalized_target  # noqa
 
 TRAIN, HELD = "outputs/research/ffn_train", "outputs/research/ffn_heldout"
 COLS = torch.load("outputs/research/down_col_norms.pt")  # {layer: (F,)}

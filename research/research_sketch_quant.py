@@ -7,8 +7,8 @@ recording, never the held-out ones):
   awq      AWQ-style: W * diag(s) quantized, s = mean|x_j| ** alpha (alpha searched per matrix on the output error)
   gptq     GPTQ: columns quantized in order, each one's error pushed onto the later columns through H = X^T X
   gptq_act the same in order of decreasing diag(H) (groups formed in that order; a kernel gathers x once)
-Scores: mass50 and vmass50@q (scripts/research_probe.py), plus the relative output error of gate and up on held-out x.
-usage: PYTHONPATH=. python scripts/research_sketch_quant.py METHOD BITS [group=64] [rows=4096] [layers=3,15,27]
+Scores: mass50 and vmass50@q (research/research_probe.py), plus the relative output error of gate and up on held-out x.
+usage: PYTHONPATH=. python research/research_sketch_quant.py METHOD BITS [group=64] [rows=4096] [layers=3,15,27]
        [damp=0.01]
 """
 import sys
@@ -17,9 +17,9 @@ import time
 import torch
 
 torch.set_num_threads(1)
-from scripts.research_probe import COLS, HELD, TRAIN, scores_mass, write_probe  # noqa: E402
+from research.research_probe import COLS, HELD, TRAIN, scores_mass, write_probe  # noqa: E402
 from shadowsparse.ffn_io import load_layer  # noqa: E402
-from shadowsparse.verify import gptq_act_order, gptq_rows, quantize_rows  # noqa: E402
+from shadowsparse.quant import gptq_act_order, gptq_rows, quantize_rows  # noqa: E402
 
 
 def awq_rows(w, x, bits, group, alphas=(0.0, 0.25, 0.5, 0.75, 1.0)):

@@ -40,15 +40,19 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from . import targets as T
-from .errors import ConfigError
+from ..errors import ConfigError
+from .collect import build_manifest, checked_setup
+from .config import TargetsConfig
+from .score import batch_step, score_rows
+from .store import (ShardWriter, check_work, locked, make_work_dir, prepare_work, progress_records, publish,
+                    read_record)
 
 log = logging.getLogger("shadowsparse")
 DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "OMP_NUM_THREADS")
 BARRIER_TIMEOUT = timedelta(hours=12)  # ranks that resumed further along wait at the final barrier for the others
 
 
-def validate_collect(cfg: T.TargetsConfig, llm_device: str) -> None:
+def validate_collect(cfg: TargetsConfig, llm_device: str) -> None:
     """Config checks of a collection, before any model is loaded."""
     cfg.validate()
     if cfg.world_size == 1:
@@ -94,7 +98,7 @@ def rank_block(n_windows: int, step: int, rank: int, world: int) -> tuple[int, i
 
 
 def ddp_layout(n_windows: int, step: int, world: int) -> dict[str, dict]:
-    """progress-r{r}.json -> the fields that tie it to this process layout (see targets.prepare_work)."""
+    """progress-r{r}.json -> the fields that tie it to this process layout (see store.prepare_work)."""
     return {f"progress-r{r}.json": {"world_size": world, "rank": r,
                                     "windows": list(rank_block(n_windows, step, r, world))} for r in range(world)}
 
@@ -113,18 +117,18 @@ class _Starts(Dataset):
 
 
 class CollectModule(L.LightningModule):
-    """predict_step scores one batch of windows (targets.score_rows -> score_window) and hands the rows to this
+    """predict_step scores one batch of windows (score.score_rows -> score_window) and hands the rows to this
     rank's ShardWriter. Holds no parameters of its own."""
 
-    def __init__(self, model, windows, cfg: T.TargetsConfig, crit, view, work: Path, identity: dict, overwrite: bool):
+    def __init__(self, model, windows, cfg: TargetsConfig, crit, view, work: Path, identity: dict, overwrite: bool):
         super().__init__()
         self.__dict__["llm"] = model  # not a submodule: Lightning must not move it to the CPU at teardown
         self.windows, self.cfg, self.crit, self.view = windows, cfg, crit, view
         self.work, self.identity, self.overwrite = work, identity, overwrite
-        self.step = T.batch_step(windows, cfg)
+        self.step = batch_step(windows, cfg)
         self.k = cfg.topk(view.dims.ffn)
         self.lock = contextlib.ExitStack()  # rank 0 holds the work folder's lock from setup to publish
-        self.writer: T.ShardWriter | None = None
+        self.writer: ShardWriter | None = None
         self.starts: list[int] = []
         # a rank may have nothing (left) to score: its block done before a kill, or fewer batches than ranks
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -136,24 +140,24 @@ class CollectModule(L.LightningModule):
         error = None
         if rank == 0:  # one process prepares the shared folder (verifies, truncates, deletes) while the others wait
             try:
-                self.lock.enter_context(T._locked(self.work))
+                self.lock.enter_context(locked(self.work))
                 self.owns_work = True  # from here a failure may clean the folder up: no other run is using it
-                T.prepare_work(self.work, self.identity, layout, self.overwrite)
+                prepare_work(self.work, self.identity, layout, self.overwrite)
             except ConfigError as exc:
                 error = str(exc)
         error = strategy.broadcast(error, src=0)  # also the barrier after the preparation
         if error:
             raise ConfigError(error)
         name = f"progress-r{rank}.json"
-        shards = T._read_record(self.work / name)["shards"]
+        shards = read_record(self.work / name)["shards"]
         lo, hi = layout[name]["windows"]
         resumed = shards[-1]["windows"][1] if shards else lo
         if shards:
             log.info("targets: rank %d resumes after %d complete shards (window %d of [%d, %d))", rank, len(shards),
                      resumed, lo, hi)
         self.block, self.resumed = (lo, hi), resumed
-        self.writer = T.ShardWriter(self.work, name, {"identity": self.identity, **layout[name]}, shards, resumed,
-                                    self.cfg.shard_tokens, rank=rank)
+        self.writer = ShardWriter(self.work, name, {"identity": self.identity, **layout[name]}, shards, resumed,
+                                  self.cfg.shard_tokens, rank=rank)
         self.starts = list(range(resumed, hi, self.step))
         self.home = next(self.llm.parameters()).device
         self.llm.to(strategy.root_device)  # a no-op where the model was loaded on this rank's device
@@ -164,18 +168,18 @@ class CollectModule(L.LightningModule):
         return DataLoader(_Starts(self.starts), batch_size=None)
 
     def predict_step(self, start: int, batch_idx: int):
-        self.writer.add(*T.score_rows(self.llm, self.crit, self.windows, int(start), self.cfg, self.k,
-                                      self.trainer.strategy.root_device))
+        self.writer.add(*score_rows(self.llm, self.crit, self.windows, int(start), self.cfg, self.k,
+                                    self.trainer.strategy.root_device))
 
 
-def collect_distributed(model, windows, cfg: T.TargetsConfig, out_dir: str | Path, data_desc: str = "",
+def collect_distributed(model, windows, cfg: TargetsConfig, out_dir: str | Path, data_desc: str = "",
                         seed: int = 0, overwrite: bool = False) -> Path:
-    """targets.collect over ``cfg.devices`` x ``cfg.num_nodes`` Lightning DDP ranks: the same targets (rows, order,
+    """collect.collect over ``cfg.devices`` x ``cfg.num_nodes`` Lightning DDP ranks: the same targets (rows, order,
     values) as a 1-process collection, in per-rank shards. Returns out_dir in rank 0; ranks > 0 exit when done."""
-    crit, view, out_dir, work, identity = T.checked_setup(model, windows, cfg, out_dir, data_desc, seed)
-    step = T.batch_step(windows, cfg)
-    T.check_work(work, identity, ddp_layout(len(windows), step, cfg.world_size), overwrite)  # refuse before launching
-    T.make_work_dir(work)
+    crit, view, out_dir, work, identity = checked_setup(model, windows, cfg, out_dir, data_desc, seed)
+    step = batch_step(windows, cfg)
+    check_work(work, identity, ddp_layout(len(windows), step, cfg.world_size), overwrite)  # refuse before launching
+    make_work_dir(work)
     module = CollectModule(model, windows, cfg, crit, view, work, identity, overwrite)
     from lightning.pytorch.strategies import DDPStrategy
     trainer = L.Trainer(accelerator="gpu" if cfg.accelerator in ("gpu", "cuda") else "cpu", devices=cfg.devices,
@@ -193,7 +197,8 @@ def collect_distributed(model, windows, cfg: T.TargetsConfig, out_dir: str | Pat
             _merge(module, trainer.world_size, out_dir, model, windows, cfg, view, data_desc, seed, resumed,
                    time.time() - t0)
     except BaseException:
-        if module.owns_work and work.is_dir() and not any(r and r.get("shards") for r in T._records(work).values()):
+        if module.owns_work and work.is_dir() and \
+                not any(r and r.get("shards") for r in progress_records(work).values()):
             shutil.rmtree(work, ignore_errors=True)  # nothing complete to resume from: leave no partial artifact
         raise
     finally:
@@ -222,7 +227,7 @@ def _merge(module: CollectModule, world: int, out_dir: Path, model, windows, cfg
     layout = ddp_layout(len(windows), module.step, world)
     for r in range(world):
         name = f"progress-r{r}.json"
-        rec = T._read_record(work / name)
+        rec = read_record(work / name)
         lo, hi = layout[name]["windows"]
         got = rec["shards"] if rec else []
         end = got[-1]["windows"][1] if got else lo
@@ -232,8 +237,8 @@ def _merge(module: CollectModule, world: int, out_dir: Path, model, windows, cfg
         shards += got
         ranks.append({"rank": r, "windows": [lo, hi], "shards": len(got), "resumed_at_window": resumed[r]})
     n_rows = sum(s["rows"] for s in shards)
-    manifest = T.build_manifest(model, windows, cfg, view, shards, n_rows, data_desc, seed, seconds,
-                                resumed_at_window=resumed, world_size=world, ranks=ranks,
-                                accelerator=cfg.accelerator)  # resumed_at_window: per rank (its block's start: fresh)
-    T.publish(work, out_dir, manifest)
+    manifest = build_manifest(model, windows, cfg, view, shards, n_rows, data_desc, seed, seconds,
+                              resumed_at_window=resumed, world_size=world, ranks=ranks,
+                              accelerator=cfg.accelerator)  # resumed_at_window: per rank (its block's start: fresh)
+    publish(work, out_dir, manifest)
     log.info("targets: %d ranks wrote %d shards, %d rows in %.0f s", world, len(shards), n_rows, seconds)

@@ -1,5 +1,5 @@
 """Train the predict-then-verify predictor for layers 1..29 from the research recording (first ROWS tokens).
-usage: python scripts/research_fit_verify.py ROWS OUT.safetensors [key=value ...]   (VerifyConfig fields)"""
+usage: python research/research_fit_verify.py ROWS OUT.safetensors [key=value ...]   (VerifyConfig fields)"""
 import logging
 import sys
 import time
@@ -7,7 +7,8 @@ import time
 import torch
 
 torch.set_num_threads(1)
-from shadowsparse.verify import VerifyConfig, fit_from_recording  # noqa: E402
+from shadowsparse.verify import VerifyConfig
+from shadowsparse.verify_predictor import fit_from_recording  # noqa: E402
 
 logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 rows, out = int(sys.argv[1]), sys.argv[2]

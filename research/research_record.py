@@ -1,5 +1,5 @@
 """Record per-layer FFN inputs/activations of C4 windows for the predictor research (docs/research.md).
-usage: python scripts/research_record.py OUT_DIR FIRST_WINDOW N_WINDOWS"""
+usage: python research/research_record.py OUT_DIR FIRST_WINDOW N_WINDOWS"""
 import sys, time, torch
 torch.set_num_threads(1)
 from shadowsparse.llm import load_llm, LLMConfig

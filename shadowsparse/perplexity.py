@@ -1,4 +1,4 @@
-"""Gated evaluation of one method at several sparsity levels, window by window.
+"""Perplexity of a (gated) model: one method at several sparsity levels, window by window.
 
 Levels run inside the window loop so per-window work (the oracle's dense scoring pass) is done once for all of
 them; each level keeps its own NLL sum and SparsityCounter across windows.

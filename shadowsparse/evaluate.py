@@ -1,0 +1,136 @@
+"""Stage 4, evaluate: every configured method (a registered selector, shadowsparse/selectors/) at every sparsity
+level -> rows of results.jsonl (perplexity on the evaluation windows, and lm-eval tasks when configured).
+
+The loop knows no method by name: each selector says which levels it serves, why it skips a model, and what its
+rows carry; the rows' common fields (docs/design.md, results.jsonl) are filled here.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from .accounting import weight_bytes_skipped
+from .arch import ModelView
+from .config import window_spec
+from .data import token_windows
+from .gating import GatingConfig, SparsityCounter, attach_gating
+from .perplexity import Level, evaluate_levels
+from .report import append_result
+from .selectors import EvalContext, Run, Selector, get_selector
+from .selectors.base import CONFIG, SAME
+from .targets import read_manifest
+from .tasks import evaluate_tasks
+
+log = logging.getLogger("shadowsparse")
+
+
+def collection_info(ctx: EvalContext, selectors: list[Selector]) -> dict:
+    """Criterion and feature layer of what is gated: from the targets when a method reads them, else from the
+    trained predictor's checkpoint, else (training-free methods alone) from the configured targets."""
+    if any(s.needs_targets for s in selectors):
+        return read_manifest(ctx.targets_dir)
+    if "predictor" in ctx.shared:
+        return ctx.shared["predictor"].targets_info
+    return {"criterion": ctx.cfg.targets.criterion, "feature_layer": ctx.cfg.targets.feature_layer}
+
+
+class Evaluation:
+    """The rows of one evaluation stage: runs a selector's Runs through the mask path and records their rows.
+    Selectors with hooks of their own (teal) use ``windows``, ``row`` and ``add`` directly."""
+
+    def __init__(self, ctx: EvalContext, static: dict | None):
+        cfg = ctx.cfg
+        self.ctx, self.cfg, self.view = ctx, cfg, ctx.view
+        self.windows = token_windows(ctx.tok, window_spec(cfg.data.eval))  # (N, T)
+        self.tasks = list(cfg.evaluate.get("tasks") or [])
+        self.base = {"criterion": ctx.info["criterion"], "nm": None, "granularity": cfg.gating.granularity,
+                     "dataset": cfg.data.eval.name, "metric": "ppl", "model": cfg.llm.name,
+                     "first_gated_layer": ctx.first_layer, "seed": cfg.seed, **(static or {})}
+        self.rows: list[dict] = []
+
+    def add(self, row: dict) -> None:
+        append_result(self.ctx.run_dir, row)
+        self.rows.append(row)
+
+    def row(self, selector: Selector, run: Run, level: Level | tuple, counter: SparsityCounter, dataset: str,
+            metric: str, value: float, n_tokens: int | None, more: dict) -> dict:
+        """One row from the masks a run applied (realized sparsity counted, not assumed)."""
+        ffn, heads = (level.ffn, level.heads) if isinstance(level, Level) else level
+        d = self.view.dims
+        stats = counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
+        if run.stats_extra is not None:  # counts a source keeps itself (predict-then-verify: candidate sparsity)
+            stats.update(run.stats_extra(ffn))
+            more = {**more, **{k: v for k, v in stats.items() if k.startswith("realized_candidate")}}
+        return {**self.base, "method": run.label or selector.name, "granularity": self._granularity(run),
+                "budget": self._budget(run), "ffn_sparsity": ffn, "head_sparsity": heads, "dataset": dataset,
+                "metric": metric, "value": value, "realized_ffn_sparsity": stats["realized_ffn_sparsity"],
+                "realized_head_sparsity": stats["realized_head_sparsity"],
+                "weight_bytes_skipped": weight_bytes_skipped(self.view, selector.decision, stats, run.selector_bytes),
+                "n_tokens": n_tokens, **more}
+
+    def _granularity(self, run: Run) -> str | None:
+        return self.cfg.gating.granularity if run.granularity == CONFIG else run.granularity
+
+    def _budget(self, run: Run) -> str | None:
+        return self.cfg.gating.budget if run.budget == CONFIG else run.budget
+
+    def gating_kw(self, run: Run) -> dict:
+        return dict(budget=self._budget(run) or "local", min_keep=self.cfg.gating.min_keep)
+
+    def run(self, selector: Selector, run: Run) -> None:
+        """Perplexity of one run at every level, then its lm-eval task rows."""
+        levels = [Level(f, h) for f, h in run.levels]
+        evaluate_levels(self.ctx.model, self.windows, run.source, levels, self.ctx.first_layer,
+                        self._granularity(run) or "token", self.cfg.data.eval.batch_size,
+                        before_batch=run.before_batch, desc=run.label or selector.name, **self.gating_kw(run))
+        for lv in levels:
+            self._log(self.row(selector, run, lv, lv.counter, self.cfg.data.eval.name, "ppl", lv.ppl, lv.tokens,
+                               run.more))
+        task_source = run.source if run.task_source == SAME else run.task_source
+        if self.tasks and (task_source is not None or run.source is None):
+            self._tasks(selector, run, levels, task_source)
+
+    def _tasks(self, selector: Selector, run: Run, levels: list[Level], task_source) -> None:
+        limit = self.cfg.evaluate.task_limit
+        for lv in levels:
+            counter = SparsityCounter()
+            gcfg = GatingConfig(ffn_sparsity=lv.ffn, head_sparsity=lv.heads, granularity=self._granularity(run) or
+                                "token", first_layer=self.ctx.first_layer, **self.gating_kw(run))
+            with (attach_gating(self.ctx.model, task_source, gcfg, counter=counter) if task_source is not None
+                  else contextlib.nullcontext()):
+                results = evaluate_tasks(self.ctx.model, self.ctx.tok, self.tasks, limit=limit,
+                                         batch_size=self.cfg.evaluate.task_batch_size)
+            for task, res in results.items():
+                for metric, value in res.items():
+                    if metric != "n":
+                        self._log(self.row(selector, run, lv, counter, task, metric, value, None,
+                                           {**run.more, "n_examples": res["n"], "task_limit": limit}))
+
+    def _log(self, row: dict) -> None:
+        self.add(row)
+        log.info("%s ffn=%.2f heads=%.2f %s %s=%.4f (realized ffn %.3f, heads %.3f)", row["method"],
+                 row["ffn_sparsity"], row["head_sparsity"], row["dataset"], row["metric"], row["value"],
+                 row["realized_ffn_sparsity"], row["realized_head_sparsity"])
+
+
+def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
+                   static: dict | None = None) -> list[dict]:
+    """Every configured method's rows, in the configured order; ``static`` (from the sparsify stage) labels them
+    with the static mask under them."""
+    methods = list(cfg.evaluate.methods)
+    selectors = [get_selector(m) for m in methods]
+    ctx = EvalContext(cfg=cfg, model=model, tok=tok, view=ModelView(model), run_dir=Path(run_dir),
+                      targets_dir=Path(targets_dir), methods=methods, extra=extra)
+    for sel in selectors:  # before any work: e.g. a predictor checkpoint of another model is refused here
+        sel.prepare(ctx)
+    ctx.info = collection_info(ctx, selectors)
+    ctx.first_layer = ctx.info["feature_layer"] + 1  # every method gates the same layers: those after the feature
+    evaluation = Evaluation(ctx, static)
+    for sel in selectors:
+        reason = sel.skip_reason(ctx)
+        if reason:
+            log.warning("%s: skipped (%s)", sel.name, reason)
+            continue
+        sel.evaluate(ctx, evaluation)
+    return evaluation.rows

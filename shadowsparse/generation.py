@@ -1,0 +1,261 @@
+"""Gated generation for users: a finished run (or a model plus a training-free method) -> text, with any registered
+selector choosing the heads and FFN neurons per token.
+
+    import shadowsparse as ss
+    g = ss.load_gated("outputs/runs/<run>", method="sketch", ffn_sparsity=0.5)
+    g.generate(["The capital of France is", "def fib(n):"], max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    for piece in g.stream("Tell me a story", max_new_tokens=128): print(piece, end="")
+    g.perplexity(windows)    # (B, T) token ids or a text, through the same path that generates
+    g.stats()                # realized sparsity, tokens/s of the last call
+
+The selector comes from the evaluation's registry (shadowsparse/selectors/), built exactly as the evaluation builds
+it, so a generated token saw the same masks as the rows of results.jsonl. ``engine="hooks"`` runs the mask path
+(shadowsparse/gating.py hooks on the Hugging Face model: every weight is still read; the reference).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from omegaconf import OmegaConf
+
+from .arch import ModelView
+from .errors import ConfigError
+from .gating import GatingConfig, SparsityCounter, attach_gating
+from .llm import LLMConfig, load_llm, max_context
+from .perplexity import window_nll
+from .sampling import SamplingConfig, cut_at_stop, next_tokens
+
+log = logging.getLogger("shadowsparse")
+ENGINES = ("auto", "hooks")
+
+
+class HooksDecoder:
+    """The mask path as a decoder: the Hugging Face model with gating hooks and its own KV cache. Batches of
+    prompts of different lengths are padded on the left (attention mask and positions follow)."""
+
+    def __init__(self, model, source, gating: GatingConfig | None, counter: SparsityCounter):
+        self.model, self.source, self.gating, self.counter = model, source, gating, counter
+        self.device = next(model.parameters()).device
+
+    def attached(self):
+        """The gating hooks for the duration of one call (the model is dense again afterwards)."""
+        if self.source is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return attach_gating(self.model, self.source, self.gating, counter=self.counter)
+
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """ids, attn (B, P), left-padded -> logits (B, V) of the last position."""
+        self.attn = attn.to(self.device)
+        positions = (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P): pads sit at 0, real tokens count from 0
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self.attn, position_ids=positions,
+                         use_cache=True)
+        self.past, self.next_pos = out.cache, positions[:, -1:] + 1  # (B, 1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) -> logits (B, V) of the next position."""
+        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attn, position_ids=self.next_pos,
+                         cache=self.past, use_cache=True)
+        self.past, self.next_pos = out.cache, self.next_pos + 1
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def nll(self, ids: torch.Tensor) -> float:
+        """Summed next-token NLL of windows (B, T)."""
+        with self.attached():
+            return window_nll(self.model, ids.to(self.device))
+
+
+class GatedLM:
+    """A model whose selector skips heads and FFN neurons per token; generate / stream / perplexity / stats."""
+
+    def __init__(self, model, tokenizer, decoder: HooksDecoder, method: str, gating: GatingConfig | None,
+                 engine: str):
+        self.model, self.tok, self.decoder = model, tokenizer, decoder
+        self.method, self.gating, self.engine = method, gating, engine
+        self.view = ModelView(model)
+        self.context = max_context(model)
+        self.last = {}  # tokens and seconds of the last generate / stream call
+
+    # -- text in, text out ---------------------------------------------------------------------------------------
+    def generate(self, prompts: str | list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+                 chat: bool = False) -> list[str] | str:
+        """The continuation of each prompt (a str for a str). Greedy at temperature 0; stops at EOS, a stop string
+        (cut before it) or max_new_tokens."""
+        single = isinstance(prompts, str)
+        texts = [""] * (1 if single else len(prompts))
+        for i, piece in self._decode([prompts] if single else list(prompts), SamplingConfig(
+                max_new_tokens, temperature, top_p, top_k, seed, list(stop or [])).validate(), chat):
+            texts[i] += piece
+        return texts[0] if single else texts
+
+    def stream(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, stop: list[str] | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """The continuation of one prompt, piece by piece as it is generated."""
+        cfg = SamplingConfig(max_new_tokens, temperature, top_p, top_k, seed, list(stop or [])).validate()
+        for _, piece in self._decode([prompt], cfg, chat):
+            yield piece
+
+    def _encode(self, prompts: list[str], chat: bool, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if chat:
+            if not getattr(self.tok, "chat_template", None):
+                raise ConfigError("chat=True but the tokenizer has no chat template; pass chat=False (plain text)")
+            prompts = [self.tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                    add_generation_prompt=True) for p in prompts]
+        rows = [self.tok(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
+        if not all(rows):
+            raise ConfigError("an empty prompt has no token to continue from; give every prompt some text")
+        longest = max(len(r) for r in rows)
+        if longest + new_tokens > self.context:
+            raise ConfigError(f"a prompt of {longest} tokens plus max_new_tokens={new_tokens} exceeds the model's "
+                              f"context of {self.context} tokens; shorten the prompt or lower max_new_tokens")
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (longest - len(r)) + r for r in rows])  # (B, P), padded on the left
+        attn = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        return ids, attn
+
+    def _decode(self, prompts: list[str], cfg: SamplingConfig, chat: bool) -> Iterator[tuple[int, str]]:
+        """(prompt index, new text) pieces as tokens are generated; text is cut before a stop string."""
+        ids, attn = self._encode(prompts, chat, cfg.max_new_tokens)
+        gen = torch.Generator(self.decoder.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        eos = self.tok.eos_token_id
+        B = len(prompts)
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        shown, done = [""] * B, [False] * B
+        t0, n_new = time.perf_counter(), 0
+        with self.decoder.attached():
+            logits = self.decoder.start(ids, attn)
+            for step in range(cfg.max_new_tokens):
+                nxt = next_tokens(logits, cfg, gen)  # (B,)
+                for i, t in enumerate(nxt.tolist()):
+                    if done[i]:
+                        continue
+                    if t == eos:
+                        done[i] = True
+                        continue
+                    tokens[i].append(t)
+                    n_new += 1
+                    text, stopped = cut_at_stop(self.tok.decode(tokens[i], skip_special_tokens=True), cfg.stop)
+                    done[i] = stopped
+                    # hold back a tail that may still become a stop string
+                    safe = text if stopped else text[:len(text) - max((len(s) - 1 for s in cfg.stop), default=0)]
+                    if len(safe) > len(shown[i]) and safe.startswith(shown[i]):
+                        yield i, safe[len(shown[i]):]
+                        shown[i] = safe
+                if all(done) or step == cfg.max_new_tokens - 1:
+                    break
+                logits = self.decoder.step(nxt)
+        for i in range(B):  # what was held back for stop strings, once generation has ended without one
+            text, _ = cut_at_stop(self.tok.decode(tokens[i], skip_special_tokens=True), cfg.stop)
+            if len(text) > len(shown[i]) and text.startswith(shown[i]):
+                yield i, text[len(shown[i]):]
+        self.last = {"new_tokens": n_new, "seconds": time.perf_counter() - t0}
+
+    # -- evaluation through the same path ------------------------------------------------------------------------
+    def perplexity(self, windows: torch.Tensor | str, seq_len: int = 512) -> float:
+        """Perplexity of (B, T) token windows, or of a text cut into windows of seq_len tokens, through the same
+        gated path that generates."""
+        if isinstance(windows, str):
+            ids = torch.tensor(self.tok(windows)["input_ids"])
+            seq_len = min(seq_len, self.context)
+            if ids.numel() < seq_len:
+                raise ConfigError(f"the text holds {ids.numel()} tokens, fewer than one window of {seq_len}; give "
+                                  "a longer text or a smaller seq_len")
+            windows = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+        if windows.dim() != 2 or windows.shape[1] < 2:
+            raise ConfigError(f"windows must be (B, T) token ids with T >= 2, got shape {tuple(windows.shape)}")
+        nll = sum(self.decoder.nll(w[None]) for w in windows)
+        return float(torch.tensor(nll / windows[:, 1:].numel()).exp())
+
+    def stats(self) -> dict:
+        """Realized sparsity over the gated layers (counted from the masks applied), and the last call's speed."""
+        d = self.view.dims
+        out = {"method": self.method, "engine": self.engine,
+               "ffn_sparsity": self.gating.ffn_sparsity if self.gating else 0.0,
+               "head_sparsity": self.gating.head_sparsity if self.gating else 0.0,
+               **self.decoder.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)}
+        if self.last.get("seconds"):
+            out.update(new_tokens=self.last["new_tokens"],
+                       tokens_per_s=self.last["new_tokens"] / self.last["seconds"])
+        return out
+
+
+def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, head_sparsity: float = 0.0,
+               device: str | None = None, engine: str = "auto", tokenizer=None, calib: torch.Tensor | None = None,
+               overrides: list[str] | None = None) -> GatedLM:
+    """A GatedLM from a train.py run directory (its model, config and artifacts: predictor checkpoint, targets) or
+    from a model plus a training-free method (``tokenizer`` needed; ``calib`` (N, T) token ids of calibration text,
+    else the default config's calibration text). ``overrides``: Hydra overrides of the run's config (e.g.
+    ``["evaluate.verify.bits=2"]``)."""
+    if engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    cfg, model, tok, run_dir = _open(source, device, tokenizer, overrides or [])
+    cfg.gating.ffn_sparsity, cfg.gating.head_sparsity = float(ffn_sparsity), float(head_sparsity)
+    gating, gated_source = _selector_source(cfg, model, tok, run_dir, method, calib)
+    counter = SparsityCounter()
+    return GatedLM(model, tok, HooksDecoder(model, gated_source, gating, counter), method, gating, "hooks")
+
+
+def _open(source, device, tokenizer, overrides: list[str]):
+    """(config, model, tokenizer, run directory) of a run directory or of a model given in memory."""
+    if isinstance(source, (str, Path)):
+        run_dir = Path(source)
+        saved = run_dir / ".hydra" / "config.yaml"
+        if not saved.exists():
+            raise ConfigError(f"'{source}' is not a train.py run directory (no .hydra/config.yaml); give a run "
+                              "directory, or a model with tokenizer= and a training-free method")
+        cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
+        llm = OmegaConf.to_container(cfg.llm, resolve=True)
+        llm.update(seed=cfg.get("seed", 0), **({"device": device} if device else {}))
+        model, tok = load_llm(LLMConfig(**llm))
+        return cfg, model, tok, run_dir
+    if tokenizer is None:
+        raise ConfigError("load_gated(model, ...) needs tokenizer= (the model's tokenizer)")
+    from hydra import compose, initialize_config_dir
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["paths.output_dir=.", *overrides])
+    if device:
+        source = source.to(device)
+    return cfg, source, tokenizer, None
+
+
+def _selector_source(cfg, model, tok, run_dir, method: str, calib):
+    """The registered selector's mask-path source, built as the evaluation builds it -> (GatingConfig, source)."""
+    from .evaluate import collection_info
+    from .pipeline import targets_dir_for
+    from .selectors import EvalContext, get_selector
+    from .selectors.base import CONFIG
+    sel = get_selector(method)
+    if sel.generates:
+        raise ConfigError(f"load_gated cannot serve {method}: {sel.generates}; generate with another method (e.g. "
+                          "predictor, sketch, sketch_verify, threshold, gate, static)")
+    ctx = EvalContext(cfg=cfg, model=model, tok=tok, view=ModelView(model), run_dir=Path(run_dir or "."),
+                      targets_dir=targets_dir_for(cfg, model), methods=[method], calib=calib)
+    if sel.ffn_only and cfg.gating.head_sparsity:
+        raise ConfigError(f"{method} selects FFN neurons only; use head_sparsity=0 with it")
+    sel.prepare(ctx)
+    ctx.info = collection_info(ctx, [sel])
+    ctx.first_layer = ctx.info["feature_layer"] + 1
+    reason = sel.skip_reason(ctx)
+    if reason:
+        raise ConfigError(f"{method} cannot run here: {reason}")
+    run = next(iter(sel.runs(ctx)))
+    if run.source is None:
+        return None, None
+    granularity = cfg.gating.granularity if run.granularity == CONFIG else (run.granularity or "token")
+    budget = cfg.gating.budget if run.budget == CONFIG else (run.budget or "local")
+    gating = GatingConfig(ffn_sparsity=cfg.gating.ffn_sparsity, head_sparsity=cfg.gating.head_sparsity,
+                          granularity=granularity, first_layer=ctx.first_layer, budget=budget,
+                          min_keep=cfg.gating.min_keep).validate()
+    return gating, run.source

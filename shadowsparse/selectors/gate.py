@@ -1,0 +1,22 @@
+"""gate (CATS): the gate projection runs in full and the neurons with the largest |act(gate)| are kept; up and down
+then need only their rows. SwiGLU FFNs only."""
+from __future__ import annotations
+
+from ..training_free import GateScores
+from .base import Run, Selector
+from .registry import register
+
+
+@register
+class Gate(Selector):
+    name = "gate"
+    decision = "after_gate"
+    ffn_only = True
+
+    def skip_reason(self, ctx):
+        if not ctx.view.spec.glu:
+            return f"gate (CATS) needs a gated FFN; {ctx.view.spec.family} has none"
+        return None
+
+    def runs(self, ctx):
+        yield Run(GateScores(), self.levels(ctx), granularity="token", budget="local", more={"criterion": None})
