@@ -48,6 +48,11 @@ METHODS = {
     "heads50/kv-dense": dict(head_sparsity=0.5, kv="dense"),
     "ffn50+heads50/kv-dense": dict(ffn_sparsity=0.5, head_sparsity=0.5, kv="dense"),
     "predictor+ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5, predictor=True),
+    # the sketch selector (runtime/ffn_select.py): a packed 3- (2-) bit copy of W_gate/W_up scores each gated
+    # layer's neurons from its own FFN input, then the gathered FFN kernels read the kept rows
+    "sketch+ffn50": dict(ffn_sparsity=0.5, sketch=3),
+    "sketch2+ffn50": dict(ffn_sparsity=0.5, sketch=2),
+    "sketch+ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5, sketch=3),
     "2:4": dict(nm24=True),  # FFN weights 2:4-compressed (attention projections dense)
     "2:4+ffn50": dict(nm24=True, ffn_sparsity=0.5),
     "2:4+ffn50+heads50": dict(nm24=True, ffn_sparsity=0.5, head_sparsity=0.5),
@@ -131,6 +136,9 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
         spec = dict(METHODS[method])
         base = dict(model=name, card=card, dtype=cfg["dtype"], batch=batch, prompt_len=P, gen_len=gen,
                     method=method, weights="random, exact shapes", **env)
+        if "sketch" in spec and weights.family != "llama":  # the sketch reads a gate: SwiGLU FFNs only
+            print(f"{name}: {method} skipped (the sketch needs a gated FFN)", file=sys.stderr)
+            continue
         if "hf" in spec:
             times = hf_ms_per_token(model, prompt, gen, spec["hf"], cfg["hf_repeats"])
             rows.append(dict(base, ffn_sparsity=0.0, head_sparsity=0.0, ms_per_token=statistics.median(times),
@@ -156,12 +164,16 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         torch.manual_seed(0)
         predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
                                     PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
+    sketch_bits = spec.pop("sketch", None)
     ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
-    engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor)
+    ffn_selector = sketch_selector(w, sketch_bits, ecfg.first_layer or 0) if sketch_bits else None
+    engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector)
     heads = neurons = None
     if engine.gated and predictor is None:  # given scores (random sets); the top-k still runs in every step
         heads = torch.randn(batch, 1, w.n_layers, w.n_heads, device="cuda", generator=g)  # (B, 1, L, H)
         neurons = torch.randn(batch, 1, w.n_layers, w.ffn, device="cuda", generator=g)  # (B, 1, L, F)
+        if ffn_selector is not None:  # the sketch scores the neurons itself, from each layer's input
+            neurons = None
     graph = GraphedDecoder(engine, heads=heads, neurons=neurons)
     logits = engine.prefill(prompt, **prompt_scores(heads, neurons, P))
     first = logits[:, -1:].argmax(-1)  # (B, 1)
@@ -183,6 +195,8 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         row["logits_rel_err_vs_hf"] = ((own - ref).norm() / ref.norm()).item()
     if predictor is not None:
         row.update(predictor_timing(engine, cfg, ms))
+    if ffn_selector is not None:
+        row.update(sketch_timing(engine, cfg, ms, sketch_bits))
     del graph, engine, logits
     torch.cuda.empty_cache()
     return row
@@ -219,6 +233,38 @@ def predictor_timing(engine, cfg, ms: float) -> dict:
     pt = statistics.median(time_replays(pg.replay, cfg["gen"], cfg["repeats"], cfg["warmup"]))
     return dict(predictor_ms=pt, predictor_share=pt / ms,
                 predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
+
+
+def sketch_selector(w, bits: int, first_layer: int):
+    """Packed sketches of every gated layer's W_gate and W_up (midrise, no calibration: the speed depends on the
+    shapes, not the values)."""
+    from shadowsparse.kernels.sketch import sketch_from_weights
+    from shadowsparse.runtime.ffn_select import SketchFFNSelector
+    if w.family != "llama":
+        raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family shape")
+    return SketchFFNSelector({layer: sketch_from_weights(w.layers[layer].w_in, w.layers[layer].w_up, bits)
+                              for layer in range(first_layer, w.n_layers)})
+
+
+def sketch_timing(engine, cfg, ms: float, bits: int) -> dict:
+    """The sketch's scoring + top-k of every gated layer alone, captured in a CUDA graph and timed as the step is;
+    its extra bytes (the packed copies); ms: the whole step's."""
+    from shadowsparse.runtime.bench import time_replays
+    from shadowsparse.runtime.select import select_units
+    x = torch.randn(engine.batch, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, d)
+    sel = engine.ffn_selector
+
+    def score_all():
+        for layer in range(engine.first_layer, engine.w.n_layers):
+            select_units(sel.scores(layer, x).unsqueeze(1), engine.k_ffn, engine.cfg.batch_set)
+    score_all()
+    torch.cuda.synchronize()
+    sg = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(sg):
+        score_all()
+    st = statistics.median(time_replays(sg.replay, cfg["gen"], cfg["repeats"], cfg["warmup"]))
+    return dict(selector="sketch", sketch_bits=bits, selector_ms=st, selector_share=st / ms,
+                selector_bytes=sel.nbytes())
 
 
 def add_speedups(rows: list[dict]) -> None:

@@ -9,8 +9,13 @@ selector choosing the heads and FFN neurons per token.
     g.stats()                # realized sparsity, tokens/s of the last call
 
 The selector comes from the evaluation's registry (shadowsparse/selectors/), built exactly as the evaluation builds
-it, so a generated token saw the same masks as the rows of results.jsonl. ``engine="hooks"`` runs the mask path
-(shadowsparse/gating.py hooks on the Hugging Face model: every weight is still read; the reference).
+it, so a generated token saw the same masks as the rows of results.jsonl. Two paths behind one interface:
+  engine="kernels"  the decode engine (shadowsparse/runtime): the unselected heads and neurons are not read (Triton
+                    kernels on CUDA, their torch fallbacks elsewhere), decode steps replayed from a CUDA graph on GPUs;
+  engine="hooks"    the mask path (shadowsparse/gating.py hooks on the Hugging Face model): every weight is still
+                    read; the reference the engine is tested against;
+  engine="auto"     the engine where the selector has an engine path (Selector.engine_parts) and the model family is
+                    one the engine supports, else the hooks (the reason is logged).
 """
 from __future__ import annotations
 
@@ -24,61 +29,20 @@ from omegaconf import OmegaConf
 
 from .arch import ModelView
 from .errors import ConfigError
-from .gating import GatingConfig, SparsityCounter, attach_gating
+from .decoders import EngineDecoder, HooksDecoder
+from .gating import GatingConfig
 from .llm import LLMConfig, load_llm, max_context
-from .perplexity import window_nll
 from .sampling import SamplingConfig, cut_at_stop, next_tokens
 
 log = logging.getLogger("shadowsparse")
-ENGINES = ("auto", "hooks")
-
-
-class HooksDecoder:
-    """The mask path as a decoder: the Hugging Face model with gating hooks and its own KV cache. Batches of
-    prompts of different lengths are padded on the left (attention mask and positions follow)."""
-
-    def __init__(self, model, source, gating: GatingConfig | None, counter: SparsityCounter):
-        self.model, self.source, self.gating, self.counter = model, source, gating, counter
-        self.device = next(model.parameters()).device
-
-    def attached(self):
-        """The gating hooks for the duration of one call (the model is dense again afterwards)."""
-        if self.source is None:
-            import contextlib
-            return contextlib.nullcontext()
-        return attach_gating(self.model, self.source, self.gating, counter=self.counter)
-
-    @torch.no_grad()
-    def start(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """ids, attn (B, P), left-padded -> logits (B, V) of the last position."""
-        self.attn = attn.to(self.device)
-        positions = (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P): pads sit at 0, real tokens count from 0
-        out = self.model(input_ids=ids.to(self.device), attention_mask=self.attn, position_ids=positions,
-                         use_cache=True)
-        self.past, self.next_pos = out.cache, positions[:, -1:] + 1  # (B, 1)
-        return out.logits[:, -1]
-
-    @torch.no_grad()
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B,) -> logits (B, V) of the next position."""
-        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
-        out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attn, position_ids=self.next_pos,
-                         cache=self.past, use_cache=True)
-        self.past, self.next_pos = out.cache, self.next_pos + 1
-        return out.logits[:, -1]
-
-    @torch.no_grad()
-    def nll(self, ids: torch.Tensor) -> float:
-        """Summed next-token NLL of windows (B, T)."""
-        with self.attached():
-            return window_nll(self.model, ids.to(self.device))
+ENGINES = ("auto", "kernels", "hooks")
 
 
 class GatedLM:
     """A model whose selector skips heads and FFN neurons per token; generate / stream / perplexity / stats."""
 
-    def __init__(self, model, tokenizer, decoder: HooksDecoder, method: str, gating: GatingConfig | None,
-                 engine: str):
+    def __init__(self, model, tokenizer, decoder: HooksDecoder | EngineDecoder, method: str,
+                 gating: GatingConfig | None, engine: str):
         self.model, self.tok, self.decoder = model, tokenizer, decoder
         self.method, self.gating, self.engine = method, gating, engine
         self.view = ModelView(model)
@@ -125,16 +89,27 @@ class GatedLM:
         return ids, attn
 
     def _decode(self, prompts: list[str], cfg: SamplingConfig, chat: bool) -> Iterator[tuple[int, str]]:
-        """(prompt index, new text) pieces as tokens are generated; text is cut before a stop string."""
+        """(prompt index, new text) pieces as tokens are generated; text is cut before a stop string. A decoder
+        that takes no padding (the engine) gets the prompts of each token length together."""
         ids, attn = self._encode(prompts, chat, cfg.max_new_tokens)
         gen = torch.Generator(self.decoder.device).manual_seed(cfg.seed) if cfg.seed is not None else None
+        t0, self.last = time.perf_counter(), {"new_tokens": 0}
+        lengths = attn.sum(-1)
+        groups = [list(range(len(prompts)))] if self.decoder.pads else \
+            [[i for i in range(len(prompts)) if lengths[i] == n] for n in sorted(set(lengths.tolist()))]
+        for group in groups:
+            width = int(lengths[group].max())
+            for i, piece in self._decode_batch(ids[group, -width:], attn[group, -width:], cfg, gen):
+                yield group[i], piece
+        self.last["seconds"] = time.perf_counter() - t0
+
+    def _decode_batch(self, ids, attn, cfg: SamplingConfig, gen) -> Iterator[tuple[int, str]]:
         eos = self.tok.eos_token_id
-        B = len(prompts)
+        B = ids.shape[0]
         tokens: list[list[int]] = [[] for _ in range(B)]
         shown, done = [""] * B, [False] * B
-        t0, n_new = time.perf_counter(), 0
         with self.decoder.attached():
-            logits = self.decoder.start(ids, attn)
+            logits = self.decoder.start(ids, attn, cfg.max_new_tokens)
             for step in range(cfg.max_new_tokens):
                 nxt = next_tokens(logits, cfg, gen)  # (B,)
                 for i, t in enumerate(nxt.tolist()):
@@ -144,7 +119,7 @@ class GatedLM:
                         done[i] = True
                         continue
                     tokens[i].append(t)
-                    n_new += 1
+                    self.last["new_tokens"] += 1
                     text, stopped = cut_at_stop(self.tok.decode(tokens[i], skip_special_tokens=True), cfg.stop)
                     done[i] = stopped
                     # hold back a tail that may still become a stop string
@@ -159,12 +134,12 @@ class GatedLM:
             text, _ = cut_at_stop(self.tok.decode(tokens[i], skip_special_tokens=True), cfg.stop)
             if len(text) > len(shown[i]) and text.startswith(shown[i]):
                 yield i, text[len(shown[i]):]
-        self.last = {"new_tokens": n_new, "seconds": time.perf_counter() - t0}
 
     # -- evaluation through the same path ------------------------------------------------------------------------
-    def perplexity(self, windows: torch.Tensor | str, seq_len: int = 512) -> float:
+    def perplexity(self, windows: torch.Tensor | str, seq_len: int = 512, token_by_token: bool = False) -> float:
         """Perplexity of (B, T) token windows, or of a text cut into windows of seq_len tokens, through the same
-        gated path that generates."""
+        gated path that generates (token_by_token: the engine decodes one position per step, as in generation;
+        the hooks gate every token alike either way)."""
         if isinstance(windows, str):
             ids = torch.tensor(self.tok(windows)["input_ids"])
             seq_len = min(seq_len, self.context)
@@ -174,7 +149,7 @@ class GatedLM:
             windows = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
         if windows.dim() != 2 or windows.shape[1] < 2:
             raise ConfigError(f"windows must be (B, T) token ids with T >= 2, got shape {tuple(windows.shape)}")
-        nll = sum(self.decoder.nll(w[None]) for w in windows)
+        nll = sum(self.decoder.nll(w[None], token_by_token) for w in windows)
         return float(torch.tensor(nll / windows[:, 1:].numel()).exp())
 
     def stats(self) -> dict:
@@ -183,7 +158,7 @@ class GatedLM:
         out = {"method": self.method, "engine": self.engine,
                "ffn_sparsity": self.gating.ffn_sparsity if self.gating else 0.0,
                "head_sparsity": self.gating.head_sparsity if self.gating else 0.0,
-               **self.decoder.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)}
+               **self.decoder.stats(d)}
         if self.last.get("seconds"):
             out.update(new_tokens=self.last["new_tokens"],
                        tokens_per_s=self.last["new_tokens"] / self.last["seconds"])
@@ -201,9 +176,17 @@ def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, hea
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     cfg, model, tok, run_dir = _open(source, device, tokenizer, overrides or [])
     cfg.gating.ffn_sparsity, cfg.gating.head_sparsity = float(ffn_sparsity), float(head_sparsity)
-    gating, gated_source = _selector_source(cfg, model, tok, run_dir, method, calib)
-    counter = SparsityCounter()
-    return GatedLM(model, tok, HooksDecoder(model, gated_source, gating, counter), method, gating, "hooks")
+    gating, gated_source, parts = _selector_source(cfg, model, tok, run_dir, method, calib, engine != "hooks")
+    if isinstance(parts, dict):
+        try:
+            return GatedLM(model, tok, EngineDecoder(model, parts, gating), method, gating, "kernels")
+        except ConfigError as exc:  # a model family the engine does not serve
+            parts = str(exc)
+    if engine == "kernels":
+        raise ConfigError(f"engine='kernels' cannot run {method} here: {parts}; use engine='hooks' (the mask path)")
+    if engine == "auto":
+        log.info("load_gated: %s runs on the mask path (hooks): %s", method, parts)
+    return GatedLM(model, tok, HooksDecoder(model, gated_source, gating), method, gating, "hooks")
 
 
 def _open(source, device, tokenizer, overrides: list[str]):
@@ -230,8 +213,9 @@ def _open(source, device, tokenizer, overrides: list[str]):
     return cfg, source, tokenizer, None
 
 
-def _selector_source(cfg, model, tok, run_dir, method: str, calib):
-    """The registered selector's mask-path source, built as the evaluation builds it -> (GatingConfig, source)."""
+def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool):
+    """The registered selector, built as the evaluation builds it -> (GatingConfig, mask-path source, the decode
+    engine's parts or why there are none)."""
     from .evaluate import collection_info
     from .pipeline import targets_dir_for
     from .selectors import EvalContext, get_selector
@@ -251,11 +235,14 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib):
     if reason:
         raise ConfigError(f"{method} cannot run here: {reason}")
     run = next(iter(sel.runs(ctx)))
+    parts = sel.engine_parts(ctx, run) if engine else "engine='hooks' asked for"
     if run.source is None:
-        return None, None
+        return None, None, parts
     granularity = cfg.gating.granularity if run.granularity == CONFIG else (run.granularity or "token")
     budget = cfg.gating.budget if run.budget == CONFIG else (run.budget or "local")
     gating = GatingConfig(ffn_sparsity=cfg.gating.ffn_sparsity, head_sparsity=cfg.gating.head_sparsity,
                           granularity=granularity, first_layer=ctx.first_layer, budget=budget,
                           min_keep=cfg.gating.min_keep).validate()
-    return gating, run.source
+    if isinstance(parts, dict) and (budget != "local" or granularity != "token"):
+        parts = f"the decode engine gates per token with a local budget (got {granularity}, {budget})"
+    return gating, run.source, parts

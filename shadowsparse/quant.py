@@ -108,7 +108,7 @@ def _midrise(g: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
 
 def midrise_step(g: torch.Tensor, bits: int) -> torch.Tensor:
     """(..., group) -> (..., 1): the midrise step of each group, clip = a fraction of max|w| from a grid of 17,
-    the one with the least squared error."""
+    the one with the least squared error, rounded to fp16."""
     amax = g.abs().amax(-1, keepdim=True).clamp(min=1e-12)
     best_step, best_err = None, None
     for frac in torch.linspace(0.2, 1.0, 17).tolist():
@@ -119,7 +119,9 @@ def midrise_step(g: torch.Tensor, bits: int) -> torch.Tensor:
         else:
             better = err < best_err
             best_step, best_err = torch.where(better, step, best_step), torch.where(better, err, best_err)
-    return best_step
+    # the step a kernel stores: fp16 (kernels/sketch.py), so the mask path's copy and the engine's are the same
+    # numbers and both paths keep the same neurons (at least the smallest fp16 subnormal: never a zero step)
+    return best_step.to(torch.float16).float().clamp(min=2.0 ** -24)
 
 
 def gptq_act_order(w: torch.Tensor, hessian: torch.Tensor, bits: int, group: int, damp: float = 0.01) -> torch.Tensor:

@@ -20,6 +20,7 @@ def llama():
 
 def gated(llama, method="sketch", **kw):
     model, tok = llama
+    kw.setdefault("engine", "hooks")  # the mask path: the engine's own tests are tests/test_engine_selectors.py
     return ss.load_gated(model, method=method, tokenizer=tok, calib=CALIB, overrides=FAST, **kw)
 
 

@@ -79,7 +79,7 @@ def time_host(fn, repeats: int, warmup: int = 1) -> list[float]:
 def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int:
     """Bytes one decode step reads: the weight rows its kernels read (dense layers whole, gated layers only the
     selected heads' q/o rows, all K/V rows or lazy K/V's, the selected neurons' FFN rows, 2:4-compressed where so),
-    the lm_head, the predictor's parameters if it runs, and the KV cache up to ``context`` positions (the mean over
+    the lm_head, the predictor's parameters or the sketch's packed copies if they run, and the KV cache up to ``context`` positions (the mean over
     the timed steps)."""
     w: EngineWeights = engine.w
     el = w.lm_head.element_size()
@@ -101,4 +101,6 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int
         total += int(engine.batch * kv_heads_read * context * D * 2 * el)
     if engine.predictor is not None:
         total += sum(p.numel() * p.element_size() for p in engine.predictor.parameters())
+    if engine.ffn_selector is not None:  # the sketch's packed copies, read in every step
+        total += engine.ffn_selector.nbytes()
     return total

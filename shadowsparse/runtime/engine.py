@@ -111,7 +111,7 @@ class Selection:
 
 class DecodeEngine:
     def __init__(self, weights: EngineWeights, batch: int, max_len: int, config: EngineConfig | None = None,
-                 predictor: torch.nn.Module | None = None):
+                 predictor: torch.nn.Module | None = None, ffn_selector=None):
         self.w = weights
         self.cfg = (config or EngineConfig()).validate()
         if not 1 <= batch <= MAX_BATCH:
@@ -146,6 +146,11 @@ class DecodeEngine:
         self.k_ffn = n_keep(w.ffn, self.cfg.ffn_sparsity)
         self.gate_heads = self.k_heads < w.n_heads or self.cfg.all_kernels
         self.gate_ffn = self.k_ffn < w.ffn or self.cfg.all_kernels
+        # a per-layer FFN selector (ffn_select.py) chooses each gated layer's neurons from that layer's own input
+        self.ffn_selector = ffn_selector if self.k_ffn < w.ffn else None
+        if self.ffn_selector is not None and self.cfg.nm24:
+            raise ConfigError("a per-layer FFN selector over 2:4-compressed FFN weights is not implemented; use "
+                              "nm24=False with it")
         self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.window = self._plan_lazy_kv()
@@ -190,6 +195,8 @@ class DecodeEngine:
         step of more than KERNEL_TOKENS rows, the per-token scores its masks come from). step() calls it once per
         step (with lazy K/V it advances the refresh rotation); benchmark.py times it alone, after the predictor."""
         s = neurons if neurons is not None else heads
+        if s is None:  # the FFN decides per layer (ffn_selector) and heads are not gated: nothing to choose here
+            return Selection()
         if s.shape[0] * s.shape[1] > KERNEL_TOKENS:
             lg = slice(self.first_layer, None)
             return Selection(masked=True,
@@ -197,7 +204,7 @@ class DecodeEngine:
                              neuron_scores=neurons[:, :, lg].flatten(0, 1) if self.gate_ffn else None)
         sel = Selection()
         mode = self.cfg.batch_set
-        if self.gate_ffn:
+        if self.gate_ffn and neurons is not None:
             s = neurons[:, :, self.first_layer:].flatten(0, 1)  # (n, Lg, F)
             sel.ffn_idx, keep = select_units(s, self.k_ffn, mode)
             sel.ffn_keep = None if keep is None else keep.to(self.dtype)
@@ -235,8 +242,8 @@ class DecodeEngine:
             raise ConfigError(f"engine was built for batch {self.batch}, got {B}")
         if not 1 <= T <= MAX_STEP_TOKENS:
             raise ConfigError(f"a step takes 1..{MAX_STEP_TOKENS} new tokens per sequence, got {T}; use prefill()")
-        if self.gated and self.predictor is None and (
-                (self.gate_ffn and neurons is None) or (self.gate_heads and heads is None)):
+        if self.gated and self.predictor is None and ((self.gate_ffn and neurons is None and self.ffn_selector is None)
+                                                      or (self.gate_heads and heads is None)):
             raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
         w = self.w
         fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: no earlier K/V to refresh
@@ -266,7 +273,9 @@ class DecodeEngine:
         for layer in range(w.n_layers):
             if self.predictor is not None and self.gated and layer == self.predict_at:
                 p_heads, p_neurons = self.predictor(x)  # (B, T, L, H), (B, T, L, F)
-                sel = self.select(p_heads, p_neurons)
+                sel = self.select(p_heads, None if self.ffn_selector is not None else p_neurons)
+            if sel is not None and self.ffn_selector is not None:
+                sel.masked = sel.masked or B * T > KERNEL_TOKENS
             gi = layer - self.first_layer
             if gi == 0 and self.resid32:
                 x = x.float()  # (B, T, d) fp32 from here on (module docstring)
@@ -299,8 +308,9 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy decoding without graphs (graph.py has the captured twin): ids (B, P) -> (B, P + new_tokens)."""
-        if self.gated and self.predictor is None:
-            raise ConfigError("generate() needs a predictor to choose the index sets of new tokens")
+        if self.gated and self.predictor is None and (self.gate_heads or self.ffn_selector is None):
+            raise ConfigError("generate() needs a predictor (or a per-layer FFN selector) to choose the index sets "
+                              "of new tokens")
         logits = self.prefill(ids)
         out = [ids, logits[:, -1:].argmax(-1)]
         for i in range(new_tokens - 1):
@@ -450,9 +460,7 @@ class DecodeEngine:
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
-        mask = None  # (n, F) per-token 0/1 of a masked (many-token) step
-        if sel is not None and sel.masked and sel.neuron_scores is not None:
-            mask = topk_mask(sel.neuron_scores[:, gi], self.k_ffn, self.dtype)  # (n, F): the mask path's top-k
+        idx, keep, mask = self._ffn_choice(layer, hf, sel, gi)
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
             return rf if into else y
@@ -462,9 +470,7 @@ class DecodeEngine:
             if into:
                 return rf.add_(_linear(g, lw.down_w, lw.b_out))
             return _residual_linear(rf, g, lw.down_w, lw.b_out)
-        if sel is not None and sel.ffn_idx is not None:
-            idx = sel.ffn_idx[gi]
-            keep = None if sel.ffn_keep is None else sel.ffn_keep[gi]
+        if idx is not None:
             outs = []
             for t0 in range(0, hf.shape[0], KERNEL_TOKENS):
                 t1 = t0 + KERNEL_TOKENS
@@ -482,6 +488,25 @@ class DecodeEngine:
         if into:
             return rf.add_(_linear(g, lw.down_w, lw.b_out))
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
+
+    def _ffn_choice(self, layer, hf, sel, gi):
+        """This gated layer's FFN choice -> (idx (K,) int32, keep (n, K) or None, None) for the gathered kernels, or
+        (None, None, mask (n, F) 0/1) for a masked (many-token) step, or (None, None, None): every neuron."""
+        if sel is None:
+            return None, None, None
+        if self.ffn_selector is not None:  # decided here, from this layer's own FFN input
+            if hf.shape[0] == 1 and not sel.masked:  # one token: its own top k, scored and chosen on the device
+                return self.ffn_selector.topk(layer, hf, self.k_ffn), None, None
+            scores = self.ffn_selector.scores(layer, hf)  # (n, F) fp32
+            if sel.masked:
+                return None, None, topk_mask(scores, self.k_ffn, self.dtype)
+            idx, keep = select_units(scores.unsqueeze(1), self.k_ffn, self.cfg.batch_set)  # (1, K), (1, n, K)
+            return idx[0], None if keep is None else keep[0].to(self.dtype), None
+        if sel.masked and sel.neuron_scores is not None:
+            return None, None, topk_mask(sel.neuron_scores[:, gi], self.k_ffn, self.dtype)  # the mask path's top-k
+        if sel.ffn_idx is not None:
+            return sel.ffn_idx[gi], None if sel.ffn_keep is None else sel.ffn_keep[gi], None
+        return None, None, None
 
     def _ffn_24(self, layer, hf, rf, sel, gi, row0, into, mask=None):
         """The FFN over 2:4-compressed weights, reading only the selected neurons' compressed rows (<= 16 rows).

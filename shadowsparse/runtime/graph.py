@@ -60,3 +60,33 @@ class GraphedDecoder:
             self.graph.replay()
             out.append(self.ids.clone())
         return torch.cat(out, dim=1)
+
+
+class GraphedStep:
+    """One single-token decode step captured in a CUDA graph, logits left for the caller to sample from (gated
+    generation with temperature / top-p runs its choice outside the graph). Capture before the prefill: the warm-up
+    steps write the cache's last positions, out of the way of the prompt."""
+
+    def __init__(self, engine: DecodeEngine, warmup: int = 2):
+        if engine.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need the engine on a CUDA device")
+        self.engine = engine
+        self.ids = torch.zeros(engine.batch, 1, dtype=torch.long, device=engine.device)
+        self.pos = torch.full((1,), max(0, engine.max_len - warmup), dtype=torch.long, device=engine.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                engine.step(self.ids, self.pos)
+                self.pos.add_(1)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = engine.step(self.ids, self.pos)  # (B, 1, V)
+
+    def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """ids (B, 1) at position pos -> logits (B, 1, V) (a view of the graph's output: use before the next call)."""
+        self.ids.copy_(ids)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.logits

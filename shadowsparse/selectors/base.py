@@ -8,7 +8,8 @@ its method name (``@register`` in registry.py), which says
   - ``ffn_only``: whether it has a head axis (levels with head sparsity are skipped for it, with a log line);
   - ``skip_reason(ctx)``: why it cannot run on this model/config (logged, no row), e.g. a SwiGLU-only method on OPT;
   - ``prepare(ctx)``: work done before any evaluation (load a checkpoint and refuse one of another model);
-  - ``runs(ctx)``: the variants to evaluate, each a ScoreSource with its levels and the fields its rows carry.
+  - ``runs(ctx)``: the variants to evaluate, each a ScoreSource with its levels and the fields its rows carry;
+  - ``engine_parts(ctx, run)``: how the decode engine runs it (really skipping the work), or why it cannot.
 """
 from __future__ import annotations
 
@@ -105,6 +106,11 @@ class Selector:
 
     def runs(self, ctx: EvalContext) -> Iterator[Run]:
         raise NotImplementedError
+
+    def engine_parts(self, ctx: EvalContext, run: Run) -> dict | str:
+        """What the decode engine (shadowsparse/runtime) needs to run this selector: DecodeEngine keyword arguments
+        (``predictor=``, ``ffn_selector=``), or a string saying why it cannot (the mask path serves it then)."""
+        return f"{self.name} has no decode-engine path yet"
 
     def evaluate(self, ctx: EvalContext, evaluation) -> None:
         """Evaluates every run through the shared mask-path loop (``evaluation``: shadowsparse.evaluate.Evaluation);

@@ -22,3 +22,9 @@ class Predictor(Selector):
                   selector_bytes=pred.n_params() * ctx.esize,
                   more={"predictor": kind, "predictor_params": pred.n_params(),
                         "predictor_flops_per_token": pred.flops_per_token(), **ctx.extra})
+
+    def engine_parts(self, ctx, run):
+        pred = ctx.shared["predictor"]
+        if pred.cfg.kind != "shared":
+            return f"the decode engine runs the shared predictor, not {pred.cfg.kind} (one predictor per layer)"
+        return {"predictor": pred}  # run once per step on the hidden state after its feature layer

@@ -99,6 +99,25 @@ class Sketch(SketchProposer):
     def qs(self, ctx):
         return [0.0]  # the proposal is the keep set (q = 0 proposes no more than 1 - s): no verify stage
 
+    def engine_parts(self, ctx, run):
+        """The packed copy of every gated layer's W_gate and W_up, quantized as the mask path quantizes them
+        (kernels/sketch.py: its fp16 steps round the quantizer's by at most 2**-11 relative)."""
+        from ..kernels.sketch import BITS, GROUP, sketch_from_weights
+        from ..runtime.ffn_select import SketchFFNSelector
+        vcfg = verify_config(ctx.cfg)
+        if vcfg.sketch != "act" or vcfg.bits not in BITS or vcfg.quantizer == "symmetric" or vcfg.group != GROUP:
+            return (f"the sketch kernel reads a {BITS}-bit midrise/GPTQ copy of gate and up in groups of {GROUP} "
+                    f"(verify.sketch=act); got sketch={vcfg.sketch} bits={vcfg.bits} quantizer={vcfg.quantizer} "
+                    f"group={vcfg.group}")
+        spec, hessians = ctx.view.spec, self.hessians(ctx)
+        sketches = {}
+        for layer in range(ctx.first_layer, ctx.view.dims.n_layers):
+            w_gate = ctx.view.module(layer, spec.ffn_gate).weight
+            w_up = ctx.view.module(layer, spec.ffn_in[-1]).weight
+            h = None if hessians is None else hessians[layer].to(w_gate.device)
+            sketches[layer] = sketch_from_weights(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
+        return {"ffn_selector": SketchFFNSelector(sketches)}
+
 
 @register
 class SketchVerify(SketchProposer):

@@ -1,0 +1,143 @@
+"""The two paths gated generation runs on, behind one interface (start / step / nll / stats):
+
+  HooksDecoder   the mask path: the Hugging Face model with gating hooks and its own KV cache (the reference)
+  EngineDecoder  the decode engine (shadowsparse/runtime): unselected heads and neurons are not read
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError
+from .gating import GatingConfig, SparsityCounter, attach_gating
+from .perplexity import window_nll
+
+
+class HooksDecoder:
+    """The mask path as a decoder. Batches of prompts of different lengths are padded on the left (attention mask
+    and positions follow)."""
+
+    pads = True  # takes left-padded batches
+
+    def __init__(self, model, source, gating: GatingConfig | None):
+        self.model, self.source, self.gating = model, source, gating
+        self.counter = SparsityCounter()
+        self.device = next(model.parameters()).device
+
+    def attached(self):
+        """The gating hooks for the duration of one call (the model is dense again afterwards)."""
+        if self.source is None:
+            return contextlib.nullcontext()
+        return attach_gating(self.model, self.source, self.gating, counter=self.counter)
+
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, attn: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        """ids, attn (B, P), left-padded -> logits (B, V) of the last position."""
+        self.attn = attn.to(self.device)
+        positions = (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P): pads sit at 0, real tokens count from 0
+        out = self.model(input_ids=ids.to(self.device), attention_mask=self.attn, position_ids=positions,
+                         use_cache=True)
+        self.cache, self.next_pos = out.cache, positions[:, -1:] + 1  # (B, 1)
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) -> logits (B, V) of the next position."""
+        self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attn, position_ids=self.next_pos,
+                         cache=self.cache, use_cache=True)
+        self.cache, self.next_pos = out.cache, self.next_pos + 1
+        return out.logits[:, -1]
+
+    @torch.no_grad()
+    def nll(self, ids: torch.Tensor, token_by_token: bool = False) -> float:
+        """Summed next-token NLL of windows (B, T) in one forward (the hooks gate every token as decoding would)."""
+        with self.attached():
+            return window_nll(self.model, ids.to(self.device))
+
+    def stats(self, dims) -> dict:
+        """Realized sparsity, counted from the masks the hooks applied."""
+        return self.counter.stats(dims.n_heads, dims.ffn, dims.n_kv_heads)
+
+
+class EngineDecoder:
+    """The decode engine as a decoder. One engine (and KV cache) per call, sized to the prompt plus the new tokens;
+    on a GPU the single-token steps replay a CUDA graph. The engine's batch shares positions, so a call takes
+    prompts of one length (GatedLM groups them)."""
+
+    pads = False
+
+    def __init__(self, model, parts: dict, gating: GatingConfig | None, backend: str = "auto"):
+        from .runtime import EngineConfig, extract_weights
+        self.weights = extract_weights(model)  # refuses a family the engine does not serve, with the fix
+        self.parts = parts
+        g = gating or GatingConfig(ffn_sparsity=0.0, head_sparsity=0.0)
+        self.config = EngineConfig(ffn_sparsity=g.ffn_sparsity, head_sparsity=g.head_sparsity,
+                                   first_layer=g.first_layer if gating else None, backend=backend).validate()
+        self.device = self.weights.device
+        self.rows = {"tokens": 0, "neurons": 0, "heads": 0}  # units kept per token, summed over tokens
+        self.engine = None
+
+    def attached(self):
+        return contextlib.nullcontext()
+
+    def _engine(self, batch: int, max_len: int):
+        from .runtime import DecodeEngine
+        return DecodeEngine(self.weights, batch=batch, max_len=max_len, config=self.config, **self.parts)
+
+    @torch.no_grad()
+    def start(self, ids: torch.Tensor, attn: torch.Tensor, new_tokens: int) -> torch.Tensor:
+        if not bool(attn.all()):
+            raise ConfigError("the decode engine takes prompts of one length per call (no padding)")
+        B, P = ids.shape
+        self.engine = self._engine(B, P + new_tokens)
+        self.graph = None
+        if self.device.type == "cuda":
+            from .runtime.graph import GraphedStep
+            self.graph = GraphedStep(self.engine)  # captured before the prefill (graph.py)
+        logits = self.engine.prefill(ids.to(self.device))
+        self.pos = P
+        self._count(B * P)
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        ids = tokens.view(-1, 1)
+        logits = self.graph(ids, self.pos) if self.graph is not None else self.engine.step(ids, self.pos)
+        self.pos += 1
+        self._count(ids.shape[0])
+        return logits[:, -1]
+
+    @torch.no_grad()
+    def nll(self, ids: torch.Tensor, token_by_token: bool = False) -> float:
+        """Summed next-token NLL of windows (B, T): the engine's prefill (steps of up to 64 tokens: the many-token
+        path) or, token_by_token, one decode step per position (the path generation takes)."""
+        B, T = ids.shape
+        engine = self._engine(B, T)
+        ids = ids.to(self.device)
+        if token_by_token:
+            logits = torch.cat([engine.step(ids[:, t:t + 1], t) for t in range(T)], dim=1)
+        else:
+            logits = engine.prefill(ids)
+        self._count(B * T, engine)
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+
+    def _count(self, tokens: int, engine=None) -> None:
+        e = engine or self.engine
+        self.rows["tokens"] += tokens
+        self.rows["neurons"] += tokens * e.k_ffn  # each token keeps exactly its own top k (select.py)
+        self.rows["heads"] += tokens * e.k_heads
+
+    def stats(self, dims) -> dict:
+        """Sparsity per token over the gated layers: each token keeps exactly k units (its own top k; a step's
+        tokens read the union of their sets)."""
+        n, e = self.rows["tokens"], self.engine
+        gated = dims.n_layers - (self.config.first_layer or 0) if self.config.ffn_sparsity or \
+            self.config.head_sparsity else 0
+        if not n:
+            return {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0, "gated_layers": gated}
+        return {"realized_ffn_sparsity": 1 - self.rows["neurons"] / (n * dims.ffn),
+                "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
+                "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
