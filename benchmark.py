@@ -254,9 +254,12 @@ def sketch_timing(engine, cfg, ms: float, bits: int) -> dict:
     x = torch.randn(engine.batch, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, d)
     sel = engine.ffn_selector
 
-    def score_all():
+    def score_all():  # what the step runs: one token's own top k on the device, or the batch's sets
         for layer in range(engine.first_layer, engine.w.n_layers):
-            select_units(sel.scores(layer, x).unsqueeze(1), engine.k_ffn, engine.cfg.batch_set)
+            if engine.batch == 1:
+                sel.topk(layer, x, engine.k_ffn)
+            else:
+                select_units(sel.scores(layer, x).unsqueeze(1), engine.k_ffn, engine.cfg.batch_set)
     score_all()
     torch.cuda.synchronize()
     sg = torch.cuda.CUDAGraph()

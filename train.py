@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from shadowsparse.errors import ConfigError
+from shadowsparse.schema import register_schemas  # noqa: F401  (types conf/ groups before the compose)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

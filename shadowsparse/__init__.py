@@ -3,7 +3,6 @@ FFN neurons per token at inference, evaluate and report."""
 from .gating import (GatingConfig, GatingHandle, PredictorScores, StaticScores, TensorScores, attach_gating,
                      gated)
 from .predictor import PredictorConfig, SharedPredictor
-from .schema import register_schemas  # conf/ groups typed before any compose
 
 __all__ = ["attach_gating", "gated", "GatingConfig", "GatingHandle", "PredictorScores", "StaticScores",
            "TensorScores", "SharedPredictor", "PredictorConfig", "load_gated", "GatedLM"]

@@ -39,7 +39,7 @@ class HooksDecoder:
         positions = (self.attn.cumsum(-1) - 1).clamp(min=0)  # (B, P): pads sit at 0, real tokens count from 0
         out = self.model(input_ids=ids.to(self.device), attention_mask=self.attn, position_ids=positions,
                          use_cache=True)
-        self.cache, self.next_pos = out.cache, positions[:, -1:] + 1  # (B, 1)
+        self.cache, self.next_pos = _cache_of(out), positions[:, -1:] + 1  # (B, 1)
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -47,8 +47,8 @@ class HooksDecoder:
         """tokens (B,) -> logits (B, V) of the next position."""
         self.attn = torch.cat([self.attn, self.attn.new_ones(self.attn.shape[0], 1)], dim=1)
         out = self.model(input_ids=tokens.view(-1, 1), attention_mask=self.attn, position_ids=self.next_pos,
-                         cache=self.cache, use_cache=True)
-        self.cache, self.next_pos = out.cache, self.next_pos + 1
+                         use_cache=True, **{_cache_kwarg(self.model): self.cache})
+        self.cache, self.next_pos = _cache_of(out), self.next_pos + 1
         return out.logits[:, -1]
 
     @torch.no_grad()
@@ -60,6 +60,16 @@ class HooksDecoder:
     def stats(self, dims) -> dict:
         """Realized sparsity, counted from the masks the hooks applied."""
         return self.counter.stats(dims.n_heads, dims.ffn, dims.n_kv_heads)
+
+
+def _cache_kwarg(model) -> str:
+    """The KV-cache keyword of the model's forward: ``cache`` in recent transformers, ``past_key_values`` before."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out.cache if hasattr(out, "cache") else out.past_key_values
 
 
 class EngineDecoder:

@@ -205,6 +205,8 @@ def _open(source, device, tokenizer, overrides: list[str]):
     if tokenizer is None:
         raise ConfigError("load_gated(model, ...) needs tokenizer= (the model's tokenizer)")
     from hydra import compose, initialize_config_dir
+
+    from .schema import register_schemas  # noqa: F401  (types conf/ groups, as train.py does)
     conf = Path(__file__).resolve().parent.parent / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["paths.output_dir=.", *overrides])

@@ -36,5 +36,7 @@ def ids():
 def compose(*overrides: str):
     """The real train.yaml composed with overrides (as `python train.py ...` would), outside a Hydra run."""
     from hydra import compose as hcompose, initialize_config_dir
+
+    import shadowsparse.schema  # noqa: F401  (types conf/ groups, as train.py does)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hcompose(config_name="train", overrides=list(overrides))

@@ -15,7 +15,7 @@ from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
 from shadowsparse.runtime.ffn_select import SketchFFNSelector
 from shadowsparse.verify import VerifyConfig, VerifyScores
 from tests.conftest import tiny_model
-from tests.test_runtime import CHUNKS, engine_steps, token_ids
+from tests.test_runtime import CHUNKS, TRITON_DEVICE, TRITON_TOL, engine_steps, token_ids
 
 BACKENDS = ["torch"] + (["triton"] if kernels_common.triton is not None else [])
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -47,17 +47,21 @@ def sketches_of(model, first_layer, bits=3, seed=0):
 def test_sketch_engine_matches_its_mask_path(backend, batch):
     """Prefill, single tokens and a 3-token step: the engine's gathered FFN on the sketch's top k of each token equals
     the mask path zeroing the same neurons (VerifyScores on the same low-bit copies)."""
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = tiny_model("llama")
     packed, source = sketches_of(model, first_layer=1)
-    ids = token_ids(batch, sum(CHUNKS), seed=7)
+    model = model.to(device)
+    for key, copy in list(source._qweights.items()):  # the mask path's low-bit copies follow the model
+        source._qweights[key] = copy.to(device)
+    ids = token_ids(batch, sum(CHUNKS), seed=7).to(device)
     cfg = EngineConfig(ffn_sparsity=0.5, first_layer=1, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=32, config=cfg,
-                          ffn_selector=SketchFFNSelector(packed, backend=backend))
+                          ffn_selector=SketchFFNSelector({k: p.to(device) for k, p in packed.items()}, backend))
     out = engine_steps(engine, ids, CHUNKS)
     with attach_gating(model, source, GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, torch.no_grad():
         ref = model(ids).logits
         assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
-    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(out, ref, **tol)
     with torch.no_grad():
         assert (model(ids).logits - ref).abs().max() > 1e-2  # gating changed the output: the check is not vacuous
 

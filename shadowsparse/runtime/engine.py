@@ -201,7 +201,8 @@ class DecodeEngine:
             lg = slice(self.first_layer, None)
             return Selection(masked=True,
                              head_scores=heads[:, :, lg].flatten(0, 1) if self.gate_heads else None,
-                             neuron_scores=neurons[:, :, lg].flatten(0, 1) if self.gate_ffn else None)
+                             neuron_scores=neurons[:, :, lg].flatten(0, 1) if self.gate_ffn and neurons is not None
+                             else None)
         sel = Selection()
         mode = self.cfg.batch_set
         if self.gate_ffn and neurons is not None:

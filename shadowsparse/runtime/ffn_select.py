@@ -21,7 +21,8 @@ class SketchFFNSelector:
         self.sketches, self.backend = sketches, backend
 
     def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """h (n, d) the normed FFN input -> (n, F) fp32 estimates of |act(gate)·up|."""
+        """h (n, d) the normed FFN input -> (n, F) fp32 estimates of |act(gate)·up| (fp32 FFMAs on the GPU, rows
+        two at a time; the torch fallback on the unpacked copy elsewhere)."""
         return sketch_scores(h, self.sketches[layer], backend=self.backend)
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
