@@ -6,7 +6,9 @@
 
 Gating per step (layers >= first_layer): the scores come from the SharedPredictor (run once on the hidden state
 entering layer feature_layer + 1, top-k on device) or are given per call (heads (B, T, L, H), neurons
-(B, T, L, F), the layout of gating.TensorScores). FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
+(B, T, L, F), the layout of gating.TensorScores); or, for the FFN, a per-layer selector (ffn_selector=, e.g.
+ffn_select.SketchFFNSelector) scores each gated layer's neurons from that layer's own FFN input just before it runs.
+FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
 of the transposed down projection. Heads: the q rows, the attention and the o rows of unselected query heads are
 skipped. With 1 < B·T <= 16 tokens the rows read are one set per layer (select.py: "union", exact per-token
 semantics, or "vote", one fixed-size set); with more, see "Many tokens" below.
