@@ -53,6 +53,12 @@ METHODS = {
     "sketch+ffn50": dict(ffn_sparsity=0.5, sketch=3),
     "sketch2+ffn50": dict(ffn_sparsity=0.5, sketch=2),
     "sketch+ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5, sketch=3),
+    # input thresholds (runtime/input_sparsity.py, kernels/sparse_input.py): TEAL's per-layer quantiles of |x|,
+    # calibrated on random prompts through the model; each projection reads only the rows of its kept channels
+    "teal40": dict(teal=0.4),
+    "teal50": dict(teal=0.5),
+    "threshold+ffn50": dict(threshold=0.5),  # |a| at the down projection: gate/up dense, down rows skipped
+    "sketch+ffn50+teal40attn": dict(ffn_sparsity=0.5, sketch=3, teal_attn=0.4),  # a sketch FFN, teal attention
     "2:4": dict(nm24=True),  # FFN weights 2:4-compressed (attention projections dense)
     "2:4+ffn50": dict(nm24=True, ffn_sparsity=0.5),
     "2:4+ffn50+heads50": dict(nm24=True, ffn_sparsity=0.5, head_sparsity=0.5),
@@ -129,13 +135,15 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
     # one generator per batch size: the prompt, then each gated method's random scores, in method order
     g = torch.Generator(device="cuda").manual_seed(batch)
     prompt = torch.randint(0, weights.vocab, (batch, P), device="cuda", generator=g)  # (B, P)
-    rows = []
+    rows, calib = [], {}
     bar = progress(cfg["methods"], desc=f"{name} batch {batch}", unit="method")
     for method in bar:
         bar.set_postfix_str(method)  # HF generate on a 13B model takes minutes: the ETA says how many
         spec = dict(METHODS[method])
         base = dict(model=name, card=card, dtype=cfg["dtype"], batch=batch, prompt_len=P, gen_len=gen,
                     method=method, weights="random, exact shapes", **env)
+        if ({"sketch", "teal", "teal_attn", "threshold"} & set(spec)) and "teal" not in calib:
+            calib["teal"] = teal_calibration(model, weights, cfg)  # once per model, on the first method needing it
         if "sketch" in spec and weights.family != "llama":  # the sketch reads a gate: SwiGLU FFNs only
             print(f"{name}: {method} skipped (the sketch needs a gated FFN)", file=sys.stderr)
             continue
@@ -144,15 +152,17 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
             rows.append(dict(base, ffn_sparsity=0.0, head_sparsity=0.0, ms_per_token=statistics.median(times),
                              ms_repeats=times))
         else:
-            rows.append(engine_row(base, model, weights, prompt, spec, cfg, bw, g))
+            rows.append(engine_row(base, model, weights, prompt, spec, cfg, bw, g, calib.get("teal")))
     add_speedups(rows)
     return rows
 
 
-def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g: torch.Generator) -> dict:
+def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g: torch.Generator,
+               teal=None) -> dict:
     """One engine method (spec: METHODS' settings) on prompt (B, P): its decode step captured in a CUDA graph and
     timed, the prompt's prefill timed, the bytes a step reads; dense also checks its logits against the model's,
-    predictor methods time the predictor + top-k alone."""
+    predictor methods time the predictor + top-k alone; input thresholds (teal: TealThresholds of the model)
+    report the realized sparsity of each input on the prompt."""
     from shadowsparse import PredictorConfig, SharedPredictor
     from shadowsparse.runtime import DecodeEngine, EngineConfig, GraphedDecoder
     from shadowsparse.runtime.bench import step_bytes, time_replays
@@ -165,11 +175,14 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
                                     PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
     sketch_bits = spec.pop("sketch", None)
+    inputs = input_thresholds(spec, teal, w)
     ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
     ffn_selector = sketch_selector(w, sketch_bits, ecfg.first_layer or 0) if sketch_bits else None
-    engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector)
+    engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector,
+                          input_sparsity=inputs)
     heads = neurons = None
-    if engine.gated and predictor is None:  # given scores (random sets); the top-k still runs in every step
+    if engine.gated and predictor is None and engine._needs_scores():  # given scores (random sets); the top-k
+        # still runs in every step
         heads = torch.randn(batch, 1, w.n_layers, w.n_heads, device="cuda", generator=g)  # (B, 1, L, H)
         neurons = torch.randn(batch, 1, w.n_layers, w.ffn, device="cuda", generator=g)  # (B, 1, L, F)
         if ffn_selector is not None:  # the sketch scores the neurons itself, from each layer's input
@@ -180,7 +193,8 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
     prefill_ms = prefill_times(engine, prompt, heads, neurons, cfg)
     times = time_replays(graph.graph.replay, gen, cfg["repeats"], cfg["warmup"], lambda: graph.start(first, P))
     ms = statistics.median(times)
-    nbytes = step_bytes(engine, 1, P + gen / 2)
+    kept = realized_inputs(engine, prompt) if inputs is not None else None
+    nbytes = step_bytes(engine, 1, P + gen / 2, kept)
     row = dict(base, ffn_sparsity=ecfg.ffn_sparsity, head_sparsity=ecfg.head_sparsity,
                nm="2:4 ffn" if ecfg.nm24 else None,
                batch_set=ecfg.batch_set if batch > 1 and engine.gated else None,
@@ -197,9 +211,52 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         row.update(predictor_timing(engine, cfg, ms))
     if ffn_selector is not None:
         row.update(sketch_timing(engine, cfg, ms, sketch_bits))
+    if inputs is not None:
+        row.update(selector=inputs.label, input_thresholds=list(inputs.inputs), input_sparsity=spec_level(base),
+                   **{f"realized_{n}_sparsity": 1 - f for n, f in kept.items()},
+                   input_sparsity_bytes=engine.input_sparsity_bytes(),
+                   bytes_note="thresholded weights counted at the prompt's per-token kept fraction; a batch reads "
+                              "the union of its tokens' channels (more)" if batch > 1 else None)
     del graph, engine, logits
     torch.cuda.empty_cache()
     return row
+
+
+def teal_calibration(model, w, cfg):
+    """TEAL's calibration magnitudes of the random-weight model on 4 random prompts of cfg["prompt"] tokens (the
+    thresholds then realize about the requested sparsity on the benchmark's own random prompts)."""
+    from shadowsparse.teal import TealThresholds
+    g = torch.Generator(device="cuda").manual_seed(1234)
+    windows = torch.randint(0, w.vocab, (4, cfg["prompt"]), device="cuda", generator=g)
+    return TealThresholds.calibrate(model, windows)
+
+
+def input_thresholds(spec: dict, teal, w):
+    """The InputSparsity of a method with input thresholds (popped from spec), or None."""
+    from shadowsparse.runtime.input_sparsity import INPUTS, InputSparsity
+    for key, inputs in (("teal", INPUTS), ("teal_attn", ("attn_in", "attn_out")), ("threshold", ("ffn_out",))):
+        if key in spec:
+            level = spec.pop(key)
+            sp = InputSparsity.from_teal(teal, level, w.n_layers, spec.get("first_layer") or 0, inputs)
+            sp.label = "threshold" if key == "threshold" else "teal"
+            return sp
+    return None
+
+
+def spec_level(base: dict) -> float:
+    """The input sparsity a method asks for, read from METHODS."""
+    spec = METHODS[base["method"]]
+    return spec.get("teal", spec.get("teal_attn", spec.get("threshold", 0.0)))
+
+
+def realized_inputs(engine, prompt) -> dict:
+    """Kept fraction per thresholded input over the prompt's tokens (B·P), counted by the kernels."""
+    engine.reset_counts()
+    engine.prefill(prompt)
+    kept = engine.teal.kept_per_input(engine.first_layer)
+    gated, tokens, widths = engine.w.n_layers - engine.first_layer, prompt.numel(), engine.input_widths()
+    from shadowsparse.runtime.input_sparsity import INPUTS
+    return {n: kept[INPUTS.index(n)] / (tokens * gated * widths[n]) for n in engine.teal.inputs}
 
 
 def prompt_scores(heads, neurons, P: int) -> dict:

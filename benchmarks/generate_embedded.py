@@ -1,7 +1,8 @@
 """The real embedded SmolLM2-135M through load_gated on a GPU: WikiText-2 perplexity through the decode engine and
 through the mask path (the same selector), and greedy generation speed of both, dense in the same run.
 
-    python benchmarks/generate_embedded.py [--windows 32] [--out $OUT/generate.json]    (a CUDA GPU; docs/benchmarks.md)
+    python benchmarks/generate_embedded.py [--windows 32] [--methods dense:0,teal:0.4] [--out $OUT/generate.json]
+    (a CUDA GPU; docs/benchmarks.md)
 """
 from __future__ import annotations
 
@@ -37,13 +38,15 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--decode-windows", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--methods", default="dense:0,sketch:0.3,sketch:0.5,sketch:0.7",
+                    help="method:sparsity pairs, comma-separated (load_gated's method and ffn_sparsity)")
     ap.add_argument("--out", default="generate.json")
     args = ap.parse_args()
     model, tok = load_llm(LLMConfig(name="embedded:smollm2", device="cuda"))
     windows = token_windows(tok, WindowSpec(seq_len=512, n_windows=args.windows, source=WIKI))
     calib = token_windows(tok, WindowSpec(seq_len=512, n_windows=32, source=C4))
     rows = []
-    for method, s in (("dense", 0.0), ("sketch", 0.3), ("sketch", 0.5), ("sketch", 0.7)):
+    for method, s in ((m, float(v)) for m, v in (p.split(":") for p in args.methods.split(","))):
         kw = dict(method=method, ffn_sparsity=s, tokenizer=tok, calib=calib)
         fast, ref = ss.load_gated(model, engine="kernels", **kw), ss.load_gated(model, engine="hooks", **kw)
         row = {"method": method, "ffn_sparsity": s, "card": torch.cuda.get_device_name(), "dtype": "float32",

@@ -9,6 +9,8 @@
 #   all-models    benchmark.py bench=all (SmolLM2, Llama-2-7B, OPT-13B shapes; batch 1 and 8; every method)
 #   sketch        benchmark.py bench=llama2_7b at batch 1 and 8: dense, ffn50 (given sets) and the sketch selector in
 #                 the engine (3 and 2 bits), alone and with heads50
+#   teal          benchmark.py bench=llama2_7b at batch 1 and 8: input thresholds in the engine (teal 40/50% on every
+#                 projection, threshold on the down projection, sketch FFN with teal attention), dense alongside
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
 OUT=${OUT:-outputs/gpu-bench}
@@ -30,7 +32,8 @@ for part in "${parts[@]}"; do
     echo "== $part $(date -u +%H:%M:%S)"
     case $part in
         tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_lazy_kv.py \
-                   tests/test_runtime.py tests/test_sketch_kernel.py tests/test_engine_selectors.py 2>&1 \
+                   tests/test_runtime.py tests/test_sketch_kernel.py tests/test_engine_selectors.py \
+                   tests/test_sparse_input_kernel.py tests/test_engine_input_sparsity.py 2>&1 \
                    | tail -n 15 | tee "$OUT/tests.txt" || true ;;
         nm24) python3 benchmarks/nm24_kernel.py --out "$OUT/nm24.jsonl" 2>&1 | tee "$OUT/nm24.txt" ;;
         ffn) python3 benchmarks/ffn_kernel.py --tokens 1 8 --out "$OUT/ffn.jsonl" 2>&1 | tee "$OUT/ffn.txt" ;;
@@ -43,6 +46,10 @@ for part in "${parts[@]}"; do
         sketch) python3 benchmark.py bench=llama2_7b "bench.batches=[1,8]" \
                     "bench.methods=[dense,ffn50,sketch+ffn50,sketch2+ffn50,ffn50+heads50,sketch+ffn50+heads50]" \
                     bench.out="$OUT/sketch.jsonl" 2>&1 | tee "$OUT/sketch.txt" ;;
-        *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models or sketch" >&2; exit 2 ;;
+        teal) python3 benchmark.py bench=llama2_7b "bench.batches=[1,8]" \
+                  "bench.methods=[dense,teal40,teal50,threshold+ffn50,sketch+ffn50,sketch+ffn50+teal40attn]" \
+                  bench.out="$OUT/teal.jsonl" 2>&1 | tee "$OUT/teal.txt" ;;
+        *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch or teal" >&2
+           exit 2 ;;
     esac
 done

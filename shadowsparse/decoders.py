@@ -21,13 +21,19 @@ class HooksDecoder:
 
     pads = True  # takes left-padded batches
 
-    def __init__(self, model, source, gating: GatingConfig | None):
-        self.model, self.source, self.gating = model, source, gating
+    def __init__(self, model, source, gating: GatingConfig | None, attach=None):
+        """source: a ScoreSource through the gating hooks; or attach(model) -> handle: a selector's own hooks
+        (teal's input channels), whose handle counts the realized sparsity."""
+        self.model, self.source, self.gating, self.attach = model, source, gating, attach
         self.counter = SparsityCounter()
+        self.handle = None  # the last handle of attach (its counts cover every call)
         self.device = next(model.parameters()).device
 
     def attached(self):
         """The gating hooks for the duration of one call (the model is dense again afterwards)."""
+        if self.attach is not None:
+            self.handle = self.attach(self.model)
+            return self.handle
         if self.source is None:
             return contextlib.nullcontext()
         return attach_gating(self.model, self.source, self.gating, counter=self.counter)
@@ -59,6 +65,9 @@ class HooksDecoder:
 
     def stats(self, dims) -> dict:
         """Realized sparsity, counted from the masks the hooks applied."""
+        if self.attach is not None:  # the selector's own counts; the neurons skipped are the down inputs zeroed
+            st = self.handle.stats() if self.handle is not None else {}
+            return {**st, "realized_ffn_sparsity": st.get("realized_ffn_out_sparsity", 0.0)}
         return self.counter.stats(dims.n_heads, dims.ffn, dims.n_kv_heads)
 
 
@@ -84,10 +93,16 @@ class EngineDecoder:
         self.weights = extract_weights(model)  # refuses a family the engine does not serve, with the fix
         self.parts = parts
         g = gating or GatingConfig(ffn_sparsity=0.0, head_sparsity=0.0)
-        self.config = EngineConfig(ffn_sparsity=g.ffn_sparsity, head_sparsity=g.head_sparsity,
+        self.inputs = parts.get("input_sparsity")  # thresholds on projection inputs: they set the blocks' sparsity
+        ffn, heads = g.ffn_sparsity, g.head_sparsity
+        if self.inputs is not None:
+            ffn = 0.0 if self.inputs.on("ffn_in") or self.inputs.on("ffn_out") else ffn
+            heads = 0.0 if self.inputs.on("attn_in") or self.inputs.on("attn_out") else heads
+        self.config = EngineConfig(ffn_sparsity=ffn, head_sparsity=heads,
                                    first_layer=g.first_layer if gating else None, backend=backend).validate()
         self.device = self.weights.device
         self.rows = {"tokens": 0, "neurons": 0, "heads": 0}  # units kept per token, summed over tokens
+        self.kept = [0.0] * 4  # input sparsity: kept (token, channel) pairs per input, engines before this one
         self.engine = None
 
     def attached(self):
@@ -102,6 +117,7 @@ class EngineDecoder:
         if not bool(attn.all()):
             raise ConfigError("the decode engine takes prompts of one length per call (no padding)")
         B, P = ids.shape
+        self._fold_counts()
         self.engine = self._engine(B, P + new_tokens)
         self.graph = None
         if self.device.type == "cuda":
@@ -125,6 +141,7 @@ class EngineDecoder:
         """Summed next-token NLL of windows (B, T): the engine's prefill (steps of up to 64 tokens: the many-token
         path) or, token_by_token, one decode step per position (the path generation takes)."""
         B, T = ids.shape
+        self._fold_counts()
         engine = self._engine(B, T)
         ids = ids.to(self.device)
         if token_by_token:
@@ -132,7 +149,15 @@ class EngineDecoder:
         else:
             logits = engine.prefill(ids)
         self._count(B * T, engine)
+        self._fold_counts(engine)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
+
+    def _fold_counts(self, engine=None) -> None:
+        """Add an engine's device counts of kept input channels to the totals (the next engine restarts them)."""
+        e = engine or self.engine
+        if self.inputs is not None and e is not None and e.teal is not None:
+            self.kept = [a + b for a, b in zip(self.kept, e.teal.kept_per_input(e.first_layer))]
+            e.reset_counts()
 
     def _count(self, tokens: int, engine=None) -> None:
         e = engine or self.engine
@@ -144,6 +169,8 @@ class EngineDecoder:
         """Sparsity per token over the gated layers: each token keeps exactly k units (its own top k; a step's
         tokens read the union of their sets)."""
         n, e = self.rows["tokens"], self.engine
+        if self.inputs is not None:
+            return self._input_stats(dims, n, e)
         gated = dims.n_layers - (self.config.first_layer or 0) if self.config.ffn_sparsity or \
             self.config.head_sparsity else 0
         if not n:
@@ -151,3 +178,18 @@ class EngineDecoder:
         return {"realized_ffn_sparsity": 1 - self.rows["neurons"] / (n * dims.ffn),
                 "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
                 "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
+
+    def _input_stats(self, dims, n: int, e) -> dict:
+        """Input thresholds (teal, threshold): realized sparsity per thresholded input from the kernels' device
+        counts; realized_ffn_sparsity is that of the down projection's input (the neurons skipped), as in the
+        evaluation's rows."""
+        first = e.first_layer if e is not None else (self.config.first_layer or 0)
+        kept = self.kept
+        if e is not None:
+            kept = [a + b for a, b in zip(kept, e.teal.kept_per_input(first))]
+        widths = {"attn_in": dims.hidden, "attn_out": dims.n_heads * dims.head_dim, "ffn_in": dims.hidden,
+                  "ffn_out": dims.ffn}
+        out = self.inputs.realized(kept, n, dims.n_layers - first, widths)
+        return {**out, "realized_ffn_sparsity": out.get("realized_ffn_out_sparsity", 0.0),
+                "realized_head_sparsity": 0.0, "gated_layers": dims.n_layers - first,
+                "selector_bytes": e.input_sparsity_bytes() if e is not None else 0}

@@ -176,7 +176,8 @@ def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, hea
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
     cfg, model, tok, run_dir = _open(source, device, tokenizer, overrides or [])
     cfg.gating.ffn_sparsity, cfg.gating.head_sparsity = float(ffn_sparsity), float(head_sparsity)
-    gating, gated_source, parts = _selector_source(cfg, model, tok, run_dir, method, calib, engine != "hooks")
+    gating, gated_source, parts, attach = _selector_source(cfg, model, tok, run_dir, method, calib,
+                                                           engine != "hooks")
     if isinstance(parts, dict):
         try:
             return GatedLM(model, tok, EngineDecoder(model, parts, gating), method, gating, "kernels")
@@ -186,7 +187,7 @@ def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, hea
         raise ConfigError(f"engine='kernels' cannot run {method} here: {parts}; use engine='hooks' (the mask path)")
     if engine == "auto":
         log.info("load_gated: %s runs on the mask path (hooks): %s", method, parts)
-    return GatedLM(model, tok, HooksDecoder(model, gated_source, gating), method, gating, "hooks")
+    return GatedLM(model, tok, HooksDecoder(model, gated_source, gating, attach), method, gating, "hooks")
 
 
 def _open(source, device, tokenizer, overrides: list[str]):
@@ -217,7 +218,7 @@ def _open(source, device, tokenizer, overrides: list[str]):
 
 def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool):
     """The registered selector, built as the evaluation builds it -> (GatingConfig, mask-path source, the decode
-    engine's parts or why there are none)."""
+    engine's parts or why there are none, the selector's own hooks (Run.attach) or None)."""
     from .evaluate import collection_info
     from .pipeline import targets_dir_for
     from .selectors import EvalContext, get_selector
@@ -229,7 +230,8 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool)
     ctx = EvalContext(cfg=cfg, model=model, tok=tok, view=ModelView(model), run_dir=Path(run_dir or "."),
                       targets_dir=targets_dir_for(cfg, model), methods=[method], calib=calib)
     if sel.ffn_only and cfg.gating.head_sparsity:
-        raise ConfigError(f"{method} selects FFN neurons only; use head_sparsity=0 with it")
+        raise ConfigError(f"{method} has no head axis (FFN neurons only; teal: one sparsity for every input); use "
+                          "head_sparsity=0 with it")
     sel.prepare(ctx)
     ctx.info = collection_info(ctx, [sel])
     ctx.first_layer = ctx.info["feature_layer"] + 1
@@ -238,8 +240,8 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool)
         raise ConfigError(f"{method} cannot run here: {reason}")
     run = next(iter(sel.runs(ctx)))
     parts = sel.engine_parts(ctx, run) if engine else "engine='hooks' asked for"
-    if run.source is None:
-        return None, None, parts
+    if run.source is None and run.attach is None:  # the dense model
+        return None, None, parts, None
     granularity = cfg.gating.granularity if run.granularity == CONFIG else (run.granularity or "token")
     budget = cfg.gating.budget if run.budget == CONFIG else (run.budget or "local")
     gating = GatingConfig(ffn_sparsity=cfg.gating.ffn_sparsity, head_sparsity=cfg.gating.head_sparsity,
@@ -247,4 +249,4 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool)
                           min_keep=cfg.gating.min_keep).validate()
     if isinstance(parts, dict) and (budget != "local" or granularity != "token"):
         parts = f"the decode engine gates per token with a local budget (got {granularity}, {budget})"
-    return gating, run.source, parts
+    return gating, run.source, parts, run.attach

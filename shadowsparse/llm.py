@@ -74,11 +74,15 @@ def tiny_config(family: str):
         return LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True, **common)
     if family == "mistral":
         return MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=None, **common)
+    if family == "qwen2":  # q/k/v with biases
+        from transformers import Qwen2Config
+        return Qwen2Config(intermediate_size=96, num_key_value_heads=2, use_sliding_window=False,
+                           tie_word_embeddings=True, **common)
     if family == "opt":
         return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True,
                          **{k: v for k, v in common.items() if k != "max_position_embeddings"},
                          max_position_embeddings=256)
-    raise ConfigError(f"no tiny config for family '{family}'; use random:llama, random:mistral or random:opt")
+    raise ConfigError(f"no tiny config for family '{family}'; use random:llama, random:mistral, random:qwen2 or random:opt")
 
 
 def byte_tokenizer(model_max_length: int = 256):

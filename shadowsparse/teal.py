@@ -59,14 +59,20 @@ class TealThresholds:
 class TealHandle(HookHandle):
     """Pre-hooks zeroing input channels below threshold on every projection from first_layer on."""
 
-    def __init__(self, model: nn.Module, thresholds: TealThresholds, sparsity: float, first_layer: int = 0):
+    def __init__(self, model: nn.Module, thresholds: TealThresholds, sparsity: float, first_layer: int = 0,
+                 counts: dict | None = None):
+        """counts: {"zeros": {}, "rows": {}} shared by several attachments (gated generation attaches once per
+        call) so that stats() covers all of them."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"TEAL sparsity must be in [0, 1), got {sparsity}")
         self.view = view = ModelView(model)
         self.first_layer = first_layer
         thr = thresholds.thresholds(sparsity) if sparsity > 0 else {}
-        self.zeros = {name: 0.0 for name in _inputs(view)}  # skipped input channels, summed over rows
-        self.rows = {name: 0 for name in _inputs(view)}
+        counts = counts if counts is not None else {"zeros": {}, "rows": {}}
+        self.zeros, self.rows = counts["zeros"], counts["rows"]  # skipped input channels, summed over rows
+        for name in _inputs(view):
+            self.zeros.setdefault(name, 0.0)
+            self.rows.setdefault(name, 0)
         self._hooks = []
         for i in range(first_layer, view.dims.n_layers) if sparsity > 0 else []:
             for name, paths in _inputs(view).items():
@@ -105,5 +111,6 @@ class TealHandle(HookHandle):
 
 
 
-def attach_teal(model, thresholds: TealThresholds, sparsity: float, first_layer: int = 0) -> TealHandle:
-    return TealHandle(model, thresholds, sparsity, first_layer)
+def attach_teal(model, thresholds: TealThresholds, sparsity: float, first_layer: int = 0,
+                counts: dict | None = None) -> TealHandle:
+    return TealHandle(model, thresholds, sparsity, first_layer, counts)

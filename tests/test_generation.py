@@ -70,8 +70,9 @@ def test_perplexity_equals_the_evaluation(llama):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(method="oracle"), "cannot serve oracle: it needs a dense pass"),
-    (dict(method="teal"), "cannot serve teal: it brings hooks of its own"),
-    (dict(method="sketch", head_sparsity=0.5), "FFN neurons only"),
+    (dict(method="lte"), "cannot serve lte: its fine-tuned weights"),
+    (dict(method="teal", head_sparsity=0.5), "no head axis"),
+    (dict(method="sketch", head_sparsity=0.5), "no head axis"),
     (dict(method="nope"), "unknown evaluation method"),
     (dict(method="sketch", engine="fast"), "engine must be one of"),
 ])

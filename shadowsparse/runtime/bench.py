@@ -76,11 +76,13 @@ def time_host(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int:
+def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_kept: dict | None = None) -> int:
     """Bytes one decode step reads: the weight rows its kernels read (dense layers whole, gated layers only the
     selected heads' q/o rows, all K/V rows or lazy K/V's, the selected neurons' FFN rows, 2:4-compressed where so),
-    the lm_head, the predictor's parameters or the sketch's packed copies if they run, and the KV cache up to ``context`` positions (the mean over
-    the timed steps)."""
+    the lm_head, the predictor's parameters or the sketch's packed copies if they run, and the KV cache up to
+    ``context`` positions (the mean over the timed steps). input_kept: input name -> the fraction of its channels
+    kept (input thresholds: the projections reading it read that fraction of their rows in gated layers)."""
+    kept = {"attn_in": 1.0, "attn_out": 1.0, "ffn_in": 1.0, "ffn_out": 1.0, **(input_kept or {})}
     w: EngineWeights = engine.w
     el = w.lm_head.element_size()
     d, D, H, KV, F_ = w.hidden, w.head_dim, w.n_heads, w.n_kv_heads, w.ffn
@@ -94,10 +96,13 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float) -> int
         kv_heads_read = min(KV, kh)  # kv heads whose cache a selected query head reads (an upper bound with GQA)
         kv_proj = rows["kv_heads"] if gated else KV  # K/V projection heads: all, or lazy's selected + refresh
         window = rows["window"] if gated else 0  # lazy K/V reads the window's W normed inputs per sequence
-        ffn_bytes = (n_in + 1) * kf * d * el
+        f_in, f_out = (kept["ffn_in"], kept["ffn_out"]) if gated else (1.0, 1.0)
+        ffn_bytes = int((n_in * f_in + f_out) * kf * d * el)
         if engine.nm24 is not None:  # values (half the entries) + 4 bits of metadata per kept pair
             ffn_bytes = ffn_bytes * 9 // 16
-        total += (2 * kh * D * d + 2 * kv_proj * D * d + engine.batch * window * d) * el + ffn_bytes
+        a_in, a_out = (kept["attn_in"], kept["attn_out"]) if gated else (1.0, 1.0)
+        total += int(((kh * a_in + kh * a_out) * D * d + 2 * kv_proj * D * d * a_in + engine.batch * window * d)
+                     * el) + ffn_bytes
         total += int(engine.batch * kv_heads_read * context * D * 2 * el)
     if engine.predictor is not None:
         total += sum(p.numel() * p.element_size() for p in engine.predictor.parameters())

@@ -53,7 +53,9 @@ from ..kernels.kv_window import kv_window_write
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
+from ..kernels.sparse_input import input_sparse_linear
 from .cache import InputWindow, StaticKVCache
+from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
 from .weights import EngineWeights
@@ -113,7 +115,8 @@ class Selection:
 
 class DecodeEngine:
     def __init__(self, weights: EngineWeights, batch: int, max_len: int, config: EngineConfig | None = None,
-                 predictor: torch.nn.Module | None = None, ffn_selector=None):
+                 predictor: torch.nn.Module | None = None, ffn_selector=None,
+                 input_sparsity: InputSparsity | None = None):
         self.w = weights
         self.cfg = (config or EngineConfig()).validate()
         if not 1 <= batch <= MAX_BATCH:
@@ -139,7 +142,8 @@ class DecodeEngine:
             self.predict_at = predictor.feature_layer + 1
         first = self.cfg.first_layer
         if first is None:
-            first = self.predict_at if predictor is not None else 0
+            first = self.predict_at if predictor is not None else \
+                (input_sparsity.first_layer if input_sparsity is not None else 0)
         if not 0 <= first < w.n_layers or (predictor is not None and first < self.predict_at):
             lo = self.predict_at if predictor is not None else 0
             raise ConfigError(f"first_layer must be in [{lo}, {w.n_layers - 1}], got {first}")
@@ -154,11 +158,53 @@ class DecodeEngine:
             raise ConfigError("a per-layer FFN selector over 2:4-compressed FFN weights is not implemented; use "
                               "nm24=False with it")
         self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
+        self.teal = self._plan_input_sparsity(input_sparsity)
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.window = self._plan_lazy_kv()
         self.window_rope = None  # (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
         self.resid32 = self.gated and w.norm_before  # the fp32 residual stream (module docstring)
         self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
+
+    def _plan_input_sparsity(self, sp: InputSparsity | None) -> InputSparsity | None:
+        """Thresholds on the projection inputs (input_sparsity.py) on the device, and the transposed copies of the
+        q/k/v and gate/up (fc1) weights their kernels read (row k = input channel k); o and down have theirs."""
+        self.t_qkv, self.t_fcin, self.b_fcin = {}, {}, {}
+        if sp is None:
+            return None
+        clash = [n for n in sp.inputs if (n.startswith("attn") and self.gate_heads) or
+                 (n.startswith("ffn") and (self.gate_ffn or self.ffn_selector is not None))]
+        if clash:
+            raise ConfigError(f"{sp.label} thresholds {clash} while heads/neurons of the same block are gated by "
+                              "another selector: gate each block (attention, FFN) by one selector")
+        if self.cfg.nm24:
+            raise ConfigError("input sparsity over 2:4-compressed weights is not implemented; use nm24=False")
+        if sp.thresholds.shape[0] != self.w.n_layers:
+            raise ConfigError(f"{sp.label} has thresholds for {sp.thresholds.shape[0]} layers, the model has "
+                              f"{self.w.n_layers}")
+        for layer in range(self.first_layer, self.w.n_layers):
+            lw = self.w.layers[layer]
+            if sp.on("attn_in"):
+                self.t_qkv[layer] = lw.qkv_w.t().contiguous()  # (d, H*D + 2*KV*D)
+            if sp.on("ffn_in"):
+                fc = lw.w_in if lw.w_up is None else torch.cat([lw.w_in, lw.w_up])  # (F or 2F, d)
+                self.t_fcin[layer] = fc.t().contiguous()  # (d, F or 2F): gate then up in one GEMV
+                self.b_fcin[layer] = lw.b_in  # OPT fc1's bias (no up projection there)
+        return sp.to(self.device, self.dtype)
+
+    def input_sparsity_bytes(self) -> int:
+        """Extra bytes held for input sparsity: the transposed q/k/v and gate/up copies (the originals stay for the
+        dense layers and the benchmark's dense baseline)."""
+        return sum(t.nbytes for t in (*self.t_qkv.values(), *self.t_fcin.values()))
+
+    def input_widths(self) -> dict[str, int]:
+        """Channels of each projection input (input_sparsity.INPUTS)."""
+        w = self.w
+        return {"attn_in": w.hidden, "attn_out": self.n_q, "ffn_in": w.hidden, "ffn_out": w.ffn}
+
+    def reset_counts(self) -> None:
+        """Zero the device counters of kept input channels (after warm-up steps that ran no real token)."""
+        if self.teal is not None:
+            self.teal.kept.zero_()
 
     def _plan_lazy_kv(self) -> InputWindow | None:
         """The input window of lazy K/V, or None for dense K/V (module docstring)."""
@@ -189,7 +235,11 @@ class DecodeEngine:
 
     @property
     def gated(self) -> bool:
-        return self.gate_heads or self.gate_ffn
+        return self.gate_heads or self.gate_ffn or self.teal is not None
+
+    def _needs_scores(self) -> bool:
+        """Whether a step must be given scores (no predictor): heads gated, or neurons without a per-layer selector."""
+        return self.predictor is None and (self.gate_heads or (self.gate_ffn and self.ffn_selector is None))
 
     # -- selection -------------------------------------------------------------------------------------------------
     def select(self, heads: torch.Tensor | None, neurons: torch.Tensor | None) -> Selection:
@@ -245,8 +295,8 @@ class DecodeEngine:
             raise ConfigError(f"engine was built for batch {self.batch}, got {B}")
         if not 1 <= T <= MAX_STEP_TOKENS:
             raise ConfigError(f"a step takes 1..{MAX_STEP_TOKENS} new tokens per sequence, got {T}; use prefill()")
-        if self.gated and self.predictor is None and ((self.gate_ffn and neurons is None and self.ffn_selector is None)
-                                                      or (self.gate_heads and heads is None)):
+        if self._needs_scores() and ((self.gate_ffn and neurons is None and self.ffn_selector is None)
+                                     or (self.gate_heads and heads is None)):
             raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
         w = self.w
         fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: no earlier K/V to refresh
@@ -311,7 +361,7 @@ class DecodeEngine:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
         """Greedy decoding without graphs (graph.py has the captured twin): ids (B, P) -> (B, P + new_tokens)."""
-        if self.gated and self.predictor is None and (self.gate_heads or self.ffn_selector is None):
+        if self._needs_scores():
             raise ConfigError("generate() needs a predictor (or a per-layer FFN selector) to choose the index sets "
                               "of new tokens")
         logits = self.prefill(ids)
@@ -418,6 +468,12 @@ class DecodeEngine:
                             self.window.positions, self.inv_freq, backend=be)
             return out[:, :Kq], None, heads
         hf = h.reshape(B * T, -1)  # (n, d)
+        if sel is not None and self._thresholded("attn_in"):
+            # only the rows of W_qkv.T whose input channel passes the threshold are read; q/k/v in the model dtype
+            qkv = self._sparse_in(layer, "attn_in", hf, self.t_qkv[layer], lw.qkv_b, out_dtype=self.dtype)
+            if rope is not None:
+                rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
+            return qkv[:, :self.n_q], qkv[:, self.n_q:], self.all_heads
         if gated:
             rows, heads = sel.head_rows[gi], sel.heads[gi]  # (Kh*D,), (Kh,)
             # q stays in the kernel's fp32 accumulator (no cast pass); the attention kernel reads it as is
@@ -440,6 +496,12 @@ class DecodeEngine:
         lw, be = self.w.layers[layer], self.cfg.backend
         B, T, d = resid.shape
         rf = resid.reshape(B * T, d)
+        if sel is not None and self._thresholded("attn_out"):  # the rows of W_o.T of the kept channels
+            a = a.to(self.dtype)  # the o projection's input as the model computes it (the threshold's units)
+            if self.resid32:
+                self._sparse_in(layer, "attn_out", a, lw.o_t, lw.o_b, out=rf)
+                return resid
+            return self._sparse_in(layer, "attn_out", a, lw.o_t, lw.o_b, residual=rf).view(B, T, d)
         if masked and self.resid32:  # cuBLAS for the many tokens, added into the fp32 residual stream
             rf.add_(_linear(a.to(lw.o_w.dtype), lw.o_w, lw.o_b))
             return resid
@@ -463,6 +525,8 @@ class DecodeEngine:
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
+        if sel is not None and (self._thresholded("ffn_in") or self._thresholded("ffn_out")):
+            return self._ffn_thresholded(layer, hf, rf, into)
         idx, keep, mask = self._ffn_choice(layer, hf, sel, gi)
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
@@ -491,6 +555,35 @@ class DecodeEngine:
         if into:
             return rf.add_(_linear(g, lw.down_w, lw.b_out))
         return _residual_linear(rf, g, lw.down_w, lw.b_out)
+
+    def _thresholded(self, name: str) -> bool:
+        return self.teal is not None and self.teal.on(name)
+
+    def _sparse_in(self, layer, name, x, w_t, b, **kw):
+        """(x · [|x| > τ]) · w_t + b for one projection input of a gated layer (kernels/sparse_input.py), counting
+        the kept channels on the device."""
+        return input_sparse_linear(x, w_t, self.teal.threshold(layer, name), b, backend=self.cfg.backend,
+                                   count=self.teal.counter(layer, name), **kw)
+
+    def _ffn_thresholded(self, layer, hf, rf, into: bool):
+        """The FFN under input thresholds (teal: ffn_in and ffn_out; threshold: ffn_out): gate/up (fc1) read only
+        the rows of the kept input channels, down only the rows of the neurons whose |a| passes -> resid + ffn.
+        a is rounded to the model dtype between the two, as the model computes it."""
+        lw, F_ = self.w.layers[layer], self.w.ffn
+        if self._thresholded("ffn_in"):
+            gu = self._sparse_in(layer, "ffn_in", hf, self.t_fcin[layer], self.b_fcin[layer], out_dtype=self.dtype)
+            g, u = gu[:, :F_], (gu[:, F_:] if lw.w_up is not None else None)  # (n, F) each
+        else:
+            g, u = _linear(hf, lw.w_in, lw.b_in), (None if lw.w_up is None else F.linear(hf, lw.w_up))
+        a = apply_act(g, self.w.act)
+        a = a if u is None else a * u  # (n, F) model dtype
+        if self._thresholded("ffn_out"):
+            if into:
+                return self._sparse_in(layer, "ffn_out", a, lw.down_t, lw.b_out, out=rf)
+            return self._sparse_in(layer, "ffn_out", a, lw.down_t, lw.b_out, residual=rf)
+        if into:
+            return rf.add_(_linear(a, lw.down_w, lw.b_out))
+        return _residual_linear(rf, a, lw.down_w, lw.b_out)
 
     def _ffn_choice(self, layer, hf, sel, gi):
         """This gated layer's FFN choice -> (idx (K,) int32, keep (n, K) or None, None) for the gathered kernels, or

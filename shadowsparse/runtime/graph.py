@@ -34,6 +34,7 @@ class GraphedDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
+        engine.reset_counts()  # the warm-up steps ran no real token
 
     def _body(self) -> torch.Tensor:
         logits = self.engine.step(self.ids, self.pos, heads=self.heads, neurons=self.neurons)  # (B, 1, V)
@@ -83,6 +84,7 @@ class GraphedStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = engine.step(self.ids, self.pos)  # (B, 1, V)
+        engine.reset_counts()
 
     def __call__(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """ids (B, 1) at position pos -> logits (B, 1, V) (a view of the graph's output: use before the next call)."""

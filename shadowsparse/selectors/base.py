@@ -84,6 +84,8 @@ class Run:
     stats_extra: Callable[[float], dict] | None = None  # counts the source keeps itself, by ffn level
     more: dict = field(default_factory=dict)  # extra row fields
     label: str | None = None  # the rows' method name, when not the selector's own
+    attach: Callable[[torch.nn.Module], Any] | None = None  # a selector with hooks of its own (teal): attaches
+    # them to the model at this run's level and returns the handle (a context manager with stats()); source is None
 
 
 class Selector:
@@ -109,7 +111,8 @@ class Selector:
 
     def engine_parts(self, ctx: EvalContext, run: Run) -> dict | str:
         """What the decode engine (shadowsparse/runtime) needs to run this selector: DecodeEngine keyword arguments
-        (``predictor=``, ``ffn_selector=``), or a string saying why it cannot (the mask path serves it then)."""
+        (``predictor=``, ``ffn_selector=``, ``input_sparsity=``), or a string saying why it cannot (the mask path
+        serves it then). ``run`` is the first of runs(ctx), at the level load_gated asked for."""
         return f"{self.name} has no decode-engine path yet"
 
     def evaluate(self, ctx: EvalContext, evaluation) -> None:

@@ -9,7 +9,7 @@ import math
 from ..perplexity import window_nll
 from ..progress import progress
 from ..teal import TealThresholds, attach_teal
-from .base import Selector
+from .base import Run, Selector
 from .registry import register
 
 log = logging.getLogger("shadowsparse")
@@ -20,11 +20,35 @@ class Teal(Selector):
     name = "teal"
     decision = "input"  # its rows' bytes come from the hooks' own count (TealHandle.weight_bytes_skipped)
     ffn_only = True  # one sparsity for all projections; no head axis
-    generates = "it brings hooks of its own (input channels, not heads or neurons); train.py evaluates it"
+
+    def thresholds(self, ctx) -> TealThresholds:
+        """Calibration magnitudes per (input, layer), on the calibration text (never the evaluation windows); once
+        per context."""
+        if "teal" not in ctx.shared:
+            ctx.shared["teal"] = TealThresholds.calibrate(
+                ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
+        return ctx.shared["teal"]
+
+    def runs(self, ctx):
+        """For gated generation (load_gated): the hooks of one level each; evaluate() has its own loop and rows."""
+        thresholds = self.thresholds(ctx)
+        for ffn, heads in self.levels(ctx):
+            counts = {"zeros": {}, "rows": {}}  # one count over every call of this level
+            yield Run(None, [(ffn, heads)], granularity="token", budget="local",
+                      attach=lambda model, ffn=ffn, counts=counts: attach_teal(model, thresholds, ffn,
+                                                                               ctx.first_layer, counts))
+
+    def engine_parts(self, ctx, run):
+        """Every projection reads only the weight rows of its kept input channels (kernels/sparse_input.py)."""
+        from ..runtime.input_sparsity import InputSparsity
+        ffn = run.levels[0][0]
+        if ffn <= 0:
+            return "teal at sparsity 0 is the dense model"
+        return {"input_sparsity": InputSparsity.from_teal(self.thresholds(ctx), ffn, ctx.view.dims.n_layers,
+                                                          ctx.first_layer)}
 
     def evaluate(self, ctx, evaluation):
-        thresholds = TealThresholds.calibrate(ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows),
-                                              ctx.cfg.seed)
+        thresholds = self.thresholds(ctx)
         batch = ctx.cfg.data.eval.batch_size
         for ffn, _ in self.levels(ctx):
             with attach_teal(ctx.model, thresholds, ffn, ctx.first_layer) as handle:

@@ -12,6 +12,16 @@ class Threshold(Selector):
     name = "threshold"
     decision = "late"
 
+    def engine_parts(self, ctx, run):
+        """FFN thresholds only: gate/up read in full, the down rows of neurons with |a| <= τ skipped
+        (runtime/input_sparsity.py). The head thresholds (contribution norms, known after attention) have none."""
+        from ..runtime.input_sparsity import InputSparsity
+        ffn, heads = run.levels[0]
+        if heads:
+            return "threshold's head decisions (output contribution norms) have no engine path; use head_sparsity=0"
+        thr = run.source._quantiles(run.source.neuron_samples, ffn)  # (L,) the hooks' own thresholds
+        return {"input_sparsity": InputSparsity.from_neuron_thresholds(thr, ctx.first_layer)}
+
     def runs(self, ctx):  # calibrated on the calibration text, never on the evaluation windows
         source = ThresholdScores.calibrate(ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows),
                                            ctx.cfg.seed)
