@@ -13,6 +13,13 @@ of the transposed down projection. Heads: the q rows, the attention and the o ro
 skipped. With 1 < B·T <= 16 tokens the rows read are one set per layer (select.py: "union", exact per-token
 semantics, or "vote", one fixed-size set); with more, see "Many tokens" below.
 
+Input thresholds (input_sparsity=, runtime/input_sparsity.py): instead of choosing units, teal zeroes each
+projection input's channels with |x| <= the layer's threshold and threshold does so for the down projection's
+input |a|; kernels/sparse_input.py then reads only the weight rows of the kept channels (q/k/v and gate/up from
+transposed copies made here, o and down from the transposed weights the gathered kernels use). One selector per
+block: input thresholds on a block that heads/neurons gating also covers are refused. (self.teal holds the
+thresholds of either method.)
+
 K/V of skipped heads (kv="lazy"): a later token may select a head that earlier tokens skipped, and then needs
 that head's keys and values at every earlier position. kv="dense" computes every head's K/V at every token
 (correct, but the K/V projections are then 2/3 of the attention bytes that head gating cannot skip). kv="lazy"
