@@ -18,7 +18,9 @@ from shadowsparse.runtime.bench import SHAPES, build_config, time_replays
 
 METHODS = {"dense": {}, "ffn50": dict(ffn_sparsity=0.5), "heads50": dict(head_sparsity=0.5),
            "ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5),
-           "ffn50+heads50/kv-dense": dict(ffn_sparsity=0.5, head_sparsity=0.5, kv="dense")}
+           "ffn50+heads50/kv-dense": dict(ffn_sparsity=0.5, head_sparsity=0.5, kv="dense"),
+           # input thresholds (kernels/sparse_input.py), calibrated as benchmark.py does
+           "teal40": dict(teal=0.4), "teal50": dict(teal=0.5), "threshold+ffn50": dict(threshold=0.5)}
 
 
 def main() -> None:
@@ -36,11 +38,17 @@ def main() -> None:
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float16).eval()
     w = extract_weights(model)
+    teal = None
     for method in args.methods:
-        engine = DecodeEngine(w, 1, 256, EngineConfig(**METHODS[method]))
+        spec = dict(METHODS[method])
+        if {"teal", "threshold"} & set(spec) and teal is None:
+            import benchmark
+            teal = benchmark.teal_calibration(model, w, {"prompt": 128})
+        sp = benchmark.input_thresholds(spec, teal, w) if teal is not None else None
+        engine = DecodeEngine(w, 1, 256, EngineConfig(**spec), input_sparsity=sp)
         heads = torch.randn(1, 1, w.n_layers, w.n_heads, device="cuda")
         neurons = torch.randn(1, 1, w.n_layers, w.ffn, device="cuda")
-        kw = dict(heads=heads, neurons=neurons) if engine.gated else {}
+        kw = dict(heads=heads, neurons=neurons) if engine._needs_scores() else {}
         g = GraphedDecoder(engine, **kw)
         engine.prefill(torch.zeros(1, 128, dtype=torch.long, device="cuda"),
                        **({k: v.expand(-1, 128, -1, -1) for k, v in kw.items()}))

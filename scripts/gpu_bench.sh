@@ -11,6 +11,8 @@
 #                 the engine (3 and 2 bits), alone and with heads50
 #   teal          benchmark.py bench=llama2_7b at batch 1 and 8: input thresholds in the engine (teal 40/50% on every
 #                 projection, threshold on the down projection, sketch FFN with teal attention), dense alongside
+#   teal-masked   the input-threshold rows of `teal` with the masked-row kernel (SHADOWSPARSE_INPUT_COMPACT=0), A/B
+#   sparse-input  benchmarks/sparse_input_kernel.py: the input-sparse GEMV alone, compacted vs masked, at 40/50%
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
 OUT=${OUT:-outputs/gpu-bench}
@@ -49,7 +51,13 @@ for part in "${parts[@]}"; do
         teal) python3 benchmark.py bench=llama2_7b "bench.batches=[1,8]" \
                   "bench.methods=[dense,teal40,teal50,threshold+ffn50,sketch+ffn50,sketch+ffn50+teal40attn]" \
                   bench.out="$OUT/teal.jsonl" 2>&1 | tee "$OUT/teal.txt" ;;
-        *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch or teal" >&2
+        teal-masked) SHADOWSPARSE_INPUT_COMPACT=0 python3 benchmark.py bench=llama2_7b "bench.batches=[1,8]" \
+                         "bench.methods=[dense,teal40,teal50,threshold+ffn50]" bench.out="$OUT/teal-masked.jsonl" 2>&1 \
+                         | tee "$OUT/teal-masked.txt" ;;
+        sparse-input) python3 benchmarks/sparse_input_kernel.py --tokens 1 8 --sparsity 0.4 0.5 --per-sm 2 4 \
+                          --configs 6 --out "$OUT/sparse-input.jsonl" 2>&1 | tee "$OUT/sparse-input.txt" ;;
+        *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch, teal," \
+                "teal-masked or sparse-input" >&2
            exit 2 ;;
     esac
 done

@@ -60,7 +60,7 @@ from ..kernels.kv_window import kv_window_write
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
-from ..kernels.sparse_input import input_sparse_linear
+from ..kernels.sparse_input import act_input_sparse_linear, input_sparse_linear
 from .cache import InputWindow, StaticKVCache
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
@@ -477,6 +477,7 @@ class DecodeEngine:
         hf = h.reshape(B * T, -1)  # (n, d)
         if sel is not None and self._thresholded("attn_in"):
             # only the rows of W_qkv.T whose input channel passes the threshold are read; q/k/v in the model dtype
+            # (the cache's)
             qkv = self._sparse_in(layer, "attn_in", hf, self.t_qkv[layer], lw.qkv_b, out_dtype=self.dtype)
             if rope is not None:
                 rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
@@ -578,16 +579,21 @@ class DecodeEngine:
         a is rounded to the model dtype between the two, as the model computes it."""
         lw, F_ = self.w.layers[layer], self.w.ffn
         if self._thresholded("ffn_in"):
-            gu = self._sparse_in(layer, "ffn_in", hf, self.t_fcin[layer], self.b_fcin[layer], out_dtype=self.dtype)
+            # gate/up stay in the kernel's fp32 accumulator; a is rounded to the model dtype where it is made
+            dt = torch.float32 if hf.shape[0] <= KERNEL_TOKENS else self.dtype
+            gu = self._sparse_in(layer, "ffn_in", hf, self.t_fcin[layer], self.b_fcin[layer], out_dtype=dt)
             g, u = gu[:, :F_], (gu[:, F_:] if lw.w_up is not None else None)  # (n, F) each
         else:
             g, u = _linear(hf, lw.w_in, lw.b_in), (None if lw.w_up is None else F.linear(hf, lw.w_up))
-        a = apply_act(g, self.w.act)
-        a = a if u is None else a * u  # (n, F) model dtype
         if self._thresholded("ffn_out"):
-            if into:
-                return self._sparse_in(layer, "ffn_out", a, lw.down_t, lw.b_out, out=rf)
-            return self._sparse_in(layer, "ffn_out", a, lw.down_t, lw.b_out, residual=rf)
+            # act(g) * u, the channel lists of the down projection's input and the down rows of the kept neurons:
+            # one compaction kernel computes a, then one GEMV (kernels/sparse_input.act_input_sparse_linear)
+            kw = dict(backend=self.cfg.backend, count=self.teal.counter(layer, "ffn_out"), dtype=self.dtype)
+            kw.update(out=rf) if into else kw.update(residual=rf)
+            return act_input_sparse_linear(g, u, self.w.act, lw.down_t, self.teal.threshold(layer, "ffn_out"),
+                                           lw.b_out, **kw)
+        a = apply_act(g.to(self.dtype), self.w.act)
+        a = a if u is None else a * u.to(self.dtype)  # (n, F) model dtype
         if into:
             return rf.add_(_linear(a, lw.down_w, lw.b_out))
         return _residual_linear(rf, a, lw.down_w, lw.b_out)
