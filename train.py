@@ -5,6 +5,7 @@ import hydra
 from omegaconf import DictConfig
 
 from shadowsparse.errors import ConfigError
+from shadowsparse.preflight import report_config_errors
 from shadowsparse.schema import register_schemas  # noqa: F401  (types conf/ groups before the compose)
 
 
@@ -20,4 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with report_config_errors():  # a config that does not compose: one error line, exit 2 (not Hydra's exit 1)
+        main()

@@ -90,7 +90,7 @@ if [[ " $PARTS " == *" auto "* ]]; then
     # one model over both GPUs (accelerate's dispatch hooks + our gating hooks), 1gpu's predictor, same windows
     DEV=(llm.device=auto); [ "$ACCEL" = cpu ] && DEV=(llm.device=cpu)
     run_part auto 1gpu "${DEV[@]}" stages.collect=false stages.fit=false "evaluate.methods=[dense,predictor]" \
-        "paths.predictor_ckpt=$WORK/run-1gpu/predictor.ckpt" "${EVAL[@]}"
+        "paths.predictor_ckpt=$WORK/run-1gpu/predictor" "${EVAL[@]}"
 fi
 
 python3 - "$WORK" "$OUT" <<'EOF'

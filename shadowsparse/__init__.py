@@ -2,10 +2,10 @@
 FFN neurons per token at inference, evaluate and report."""
 from .gating import (GatingConfig, GatingHandle, PredictorScores, StaticScores, TensorScores, attach_gating,
                      gated)
-from .predictor import PredictorConfig, SharedPredictor
+from .predictor import PerLayerPredictor, PredictorConfig, SharedPredictor
 
 __all__ = ["attach_gating", "gated", "GatingConfig", "GatingHandle", "PredictorScores", "StaticScores",
-           "TensorScores", "SharedPredictor", "PredictorConfig", "load_gated", "GatedLM"]
+           "TensorScores", "SharedPredictor", "PerLayerPredictor", "PredictorConfig", "load_gated", "GatedLM"]
 __version__ = "0.1.0"
 
 

@@ -20,10 +20,14 @@ STRATEGIES = ("auto", "ddp", "fsdp")  # conf/trainer/{cpu,gpu,ddp,fsdp}.yaml
 MULTI_PROCESS = ("ddp", "fsdp")
 
 
-def window_spec(node) -> WindowSpec:
-    """data.calib / data.eval -> the windows to cut from that text source."""
-    return WindowSpec(seq_len=node.seq_len, n_windows=node.n_windows,
-                      source=TextSource(**OmegaConf.to_container(node.source, resolve=True)))
+def window_spec(node, key: str = "") -> WindowSpec:
+    """data.calib / data.eval (``key``, for the message) -> the windows to cut from that text source."""
+    source = OmegaConf.to_container(node.source, resolve=True)
+    unknown = set(source) - set(TextSource.__dataclass_fields__)
+    if unknown:
+        where = f"{key}.source" if key else "source"
+        raise ConfigError(f"unknown {where} key(s) {sorted(unknown)}; known: {sorted(TextSource.__dataclass_fields__)}")
+    return WindowSpec(seq_len=node.seq_len, n_windows=node.n_windows, source=TextSource(**source))
 
 
 def targets_config(cfg) -> TargetsConfig:

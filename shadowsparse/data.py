@@ -31,7 +31,7 @@ class TextSource:
 @dataclass
 class WindowSpec:
     seq_len: int = 512  # tokens per window
-    n_windows: int = 32  # how many windows to keep (from the start of the stream); 0 or less keeps all
+    n_windows: int | None = 32  # how many windows to keep (from the start of the stream); None keeps all
     source: TextSource = field(default_factory=TextSource)
 
 
@@ -128,19 +128,34 @@ def _join(src: TextSource, texts) -> str:
     return joined
 
 
-def token_windows(tokenizer, spec: WindowSpec) -> torch.Tensor:
-    """(N, seq_len) int64 token ids: the first ``n_windows`` non-overlapping windows of the source."""
-    if spec.seq_len < 2:
-        raise ConfigError(f"seq_len must be at least 2, got {spec.seq_len}")
+def check_spec(spec: WindowSpec, key: str = "") -> None:
+    """Window length and count, before any text is read (``key``: the config node, for the messages)."""
+    at = f"{key}." if key else ""
+    if isinstance(spec.seq_len, bool) or not isinstance(spec.seq_len, int) or spec.seq_len < 2:
+        raise ConfigError(f"{at}seq_len must be a number of tokens >= 2, got {spec.seq_len!r}; e.g. {at}seq_len=512")
+    n = spec.n_windows
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"{at}n_windows={n!r} is not a number of windows; set {at}n_windows to a count >= 1 "
+                          f"(e.g. {at}n_windows=32), or to null for every window of the text")
+
+
+def token_windows(tokenizer, spec: WindowSpec, key: str = "") -> torch.Tensor:
+    """(N, seq_len) int64 token ids: the first ``n_windows`` non-overlapping windows of the source (all of them when
+    ``n_windows`` is None). ``key`` (``data.eval``) is the config node the spec came from: messages name its keys."""
+    check_spec(spec, key)
+    at = f"{key}." if key else ""
     src = spec.source
-    if spec.n_windows > 0 and src.max_chars is None:
+    if spec.n_windows is not None and src.max_chars is None:
         # Tokenizing a whole corpus to keep a few windows is slow on CPU: read a generous character budget.
         src = TextSource(**{**src.__dict__, "max_chars": spec.n_windows * spec.seq_len * 12})
-    ids = tokenizer.encode(read_text(src), add_special_tokens=False)
+    # the whole stream at once, on purpose (cut into windows below): verbose=False drops the tokenizer's warning that
+    # the sequence is longer than the model's context
+    ids = tokenizer.encode(read_text(src), add_special_tokens=False, verbose=False)
     n = len(ids) // spec.seq_len
-    if spec.n_windows > 0:
+    if spec.n_windows is not None:
         n = min(n, spec.n_windows)
     if n == 0:
-        raise ConfigError(f"text source holds {len(ids)} tokens, fewer than one window of {spec.seq_len}; "
-                          "lower seq_len or give more text")
+        where = f"{at}source ({src.data_files or src.path})" if key else "the text source"
+        raise ConfigError(f"{where} holds {len(ids)} tokens, fewer than one window of {at}seq_len={spec.seq_len}; "
+                          f"lower {at}seq_len (to at most {len(ids)}) or point {at}source at more text")
     return torch.tensor(ids[: n * spec.seq_len], dtype=torch.long).view(n, spec.seq_len)

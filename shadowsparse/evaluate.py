@@ -16,7 +16,8 @@ from .config import window_spec
 from .data import token_windows
 from .gating import GatingConfig, SparsityCounter, attach_gating
 from .perplexity import Level, evaluate_levels
-from .report import append_result
+from .errors import ConfigError
+from .report import PARTIAL_RESULTS, append_result, publish_results
 from .selectors import EvalContext, Run, Selector, get_selector
 from .selectors.base import CONFIG, SAME
 from .targets import read_manifest
@@ -35,14 +36,31 @@ def collection_info(ctx: EvalContext, selectors: list[Selector]) -> dict:
     return {"criterion": ctx.cfg.targets.criterion, "feature_layer": ctx.cfg.targets.feature_layer}
 
 
+def check_same_layers(ctx: EvalContext, selectors: list[Selector]) -> None:
+    """Every method gates the layers after one feature layer: refuse (before any row) a trained predictor whose
+    feature layer is not that of the targets the other methods read."""
+    pred = ctx.shared.get("predictor")
+    if pred is None or pred.feature_layer == ctx.info["feature_layer"]:
+        return
+    readers = [s.name for s in selectors if s.needs_targets]
+    fl, tl = pred.feature_layer, ctx.info["feature_layer"]
+    raise ConfigError(f"the predictor '{getattr(pred, 'source_path', None) or 'predictor'}' reads the hidden state "
+                      f"after layer {fl} (trained with targets.feature_layer={fl}), but {', '.join(readers)} read(s) "
+                      f"the targets at '{ctx.targets_dir}', collected after layer {tl}; every method gates the same "
+                      f"layers, so collect the targets with targets.feature_layer={fl} (or point paths.targets_dir "
+                      f"at such targets), or evaluate {', '.join(readers)} without this predictor")
+
+
 class Evaluation:
     """The rows of one evaluation stage: runs a selector's Runs through the mask path and records their rows.
     Selectors with hooks of their own (teal) use ``windows``, ``row`` and ``add`` directly."""
 
-    def __init__(self, ctx: EvalContext, static: dict | None):
+    def __init__(self, ctx: EvalContext, static: dict | None, windows=None):
         cfg = ctx.cfg
         self.ctx, self.cfg, self.view = ctx, cfg, ctx.view
-        self.windows = token_windows(ctx.tok, window_spec(cfg.data.eval))  # (N, T)
+        # (N, T): the pipeline cuts them before the model loads (a text too short is refused before any work)
+        self.windows = windows if windows is not None else token_windows(ctx.tok, window_spec(cfg.data.eval),
+                                                                         "data.eval")
         self.tasks = list(cfg.evaluate.get("tasks") or [])
         self.base = {"criterion": ctx.info["criterion"], "nm": None, "granularity": cfg.gating.granularity,
                      "dataset": cfg.data.eval.name, "metric": "ppl", "model": cfg.llm.name,
@@ -115,9 +133,27 @@ class Evaluation:
 
 
 def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dict,
-                   static: dict | None = None) -> list[dict]:
+                   static: dict | None = None, windows=None) -> list[dict]:
     """Every configured method's rows, in the configured order; ``static`` (from the sparsify stage) labels them
-    with the static mask under them."""
+    with the static mask under them; ``windows``: the evaluation windows, if already cut. The rows go to
+    results.jsonl.partial as they finish and become results.jsonl when the stage is over (replacing an earlier
+    run's in this folder); a refusal (ConfigError) removes them, a crash leaves them in the .partial file."""
+    partial = Path(run_dir) / PARTIAL_RESULTS
+    partial.unlink(missing_ok=True)  # rows of a run killed in this folder: not this run's
+    try:
+        rows = _evaluate(cfg, model, tok, targets_dir, run_dir, extra, static, windows)
+    except ConfigError:
+        partial.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        if partial.exists():
+            log.warning("evaluation stopped: its finished rows are in %s (results.jsonl not written)", partial)
+        raise
+    publish_results(run_dir)
+    return rows
+
+
+def _evaluate(cfg, model, tok, targets_dir, run_dir, extra, static, windows) -> list[dict]:
     methods = list(cfg.evaluate.methods)
     selectors = [get_selector(m) for m in methods]
     ctx = EvalContext(cfg=cfg, model=model, tok=tok, view=ModelView(model), run_dir=Path(run_dir),
@@ -126,7 +162,8 @@ def stage_evaluate(cfg, model, tok, targets_dir: Path, run_dir: Path, extra: dic
         sel.prepare(ctx)
     ctx.info = collection_info(ctx, selectors)
     ctx.first_layer = ctx.info["feature_layer"] + 1  # every method gates the same layers: those after the feature
-    evaluation = Evaluation(ctx, static)
+    check_same_layers(ctx, selectors)
+    evaluation = Evaluation(ctx, static, windows)
     for sel in selectors:
         reason = sel.skip_reason(ctx)
         if reason:

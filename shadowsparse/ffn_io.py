@@ -92,5 +92,5 @@ class _StopAfter:
 
 def load_layer(out_dir: str | Path, kind: str, layer: int, rows: slice | None = None) -> torch.Tensor:
     """One recorded tensor as fp16 torch (copied into RAM): kind 'x' (FFN input), 'a' (activation), 'h' (layer input)."""
-    arr = np.load(Path(out_dir) / f"{kind}{layer}.npy", mmap_mode="r")
+    arr = np.load(Path(out_dir) / f"{kind}{layer}.npy", mmap_mode="r", allow_pickle=False)
     return torch.from_numpy(np.array(arr[rows] if rows is not None else arr))  # a writable copy

@@ -11,6 +11,7 @@ a fixed vector (a static mask). This multiply-by-mask path is the reference ever
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -104,20 +105,23 @@ class PredictorScores(ScoreSource):
         self._heads = self._neurons = None
 
     def attach(self, view, cfg):
+        check_predictor(self.predictor, view, cfg)
         if self.feature_layer + 1 >= view.dims.n_layers:
             raise ConfigError(f"predictor reads layer {self.feature_layer}, but the model has {view.dims.n_layers}")
         sequence = cfg.granularity == "sequence"
+        self._heads = self._neurons = None  # a new attach never reuses the masks of an earlier one
+        layer = self.feature_layer + 1
 
         def predict(module, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
             if sequence:
-                if h.shape[1] == 1 and self._heads is not None:
+                if reuses_prompt_mask(h, kwargs, layer, self._heads):
                     return  # decoding: keep the prompt's mask
                 h = h.mean(1, keepdim=True)  # (B, 1, d_model)
             with torch.no_grad():  # (h moves to the predictor's device: a model split over GPUs by device_map)
                 self._heads, self._neurons = self.predictor(h.to(_device_of(self.predictor)))  # (B,T,L,H), (B,T,L,F)
 
-        return [view.layer(self.feature_layer + 1).register_forward_pre_hook(predict, with_kwargs=True)]
+        return [view.layer(layer).register_forward_pre_hook(predict, with_kwargs=True)]
 
     def heads(self, layer, x):  # .to: a no-op unless device_map put this layer on another GPU
         return self._heads[:, :, layer].to(x.device)
@@ -133,6 +137,40 @@ def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def reuses_prompt_mask(h: torch.Tensor, kwargs: dict, layer: int, stored: torch.Tensor | None) -> bool:
+    """Sequence masks: whether this forward is a decode step of the prompt the stored mask was made for (reuse it)
+    rather than a new prompt (recompute). A new prompt is a forward of more than one token, one of another batch
+    size than the stored mask, or one whose positions start again at 0 (cache_position / position_ids, else an
+    empty KV cache at this layer); a forward that says nothing about positions continues the last prompt."""
+    if stored is None or h.shape[1] != 1 or stored.shape[0] != h.shape[0]:
+        return False
+    for key in ("cache_position", "position_ids"):
+        pos = kwargs.get(key)
+        if isinstance(pos, torch.Tensor) and pos.numel():
+            return bool(pos.max() > 0)
+    cache = next((kwargs[k] for k in ("cache", "past_key_values", "past_key_value") if kwargs.get(k) is not None),
+                 None)
+    if cache is not None and hasattr(cache, "get_seq_length"):
+        try:
+            return cache.get_seq_length(layer) > 0
+        except (TypeError, IndexError, AttributeError):
+            pass
+    return True
+
+
+def check_predictor(predictor: nn.Module, view: ModelView, cfg: GatingConfig) -> None:
+    """At attach time, before any hook: the predictor belongs to this model (its fingerprint, or its dims), and
+    no layer is gated before its scores exist (layers up to its feature layer run before it predicts)."""
+    check = getattr(predictor, "check_model", None)
+    if check is not None:
+        check(view.model, "predictor")
+    fl = predictor.feature_layer
+    if cfg.first_layer is not None and cfg.first_layer <= fl and not hasattr(predictor, "predict_layer"):
+        raise ConfigError(f"first_layer={cfg.first_layer} gates layer {cfg.first_layer}, but the predictor reads the "
+                          f"hidden state after layer {fl} (its feature_layer), so it has no scores yet when layers "
+                          f"0..{fl} run; set first_layer to at least {fl + 1} (or leave it None: feature_layer + 1)")
+
+
 class PerLayerScores(ScoreSource):
     """A per-layer predictor: the pre-hook of layer j predicts layer j + lookahead from j's input hidden state."""
 
@@ -144,16 +182,19 @@ class PerLayerScores(ScoreSource):
         self._neurons: dict[int, torch.Tensor] = {}
 
     def attach(self, view, cfg):
+        check_predictor(self.predictor, view, cfg)
         sequence = cfg.granularity == "sequence"
         first = cfg.first_layer if cfg.first_layer is not None else self.feature_layer + 1
+        self._heads.clear()  # a new attach never reuses the masks of an earlier one
+        self._neurons.clear()
         hooks = []
         for target in range(first, view.dims.n_layers):
             src = max(0, target - self.lookahead)
 
-            def predict(module, args, kwargs, target=target):
+            def predict(module, args, kwargs, target=target, src=src):
                 h = args[0] if args else kwargs["hidden_states"]  # (B, T, d_model)
                 if sequence:
-                    if h.shape[1] == 1 and target in self._heads:
+                    if reuses_prompt_mask(h, kwargs, src, self._heads.get(target)):
                         return
                     h = h.mean(1, keepdim=True)
                 with torch.no_grad():
@@ -258,11 +299,23 @@ class HookHandle:
         return False
 
 
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GatingHandle]" = weakref.WeakKeyDictionary()  # model -> handle
+
+
 class GatingHandle(HookHandle):
-    """Owns the hooks of one attach_gating call; remove() (or leaving the with-block) restores the dense model."""
+    """Owns the hooks of one attach_gating call; remove() (or leaving the with-block) restores the dense model.
+    One handle per model at a time: a second attach_gating before remove() is refused (the hooks would stack)."""
 
     def __init__(self, model: nn.Module, view: ModelView, source: ScoreSource, cfg: GatingConfig,
                  counter: SparsityCounter | None = None):
+        self._hooks: list = []
+        earlier = _ATTACHED.get(model)
+        if earlier is not None and earlier._hooks:
+            c = earlier.cfg
+            raise ConfigError(f"this model is already gated by an earlier attach_gating (ffn_sparsity={c.ffn_sparsity}"
+                              f", head_sparsity={c.head_sparsity}), still attached: the hooks would stack (both masks "
+                              "applied) while stats() counts one; call .remove() on the earlier handle (or leave its "
+                              "with-block) before attaching again")
         self.model, self.view, self.source, self.cfg = model, view, source, cfg
         self.counter = counter or SparsityCounter()
         d = view.dims
@@ -273,17 +326,22 @@ class GatingHandle(HookHandle):
         self.gated_layers = list(range(self.first_layer, d.n_layers))
         self.k_heads = n_keep(d.n_heads, cfg.head_sparsity)
         self.k_neurons = n_keep(d.ffn, cfg.ffn_sparsity)
-        self._hooks: list = []
         self._budget_cache: dict = {}  # kind -> (the scores tensor it was made from, masks of all gated layers)
         self.counter.gated_layers = len(self.gated_layers)
         gate_heads, gate_ffn = self.k_heads < d.n_heads, self.k_neurons < d.ffn
-        if gate_heads or gate_ffn:  # with nothing to skip, no hook at all: the model stays dense bit for bit
-            self._hooks += source.attach(view, cfg)
-        for layer in self.gated_layers:
-            if gate_heads:
-                self._hooks.append(view.attn_out(layer).register_forward_pre_hook(self._head_hook(layer)))
-            if gate_ffn:
-                self._hooks.append(view.ffn_down(layer).register_forward_pre_hook(self._neuron_hook(layer)))
+        try:
+            if gate_heads or gate_ffn:  # with nothing to skip, no hook at all: the model stays dense bit for bit
+                self._hooks += source.attach(view, cfg)
+            for layer in self.gated_layers:
+                if gate_heads:
+                    self._hooks.append(view.attn_out(layer).register_forward_pre_hook(self._head_hook(layer)))
+                if gate_ffn:
+                    self._hooks.append(view.ffn_down(layer).register_forward_pre_hook(self._neuron_hook(layer)))
+        except BaseException:  # a refused attach leaves no hook behind
+            self.remove()
+            raise
+        if self._hooks:
+            _ATTACHED[model] = self
 
     # -- hooks ---------------------------------------------------------------------------------------------------
     def _count(self, key: str, mask: torch.Tensor, tokens: int) -> None:
@@ -350,6 +408,11 @@ class GatingHandle(HookHandle):
     def stats(self) -> dict:
         d = self.view.dims
         return self.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
+
+    def remove(self) -> None:
+        super().remove()
+        if _ATTACHED.get(self.model) is self:
+            del _ATTACHED[self.model]
 
 
 

@@ -99,9 +99,10 @@ def byte_tokenizer(model_max_length: int = 256):
                                    model_max_length=model_max_length)
 
 
-def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
-    """Return (model in eval mode with frozen parameters, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def load_llm(cfg: LLMConfig, tokenizer=None) -> tuple[nn.Module, object]:
+    """Return (model in eval mode with frozen parameters, tokenizer); ``tokenizer``: the one load_tokenizer(cfg) gave
+    (reused, not loaded again)."""
+    from transformers import AutoModelForCausalLM
     dtype = parse_dtype(cfg.dtype)
     check_device(cfg.device)
     name = cfg.name
@@ -115,32 +116,18 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
         from transformers import AutoModelForCausalLM as Auto
         torch.manual_seed(cfg.seed)
         model = Auto.from_config(tiny_config(name.split(":", 1)[1]), dtype=dtype)
-        tok = byte_tokenizer()
+        model.config.name_or_path = name  # shown in artifact checks (not part of the fingerprint)
+        tok = tokenizer if tokenizer is not None else byte_tokenizer()
     else:
-        kwargs: dict = {"dtype": dtype}
-        if name.startswith("embedded:"):
-            if name != "embedded:smollm2":
-                raise ConfigError(f"unknown embedded model '{name}'; the only one is embedded:smollm2")
-            folder, gguf = embedded_gguf()
-            src, kwargs["gguf_file"] = str(folder), gguf
-        else:
-            src = name
-            local = Path(os.path.expanduser(name))
-            if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-                raise ConfigError(f"model path '{name}' does not exist; give an existing folder or a hub id")
-            if cfg.revision:
-                kwargs["revision"] = cfg.revision
+        src, kwargs = _hf_source(cfg)
+        kwargs["dtype"] = dtype
         if cfg.device == "auto":
             kwargs["device_map"] = "auto"
+        tok = tokenizer if tokenizer is not None else load_tokenizer(cfg)  # checks first that it is a causal LM
         try:
-            tok_kw = {k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")}
-            if "gguf_file" not in kwargs:  # the config alone (no weights yet) says whether we can use the model
-                from transformers import AutoConfig
-                check_causal(AutoConfig.from_pretrained(src, **tok_kw), name)
-            tok = AutoTokenizer.from_pretrained(src, **tok_kw)
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
         except OSError as exc:  # hub id unknown, offline, or a folder without weights
-            raise ConfigError(f"could not load model '{name}': {exc}. Check the id or path; offline runs need a "
+            raise ConfigError(f"could not load model '{cfg.name}': {exc}. Check the id or path; offline runs need a "
                               "local folder or embedded:smollm2") from exc
     if cfg.device not in ("cpu", "auto"):
         model = model.to(cfg.device)
@@ -149,6 +136,42 @@ def load_llm(cfg: LLMConfig) -> tuple[nn.Module, object]:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def _hf_source(cfg: LLMConfig) -> tuple[str, dict]:
+    """Where an embedded, hub or local model is read from, and the keys its config and tokenizer take."""
+    name = cfg.name
+    if name.startswith("embedded:"):
+        if name != "embedded:smollm2":
+            raise ConfigError(f"unknown embedded model '{name}'; the only one is embedded:smollm2")
+        folder, gguf = embedded_gguf()
+        return str(folder), {"gguf_file": gguf}
+    local = Path(os.path.expanduser(name))
+    if not local.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise ConfigError(f"model path '{name}' does not exist; give an existing folder or a hub id")
+    return name, ({"revision": cfg.revision} if cfg.revision else {})
+
+
+def load_tokenizer(cfg: LLMConfig):
+    """The tokenizer alone, without the weights: the pipeline cuts its evaluation text with it before the model
+    loads (a text too short is refused in seconds, not after the model's download), then hands it to load_llm. A hub
+    or local model's config is checked first (a decoder-only causal LM), as loading the model would."""
+    from transformers import AutoTokenizer
+    check_device(cfg.device)
+    if cfg.name.startswith(("random:", "random-shape:")):
+        return byte_tokenizer()  # random-shape: load_llm makes one with the shape's context length
+    src, tok_kw = _hf_source(cfg)
+    try:
+        if "gguf_file" not in tok_kw:  # the config alone (no weights yet) says whether we can use the model
+            from transformers import AutoConfig
+            check_causal(AutoConfig.from_pretrained(src, **tok_kw), cfg.name)
+        tok = AutoTokenizer.from_pretrained(src, **tok_kw)
+    except OSError as exc:  # hub id unknown, offline, or a folder without a tokenizer
+        raise ConfigError(f"could not load model '{cfg.name}': {exc}. Check the id or path; offline runs need a "
+                          "local folder or embedded:smollm2") from exc
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
 
 
 def check_device(device: str) -> None:
@@ -292,25 +315,59 @@ def check_context(model: nn.Module, lengths: dict[str, int]) -> None:
 
 
 def model_fingerprint(model) -> dict:
-    """Identity of a model for artifact checks: its name, architecture dims and a checksum of a few weights."""
+    """Identity of a model for artifact checks: its name, architecture dims and a checksum of a few weights. The name
+    and the weights' dtype are shown, not hashed (see same_model: a dtype change is the same model)."""
     view = ModelView(model)
     probe = [view.ffn_down(0).weight, view.attn_out(view.dims.n_layers - 1).weight]
     checksum = float(sum(p.detach().float().abs().sum().item() for p in probe))
     fp = {"name": getattr(model.config, "_name_or_path", "") or "", **view.config_fingerprint(),
           "vocab_size": model.config.vocab_size, "weight_checksum": round(checksum, 3)}
     # the name is shown, not hashed: the same GGUF or hub model loaded from another folder is the same model
-    ident = {k: v for k, v in fp.items() if k != "name"}
+    ident = {k: v for k, v in fp.items() if k not in SHOWN_ONLY}
     fp["hash"] = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+    fp["dtype"] = str(probe[0].dtype).removeprefix("torch.")
+    fp["probe_elements"] = int(sum(p.numel() for p in probe))
     return fp
+
+
+SHOWN_ONLY = ("name", "hash", "dtype", "probe_elements")  # fingerprint keys outside the identity hash
+
+
+def same_model(found: dict, expected: dict) -> bool:
+    """Whether a recorded fingerprint is this model's: the same hash, or — when the weights' dtypes differ (the same
+    model loaded in bf16 instead of fp32; old records carry no dtype) — the same architecture and a weight checksum
+    equal within the rounding of the lower-precision dtype (10 sigma of bf16 rounding over the probed weights)."""
+    if found.get("hash") == expected.get("hash"):
+        return True
+    if found.get("dtype") is not None and found.get("dtype") == expected.get("dtype"):
+        return False
+    ident = [k for k in expected if k not in SHOWN_ONLY and k != "weight_checksum"]
+    if any(found.get(k) != expected[k] for k in ident):
+        return False
+    a, b = found.get("weight_checksum"), expected.get("weight_checksum")
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return False
+    n = max(1, int(expected.get("probe_elements") or 1))
+    return abs(a - b) <= max(2e-3, 0.012 / n ** 0.5 * max(abs(a), abs(b)))
+
+
+def describe_model(fp: dict | None) -> str:
+    """A model as an error message names it: its name (or its family when it has none), dtype and hash."""
+    if not fp:
+        return "an unknown model (no fingerprint recorded)"
+    name = repr(fp["name"]) if fp.get("name") else f"an unnamed {fp.get('model_type', '?')} model"
+    dims = f"{fp.get('model_type', '?')}, {fp.get('n_layers', '?')} layers, hidden {fp.get('hidden', '?')}, " \
+           f"FFN {fp.get('ffn', '?')}"
+    return f"{name} ({dims}{', ' + fp['dtype'] if fp.get('dtype') else ''}, hash {fp.get('hash')})"
 
 
 def check_fingerprint(found: dict, model, what: str) -> None:
     """Refuse an artifact (targets, predictor or LTE checkpoint) whose recorded fingerprint is not this model's."""
     expected = model_fingerprint(model)
-    if found.get("hash") != expected["hash"]:
-        raise ConfigError(f"{what} was made from another model ({found.get('name')!r}, hash {found.get('hash')}) "
-                          f"than the one loaded ({expected['name']!r}, hash {expected['hash']}); "
-                          "re-run the stage that makes it for this model, or load the matching model")
+    if not same_model(found, expected):
+        raise ConfigError(f"{what} was made from another model than the one loaded (made from "
+                          f"{describe_model(found)}; loaded: {describe_model(expected)}); re-run the stage that makes "
+                          "it for this model, or load the matching model")
 
 
 @contextmanager

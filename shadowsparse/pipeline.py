@@ -14,12 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import MULTI_PROCESS, gating_levels, sparsity_config, targets_config, trainer_kwargs, window_spec
 from .criteria import get_criterion
-from .data import token_windows
+from .data import check_spec, token_windows
 from .distributed import FIT_TARGETS_ENV, fit_only_targets, is_rank_zero
 from .errors import ConfigError
 from .evaluate import stage_evaluate
 from .gating import GatingConfig
-from .llm import LLMConfig, check_context, load_llm, model_fingerprint
+from .llm import LLMConfig, check_context, load_llm, load_tokenizer, model_fingerprint
 from .loggers import check_logger, make_loggers, wandb_init_kwargs
 from .prune import sparsify_, squash_
 from .report import RESULTS, plot_frontier, plot_quality, print_table, read_results
@@ -51,7 +51,7 @@ def stage_sparsify(cfg, model, tok, run_dir: Path) -> dict:
     if scfg.metric is None:
         return {}
     spec = window_spec(cfg.data.calib)
-    windows = token_windows(tok, spec)[: cfg.sparsity.calib_windows]
+    windows = token_windows(tok, spec, "data.calib")[: cfg.sparsity.calib_windows]
     t0 = time.time()
     report = sparsify_(model, scfg, windows)
     report["seconds"] = round(time.time() - t0, 1)
@@ -70,13 +70,14 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
     if (targets_dir / "manifest.json").exists() and not cfg.targets_overwrite:
         log.info("targets: reusing %s", targets_dir)
         return
+    check_targets_writable(cfg, targets_dir)
     task = cfg.data.calib.get("task")
     if task:  # task data: each example's loss covers its answer tokens only
         windows = task_examples(tok, task, cfg.data.calib.n_windows)
         desc = f"task {task}: {len(windows)} examples, loss on answer tokens"
     else:
         spec = window_spec(cfg.data.calib)
-        windows = token_windows(tok, spec)
+        windows = token_windows(tok, spec, "data.calib")
         desc = f"{spec.source.data_files or spec.source.path}: {len(windows)}x{spec.seq_len} tokens"
     tcfg = targets_config(cfg)
     # resumes a killed collection of this configuration; targets_overwrite also discards one of another
@@ -91,7 +92,9 @@ def stage_collect(cfg, model, tok, targets_dir: Path) -> None:
 
 def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     import lightning as L
-    from .system import PREDICTOR_CKPT, EpochSummary, PredictorSystem, TargetsDataModule
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from .system import (FIT_CHECKPOINTS, PREDICTOR_DIR, EpochSummary, PredictorSystem, TargetsDataModule,
+                         export_predictor, resume_point)
     fit = cfg.predictor.fit
     m = read_manifest(targets_dir)
     dims = dict(d_model=m["hidden"], n_layers=m["n_layers"], n_heads=m["n_heads"], ffn=m["ffn"],
@@ -111,17 +114,44 @@ def stage_fit(cfg, model, targets_dir: Path, run_dir: Path) -> dict:
     tkw = trainer_kwargs(cfg)
     if tkw["strategy"] in MULTI_PROCESS:  # the processes Lightning launches train only: tell them what on
         os.environ[FIT_TARGETS_ENV] = str(Path(targets_dir).absolute())
-    trainer = L.Trainer(**tkw, logger=loggers or False, default_root_dir=str(run_dir), enable_checkpointing=False,
-                        callbacks=[EpochSummary()])
-    trainer.fit(system, datamodule=dm)
-    trainer.save_checkpoint(str(run_dir / PREDICTOR_CKPT))  # every rank calls it (FSDP gathers), rank 0 writes
+    # Lightning's own checkpoints (best validation loss, and the last epoch to resume a killed fit from); the
+    # predictor itself is exported as safetensors + config.json (PREDICTOR_DIR) after the fit
+    ckpt_dir = run_dir / FIT_CHECKPOINTS
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1,
+                                 save_last=True, enable_version_counter=False)
+    resume = resume_point(ckpt_dir, {"targets": str(Path(targets_dir).absolute()), "rows": m["n_rows"],
+                                     "model": m["model"].get("hash"), "dims": dims, "seed": cfg.seed,
+                                     **system.hparams_identity()})
+    trainer = L.Trainer(**tkw, logger=loggers or False, default_root_dir=str(run_dir),
+                        callbacks=[EpochSummary(), checkpoint])
+    import inspect
+    safe = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+    trainer.fit(system, datamodule=dm, ckpt_path=resume, **safe)  # weights_only: no code runs from the checkpoint
+    export_predictor(trainer, system, run_dir / PREDICTOR_DIR)  # every rank calls it (FSDP gathers), rank 0 writes
     os.environ.pop(FIT_TARGETS_ENV, None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if checkpoint.best_model_score is not None:
+        metrics["fit/best_val_loss"] = float(checkpoint.best_model_score)
     return {**info, **metrics}
 
 
+def needs_predictor(cfg: DictConfig) -> bool:
+    """Whether the fit stage has a consumer: an evaluated method that reads the trained predictor, or no evaluation
+    at all (a fit-only run makes the predictor for later)."""
+    from .selectors import get_selector
+    return not cfg.stages.evaluate or any(get_selector(m).needs_predictor for m in cfg.evaluate.methods)
+
+
 def validate(cfg: DictConfig) -> None:
-    """Cheap checks of the whole config before any model is loaded or artifact written."""
+    """Cheap checks of the whole config before any model is loaded or artifact written (train.py runs them before
+    Hydra makes the run folder, and on every job of a sweep before the first one runs: shadowsparse/preflight.py)."""
+    missing = OmegaConf.missing_keys(cfg)
+    if missing:
+        key = sorted(missing)[0]
+        raise ConfigError(f"{key} has no value (??? in its config file); give it, e.g. {key}=<value>"
+                          + (" (a hub id or a local folder)" if key == "llm.name" else ""))
+    for key in ("data.calib", "data.eval"):
+        check_spec(window_spec(OmegaConf.select(cfg, key), key), key)
     for ffn, heads in gating_levels(cfg):
         GatingConfig(ffn_sparsity=ffn, head_sparsity=heads, granularity=cfg.gating.granularity,
                      budget=cfg.gating.budget, min_keep=cfg.gating.min_keep).validate()
@@ -156,8 +186,23 @@ def validate(cfg: DictConfig) -> None:
     # last: the other checks create nothing, this one probes the disk
     check_writable(cfg.paths.output_dir, "paths.output_dir")
     if cfg.stages.collect:
-        key = "paths.targets_dir" if cfg.paths.get("targets_dir") else "paths.cache_dir"
-        check_writable(cfg.paths.get("targets_dir") or cfg.paths.cache_dir, key)
+        check_targets_writable(cfg)
+
+
+def check_targets_writable(cfg: DictConfig, targets_dir: Path | None = None) -> None:
+    """The collect stage writes targets unless finished ones are there to reuse (targets_overwrite=false): a
+    read-only cache or paths.targets_dir that holds them is only read, and is fine. A cache folder is named after the
+    model's fingerprint, unknown before the model loads (``targets_dir`` None): a cache holding any finished
+    targets passes here, and stage_collect checks again with the folder itself."""
+    explicit = cfg.paths.get("targets_dir")
+    key, root = ("paths.targets_dir", Path(explicit)) if explicit else ("paths.cache_dir", Path(cfg.paths.cache_dir))
+    if not cfg.targets_overwrite:
+        if targets_dir is not None:
+            if (targets_dir / "manifest.json").exists():
+                return
+        elif (root / "manifest.json").exists() if explicit else any((root / "targets").glob("*/manifest.json")):
+            return
+    check_writable(root, key)
 
 
 def check_writable(path, key: str) -> None:
@@ -165,9 +210,9 @@ def check_writable(path, key: str) -> None:
     and removed in its nearest existing ancestor (permission bits alone mislead as root and on read-only mounts)."""
     import tempfile
     where = Path(path).expanduser().absolute()
-    while not where.exists():
-        where = where.parent
     try:
+        while not where.exists():
+            where = where.parent
         if not where.is_dir():
             raise NotADirectoryError(f"'{where}' is a file")
         Path(tempfile.mkdtemp(prefix=".write-probe-", dir=where)).rmdir()
@@ -179,6 +224,9 @@ def check_writable(path, key: str) -> None:
 def run(cfg: DictConfig) -> dict:
     """The whole pipeline; returns a flat metric dict (for Hydra sweepers and tests)."""
     import lightning as L
+
+    from .quiet import quiet_third_party_logs
+    quiet_third_party_logs()
     t0 = time.time()
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -189,7 +237,10 @@ def run(cfg: DictConfig) -> dict:
         return stage_fit(cfg, None, Path(fit_only_targets()), run_dir)
     from .targets.collect_dp import bind_rank_device
     bind_rank_device()  # in a process Lightning launched as a DDP rank: "cuda" is this rank's GPU from here on
-    model, tok = load_llm(LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True)))
+    llm_cfg = LLMConfig(**OmegaConf.to_container(cfg.llm, resolve=True))
+    tok = load_tokenizer(llm_cfg)  # the evaluation text is cut before the model loads: too short, refused in seconds
+    eval_windows = token_windows(tok, window_spec(cfg.data.eval), "data.eval") if cfg.stages.evaluate else None
+    model, tok = load_llm(llm_cfg, tokenizer=tok)
     check_context(model, {**({} if cfg.data.calib.get("task") else {"data.calib.seq_len": cfg.data.calib.seq_len}),
                           **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {})})
     static = stage_sparsify(cfg, model, tok, run_dir)
@@ -197,8 +248,11 @@ def run(cfg: DictConfig) -> dict:
     metrics: dict = {}
     if cfg.stages.collect:
         stage_collect(cfg, model, tok, targets_dir)
-    if cfg.stages.fit:
+    if cfg.stages.fit and needs_predictor(cfg):
         metrics.update(stage_fit(cfg, model, targets_dir, run_dir))
+    elif cfg.stages.fit:
+        log.info("fit: skipped, no evaluated method reads the predictor (evaluate.methods=%s)",
+                 list(cfg.evaluate.methods))
     if cfg.stages.fit and "lte" in cfg.evaluate.methods:
         from .lte import stage_lte
         metrics.update(stage_lte(cfg, model, tok, run_dir))
@@ -206,7 +260,7 @@ def run(cfg: DictConfig) -> dict:
         return metrics
     if cfg.stages.evaluate:
         extra = {k: metrics[k] for k in ("val/spearman_ffn", "val/recall_ffn") if k in metrics}
-        rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra, static)
+        rows = stage_evaluate(cfg, model, tok, targets_dir, run_dir, extra, static, windows=eval_windows)
         for r in rows:
             if r["metric"] == "ppl":  # task rows have their own metrics; these keys are perplexity (for sweepers)
                 metrics[f"{r['method']}/ppl@ffn{r['ffn_sparsity']:.2f}_heads{r['head_sparsity']:.2f}"] = r["value"]

@@ -8,16 +8,36 @@ skipped (the frontier on which methods are compared fairly).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 
 RESULTS = "results.jsonl"
+PARTIAL_RESULTS = RESULTS + ".partial"  # the rows of an evaluation still running (or killed): never read as results
 
 
 def append_result(run_dir: str | Path, row: dict) -> None:
-    """One JSON object per evaluation, appended as each finishes (a crash keeps the finished rows)."""
-    with open(Path(run_dir) / RESULTS, "a") as f:
+    """One JSON object per evaluation, appended to results.jsonl.partial as each finishes (a crash keeps the finished
+    rows there); publish_results makes them results.jsonl once the evaluation stage is over."""
+    with open(Path(run_dir) / PARTIAL_RESULTS, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def publish_results(run_dir: str | Path) -> Path:
+    """The finished evaluation's rows become results.jsonl in one rename. A rerun into the same run folder replaces
+    the rows of the run before (the table never mixes two runs, nor shows half of one); an evaluation with no row
+    removes them."""
+    run_dir = Path(run_dir)
+    final, partial = run_dir / RESULTS, run_dir / PARTIAL_RESULTS
+    if final.exists():
+        n = sum(1 for line in final.read_text().splitlines() if line.strip())
+        logging.getLogger("shadowsparse").info("%s: replacing the %d row(s) of an earlier run in this folder", final, n)
+    if partial.exists():
+        os.replace(partial, final)
+    else:
+        final.unlink(missing_ok=True)
+    return final
 
 
 def read_results(paths: list[str | Path]) -> list[dict]:

@@ -1,6 +1,10 @@
 """Structured-config schemas of conf/ groups, registered in Hydra's ConfigStore: a value of the wrong type
-(``gating.ffn_sparsity=abc``) or an unknown key (``gating.ffn_sparsty=0.5``) is refused when the config is composed,
-before any model loads. Ranges and cross-key rules are checked by pipeline.validate."""
+(``gating.ffn_sparsity=abc``, ``data.eval.n_windows=many``) or an unknown key (``gating.ffn_sparsty=0.5``) is refused
+when the config is composed, before any model loads (train.py turns the refusal into one ``error:`` line, exit 2:
+shadowsparse/preflight.py). Ranges and cross-key rules are checked by pipeline.validate.
+
+Each schema lists exactly the keys of its YAML files: a schema adds its fields to the composed node, and the
+targets' cache key hashes data.calib and the targets node (a new key there would re-collect every cache)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -35,10 +39,73 @@ class EvaluateNode:
     verify: Dict[str, Any] = field(default_factory=dict)  # keys of shadowsparse.verify.VerifyConfig (checked there)
 
 
+@dataclass
+class CalibNode:
+    task: Optional[str] = None  # a shipped task: collect on its examples (n_windows of them)
+    seq_len: int = 512  # tokens per window
+    n_windows: Optional[int] = 32  # windows (or task examples) kept; null: every one of the text
+    source: Dict[str, Any] = field(default_factory=dict)  # shadowsparse.data.TextSource (checked there)
+
+
+@dataclass
+class EvalNode:
+    name: str = "wikitext2"  # the dataset column of the results rows
+    seq_len: int = 512
+    n_windows: Optional[int] = 32  # null: every window of the text (the full-test-set protocol)
+    batch_size: int = 1
+    source: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataNode:
+    calib: CalibNode = field(default_factory=CalibNode)
+    eval: EvalNode = field(default_factory=EvalNode)
+
+
+@dataclass
+class TargetsNode:  # shadowsparse.targets.config.TargetsConfig, whose validate() checks the values
+    criterion: str = "plainact"
+    granularity: str = "token"
+    feature_layer: int = 0
+    shard_tokens: int = 4096
+    batch_size: int = 1
+    score_dtype: str = "bfloat16"
+    input_dtype: str = "bfloat16"
+    layer_inputs: bool = True
+    neuron_topk: Any = None  # null, a count (int) or a fraction (float): TargetsConfig.validate checks it
+    devices: int = 1
+    accelerator: str = "cpu"
+    strategy: str = "ddp"
+    num_nodes: int = 1
+
+
+@dataclass
+class FitNode:
+    loss: str = "mse"  # mse | listnet | bce
+    lr: float = 1.0e-3
+    weight_decay: float = 0.01
+    batch_size: int = 256
+    val_fraction: float = 0.1
+    head_weight: float = 1.0
+    ffn_sparsity: float = 0.5
+    head_sparsity: float = 0.3
+    eps: float = 1.0e-3
+    normalize: str = "layer"  # layer | token
+
+
+@dataclass
+class PredictorNode:
+    model: Dict[str, Any] = field(default_factory=dict)  # keys depend on model.kind (shadowsparse/predictor.py)
+    fit: FitNode = field(default_factory=FitNode)
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(group="gating", name="gating_schema", node=GatingNode)
     cs.store(group="evaluate", name="evaluate_schema", node=EvaluateNode)
+    cs.store(group="data", name="data_schema", node=DataNode)
+    cs.store(group="targets", name="targets_schema", node=TargetsNode)
+    cs.store(group="predictor", name="predictor_schema", node=PredictorNode)
 
 
 register_schemas()

@@ -6,6 +6,7 @@ import logging
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -19,10 +20,15 @@ from .predictor import PredictorConfig, build_predictor
 from .targets import DTYPES, TargetsReader, read_manifest
 
 log = logging.getLogger("shadowsparse")
-PREDICTOR_CKPT = "predictor.ckpt"  # in the run directory, written by the fit stage
+PREDICTOR_DIR = "predictor"  # in the run directory: the fit stage's predictor (config.json + model.safetensors)
+PREDICTOR_CKPT = PREDICTOR_DIR  # (the name paths.predictor_ckpt defaults to)
+LEGACY_CKPT = "predictor.ckpt"  # the pickled Lightning checkpoint earlier versions wrote there
+FIT_CHECKPOINTS = "checkpoints"  # Lightning's own checkpoints of the fit (best.ckpt, last.ckpt): resuming only
 # StreamingRows defines __len__ (batches per rank, for the LR schedule) and runs in the main process (no workers),
 # where Lightning's warning about IterableDataset lengths under multi-worker loading does not apply
 warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+# the fit's checkpoint folder holds fit.json (resume_point) before Lightning writes there, and last.ckpt on a resume
+warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
 
 @dataclass
@@ -41,19 +47,20 @@ class FitConfig:
 
 
 def spearman(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """Mean Spearman ρ over rows: (..., U) pairs -> scalar (ties ranked by position)."""
-    def ranks(t):
-        return t.argsort(-1).argsort(-1).float()
-    rp, rt = ranks(pred), ranks(true)
-    rp, rt = rp - rp.mean(-1, keepdim=True), rt - rt.mean(-1, keepdim=True)
-    return ((rp * rt).sum(-1) / (rp.norm(dim=-1) * rt.norm(dim=-1) + 1e-9)).mean()
+    """Mean Spearman ρ over rows: (..., U) pairs -> scalar (torchmetrics; tied values share their mean rank)."""
+    from torchmetrics.functional import spearman_corrcoef
+    p, t = pred.detach().flatten(0, -2).float(), true.detach().flatten(0, -2).float()  # (rows, U)
+    return spearman_corrcoef(p.T, t.T).mean()  # torchmetrics correlates columns: one per row here
 
 
 def topk_recall(pred: torch.Tensor, true: torch.Tensor, k: int) -> torch.Tensor:
-    """Fraction of the true top-k units of each row that the predicted top-k also keeps."""
-    tp = torch.zeros_like(pred, dtype=torch.bool).scatter_(-1, pred.topk(k, -1).indices, True)
-    tt = torch.zeros_like(true, dtype=torch.bool).scatter_(-1, true.topk(k, -1).indices, True)
-    return (tp & tt).sum(-1).float().mean() / k
+    """Fraction of the true top-k units of each row that the predicted top-k also keeps (torchmetrics' multilabel
+    recall of the predicted top-k against the true top-k; every row has k positives, so micro = the row mean)."""
+    from torchmetrics.functional.classification import multilabel_recall
+    p, t = pred.detach().flatten(0, -2), true.detach().flatten(0, -2)  # (rows, U)
+    tp = torch.zeros_like(p, dtype=torch.long).scatter_(-1, p.topk(k, -1).indices, 1)
+    tt = torch.zeros_like(t, dtype=torch.long).scatter_(-1, t.topk(k, -1).indices, 1)
+    return multilabel_recall(tp, tt, num_labels=p.shape[-1], average="micro", validate_args=False)
 
 
 class StreamingRows(IterableDataset):
@@ -219,6 +226,10 @@ class PredictorSystem(L.LightningModule):
         if self.fit_cfg.loss not in ("mse", "listnet", "bce"):
             raise ConfigError(f"fit.loss must be mse, listnet or bce, got {self.fit_cfg.loss!r}")
 
+    def hparams_identity(self) -> dict:
+        """What a checkpoint of this fit must match to be resumed (the predictor's shape and objective)."""
+        return {"predictor": dict(self.hparams.predictor), "fit": dict(self.hparams.fit)}
+
     def _unit_loss(self, pred: torch.Tensor, target: torch.Tensor, sparsity: float) -> torch.Tensor:
         c = self.fit_cfg
         if c.loss == "mse":
@@ -272,18 +283,120 @@ class EpochSummary(L.Callback):
         log.info("epoch %d: %s", trainer.current_epoch, "  ".join(f"{k}={v:.4f}" for k, v in sorted(m.items())))
 
 
-def load_predictor(ckpt_path: str, model=None):
-    """Rebuild the predictor from a Lightning checkpoint; refuses a checkpoint made for another model."""
-    from pathlib import Path
-    from .llm import check_fingerprint
-    if not Path(ckpt_path).exists():
-        raise ConfigError(f"predictor checkpoint '{ckpt_path}' does not exist; run the fit stage first")
-    system = PredictorSystem.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=False)
-    if model is not None and system.hparams.manifest_model is not None:
-        check_fingerprint(system.hparams.manifest_model, model, f"predictor checkpoint '{ckpt_path}'")
-    pred = system.predictor.eval()
-    pred.requires_grad_(False)
-    # criterion / granularity / feature_layer of the targets it was trained on
-    pred.targets_info = system.hparams.targets_info or {"feature_layer": pred.feature_layer, "criterion": None}
+def resume_point(ckpt_dir: Path, identity: dict) -> str | None:
+    """``last.ckpt`` of a killed (or finished) fit of this same configuration in ``ckpt_dir``, to resume from; the
+    checkpoints of another configuration are set aside (removed, with a log line) so the fit starts over. Records
+    the identity in ``fit.json`` beside them. Lightning reads the checkpoint with weights_only=True: tensors and
+    plain containers only, no code."""
+    import json
+    import shutil
+    from .distributed import is_rank_zero
+    ckpt_dir = Path(ckpt_dir)
+    last, record = ckpt_dir / "last.ckpt", ckpt_dir / "fit.json"
+    identity = json.loads(json.dumps(identity, sort_keys=True))  # as it reads back
+    try:
+        same = json.loads(record.read_text()) == identity
+    except (OSError, ValueError):
+        same = False
+    if last.exists() and same:
+        log.info("fit: resuming from %s", last)
+        return str(last)
+    if is_rank_zero():
+        if ckpt_dir.exists():
+            if last.exists():
+                log.info("fit: %s holds the checkpoints of another fit configuration; starting over", ckpt_dir)
+            shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True)
+        record.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    return None
+
+
+def export_predictor(trainer: L.Trainer, system: "PredictorSystem", folder: Path) -> Path | None:
+    """The fitted predictor as a save_pretrained folder. Every rank calls it (under FSDP the full state dict is
+    gathered); rank 0 writes."""
+    state = trainer.strategy.lightning_module_state_dict()
+    if not trainer.is_global_zero:
+        return None
+    h = system.hparams  # (not system.predictor's attributes: under FSDP it may be a wrapper)
+    pcfg = PredictorConfig(**h.predictor)
+    pred = build_predictor(pcfg.kind, cfg=pcfg, **h.dims)
+    pred.load_state_dict({k.removeprefix("predictor."): v for k, v in state.items() if k.startswith("predictor.")})
+    return pred.save_pretrained(folder, model_fingerprint=h.manifest_model, targets_info=h.targets_info,
+                                extra={"loss": h.fit["loss"], "normalize": h.fit.get("normalize"),
+                                       "epochs": int(trainer.current_epoch)})
+
+
+def load_predictor(path: str | Path, model=None, allow_pickle: bool = False):
+    """The predictor at ``path``: a save_pretrained folder (config.json + model.safetensors; a run directory holding
+    predictor/ also works). Refuses a predictor made for another model. An old pickled Lightning checkpoint
+    (``predictor.ckpt``) is read only with ``allow_pickle=True`` — unpickling runs code stored in the file — and
+    with a warning; ``.save_pretrained(folder)`` converts it."""
+    from .predictor import CONFIG_NAME, PretrainedPredictor
+    p = Path(path)
+    if not p.exists() and p.name == LEGACY_CKPT and (p.parent / PREDICTOR_DIR / CONFIG_NAME).exists():
+        log.info("predictor: %s is now the folder %s", p, p.parent / PREDICTOR_DIR)  # scripts of the old layout
+        p = p.parent / PREDICTOR_DIR
+    if p.is_dir() and not (p / CONFIG_NAME).exists():  # a run directory
+        if (p / PREDICTOR_DIR).is_dir():
+            p = p / PREDICTOR_DIR
+        elif (p / LEGACY_CKPT).exists():
+            p = p / LEGACY_CKPT
+    if not p.exists() and p.name == PREDICTOR_DIR and (p.parent / LEGACY_CKPT).exists() and allow_pickle:
+        p = p.parent / LEGACY_CKPT  # a run of the old layout, opted in
+    if not p.exists():
+        hint = ""
+        if p.name == PREDICTOR_DIR and (p.parent / LEGACY_CKPT).exists():
+            hint = (f" (the run holds an old pickled {LEGACY_CKPT}: set paths.allow_pickle=true if you made it "
+                    "yourself)")
+        raise ConfigError(f"predictor checkpoint '{path}' does not exist{hint}; run the fit stage first "
+                          "(stages.fit=true) or point paths.predictor_ckpt at a run's predictor/ folder")
+    if p.is_file():
+        if p.name in (CONFIG_NAME, "model.safetensors"):
+            p = p.parent
+        else:
+            return _load_legacy(p, model, allow_pickle)
+    pred = PretrainedPredictor.from_pretrained(p, model)
+    pred.targets_info = pred.info()
     return pred
 
+
+def _load_legacy(path: Path, model, allow_pickle: bool):
+    """An old pickled Lightning checkpoint: refused unless allow_pickle, then read with a warning."""
+    import zipfile
+    from .llm import check_fingerprint
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+    fix = (f"re-run the fit stage (stages.fit=true), or point paths.predictor_ckpt at a predictor folder "
+           f"(config.json + model.safetensors)")
+    if size == 0:
+        raise ConfigError(f"predictor checkpoint '{path}' is empty (0 bytes): an interrupted copy or save; {fix}")
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch's zip container, or a raw pickle
+        raise ConfigError(f"predictor checkpoint '{path}' is neither a predictor folder nor a Lightning checkpoint "
+                          f"(it starts with {head!r}); {fix}")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise ConfigError(f"predictor checkpoint '{path}' is truncated or corrupt (an incomplete zip archive, "
+                          f"{size} bytes); {fix}")
+    if not allow_pickle:
+        raise ConfigError(f"predictor checkpoint '{path}' is a pickled Lightning checkpoint (the format before "
+                          "safetensors): loading it runs code stored in the file, so it is refused by default. If you "
+                          "made it yourself, load it once with paths.allow_pickle=true (load_predictor(..., "
+                          "allow_pickle=True)) and convert it with .save_pretrained(folder); else " + fix)
+    msg = (f"loading the pickled predictor checkpoint '{path}' (allow_pickle=True): this runs any code stored in the "
+           "file; convert it once with .save_pretrained(folder)")
+    warnings.warn(msg, UserWarning, stacklevel=3)
+    log.warning(msg)
+    try:
+        system = PredictorSystem.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), KeyError (not a PredictorSystem)
+        raise ConfigError(f"predictor checkpoint '{path}' could not be read ({type(exc).__name__}: {exc}): it is "
+                          f"truncated, corrupt or not a predictor checkpoint; {fix}") from None
+    if model is not None and system.hparams.manifest_model is not None:
+        check_fingerprint(system.hparams.manifest_model, model, f"predictor checkpoint '{path}'")
+    pred = system.predictor.eval()
+    pred.requires_grad_(False)
+    pred.model_fingerprint = system.hparams.manifest_model
+    # criterion / granularity / feature_layer of the targets it was trained on
+    pred.targets_info = system.hparams.targets_info or {"feature_layer": pred.feature_layer, "criterion": None}
+    pred.source_path = str(path)
+    return pred

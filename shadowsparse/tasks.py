@@ -144,16 +144,17 @@ def task_config(name: str, data_dir: str = "data/tasks") -> dict:
     return cfg
 
 
-def task_examples(tokenizer, name: str, n: int, data_dir: str = "data/tasks") -> list[tuple]:
-    """The first n examples of a task as (ids (T,), answer_mask (T,)): the prompt lm-eval scores, the gold answer
-    after lm-eval's " " delimiter, and a mask on the answer tokens — the loss of gradient criteria on task data."""
+def task_examples(tokenizer, name: str, n: int | None, data_dir: str = "data/tasks") -> list[tuple]:
+    """The first n examples (None: all) of a task as (ids (T,), answer_mask (T,)): the prompt lm-eval scores, the
+    gold answer after lm-eval's " " delimiter, and a mask on the answer tokens — the loss of gradient criteria on
+    task data."""
     import torch
     cfg = task_config(name, data_dir)  # validates the name and the file
     path = cfg["dataset_kwargs"]["data_files"]["test"]
     out = []
     with open(path) as f:
         for line in f:
-            if n > 0 and len(out) >= n:
+            if n is not None and len(out) >= n:
                 break
             d = json.loads(line)
             context, answer = ((d["contexts"][d["gold"]], d["continuation"]) if "contexts" in d
@@ -162,7 +163,7 @@ def task_examples(tokenizer, name: str, n: int, data_dir: str = "data/tasks") ->
             ans = tokenizer.encode(" " + answer, add_special_tokens=False)
             out.append((torch.tensor(ctx + ans), torch.tensor([False] * len(ctx) + [True] * len(ans))))
     if not out:
-        raise ConfigError(f"task '{name}' gave no examples; raise n_windows")
+        raise ConfigError(f"task '{name}' gave no examples; raise data.calib.n_windows")
     return out
 
 

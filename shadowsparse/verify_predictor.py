@@ -18,6 +18,7 @@ from .fitting import normalize_scores, warmup_cosine
 from .verify import VerifyConfig, down_column_norms
 
 log = logging.getLogger("shadowsparse")
+FORMAT, FORMAT_VERSION = "shadowsparse-verify-predictor", 1  # in the safetensors metadata
 
 
 class FFNInputPredictor(nn.Module):
@@ -46,22 +47,46 @@ class FFNInputPredictor(nn.Module):
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save(self, path: str | Path) -> None:
+    def save(self, path: str | Path, model_fingerprint: dict | None = None) -> None:
+        """One safetensors file; its JSON metadata holds the format version, dims and the model's fingerprint."""
         from safetensors.torch import save_file
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path),
-                  metadata={"dims": json.dumps(self.dims), "train_tokens": str(self.train_tokens)})
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.partial")
+        meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "dims": json.dumps(self.dims),
+                "train_tokens": str(self.train_tokens), "model": json.dumps(model_fingerprint)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(tmp), metadata=meta)
+        tmp.replace(path)  # whole or not at all
 
     @classmethod
-    def load(cls, path: str | Path) -> "FFNInputPredictor":
+    def load(cls, path: str | Path, model=None) -> "FFNInputPredictor":
+        """Read a saved verify predictor (safetensors: nothing unpickled); with ``model``, refuse one trained for
+        another model (files from before the fingerprint was recorded are accepted)."""
         from safetensors import safe_open
         from safetensors.torch import load_file
+        fix = "delete it (it is retrained) or point paths.verify_ckpt at a verify predictor of this model"
         if not Path(path).exists():
             raise ConfigError(f"verify predictor '{path}' does not exist")
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-        pred = cls(**json.loads(meta["dims"]))
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+            version = int(meta.get("format_version", 0))
+            pred = cls(**json.loads(meta["dims"]))
+        except Exception as exc:  # SafetensorError (empty, truncated), missing or malformed metadata
+            raise ConfigError(f"verify predictor '{path}' could not be read ({type(exc).__name__}: {exc}): it is "
+                              f"truncated, corrupt or not a verify predictor; {fix}") from None
+        if version > FORMAT_VERSION:
+            raise ConfigError(f"verify predictor '{path}' has format_version {version}; this shadowsparse reads up to "
+                              f"{FORMAT_VERSION}: upgrade shadowsparse or {fix}")
+        fingerprint = json.loads(meta.get("model") or "null")
+        if model is not None and fingerprint is not None:
+            from .llm import check_fingerprint
+            check_fingerprint(fingerprint, model, f"verify predictor '{path}'")
         pred.train_tokens = int(meta.get("train_tokens", 0))
-        pred.load_state_dict(load_file(str(path)))
+        try:
+            pred.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ConfigError(f"verify predictor '{path}' does not match its own dims ({exc}); {fix}") from None
         pred.eval().requires_grad_(False)
         return pred
 

@@ -1,10 +1,14 @@
 """The bad-input table: each case goes through train.py's main() (the `python train.py ...` entry point, in this
 process to keep the table fast; one case also as a real subprocess) and must exit 2 with a message that names the
-problem and the fix, leaving no partial artifact: no results.jsonl, no collected or half-collected targets."""
+problem and the fix, leaving no partial artifact: no results.jsonl, no collected or half-collected targets.
+Rows that need another shape (a sweep, a run folder used twice, a read-only cache, the order of the checks, the logs
+of a smoke run) are test functions below the table."""
+import json
 import re
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,6 +59,30 @@ CASES = [
      r"trainer.strategy='deepspeed' is not supported; use trainer=ddp or trainer=fsdp"),
     ("unknown-wandb-mode", "logger=wandb logger.mode=sometimes",
      r"logger.mode must be online, offline or disabled, got 'sometimes'"),
+    # issue 15: nothing silent, nothing half-written
+    ("calib-n-windows-negative", "data.calib.n_windows=-1",
+     r"data.calib.n_windows=-1 is not a number of windows; set data.calib.n_windows to a count >= 1 .*or to null"),
+    ("eval-n-windows-zero", "data.eval.n_windows=0",
+     r"data.eval.n_windows=0 is not a number of windows; set data.eval.n_windows to a count >= 1 .*or to null"),
+    ("ffn-sparsity-not-a-number", "gating.ffn_sparsity=abc",
+     r"gating.ffn_sparsity='abc' is not a number .*; set gating.ffn_sparsity to a number, e.g. "
+     r"gating.ffn_sparsity=0.5"),
+    ("eval-n-windows-not-a-number", "data.eval.n_windows=many",
+     r"data.eval.n_windows='many' is not a whole number .*; set data.eval.n_windows to a whole number, e.g."),
+    ("calib-seq-len-not-an-integer", "data.calib.seq_len=1.5", r"data.calib.seq_len=1.5 is not a whole number"),
+    ("targets-shard-tokens-not-a-number", "targets.shard_tokens=lots",
+     r"targets.shard_tokens='lots' is not a whole number .*; set targets.shard_tokens to a whole number"),
+    ("targets-layer-inputs-not-a-bool", "targets.layer_inputs=maybe",
+     r"targets.layer_inputs='maybe' is not true or false .*; set targets.layer_inputs to true or false"),
+    ("fit-lr-not-a-number", "predictor.fit.lr=fast",
+     r"predictor.fit.lr='fast' is not a number .*; set predictor.fit.lr to a number, e.g. predictor.fit.lr=0.5"),
+    ("unknown-llm-option", "llm=gpt9",
+     r"Could not find 'llm/gpt9'; choose one of hf, random, smollm2 \(llm=<option>\)"),
+    ("eval-text-shorter-than-a-window", "data.eval.source.data_files={short}",
+     r"data.eval.source \(.*short.txt\) holds 11 tokens, fewer than one window of data.eval.seq_len=64; lower "
+     r"data.eval.seq_len \(to at most 11\) or point data.eval.source at more text"),
+    ("unwritable-run-dir", "hydra.run.dir=/proc/forbidden/run",
+     r"hydra.run.dir='/proc/forbidden/run' is not writable .*; point hydra.run.dir at a folder you can write"),
     ("predictor-of-another-model", "llm.seed=7 stages.collect=false stages.fit=false evaluate.methods=[predictor] "
      "paths.predictor_ckpt={ckpt} paths.targets_dir={tmp}/unused",
      r"checkpoint .* was made from another model .*re-run the stage that makes it for this model"),
@@ -74,8 +102,9 @@ def made(tmp_path_factory):
                                 intermediate_size=37))
     bert.save_pretrained(tmp / "bert")
     (tmp / "empty.jsonl").write_text('{"text": ""}\n')
+    (tmp / "short.txt").write_text("hello world")  # 11 tokens of the random models' byte tokenizer
     return {"targets": tmp / "targets", "ckpt": tmp / "run" / "predictor.ckpt", "bert": tmp / "bert",
-            "empty": tmp / "empty.jsonl"}
+            "empty": tmp / "empty.jsonl", "short": tmp / "short.txt"}
 
 
 def python_train_py(*args):
@@ -114,3 +143,109 @@ def test_unwritable_output_dir_as_a_real_process(tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "error: paths.output_dir='/proc/forbidden' is not writable" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "cache").exists()
+
+
+def refused(capsys, *args) -> str:
+    """`python train.py ARGS` must exit 2 with exactly one error line and no traceback; returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        python_train_py(*args)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-3000:]
+    assert err.count("error: ") == 1 and "Traceback" not in err, err[-3000:]
+    return next(line for line in err.splitlines() if line.startswith("error: "))
+
+
+def results(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_sweep_with_one_bad_value_runs_no_job(tmp_path, monkeypatch, capsys):
+    """Every job's composed config is validated before the first job runs: job 1's value refuses the whole sweep,
+    and nothing is written (no sweep folder, no job folder, no cache); a value of the wrong type likewise."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    line = refused(capsys, "-m", "experiment=smoke", "gating.ffn_sparsity=0.3,1.5,0.7",
+                   f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache")
+    assert re.search(r"sweep job 1 of 3 \(.*gating.ffn_sparsity=1.5\): sparsity must be in \[0, 1\).*"
+                     r"set gating.ffn_sparsity.*no job of the sweep was run", line), line
+    line = refused(capsys, "-m", "experiment=smoke", "gating.ffn_sparsity=0.3,abc",
+                   f"hydra.sweep.dir={tmp_path}/sweep", f"paths.cache_dir={tmp_path}/cache")
+    assert re.search(r"sweep job 1 of 2 .*gating.ffn_sparsity='abc' is not a number .*gating.ffn_sparsity=0.5", line)
+    line = refused(capsys, "-m", "experiment=smoke", "gating.ffn_sparsity=0.3,0.5",
+                   "hydra.sweep.dir=/proc/forbidden/sw")
+    assert "hydra.sweep.dir='/proc/forbidden/sw' is not writable" in line and "point hydra.sweep.dir at" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rerun_into_the_same_run_dir_replaces_its_results(tmp_path, monkeypatch, capsys):
+    """The same hydra.run.dir twice: the second run's rows replace the first's (never both in one table); a refused
+    rerun leaves the earlier results as they were. No .partial file stays behind."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    run_dir = tmp_path / "run"
+    args = ["experiment=smoke", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/cache", "stages.collect=false",
+            "stages.fit=false", "evaluate.methods=[dense]"]
+    python_train_py(*args)
+    first = results(run_dir)
+    assert [r["method"] for r in first] == ["dense"]
+    python_train_py(*args)  # the same run again: its rows once, not twice
+    assert results(run_dir) == first
+    kept = (run_dir / "results.jsonl").read_bytes()
+    refused(capsys, *args, "data.eval.n_windows=0")
+    assert (run_dir / "results.jsonl").read_bytes() == kept
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_the_evaluation_text_is_measured_before_the_model_loads(tmp_path, made, monkeypatch, capsys):
+    """An evaluation text shorter than one window is refused before any model loads (or targets are collected)."""
+    import shadowsparse.pipeline
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the evaluation text was checked")
+    monkeypatch.setattr(shadowsparse.pipeline, "load_llm", no_model)
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    line = refused(capsys, "experiment=smoke", f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
+                   f"data.eval.source.data_files={made['short']}")
+    assert "fewer than one window of data.eval.seq_len=64" in line
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_a_read_only_cache_that_holds_the_targets_is_only_read(tmp_path, monkeypatch, capsys):
+    """Matching targets in a read-only cache are used (only read); targets that would have to be written there are
+    refused before the collection, naming the key and the fix."""
+    import errno
+    import tempfile
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    cache = tmp_path / "cache"
+    common = ["experiment=smoke", f"paths.cache_dir={cache}", "stages.fit=false", "evaluate.methods=[static]",
+              "gating.ffn_sparsity=0.5"]
+    python_train_py(*common, f"hydra.run.dir={tmp_path}/collect", "stages.evaluate=false", "stages.report=false")
+    assert len(list(cache.glob("targets/*/manifest.json"))) == 1
+    before = snapshot(cache)
+    mkdtemp = tempfile.mkdtemp
+
+    def read_only_mount(*args, dir=None, **kwargs):  # chmod does not stop root: a read-only mount refuses writes
+        if dir is not None and Path(dir).absolute().is_relative_to(cache):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return mkdtemp(*args, dir=dir, **kwargs)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only_mount)
+    python_train_py(*common, f"hydra.run.dir={tmp_path}/run")
+    assert [r["method"] for r in results(tmp_path / "run")] == ["static"]
+    assert snapshot(cache) == before
+    line = refused(capsys, *common, "llm.seed=7", f"hydra.run.dir={tmp_path}/other")  # another model's targets
+    assert f"paths.cache_dir='{cache}' is not writable (Read-only file system); point paths.cache_dir at" in line
+    assert snapshot(cache) == before and not (tmp_path / "other" / "results.jsonl").exists()
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_a_smoke_run_logs_no_third_party_noise(tmp_path):
+    """Each Lightning line once (not also through Lightning's own console handler), no Lightning advert, no torch
+    _pytree deprecation warning, no tokenizer warning about sequences longer than the model (the text is cut into
+    windows on purpose)."""
+    proc = subprocess.run([sys.executable, "train.py", "experiment=smoke", "stages.evaluate=false",
+                           "stages.report=false", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("GPU available") == 1, out[-3000:]
+    for noise in ("💡", "litlogger", "LeafSpec", "Token indices sequence length"):
+        assert noise not in out, noise

@@ -30,7 +30,7 @@ def test_ddp_fit_two_cpu_processes_writes_a_loadable_checkpoint(tmp_path):
     from shadowsparse.llm import LLMConfig, load_llm
     from shadowsparse.system import load_predictor
     model, _ = load_llm(LLMConfig(name="random:llama", seed=0))
-    pred = load_predictor(str(run_dir / "predictor.ckpt"), model)  # checks the model fingerprint too
+    pred = load_predictor(str(run_dir / "predictor"), model)  # checks the model fingerprint too
     assert pred.n_params() > 0 and pred.targets_info["criterion"] == "activation"
     assert not (run_dir / "results.jsonl").exists()
 

@@ -32,7 +32,7 @@ def test_pipeline_end_to_end(tmp_path, family, criterion):
         if r["method"] != "dense":
             assert r["criterion"] == (criterion if r["method"] not in sketch else None)  # training-free: none
             assert abs(r["realized_ffn_sparsity"] - r["ffn_sparsity"]) < 0.02
-    assert (tmp_path / "run" / "predictor.ckpt").exists()
+    assert (tmp_path / "run" / "predictor" / "model.safetensors").exists()
     assert "val/recall_ffn" in metrics and metrics["predictor_params"] > 0
     # stages read only artifacts: evaluate alone reuses the targets and the checkpoint
     (tmp_path / "run" / "results.jsonl").unlink()

@@ -105,4 +105,4 @@ def test_random_shape_runs_the_pipeline_collect_and_fit(tmp_path):
     metrics = run(cfg)
     manifest = json.loads(next((tmp_path / "cache").rglob("manifest.json")).read_text())
     assert manifest["ffn"] == SHAPES["tiny-opt"]["ffn_dim"] and manifest["n_layers"] == 4
-    assert (tmp_path / "run" / "predictor.ckpt").exists() and metrics["predictor_params"] > 0
+    assert (tmp_path / "run" / "predictor" / "config.json").exists() and metrics["predictor_params"] > 0

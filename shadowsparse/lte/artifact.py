@@ -106,21 +106,37 @@ def load_lte(folder: str | Path, model: nn.Module | None = None) -> LTEArtifact:
     if not (folder / META).exists():
         raise ConfigError(f"no trained LTE at '{folder}' ({META} missing); train it (python train.py "
                           "experiment=lte_smollm2) or point lte.ckpt at a run's lte/ folder")
-    meta = json.loads((folder / META).read_text())
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"LTE folder '{folder}' has format {meta.get('format')}, this code reads {FORMAT}")
+    fix = "re-run the LTE training (stages.fit=true with lte in evaluate.methods) or copy the whole lte/ folder again"
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ConfigError(f"'{folder / META}' is not an LTE config (empty, truncated or another file: {exc}); {fix}") \
+            from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ConfigError(f"LTE folder '{folder}' has format {got}, this code reads {FORMAT}; {fix}")
     if model is not None and meta.get("model") is not None:
         check_fingerprint(meta["model"], model, f"LTE checkpoint '{folder}'")
-    cfg = LTEConfig.from_dict(meta["config"])
-    r = meta["routers"]
-    state = load_file(str(folder / ROUTERS))
-    routers = Routers(r["d_model"], r["ffn"], r["layers"], state["groups"], cfg.init_score)
-    routers.load_state_dict(state)
-    routers.requires_grad_(False)
-    weights = load_file(str(folder / WEIGHTS)) if (folder / WEIGHTS).exists() else {}
-    adapters = {}
-    if (folder / ADAPTERS).exists():
-        flat = load_file(str(folder / ADAPTERS))
-        for name, scale in meta["adapter_scales"].items():
-            adapters[name] = (flat[f"{name}.lora_A"], flat[f"{name}.lora_B"], float(scale))
+
+    def tensors(name: str) -> dict:
+        try:
+            return load_file(str(folder / name))
+        except Exception as exc:  # SafetensorError (empty, truncated), OSError (missing)
+            raise ConfigError(f"'{folder / name}' could not be read as safetensors ({type(exc).__name__}: {exc}): "
+                              f"the file is missing, empty or truncated; {fix}") from None
+    try:
+        cfg = LTEConfig.from_dict(meta["config"])
+        r = meta["routers"]
+        state = tensors(ROUTERS)
+        routers = Routers(r["d_model"], r["ffn"], r["layers"], state["groups"], cfg.init_score)
+        routers.load_state_dict(state)
+        routers.requires_grad_(False)
+        weights = tensors(WEIGHTS) if (folder / WEIGHTS).exists() else {}
+        adapters = {}
+        if (folder / ADAPTERS).exists():
+            flat = tensors(ADAPTERS)
+            for name, scale in meta["adapter_scales"].items():
+                adapters[name] = (flat[f"{name}.lora_A"], flat[f"{name}.lora_B"], float(scale))
+    except (KeyError, TypeError, RuntimeError) as exc:  # keys missing, shapes that do not match lte.json
+        raise ConfigError(f"LTE folder '{folder}' is inconsistent ({type(exc).__name__}: {exc}); {fix}") from None
     return LTEArtifact(cfg, routers, weights, adapters, meta.get("model"), meta.get("summary") or {})

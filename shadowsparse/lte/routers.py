@@ -37,7 +37,7 @@ def balanced_kmeans(rows: torch.Tensor, n_groups: int, iters: int = 10, seed: in
     size = n // n_groups
     x = torch.nn.functional.normalize(rows.detach().float(), dim=-1)  # (N, d)
     g = torch.Generator().manual_seed(seed)
-    centroids = x[torch.randperm(n, generator=g)[:n_groups]]  # (G, d)
+    centroids = x[torch.randperm(n, generator=g)[:n_groups].to(x.device)]  # (G, d)
     for _ in range(iters):
         sim = x @ centroids.T  # (N, G)
         order = sim.flatten().argsort(descending=True).tolist()
@@ -52,10 +52,10 @@ def balanced_kmeans(rows: torch.Tensor, n_groups: int, iters: int = 10, seed: in
                 placed += 1
                 if placed == n:
                     break
-        assign = torch.tensor(group)
+        assign = torch.tensor(group, device=x.device)  # on the rows' device (a model on a GPU: cuda)
         new = torch.zeros_like(centroids).index_add_(0, assign, x)  # (G, d) sums of each cluster's rows
         centroids = torch.nn.functional.normalize(new, dim=-1)
-    return assign
+    return assign.cpu()  # expert ids live with the Routers, which are moved to the model's device as a whole
 
 
 def group_neurons(view: ModelView, layers: list[int], expert_size: int, grouping: str, seed: int = 0) -> torch.Tensor:

@@ -66,7 +66,7 @@ class EvalContext:
         """The first n windows of the calibration text (N, T): selectors calibrate here, never on the evaluation."""
         if self.calib is not None:
             return self.calib[:n]
-        return token_windows(self.tok, window_spec(self.cfg.data.calib))[:n]
+        return token_windows(self.tok, window_spec(self.cfg.data.calib), "data.calib")[:n]
 
 
 @dataclass
@@ -95,6 +95,7 @@ class Selector:
     decision: ClassVar[str] = "early"  # accounting.DECISIONS: early | after_gate | late | verify | gate_verify
     ffn_only: ClassVar[bool] = False  # no head axis: levels with head sparsity get no row
     needs_targets: ClassVar[bool] = False  # reads the collected targets (their manifest names the criterion)
+    needs_predictor: ClassVar[bool] = False  # reads the fit stage's predictor (no such method: the fit is skipped)
     generates: ClassVar[str | None] = None  # why load_gated cannot serve it (None: it can, through runs())
 
     def skip_reason(self, ctx: EvalContext) -> str | None:

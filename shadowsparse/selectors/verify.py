@@ -177,7 +177,7 @@ def verify_predictor_for(cfg, model, tok, first_layer: int, run_dir: Path) -> FF
     view = ModelView(model)
     layers = list(range(first_layer, view.dims.n_layers))
     if ckpt.exists():
-        pred = FFNInputPredictor.load(ckpt)
+        pred = FFNInputPredictor.load(ckpt, model)
         missing = set(layers) - set(pred.layers)
         if missing or pred.dims["d_model"] != view.dims.hidden or pred.dims["ffn"] != view.dims.ffn:
             raise ConfigError(f"verify predictor '{ckpt}' does not fit this model (layers {pred.layers}, dims "
@@ -187,7 +187,8 @@ def verify_predictor_for(cfg, model, tok, first_layer: int, run_dir: Path) -> FF
     spec = window_spec(cfg.data.calib)
     windows = token_windows(tok, WindowSpec(spec.seq_len, vcfg.train_windows, spec.source))
     pred = train_verify_predictor(model, windows, vcfg, layers, Path(run_dir) / "verify_ffn_io", seed=cfg.seed)
-    pred.save(ckpt)
+    from ..llm import model_fingerprint
+    pred.save(ckpt, model_fingerprint(model))
     log.info("verify predictor: %s parameters, trained on %d tokens, saved to %s", f"{pred.n_params():,}",
              windows.numel(), ckpt)
     return pred.to(next(model.parameters()).device)
