@@ -108,7 +108,7 @@ def test_sequence_granularity_and_single_level_sweep_key(tmp_path):
 
 
 def test_generate_cli_on_a_smoke_run(tmp_path):
-    proc = subprocess.run([sys.executable, "train.py", "experiment=smoke", "evaluate.methods=[dense]",
+    proc = subprocess.run([sys.executable, "train.py", "experiment=smoke", "evaluate.methods=[dense,predictor]",
                            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
