@@ -329,8 +329,8 @@ def export_predictor(trainer: L.Trainer, system: "PredictorSystem", folder: Path
 def load_predictor(path: str | Path, model=None, allow_pickle: bool = False):
     """The predictor at ``path``: a save_pretrained folder (config.json + model.safetensors; a run directory holding
     predictor/ also works). Refuses a predictor made for another model. An old pickled Lightning checkpoint
-    (``predictor.ckpt``) is read only with ``allow_pickle=True`` — unpickling runs code stored in the file — and
-    with a warning; ``.save_pretrained(folder)`` converts it."""
+    (``predictor.ckpt``) is read only with ``allow_pickle=True`` and a warning, through torch's weights-only
+    unpickler (no code from the file runs); ``.save_pretrained(folder)`` converts it."""
     from .predictor import CONFIG_NAME, PretrainedPredictor
     p = Path(path)
     if not p.exists() and p.name == LEGACY_CKPT and (p.parent / PREDICTOR_DIR / CONFIG_NAME).exists():
@@ -379,18 +379,31 @@ def _load_legacy(path: Path, model, allow_pickle: bool):
                           f"{size} bytes); {fix}")
     if not allow_pickle:
         raise ConfigError(f"predictor checkpoint '{path}' is a pickled Lightning checkpoint (the format before "
-                          "safetensors): loading it runs code stored in the file, so it is refused by default. If you "
-                          "made it yourself, load it once with paths.allow_pickle=true (load_predictor(..., "
+                          "safetensors): a pickle, so it is refused by default. To convert an old run's predictor, "
+                          "load it once with paths.allow_pickle=true (load_predictor(..., "
                           "allow_pickle=True)) and convert it with .save_pretrained(folder); else " + fix)
-    msg = (f"loading the pickled predictor checkpoint '{path}' (allow_pickle=True): this runs any code stored in the "
-           "file; convert it once with .save_pretrained(folder)")
+    msg = (f"loading the old-format predictor checkpoint '{path}' (allow_pickle=True) with torch's weights-only "
+           "unpickler (tensors and plain containers; a file that needs anything else is refused); convert it once "
+           "with .save_pretrained(folder)")
     warnings.warn(msg, UserWarning, stacklevel=3)
     log.warning(msg)
     try:
-        system = PredictorSystem.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # EOFError, UnpicklingError, RuntimeError (zip), KeyError (not a PredictorSystem)
-        raise ConfigError(f"predictor checkpoint '{path}' could not be read ({type(exc).__name__}: {exc}): it is "
-                          f"truncated, corrupt or not a predictor checkpoint; {fix}") from None
+        # weights_only=True: torch's restricted unpickler builds tensors, dicts, lists and numbers and refuses
+        # every other global, so no code stored in the file can run even after the opt-in.
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+        h = ckpt["hyper_parameters"]
+        system = PredictorSystem(h["dims"], h["predictor"], h["fit"], manifest_model=h.get("manifest_model"),
+                                 targets_info=h.get("targets_info"))
+        system.load_state_dict(ckpt["state_dict"])
+    except Exception as exc:  # EOFError, UnpicklingError (incl. a refused global), RuntimeError (zip), KeyError
+        text = str(exc)
+        # torch's text leads with advice to pass weights_only=False, which is the one thing not to do: keep its reason
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        reason = " ".join(text.split())
+        raise ConfigError(f"predictor checkpoint '{path}' could not be read ({type(exc).__name__}: {reason}): it is "
+                          f"truncated, corrupt, not a predictor checkpoint, or holds objects other than tensors and "
+                          f"plain containers; {fix}") from None
     if model is not None and system.hparams.manifest_model is not None:
         check_fingerprint(system.hparams.manifest_model, model, f"predictor checkpoint '{path}'")
     pred = system.predictor.eval()

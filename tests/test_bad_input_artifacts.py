@@ -7,6 +7,7 @@ with one `error:` line naming the problem and the fix, leaving nothing behind; A
 with the fix in the message."""
 import json
 import logging
+import os
 import re
 import sys
 import warnings
@@ -200,7 +201,7 @@ def test_old_checkpoint_loads_only_with_allow_pickle_and_a_warning(made, tmp_pat
     model = tiny_model("llama")
     with pytest.raises(ConfigError, match=r"pickled Lightning checkpoint .*allow_pickle"):
         load_predictor(made["legacy"], model)
-    with pytest.warns(UserWarning, match=r"runs any code stored in the file; convert it once with .save_pretrained"):
+    with pytest.warns(UserWarning, match=r"weights-only unpickler .*convert it once with .save_pretrained"):
         old = load_predictor(made["legacy"], model, allow_pickle=True)
     assert old.targets_info["criterion"] == "activation"
     new = load_predictor(old.save_pretrained(tmp_path / "converted"), model)
@@ -219,9 +220,32 @@ def test_old_checkpoint_loads_only_with_allow_pickle_and_a_warning(made, tmp_pat
     raw.write_bytes(b"\x80\x04\x95" + b"\x00" * 20)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ConfigError, match=r"raw.ckpt' could not be read \(.*\): it is truncated, corrupt or not "
-                                              r"a predictor checkpoint; re-run the fit stage"):
+        with pytest.raises(ConfigError, match=r"raw.ckpt' could not be read \(.*\): it is truncated, corrupt, not "
+                                              r"a predictor checkpoint.*; re-run the fit stage"):
             load_predictor(raw, model, allow_pickle=True)
+
+
+class _RunsCode:
+    """A pickled object whose unpickling would run a shell command (what a hostile checkpoint holds)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_old_checkpoint_that_would_run_code_is_refused_even_with_allow_pickle(made, tmp_path):
+    model = tiny_model("llama")
+    marker = tmp_path / "ran"
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"payload": _RunsCode(marker)}}, hostile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ConfigError, match=r"hostile.ckpt' could not be read \(UnpicklingError: .*holds objects "
+                                              r"other than tensors and plain containers"):
+            load_predictor(hostile, model, allow_pickle=True)
+    assert not marker.exists()
 
 
 def test_run_dir_and_old_predictor_ckpt_paths_resolve_to_the_folder(made):
@@ -232,7 +256,8 @@ def test_run_dir_and_old_predictor_ckpt_paths_resolve_to_the_folder(made):
 
 
 def test_no_loader_in_the_package_unpickles_by_default():
-    """torch.load / pickle / weights_only=False appear only in the opt-in legacy loader, after its refusal."""
+    """torch.load / pickle appear only in the opt-in legacy loader, after its refusal, and only as torch's
+    weights-only unpickler; nothing calls weights_only=False or Lightning's load_from_checkpoint."""
     hits = []
     for path in sorted((ROOT / "shadowsparse").rglob("*.py")):
         for n, line in enumerate(path.read_text().splitlines(), 1):
@@ -243,7 +268,9 @@ def test_no_loader_in_the_package_unpickles_by_default():
     assert {h[0] for h in hits} == {"shadowsparse/system.py"}, hits
     source = (ROOT / "shadowsparse/system.py").read_text()
     legacy = source[source.index("def _load_legacy"):]
-    assert legacy.index("if not allow_pickle:") < legacy.index("weights_only=False")
+    assert legacy.index("if not allow_pickle:") < legacy.index("torch.load(")
+    assert not [h for h in hits if re.search(r"weights_only\s*=\s*False|load_from_checkpoint\(|pickle\.load", h[2])]
+    assert all("weights_only=True" in h[2] for h in hits if "torch.load(" in h[2]), hits
 
 
 # -- attaching a predictor --------------------------------------------------------------------------------------
