@@ -58,7 +58,17 @@ METHODS = {
     "teal40": dict(teal=0.4),
     "teal50": dict(teal=0.5),
     "threshold+ffn50": dict(threshold=0.5),  # |a| at the down projection: gate/up dense, down rows skipped
+    # "/dense-gemm": every step zeroes the thresholded inputs where they are made and runs the dense GEMMs (what
+    # steps of more than EngineConfig.sparse_input_tokens rows do): the exact semantics at the dense GEMM's speed
+    "teal40/dense-gemm": dict(teal=0.4, sparse_input_tokens=0),
+    "teal50/dense-gemm": dict(teal=0.5, sparse_input_tokens=0),
+    "threshold+ffn50/dense-gemm": dict(threshold=0.5, sparse_input_tokens=0),
     "sketch+ffn50+teal40attn": dict(ffn_sparsity=0.5, sketch=3, teal_attn=0.4),  # a sketch FFN, teal attention
+    # gate (CATS): the gate projection in full scores the neurons; propose-then-verify: the proposer's top 60% are
+    # candidates, their gate/up rows give the true |a|, each token keeps its top 50% (runtime/ffn_select.py)
+    "gate+ffn50": dict(ffn_sparsity=0.5, gate=True),
+    "gate_verify+ffn50": dict(ffn_sparsity=0.5, gate=True, verify=0.6),
+    "sketch_verify+ffn50": dict(ffn_sparsity=0.5, sketch=3, verify=0.6),
     "2:4": dict(nm24=True),  # FFN weights 2:4-compressed (attention projections dense)
     "2:4+ffn50": dict(nm24=True, ffn_sparsity=0.5),
     "2:4+ffn50+heads50": dict(nm24=True, ffn_sparsity=0.5, head_sparsity=0.5),
@@ -174,10 +184,10 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         torch.manual_seed(0)
         predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
                                     PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
-    sketch_bits = spec.pop("sketch", None)
+    sketch_bits, gate, verify_q = spec.pop("sketch", None), spec.pop("gate", False), spec.pop("verify", None)
     inputs = input_thresholds(spec, teal, w)
     ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
-    ffn_selector = sketch_selector(w, sketch_bits, ecfg.first_layer or 0) if sketch_bits else None
+    ffn_selector = ffn_selector_of(w, sketch_bits, gate, verify_q, ecfg.first_layer or 0)
     engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector,
                           input_sparsity=inputs)
     heads = neurons = None
@@ -210,7 +220,7 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
     if predictor is not None:
         row.update(predictor_timing(engine, cfg, ms))
     if ffn_selector is not None:
-        row.update(sketch_timing(engine, cfg, ms, sketch_bits))
+        row.update(sketch_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
     if inputs is not None:
         row.update(selector=inputs.label, input_thresholds=list(inputs.inputs), input_sparsity=spec_level(base),
                    **{f"realized_{n}_sparsity": 1 - f for n, f in kept.items()},
@@ -303,27 +313,45 @@ def sketch_selector(w, bits: int, first_layer: int):
                               for layer in range(first_layer, w.n_layers)})
 
 
+def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | None, first_layer: int):
+    """The per-layer FFN selector of a method: the sketch, the real gate (CATS), either verified by |a| (verify_q:
+    the candidates' fraction), or None."""
+    from shadowsparse.runtime.ffn_select import GateFFNSelector, VerifyFFNSelector
+    if not sketch_bits and not gate:
+        return None
+    if gate:
+        if w.family != "llama":
+            raise ConfigError("the gate methods need a gated (SwiGLU) FFN: use a Llama-family shape")
+        proposer = GateFFNSelector({layer: w.layers[layer].w_in for layer in range(first_layer, w.n_layers)}, w.act)
+    else:
+        proposer = sketch_selector(w, sketch_bits, first_layer)
+    return proposer if verify_q is None else VerifyFFNSelector(proposer, verify_q)
+
+
 def sketch_timing(engine, cfg, ms: float, bits: int) -> dict:
     """The sketch's scoring + top-k of every gated layer alone, captured in a CUDA graph and timed as the step is;
     its extra bytes (the packed copies); ms: the whole step's."""
     from shadowsparse.runtime.bench import time_replays
     from shadowsparse.runtime.select import select_units
     x = torch.randn(engine.batch, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, d)
-    sel = engine.ffn_selector
+    # propose-then-verify: the proposer's scoring and top-k of the candidates (the verify stage is FFN work)
+    sel = getattr(engine.ffn_selector, "proposer", engine.ffn_selector)
+    k = engine.ffn_selector.k_candidates(engine.w.ffn, engine.k_ffn) if sel is not engine.ffn_selector \
+        else engine.k_ffn
 
     def score_all():  # what the step runs: one token's own top k on the device, or the batch's sets
         for layer in range(engine.first_layer, engine.w.n_layers):
             if engine.batch == 1:
-                sel.topk(layer, x, engine.k_ffn)
+                sel.topk(layer, x, k)
             else:
-                select_units(sel.scores(layer, x).unsqueeze(1), engine.k_ffn, engine.cfg.batch_set)
+                select_units(sel.scores(layer, x).unsqueeze(1), k, engine.cfg.batch_set)
     score_all()
     torch.cuda.synchronize()
     sg = torch.cuda.CUDAGraph()
     with torch.cuda.graph(sg):
         score_all()
     st = statistics.median(time_replays(sg.replay, cfg["gen"], cfg["repeats"], cfg["warmup"]))
-    return dict(selector="sketch", sketch_bits=bits, selector_ms=st, selector_share=st / ms,
+    return dict(selector=sel.name, sketch_bits=bits, selector_ms=st, selector_share=st / ms,
                 selector_bytes=sel.nbytes())
 
 

@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from shadowsparse.kernels import sparse_input
 from shadowsparse.kernels.sparse_input import input_sparse_linear
 from shadowsparse.shapes import build_config
 
 CONFIGS = [(16, 512, 4, 3), (32, 256, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3), (64, 256, 8, 3), (32, 128, 4, 4),
-           (64, 128, 4, 3), (128, 128, 8, 3), (16, 1024, 8, 3), (32, 256, 8, 4)]
+           (64, 128, 4, 3), (128, 128, 8, 3), (16, 1024, 8, 3), (32, 256, 8, 4), (32, 512, 4, 4), (16, 512, 8, 5),
+           (64, 512, 8, 3), (32, 1024, 8, 3), (8, 1024, 4, 4), (16, 2048, 8, 3)]
 
 
 def projections(shape: str) -> dict[str, tuple[int, int]]:
@@ -52,15 +54,17 @@ def graph_us(fn, copies) -> float:
     with torch.cuda.graph(graph):
         for i in range(REPLAYS):
             fn(copies[i % len(copies)])
-    return triton.testing.do_bench(graph.replay, warmup=10, rep=100) * 1e3 / REPLAYS
+    return triton.testing.do_bench(graph.replay, warmup=10, rep=40) * 1e3 / REPLAYS
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-2-7b")
-    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--sparsity", type=float, nargs="+", default=[0.0, 0.4, 0.5])
-    ap.add_argument("--per-sm", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--per-sm", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--evict", type=int, nargs="+", default=[0, 1], help="weight loads evict-first: 0, 1 or both")
+    ap.add_argument("--many-token-configs", type=int, default=6, help="tile configs swept above one token")
     ap.add_argument("--layouts", nargs="+", default=["compact", "masked"], choices=["compact", "masked"])
     ap.add_argument("--configs", type=int, default=len(CONFIGS), help="sweep the first N tile configs")
     ap.add_argument("--out", default="sparse_input.jsonl")
@@ -73,21 +77,29 @@ def main() -> None:
             for T in args.tokens:
                 x = torch.randn(T, K, device="cuda", dtype=torch.float16)
                 dense = graph_us(lambda w: F.linear(x, w), ws)
+                # as the engine calls it: o and down add into the fp32 residual stream (out=), q/k/v and gate/up
+                # into a fresh fp32 accumulator (zeroed in the call)
+                resid = torch.zeros(T, N, device="cuda", dtype=torch.float32) if name in ("o", "down") else None
                 for s in args.sparsity:
                     thr = (x.float().abs().flatten().quantile(s) if s > 0 else torch.tensor(-1.0)).view(1).cuda()
                     union = float((x.float().abs() > thr).any(0).float().mean())
-                    for layout in args.layouts:
+                    for layout, evict in [(lay, e) for lay in args.layouts for e in args.evict]:
+                        sparse_input.EVICT = bool(evict)
+                        call = lambda cfg, per_sm: graph_us(lambda w_t: input_sparse_linear(  # noqa: E731
+                            x, w_t, thr, config=cfg, programs_per_sm=per_sm, out_dtype=torch.float32, out=resid,
+                            kernel_tokens=16, compact=layout == "compact"), wts)
+                        default_us = call(None, None)
                         best = None
-                        for cfg in CONFIGS[:args.configs]:
+                        n_cfg = args.configs if T == 1 else min(args.configs, args.many_token_configs)
+                        for cfg in CONFIGS[:n_cfg]:
                             for per_sm in args.per_sm:
-                                us = graph_us(lambda w_t: input_sparse_linear(
-                                    x, w_t, thr, config=cfg, programs_per_sm=per_sm, out_dtype=torch.float32,
-                                    kernel_tokens=16, compact=layout == "compact"), wts)
+                                us = call(cfg, per_sm)
                                 if best is None or us < best[0]:
                                     best = (us, cfg, per_sm)
                         us, cfg, per_sm = best
                         row = dict(shape=args.shape, proj=name, K=K, N=N, tokens=T, sparsity=s, layout=layout,
-                                   union_kept=union, cublas_us=dense, kernel_us=us, speedup=dense / us,
+                                   evict_first=bool(evict), union_kept=union, cublas_us=dense, kernel_us=us,
+                                   speedup=dense / us, default_us=default_us, default_speedup=dense / default_us,
                                    config=cfg, programs_per_sm=per_sm, kernel_gb_s=union * K * N * 2 / us / 1e3,
                                    cublas_gb_s=K * N * 2 / dense / 1e3, card=card, dtype="float16", timing="graph")
                         print(json.dumps(row), flush=True)

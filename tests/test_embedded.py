@@ -71,26 +71,40 @@ def test_pipeline_on_embedded_model(tmp_path):
         assert r["realized_head_sparsity"] == pytest.approx(3 / 9, abs=1e-3)  # round(0.3 * 9) = 3 heads skipped
 
 
-def test_engine_perplexity_equals_the_mask_path_on_embedded(smol):
-    """The whole model through load_gated's two paths, WikiText-2: the decode engine (prefill steps, and
-    token-by-token decode) gives the mask path's perplexity, for every selector it serves. Both paths choose with
-    the same numbers (the sketch's fp16 steps in both); what still differs is float summation order (~1e-7 in the
-    FFN inputs), enough to flip a neuron at a token's top-k boundary now and then, and a flip changes later
-    layers' inputs. Measured on 2 x 128 tokens: 1.5e-3 to 5e-3 relative for the sketch; dense agrees to 1e-5."""
-    import shadowsparse as ss
+# method, ffn sparsity, relative tolerance of engine vs mask path. The sketch's engine copy stores its steps in fp16
+# (2**-11 relative) while the mask path multiplies the dequantized fp32 copy: a neuron at a token's top-k boundary
+# flips now and then and a flip changes later layers (measured on 2 x 128 tokens: 1.5e-3 to 5e-3; on the H200 at
+# 32 x 512 within 1e-3). Every other selector chooses from the same fp32 numbers on both paths, so only float
+# summation order differs (~1e-6).
+ENGINE_METHODS = [("dense", 0.0, 1e-4), ("sketch", 0.5, 1e-2), ("gate", 0.5, 1e-3), ("gate_verify", 0.5, 1e-3),
+                  ("sketch_verify", 0.5, 1e-2), ("teal", 0.4, 1e-3), ("threshold", 0.5, 1e-3)]
+
+
+@pytest.fixture(scope="module")
+def smol_windows(smol):
     model, tok = smol
     windows = token_windows(tok, WindowSpec(seq_len=128, n_windows=2, source=WIKI))
     calib = token_windows(tok, WindowSpec(seq_len=256, n_windows=4, source=TextSource(
         path="json", data_files=str(ROOT / "data/c4_validation_sample/c4_validation_2k.jsonl"), text_field="text",
         separator="\n\n")))
-    for method, sparsity in (("dense", 0.0), ("sketch", 0.5)):
-        kw = dict(method=method, ffn_sparsity=sparsity, tokenizer=tok, calib=calib,
-                  overrides=["evaluate.verify.calib_windows=4"])
-        fast, ref = ss.load_gated(model, engine="kernels", **kw), ss.load_gated(model, engine="hooks", **kw)
-        p_ref = ref.perplexity(windows)
-        tol = 1e-4 if method == "dense" else 1e-2
-        assert fast.perplexity(windows) == pytest.approx(p_ref, rel=tol), method
-        assert fast.perplexity(windows[:1], token_by_token=True) == pytest.approx(ref.perplexity(windows[:1]),
-                                                                                  rel=tol), method
-        if method == "sketch":
-            assert 1.0 < p_ref / evaluate_levels(model, windows, None, [Level(0.0, 0.0)], 0)[0].ppl < 1.15
+    dense = evaluate_levels(model, windows, None, [Level(0.0, 0.0)], 0)[0].ppl
+    return windows, calib, dense
+
+
+@pytest.mark.parametrize("method,sparsity,tol", ENGINE_METHODS, ids=[m for m, _, _ in ENGINE_METHODS])
+def test_engine_perplexity_equals_the_mask_path_on_embedded(smol, smol_windows, method, sparsity, tol):
+    """The whole model through load_gated's two paths, WikiText-2: the decode engine (prefill steps, and
+    token-by-token decode) gives the mask path's perplexity, for every selector it serves; the selector changed
+    the model (not a vacuous comparison) and stayed near dense."""
+    import shadowsparse as ss
+    model, tok = smol
+    windows, calib, dense = smol_windows
+    kw = dict(method=method, ffn_sparsity=sparsity, tokenizer=tok, calib=calib,
+              overrides=["evaluate.verify.calib_windows=4", "evaluate.threshold_windows=4"])
+    fast, ref = ss.load_gated(model, engine="kernels", **kw), ss.load_gated(model, engine="hooks", **kw)
+    p_ref = ref.perplexity(windows)
+    assert fast.perplexity(windows) == pytest.approx(p_ref, rel=tol), method
+    assert fast.perplexity(windows[:1], token_by_token=True) == pytest.approx(ref.perplexity(windows[:1]),
+                                                                              rel=tol), method
+    if method != "dense":
+        assert 1.0005 < p_ref / dense < 1.3, method

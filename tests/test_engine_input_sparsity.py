@@ -29,12 +29,15 @@ def _engine(model, sp, batch, backend, max_len=32, **cfg):
                         config=EngineConfig(first_layer=1, backend=backend, **cfg), input_sparsity=sp)
 
 
-@pytest.mark.parametrize("family,batch", [(f, 2) for f in FAMILIES] + [("llama", 1)])
+@pytest.mark.parametrize("family,batch,sparse_tokens", [(f, 2, 16) for f in FAMILIES] + [("llama", 1, 16),
+                                                                                          ("llama", 2, 1),
+                                                                                          ("opt", 2, 0)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_teal_engine_matches_its_hooks(family, batch, backend):
+def test_teal_engine_matches_its_hooks(family, batch, sparse_tokens, backend):
     """Prefill, single tokens and a 3-token step: the engine reading only the weight rows of kept input channels
     (the kernel's one-token FMA path at batch 1, its tl.dot path for 2 rows, cuBLAS above) equals the hooks
-    zeroing the same channels; the device counts equal the hooks' counts."""
+    zeroing the same channels; the device counts equal the hooks' counts. Steps of more than sparse_tokens rows
+    zero the inputs where they are made (norm kernels, one mask kernel) and run the dense GEMMs."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = tiny_model(family)
     teal = TealThresholds.calibrate(model, calib())
@@ -42,7 +45,7 @@ def test_teal_engine_matches_its_hooks(family, batch, backend):
     n_layers = model.config.num_hidden_layers
     sp = InputSparsity.from_teal(teal, 0.4, n_layers, first_layer=1)
     ids = token_ids(batch, sum(CHUNKS), seed=7).to(device)
-    engine = _engine(model, sp, batch, backend)
+    engine = _engine(model, sp, batch, backend, sparse_input_tokens=sparse_tokens)
     out = engine_steps(engine, ids, CHUNKS)
     with attach_teal(model, teal, 0.4, first_layer=1) as handle, torch.no_grad():
         ref = model(ids).logits
@@ -55,9 +58,9 @@ def test_teal_engine_matches_its_hooks(family, batch, backend):
         assert 0.2 < value < 0.6
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family,sparse_tokens", [("llama", 16), ("opt", 16), ("llama", 0)])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_threshold_engine_matches_its_hooks(family, backend):
+def test_threshold_engine_matches_its_hooks(family, sparse_tokens, backend):
     """threshold: gate/up (fc1) in full, only the down rows of the neurons whose |a| passes the layer's threshold."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = tiny_model(family)
@@ -67,7 +70,7 @@ def test_threshold_engine_matches_its_hooks(family, backend):
     thr = ThresholdScores._quantiles(source.neuron_samples, 0.5)
     sp = InputSparsity.from_neuron_thresholds(thr, first_layer=1)
     ids = token_ids(2, sum(CHUNKS), seed=9).to(device)
-    out = engine_steps(_engine(model, sp, 2, backend), ids, CHUNKS)
+    out = engine_steps(_engine(model, sp, 2, backend, sparse_input_tokens=sparse_tokens), ids, CHUNKS)
     with attach_gating(model, source, gating), torch.no_grad():
         ref = model(ids).logits
     torch.testing.assert_close(out, ref, **tol)

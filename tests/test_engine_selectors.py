@@ -82,6 +82,109 @@ def test_sketch_engine_many_token_step_and_generate():
     assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2)])
+def test_static_engine_matches_its_mask_path(backend, family, batch):
+    """static: fixed per-layer scores in the predictor's place (runtime/fixed_scores.py), heads and neurons, equal
+    the mask path's StaticScores with the same means (prefill, single tokens, a 3-token step)."""
+    from shadowsparse.gating import StaticScores
+    from shadowsparse.runtime.fixed_scores import FixedScores
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = tiny_model(family).to(device)
+    dims = ModelView(model).dims
+    g = torch.Generator().manual_seed(3)
+    heads, neurons = torch.rand(dims.n_layers, dims.n_heads, generator=g), torch.rand(dims.n_layers, dims.ffn,
+                                                                                       generator=g)
+    ids = token_ids(batch, sum(CHUNKS), seed=7).to(device)
+    cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, first_layer=1, backend=backend)
+    engine = DecodeEngine(extract_weights(model), batch=batch, max_len=32, config=cfg,
+                          predictor=FixedScores(heads, neurons, first_layer=1))
+    out = engine_steps(engine, ids, CHUNKS)
+    gating = GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5, first_layer=1, granularity="token")
+    with attach_gating(model, StaticScores(heads, neurons), gating) as h, torch.no_grad():
+        ref = model(ids).logits
+        assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    torch.testing.assert_close(out, ref, **tol)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() > 1e-2  # gating changed the output: the check is not vacuous
+
+
+@pytest.mark.parametrize("method", ["gate", "gate_verify"])
+def test_load_gated_gate_methods_run_the_engine_and_agree_with_the_hooks(llama, method):
+    """gate (CATS) and gate_verify through load_gated: the full gate projection scores (proposes) each layer's
+    neurons in the engine (runtime/ffn_select.py); perplexity (prefill and token by token) and greedy text equal
+    the hooks'."""
+    model, tok = llama
+    kw = dict(tokenizer=tok, ffn_sparsity=0.5, overrides=["evaluate.verify.q=[0.7]"])
+    fast = ss.load_gated(model, method=method, engine="kernels", **kw)
+    ref = ss.load_gated(model, method=method, engine="hooks", **kw)
+    windows = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(6))
+    p_ref = ref.perplexity(windows)
+    assert fast.perplexity(windows) == pytest.approx(p_ref, rel=2e-6)
+    assert fast.perplexity(windows, token_by_token=True) == pytest.approx(p_ref, rel=2e-6)
+    dense = ss.load_gated(model, method="dense", engine="hooks", tokenizer=tok).perplexity(windows)
+    assert abs(p_ref / dense - 1) > 2e-5  # gating changed the model: the comparison is not vacuous
+    prompts = ["one prompt", "two words"]
+    assert fast.generate(prompts, max_new_tokens=5) == ref.generate(prompts, max_new_tokens=5)
+    assert fast.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("proposer,final,batch", [("sketch", "activation", 1), ("sketch", "contribution", 2),
+                                                  ("gate", "activation", 2)])
+def test_verify_engine_matches_its_mask_path(backend, proposer, final, batch):
+    """sketch_verify / gate_verify (runtime/ffn_select.VerifyFFNSelector): candidates by the proposer, each token's
+    top k of its own candidates by |a| (or |a|·||W_down col||), the down rows of the kept ones: equal to
+    verify.VerifyScores through the hooks (prefill, single tokens, a 3-token step)."""
+    from shadowsparse.runtime.ffn_select import GateFFNSelector, VerifyFFNSelector
+    from shadowsparse.verify import down_column_norms
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = tiny_model("llama")
+    packed, sketch_source = sketches_of(model, first_layer=1)
+    model = model.to(device)
+    view = ModelView(model)
+    layers = range(1, view.dims.n_layers)
+    if proposer == "sketch":
+        engine_proposer = SketchFFNSelector({k: p.to(device) for k, p in packed.items()}, backend)
+        source = VerifyScores(0.7, proposer="sketch", final=final, sketch=sketch_source.sketch,
+                              qcache={k: v.to(device) for k, v in sketch_source._qweights.items()}, hessians={})
+    else:
+        engine_proposer = GateFFNSelector({i: view.module(i, "mlp.gate_proj").weight for i in layers}, "silu")
+        source = VerifyScores(0.7, proposer="gate", final=final)
+    columns = {i: down_column_norms(view, i) for i in layers} if final == "contribution" else None
+    ids = token_ids(batch, sum(CHUNKS), seed=7).to(device)
+    cfg = EngineConfig(ffn_sparsity=0.5, first_layer=1, backend=backend)
+    engine = DecodeEngine(extract_weights(model), batch=batch, max_len=32, config=cfg,
+                          ffn_selector=VerifyFFNSelector(engine_proposer, 0.7, final, columns))
+    out = engine_steps(engine, ids, CHUNKS)
+    with attach_gating(model, source, GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, torch.no_grad():
+        ref = model(ids).logits
+        assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    torch.testing.assert_close(out, ref, **tol)
+    with attach_gating(model, source.__class__(0.5, proposer="gate"), GatingConfig(ffn_sparsity=0.5, first_layer=1)), \
+            torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() > 1e-3  # verification changed the choice: not vacuous
+
+
+def test_verify_engine_many_token_step_and_generate():
+    """A 40-token prefill (the masked cuBLAS path: per-token candidates and keep masks), then greedy decoding, token
+    for token equal to the mask path (gate_verify)."""
+    from shadowsparse.runtime.ffn_select import GateFFNSelector, VerifyFFNSelector
+    model = tiny_model("llama")
+    view = ModelView(model)
+    gates = {i: view.module(i, "mlp.gate_proj").weight for i in range(1, view.dims.n_layers)}
+    engine = DecodeEngine(extract_weights(model), batch=1, max_len=64,
+                          config=EngineConfig(ffn_sparsity=0.6, first_layer=1, backend="torch"),
+                          ffn_selector=VerifyFFNSelector(GateFFNSelector(gates, "silu"), 0.8))
+    ids = token_ids(1, 40, seed=8)
+    out = engine.generate(ids, 8)
+    with attach_gating(model, VerifyScores(0.8, proposer="gate"), GatingConfig(ffn_sparsity=0.6, first_layer=1)), \
+            torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                             do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
 def test_an_ffn_selector_refuses_2_4_weights():
     model = tiny_model("llama")
     packed, _ = sketches_of(model, first_layer=1)
@@ -120,12 +223,12 @@ def test_load_gated_runs_the_engine_and_agrees_with_the_hooks(llama):
 
 def test_engine_kernels_refused_where_there_is_no_engine_path(llama):
     model, tok = llama
-    with pytest.raises(ConfigError, match="engine='kernels' cannot run gate"):
-        ss.load_gated(model, method="gate", engine="kernels", tokenizer=tok)
+    with pytest.raises(ConfigError, match="engine='kernels' cannot run random"):
+        ss.load_gated(model, method="random", engine="kernels", tokenizer=tok)
     with pytest.raises(ConfigError, match="cannot run threshold here: threshold's head"):
         ss.load_gated(model, method="threshold", engine="kernels", tokenizer=tok, calib=CALIB, head_sparsity=0.3,
                       overrides=["evaluate.threshold_windows=2"])
-    g = ss.load_gated(model, method="gate", engine="auto", tokenizer=tok)
+    g = ss.load_gated(model, method="random", engine="auto", tokenizer=tok)
     assert g.engine == "hooks"  # auto falls back to the mask path, with the reason logged
 
 

@@ -220,6 +220,26 @@ def test_norms_read_fp32_and_write_the_model_dtype(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_norms_with_a_threshold_zero_the_small_outputs_and_count_the_kept(backend):
+    """threshold=: the normed row as without it, with |y| <= τ zeroed (the next projections' input threshold of a
+    many-token step) and the kept entries added to count."""
+    from shadowsparse.kernels.rope_norm import layer_norm, rms_norm
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    x, w, b = (torch.randn(*s, generator=g).to(device) for s in ((2, 3, 200), (200,), (200,)))
+    thr = torch.tensor([0.6], device=device)
+    for norm, args in ((rms_norm, (w.half(), 1e-5)), (layer_norm, (w.half(), b.half(), 1e-5))):
+        count = torch.zeros(1, device=device)
+        plain = norm(x, *args, backend=backend, out_dtype=torch.float16)
+        out = norm(x, *args, backend=backend, out_dtype=torch.float16, threshold=thr, count=count)
+        keep = plain.float().abs() > thr
+        assert torch.equal(out, torch.where(keep, plain, torch.zeros_like(plain)))
+        assert count.item() == keep.sum().item() and 0 < keep.float().mean() < 1
+    with pytest.raises(ValueError, match="one-element"):
+        rms_norm(x, w, 1e-5, backend=backend, threshold=torch.zeros(2, device=device))
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_decode_attention_query_from_a_window_slot(backend):
     """q_slot: the token's query is row q_slot of a (B, W, J, D) window (lazy K/V's fused GEMV output)."""
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"

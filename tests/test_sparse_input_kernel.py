@@ -134,3 +134,36 @@ def test_bad_shapes_are_refused():
         input_sparse_linear(x, w_t.t(), thr)
     with pytest.raises(ValueError, match="one-element"):
         input_sparse_linear(x, w_t, thr.expand(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("act", [None, "silu", "relu", "gelu"])
+def test_mask_kernels_of_many_token_steps_equal_the_mask_rule(dtype, act):
+    """mask_input / act_mask_input (the producer side of a many-token step: the dense GEMM follows) against the
+    mask path's rule on the model-rounded values, with the kept pairs counted. fp16 bit for bit; fp32 within one
+    ulp of torch's activation."""
+    from shadowsparse.kernels.sparse_input import act_mask_input, mask_input
+    device = _device()
+    if device is None:
+        pytest.skip("needs Triton (CUDA, or TRITON_INTERPRET=1)")
+    g = torch.Generator().manual_seed(4)
+    gate, up = (torch.randn(5, 1000, generator=g).to(device) for _ in range(2))
+    thr = torch.tensor([0.3], device=device)
+    for u in ((up, None) if act else (None,)):
+        counts = [torch.zeros(1, device=device) for _ in range(2)]
+        if act is None:
+            got = mask_input(gate, thr, counts[0], out_dtype=dtype, backend="triton")
+            ref = mask_input(gate, thr, counts[1], out_dtype=dtype, backend="torch")
+            a = gate.to(dtype)
+        else:
+            got = act_mask_input(gate, u, act, thr, counts[0], dtype=dtype, backend="triton")
+            ref = act_mask_input(gate, u, act, thr, counts[1], dtype=dtype, backend="torch")
+            a = apply_act(gate.to(dtype), act)
+            a = (a if u is None else a * u.to(dtype)).to(dtype)
+        assert got.dtype == dtype
+        if dtype == torch.float16:
+            assert torch.equal(got, ref)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+        assert counts[0].item() == counts[1].item() == (a.float().abs() > thr).sum().item()
+        assert torch.equal(ref, input_mask(a, thr))  # the torch path is the mask path's rule
+        assert 0 < (got == 0).float().mean() < 1  # the threshold bites

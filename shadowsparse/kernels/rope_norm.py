@@ -36,19 +36,30 @@ if triton is not None:
         return row, offs, m, xf
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr, BLOCK: tl.constexpr,
-                         USE_PDL: tl.constexpr):
+    def _threshold(y, m, thr_ptr, count_ptr, THR: tl.constexpr):
+        """THR: y (the row in the output dtype) with |y| <= thr zeroed, the kept channels added to count_ptr (the
+        input threshold of the projections that read this norm's output: engine.py, many-token steps)."""
+        if THR:
+            keep = (tl.abs(y.to(tl.float32)) > tl.load(thr_ptr)) & m
+            tl.atomic_add(count_ptr, tl.sum(keep.to(tl.int32), axis=0).to(tl.float32))
+            y = tl.where(keep, y, tl.zeros_like(y))
+        return y
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, thr_ptr, count_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
+                         THR: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         var = tl.sum(xf * xf, axis=0) / N
         normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as transformers
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
         pdl_launch_next(USE_PDL)
-        tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, w * normed, mask=m)
+        y = _threshold((w * normed).to(y_ptr.dtype.element_ty), m, thr_ptr, count_ptr, THR)
+        tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, y, mask=m)
 
     @triton.jit
-    def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, slot_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
-                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    def _layer_norm_kernel(x_ptr, w_ptr, b_ptr, y_ptr, slot_ptr, thr_ptr, count_ptr, N, W, eps,
+                           HAS_SLOT: tl.constexpr, THR: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         mean = tl.sum(xf, axis=0) / N
@@ -58,7 +69,8 @@ if triton is not None:
         b = tl.load(b_ptr + offs, mask=m, other=0.0).to(tl.float32)
         dst = y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N
         pdl_launch_next(USE_PDL)
-        tl.store(dst + offs, (xc * tl.rsqrt(var + eps) * w + b).to(y_ptr.dtype.element_ty), mask=m)
+        y = _threshold((xc * tl.rsqrt(var + eps) * w + b).to(y_ptr.dtype.element_ty), m, thr_ptr, count_ptr, THR)
+        tl.store(dst + offs, y, mask=m)
 
     @triton.jit
     def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
@@ -91,44 +103,71 @@ def _into_window(y: torch.Tensor, window, slot) -> torch.Tensor:
     return window
 
 
+def _threshold_torch(y, threshold, count):
+    """The torch twin of _threshold: y with |y| <= τ zeroed (kernels/sparse_input.input_mask's rule), counted."""
+    if threshold is None:
+        return y
+    keep = y.float().abs() > threshold.to(y.device)
+    if count is not None:
+        count.add_(keep.sum().float())
+    return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+
+
+def _check_threshold(threshold, window):
+    if threshold is not None and (threshold.numel() != 1 or window is not None):
+        raise ValueError("threshold must be a one-element tensor, and it does not combine with window=")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "auto",
              out_dtype: torch.dtype | None = None, window: torch.Tensor | None = None,
-             slot: torch.Tensor | None = None) -> torch.Tensor:
+             slot: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+             count: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., N) -> (..., N) in out_dtype (default x's: an fp32 residual stream gives fp16 normed inputs).
     window (B, W, N), slot (1,) int64 on device: x is (B, 1, N) and row b is written to window[b, slot] instead
-    (lazy K/V's input window, engine.py); returns window."""
+    (lazy K/V's input window, engine.py); returns window. threshold (1,) fp32: outputs with |y| <= τ are zeroed
+    (the input threshold of the projections reading y) and the kept ones added to count (1,) fp32."""
+    _check_threshold(threshold, window)
     if not use_triton(x, backend):
-        y = rms_norm_torch(x, weight, eps, out_dtype)
+        y = _threshold_torch(rms_norm_torch(x, weight, eps, out_dtype), threshold, count)
         return y if window is None else _into_window(y, window, slot)
     N = x.shape[-1]
     xc = x.contiguous()
     y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device) if window is None else window
-    _rms_norm_kernel[(xc.numel() // N,)](xc, weight, y, slot if window is not None else xc, N,
+    _rms_norm_kernel[(xc.numel() // N,)](xc, weight, y, slot if window is not None else xc,
+                                         threshold if threshold is not None else xc,
+                                         count if count is not None else y, N,
                                          1 if window is None else window.shape[1], eps, HAS_SLOT=window is not None,
-                                         BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 4096 else 4,
-                                         **pdl_kwargs(xc))
+                                         THR=threshold is not None, BLOCK=triton.next_power_of_2(N),
+                                         num_warps=8 if N >= 4096 else 4, **pdl_kwargs(xc))
     return y
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
                backend: str = "auto", out_dtype: torch.dtype | None = None, window: torch.Tensor | None = None,
-               slot: torch.Tensor | None = None) -> torch.Tensor:
+               slot: torch.Tensor | None = None, threshold: torch.Tensor | None = None,
+               count: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., N) -> (..., N): nn.LayerNorm's math (fp32 statistics, affine in fp32, one rounding). torch's own
-    kernel takes ~10 us for one 5120-wide row on an H100 (one block per row); this one ~3 us."""
+    kernel takes ~10 us for one 5120-wide row on an H100 (one block per row); this one ~3 us. threshold, count:
+    as rms_norm."""
+    _check_threshold(threshold, window)
     if not use_triton(x, backend):
         if out_dtype is None or out_dtype == x.dtype:
             y = torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
         else:
             y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(),
                                                eps).to(out_dtype)
+        y = _threshold_torch(y, threshold, count)
         return y if window is None else _into_window(y, window, slot)
     N = x.shape[-1]
     xc = x.contiguous()
     y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device) if window is None else window
-    _layer_norm_kernel[(xc.numel() // N,)](xc, weight, bias, y, slot if window is not None else xc, N,
+    _layer_norm_kernel[(xc.numel() // N,)](xc, weight, bias, y, slot if window is not None else xc,
+                                           threshold if threshold is not None else xc,
+                                           count if count is not None else y, N,
                                            1 if window is None else window.shape[1], eps,
-                                           HAS_SLOT=window is not None, BLOCK=triton.next_power_of_2(N),
-                                           num_warps=8 if N >= 4096 else 4, **pdl_kwargs(xc))
+                                           HAS_SLOT=window is not None, THR=threshold is not None,
+                                           BLOCK=triton.next_power_of_2(N), num_warps=8 if N >= 4096 else 4,
+                                           **pdl_kwargs(xc))
     return y
 
 

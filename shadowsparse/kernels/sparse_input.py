@@ -44,6 +44,9 @@ PROGRAMS_PER_SM = 4
 # channels, the GEMV then loads only whole tiles of kept rows. Measured slower than the masked-row kernel on an
 # H200 (docs/research.md, session 7), kept for the A/B.
 COMPACT = os.environ.get("SHADOWSPARSE_INPUT_COMPACT", "0") == "1"
+# Weight loads marked evict-first (each weight byte is read once per step: keeping it in L2 only evicts the
+# activations the next kernels read). A/B in benchmarks/sparse_input_kernel.py (--evict).
+EVICT = os.environ.get("SHADOWSPARSE_INPUT_EVICT", "0") == "1"
 
 if triton is not None:
     from .ffn import apply_act_tl
@@ -51,7 +54,7 @@ if triton is not None:
     def _input_sparse_kernel(x_ptr, w_t_ptr, b_ptr, thr_ptr, count_ptr, y_ptr, T, K, N, K_PER_SPLIT,
                              HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, T_PAD: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
-                             USE_PDL: tl.constexpr):
+                             EVICT: tl.constexpr, USE_PDL: tl.constexpr):
         """y (T, N) fp32 += (x (T, K) masked by |x| > thr) · w_t (K, N) over this program's K_PER_SPLIT channels,
         loading only the rows of channels some token keeps (+ b, by the first split)."""
         pdl_wait(USE_PDL)
@@ -76,8 +79,11 @@ if triton is not None:
             row = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_K,) some token keeps channel k: read its row
             if COUNT:
                 kept += tl.sum(tl.sum(keep.to(tl.int32), axis=1), axis=0)
-            w = tl.load(w_t_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :],
-                        mask=row[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            w_ptrs = w_t_ptr + offs_k.to(tl.int64)[:, None] * N + offs_n[None, :]
+            if EVICT:
+                w = tl.load(w_ptrs, mask=row[:, None] & mask_n[None, :], other=0.0, eviction_policy="evict_first")
+            else:
+                w = tl.load(w_ptrs, mask=row[:, None] & mask_n[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
             if T_PAD == 1:
                 acc1 += tl.trans(xk) * w.to(tl.float32)  # (BLOCK_K, 1) * (BLOCK_K, BLOCK_N)
             else:
@@ -183,6 +189,31 @@ if triton is not None:
         tl.atomic_add(y_ptr + offs_t[:, None] * N + offs_n[None, :], acc, mask=mask_t[:, None] & mask_n[None, :])
 
 
+    @triton.jit
+    def _mask_kernel(x_ptr, u_ptr, y_ptr, thr_ptr, count_ptr, K, X_STRIDE, ACT: tl.constexpr, HAS_UP: tl.constexpr,
+                     COUNT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """Program (t, j): y[t, j*BLOCK : (j+1)*BLOCK] = x · [|x| > thr] in y's dtype, x rounded to that dtype
+        first (ACT >= 0: x = act(gate) * up from x_ptr/u_ptr, rounded at each step as the model rounds them);
+        COUNT adds the kept channels to count_ptr. The producer side of a many-token step: the GEMM after it is a
+        plain dense one on the zeroed input, which is the mask path itself."""
+        pdl_wait(USE_PDL)
+        t = tl.program_id(0).to(tl.int64)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < K
+        dt = y_ptr.dtype.element_ty
+        xt = tl.load(x_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt)
+        if ACT >= 0:
+            xt = apply_act_tl(xt.to(tl.float32), ACT).to(dt)
+            if HAS_UP:
+                u = tl.load(u_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+                xt = (xt.to(tl.float32) * u).to(dt)
+        keep = (tl.abs(xt.to(tl.float32)) > tl.load(thr_ptr)) & mask
+        pdl_launch_next(USE_PDL)
+        tl.store(y_ptr + t * K + offs, tl.where(keep, xt, tl.zeros_like(xt)), mask=mask)
+        if COUNT:
+            tl.atomic_add(count_ptr, tl.sum(keep.to(tl.int32), axis=0).to(tl.float32))
+
+
 def input_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """The mask path's choice, shared by the torch path and the hooks' reference: x with |x| <= τ zeroed. The
     comparison is made in fp32 on x's own values (τ is stored rounded to the model dtype, so an fp16 model compares
@@ -239,7 +270,7 @@ def _launch(x, w_t, threshold, b, count, y, fresh: bool, plan, compact: bool, ac
         _input_sparse_kernel[(n_blocks, triton.cdiv(K, k_per_split))](
             x, w_t, bias, threshold, count if count is not None else y, y, T, K, N, k_per_split,
             HAS_BIAS=b is not None, COUNT=count is not None, T_PAD=1 if T == 1 else 16, BLOCK_K=bk, BLOCK_N=bn,
-            PRECISION=precision, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
+            PRECISION=precision, EVICT=EVICT, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
     return y
 
 
@@ -319,3 +350,49 @@ def act_input_sparse_linear(gate: torch.Tensor, up: torch.Tensor | None, act: st
     y = _launch(a, w_t, threshold, b, count, y, fresh, _plan(gate, F_, N, T, None, None), compact,
                 act=(gate, up, ACTIVATIONS.index(act)))
     return _finish(y, out, out_dtype)
+
+
+def _mask_launch(x, up, act_id: int, threshold, count, out_dtype, backend) -> torch.Tensor | None:
+    """The Triton _mask_kernel over x (T, K) (and up, same shape and row stride), or None where it does not run."""
+    if not use_triton(x, backend) or x.stride(-1) != 1 or (up is not None and up.stride() != x.stride()):
+        return None
+    T, K = x.shape
+    y = torch.empty(T, K, device=x.device, dtype=out_dtype)
+    block = min(1024, triton.next_power_of_2(K))
+    _mask_kernel[(T, triton.cdiv(K, block))](
+        x, up if up is not None else x, y, threshold, count if count is not None else y, K, x.stride(0),
+        ACT=act_id, HAS_UP=up is not None, COUNT=count is not None, BLOCK=block, num_warps=4, **pdl_kwargs(x))
+    return y
+
+
+def mask_input(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor | None = None,
+               out_dtype: torch.dtype | None = None, backend: str = "auto") -> torch.Tensor:
+    """x (T, K) -> x rounded to out_dtype (default x's) with |x| <= τ zeroed, in one kernel; count (1,) fp32: the
+    kept pairs are added to it. A many-token step thresholds a projection input this way and then runs the dense
+    GEMM on it: the mask path's own arithmetic, one pass over the weights for all tokens."""
+    out_dtype = out_dtype or x.dtype
+    y = _mask_launch(x, None, -1, threshold, count, out_dtype, backend)
+    if y is not None:
+        return y
+    xr = x.to(out_dtype)
+    keep = xr.float().abs() > threshold.to(x.device)
+    if count is not None:
+        count.add_(keep.sum().float())
+    return torch.where(keep, xr, torch.zeros((), dtype=out_dtype, device=x.device))
+
+
+def act_mask_input(gate: torch.Tensor, up: torch.Tensor | None, act: str, threshold: torch.Tensor,
+                   count: torch.Tensor | None = None, dtype: torch.dtype | None = None,
+                   backend: str = "auto") -> torch.Tensor:
+    """gate, up (T, F) (up None: a = act(gate)) -> a = act(gate) * up rounded to ``dtype`` at each step as the
+    model computes it, with |a| <= τ zeroed: the down projection's thresholded input for a dense GEMM, in one
+    kernel (no separate act, mul, cast and mask passes)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    dtype = dtype or gate.dtype
+    y = _mask_launch(gate, up, ACTIVATIONS.index(act), threshold, count, dtype, backend)
+    if y is not None:
+        return y
+    a = apply_act(gate.to(dtype), act)
+    a = (a if up is None else a * up.to(dtype)).to(dtype)
+    return mask_input(a, threshold, count, dtype, backend="torch")

@@ -15,6 +15,8 @@ import torch
 # models of the training pipeline; re-exported here for benchmark.py and benchmarks/.
 from ..shapes import SHAPES, build_config  # noqa: F401
 from .engine import DecodeEngine
+from .ffn_select import GateFFNSelector, VerifyFFNSelector
+from .select import padded_size
 from .weights import EngineWeights
 
 
@@ -76,6 +78,18 @@ def time_host(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
+def _selector_ffn_rows(engine: DecodeEngine, tokens_per_seq: int, kf: int) -> int:
+    """Weight rows (of d values) one gated layer's FFN reads under a per-layer FFN selector: the gate and up rows
+    of the kept neurons (the sketch) or of the candidates (propose-then-verify: the union of the step's), the gate
+    in full where the real gate scores them (gate, gate_verify), and the down rows of the kept ones."""
+    sel, F_ = engine.ffn_selector, engine.w.ffn
+    gate_full = F_ if isinstance(getattr(sel, "proposer", sel), GateFFNSelector) else 0
+    if isinstance(sel, VerifyFFNSelector):
+        kc = padded_size(engine.batch * tokens_per_seq, sel.k_candidates(F_, engine.k_ffn), F_, "union")
+        return gate_full + 2 * kc + kf
+    return gate_full + 3 * kf
+
+
 def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_kept: dict | None = None) -> int:
     """Bytes one decode step reads: the weight rows its kernels read (dense layers whole, gated layers only the
     selected heads' q/o rows, all K/V rows or lazy K/V's, the selected neurons' FFN rows, 2:4-compressed where so),
@@ -98,6 +112,8 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_
         window = rows["window"] if gated else 0  # lazy K/V reads the window's W normed inputs per sequence
         f_in, f_out = (kept["ffn_in"], kept["ffn_out"]) if gated else (1.0, 1.0)
         ffn_bytes = int((n_in * f_in + f_out) * kf * d * el)
+        if gated and engine.ffn_selector is not None:
+            ffn_bytes = _selector_ffn_rows(engine, tokens_per_seq, kf) * d * el
         if engine.nm24 is not None:  # values (half the entries) + 4 bits of metadata per kept pair
             ffn_bytes = ffn_bytes * 9 // 16
         a_in, a_out = (kept["attn_in"], kept["attn_out"]) if gated else (1.0, 1.0)

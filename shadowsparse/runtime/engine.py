@@ -6,8 +6,10 @@
 
 Gating per step (layers >= first_layer): the scores come from the SharedPredictor (run once on the hidden state
 entering layer feature_layer + 1, top-k on device) or are given per call (heads (B, T, L, H), neurons
-(B, T, L, F), the layout of gating.TensorScores); or, for the FFN, a per-layer selector (ffn_selector=, e.g.
-ffn_select.SketchFFNSelector) scores each gated layer's neurons from that layer's own FFN input just before it runs.
+(B, T, L, F), the layout of gating.TensorScores; fixed_scores.FixedScores serves the static selector's means in the
+predictor's place); or, for the FFN, a per-layer selector (ffn_selector=: ffn_select.SketchFFNSelector or
+GateFFNSelector) scores each gated layer's neurons from that layer's own FFN input just before it runs, and
+ffn_select.VerifyFFNSelector proposes candidates that _ffn_verify verifies by their true |a|.
 FFN: gated_ffn reads only the selected rows of gate/up (fc1) and
 of the transposed down projection. Heads: the q rows, the attention and the o rows of unselected query heads are
 skipped. With 1 < B·T <= 16 tokens the rows read are one set per layer (select.py: "union", exact per-token
@@ -18,7 +20,11 @@ projection input's channels with |x| <= the layer's threshold and threshold does
 input |a|; kernels/sparse_input.py then reads only the weight rows of the kept channels (q/k/v and gate/up from
 transposed copies made here, o and down from the transposed weights the gathered kernels use). One selector per
 block: input thresholds on a block that heads/neurons gating also covers are refused. (self.teal holds the
-thresholds of either method.)
+thresholds of either method.) A batch reads the union of its tokens' kept channels, which at 40-50% per token is
+nearly every channel from a few tokens on; so a step of more than ``sparse_input_tokens`` rows zeroes each
+thresholded input where it is made instead — the norm kernel for q/k/v and gate/up (fc1) of pre-norm layers, one
+small kernel for the attention output and for act(gate)*up — and runs the dense GEMM on it: the mask path's own
+arithmetic at dense speed, with the kept channels still counted.
 
 K/V of skipped heads (kv="lazy"): a later token may select a head that earlier tokens skipped, and then needs
 that head's keys and values at every earlier position. kv="dense" computes every head's K/V at every token
@@ -60,8 +66,9 @@ from ..kernels.kv_window import kv_window_write
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
-from ..kernels.sparse_input import act_input_sparse_linear, input_sparse_linear
+from ..kernels.sparse_input import act_input_sparse_linear, act_mask_input, input_sparse_linear, mask_input
 from .cache import InputWindow, StaticKVCache
+from .ffn_select import VerifyFFNSelector
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
@@ -87,6 +94,9 @@ class EngineConfig:
     kv_window: int = 16  # W, the positions lazy K/V recomputes per step ("auto" shrinks it to 16 // batch)
     all_kernels: bool = False  # run the gated path with every unit selected: the dense model through the gathered
     # kernels and the fp32 residual stream (benchmark: is the dense baseline faster through cuBLAS or through them?)
+    sparse_input_tokens: int = 16  # input thresholds (teal, threshold): steps of up to this many token rows read
+    # only the kept weight rows (kernels/sparse_input.py); larger steps zero the inputs where they are made and run
+    # the dense GEMM (module docstring: "Input thresholds"). 0: always the dense GEMM
 
     def validate(self) -> "EngineConfig":
         for name in ("ffn_sparsity", "head_sparsity"):
@@ -101,6 +111,9 @@ class EngineConfig:
             raise ConfigError(f"kv must be 'auto', 'dense' or 'lazy', got {self.kv!r}")
         if not (isinstance(self.kv_window, int) and self.kv_window >= 2):
             raise ConfigError(f"kv_window must be an integer >= 2, got {self.kv_window!r}")
+        if not (isinstance(self.sparse_input_tokens, int) and 0 <= self.sparse_input_tokens <= KERNEL_TOKENS):
+            raise ConfigError(f"sparse_input_tokens must be an integer in 0..{KERNEL_TOKENS}, got "
+                              f"{self.sparse_input_tokens!r}")
         return self
 
 
@@ -390,12 +403,15 @@ class DecodeEngine:
                             self.window.positions, self.inv_freq, backend=self.cfg.backend)
 
     # -- one decoder layer ---------------------------------------------------------------------------------------------
-    def _norm(self, x, w, b, gi: int | None = None):
+    def _norm(self, x, w, b, gi: int | None = None, thresholded: tuple[int, str] | None = None):
         """x (B, T, d) in the model dtype or fp32 (the residual stream of gated layers) -> model dtype. With gi
-        (a lazy K/V step, T = 1), the output goes to gated layer gi's slot of the input window; returns None."""
+        (a lazy K/V step, T = 1), the output goes to gated layer gi's slot of the input window; returns None.
+        thresholded (layer, input name): the output is that projection input, zeroed where |h| <= its threshold."""
         kw = dict(backend=self.cfg.backend, out_dtype=self.dtype)
         if gi is not None:
             kw.update(window=self.window.h[gi], slot=self.window.slot)
+        if thresholded is not None:
+            kw.update(threshold=self.teal.threshold(*thresholded), count=self.teal.counter(*thresholded))
         if self.w.family == "llama":
             y = rms_norm(x, w, self.w.eps, **kw)
         else:
@@ -411,11 +427,15 @@ class DecodeEngine:
         pre = self.w.norm_before
         # a lazy step of a pre-norm layer writes the normed input straight into the window (the only reader)
         into_window = pre and self._lazy(sel, x.shape[1])
-        h = self._norm(x, lw.norm1_w, lw.norm1_b, gi if into_window else None) if pre else x
+        n = x.shape[0] * x.shape[1]
+        # a many-token step of input thresholds: the norm zeroes the small channels of the q/k/v and gate/up input
+        thr_attn = (layer, "attn_in") if pre and sel is not None and self._dense_input("attn_in", n) else None
+        thr_ffn = (layer, "ffn_in") if pre and sel is not None and self._dense_input("ffn_in", n) else None
+        h = self._norm(x, lw.norm1_w, lw.norm1_b, gi if into_window else None, thr_attn) if pre else x
         x = self._attention(layer, h, x, pos, positions, rope, sel, gi)  # the residual added inside
         if not pre:
             x = self._norm(x, lw.norm1_w, lw.norm1_b)
-        h = self._norm(x, lw.norm2_w, lw.norm2_b) if pre else x
+        h = self._norm(x, lw.norm2_w, lw.norm2_b, thresholded=thr_ffn) if pre else x
         x = self._ffn(layer, h, x, sel, gi).view_as(x)  # the residual added inside
         if not pre:
             x = self._norm(x, lw.norm2_w, lw.norm2_b)
@@ -475,7 +495,9 @@ class DecodeEngine:
                             self.window.positions, self.inv_freq, backend=be)
             return out[:, :Kq], None, heads
         hf = h.reshape(B * T, -1)  # (n, d)
-        if sel is not None and self._thresholded("attn_in"):
+        if sel is not None and self._dense_input("attn_in", B * T):
+            hf = self._premasked(layer, "attn_in", hf)  # then the dense q/k/v GEMM below
+        elif sel is not None and self._thresholded("attn_in"):
             # only the rows of W_qkv.T whose input channel passes the threshold are read; q/k/v in the model dtype
             # (the cache's)
             qkv = self._sparse_in(layer, "attn_in", hf, self.t_qkv[layer], lw.qkv_b, out_dtype=self.dtype)
@@ -504,6 +526,13 @@ class DecodeEngine:
         lw, be = self.w.layers[layer], self.cfg.backend
         B, T, d = resid.shape
         rf = resid.reshape(B * T, d)
+        if sel is not None and self._dense_input("attn_out", B * T):  # zeroed in one kernel, then the dense GEMM
+            a = mask_input(a, self.teal.threshold(layer, "attn_out"), self.teal.counter(layer, "attn_out"),
+                           out_dtype=self.dtype, backend=be)
+            if self.resid32:
+                rf.add_(_linear(a, lw.o_w, lw.o_b))
+                return resid
+            return _residual_linear(rf, a, lw.o_w, lw.o_b).view(B, T, d)
         if sel is not None and self._thresholded("attn_out"):  # the rows of W_o.T of the kept channels
             a = a.to(self.dtype)  # the o projection's input as the model computes it (the threshold's units)
             if self.resid32:
@@ -535,6 +564,8 @@ class DecodeEngine:
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
         if sel is not None and (self._thresholded("ffn_in") or self._thresholded("ffn_out")):
             return self._ffn_thresholded(layer, hf, rf, into)
+        if sel is not None and isinstance(self.ffn_selector, VerifyFFNSelector):
+            return self._ffn_verify(layer, hf, rf, into)
         idx, keep, mask = self._ffn_choice(layer, hf, sel, gi)
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
@@ -567,6 +598,19 @@ class DecodeEngine:
     def _thresholded(self, name: str) -> bool:
         return self.teal is not None and self.teal.on(name)
 
+    def _dense_input(self, name: str, rows: int) -> bool:
+        """Whether a step of ``rows`` token rows thresholds input ``name`` where it is made and runs the dense GEMM
+        (module docstring: "Input thresholds") rather than the input-sparse kernel."""
+        return self._thresholded(name) and rows > self.cfg.sparse_input_tokens
+
+    def _premasked(self, layer: int, name: str, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d), a projection input of a many-token step: the norm already zeroed it in a pre-norm layer
+        (_layer), else one kernel does it here."""
+        if self.w.norm_before:
+            return h
+        return mask_input(h, self.teal.threshold(layer, name), self.teal.counter(layer, name), out_dtype=self.dtype,
+                          backend=self.cfg.backend)
+
     def _sparse_in(self, layer, name, x, w_t, b, **kw):
         """(x · [|x| > τ]) · w_t + b for one projection input of a gated layer (kernels/sparse_input.py), counting
         the kept channels on the device."""
@@ -578,13 +622,22 @@ class DecodeEngine:
         the rows of the kept input channels, down only the rows of the neurons whose |a| passes -> resid + ffn.
         a is rounded to the model dtype between the two, as the model computes it."""
         lw, F_ = self.w.layers[layer], self.w.ffn
-        if self._thresholded("ffn_in"):
+        n = hf.shape[0]
+        if self._dense_input("ffn_in", n):
+            hf = self._premasked(layer, "ffn_in", hf)
+        if self._thresholded("ffn_in") and not self._dense_input("ffn_in", n):
             # gate/up stay in the kernel's fp32 accumulator; a is rounded to the model dtype where it is made
-            dt = torch.float32 if hf.shape[0] <= KERNEL_TOKENS else self.dtype
-            gu = self._sparse_in(layer, "ffn_in", hf, self.t_fcin[layer], self.b_fcin[layer], out_dtype=dt)
+            gu = self._sparse_in(layer, "ffn_in", hf, self.t_fcin[layer], self.b_fcin[layer],
+                                 out_dtype=torch.float32)
             g, u = gu[:, :F_], (gu[:, F_:] if lw.w_up is not None else None)  # (n, F) each
         else:
             g, u = _linear(hf, lw.w_in, lw.b_in), (None if lw.w_up is None else F.linear(hf, lw.w_up))
+        if self._dense_input("ffn_out", n):  # act(g) * u zeroed in one kernel, then the dense down GEMM
+            a = act_mask_input(g, u, self.w.act, self.teal.threshold(layer, "ffn_out"),
+                               self.teal.counter(layer, "ffn_out"), dtype=self.dtype, backend=self.cfg.backend)
+            if into:
+                return rf.add_(_linear(a, lw.down_w, lw.b_out))
+            return _residual_linear(rf, a, lw.down_w, lw.b_out)
         if self._thresholded("ffn_out"):
             # act(g) * u, the channel lists of the down projection's input and the down rows of the kept neurons:
             # one compaction kernel computes a, then one GEMV (kernels/sparse_input.act_input_sparse_linear)
@@ -597,6 +650,41 @@ class DecodeEngine:
         if into:
             return rf.add_(_linear(a, lw.down_w, lw.b_out))
         return _residual_linear(rf, a, lw.down_w, lw.b_out)
+
+    def _ffn_verify(self, layer, hf, rf, into: bool):
+        """Propose, then verify (ffn_select.VerifyFFNSelector) -> resid + ffn. Up to KERNEL_TOKENS rows: gate/up rows
+        of the candidates (one token's, or the union of the step's), each token's top k of its own candidates by
+        |a|, the down rows of the kept ones times those a; more rows: every neuron on cuBLAS, each token's
+        candidates and keep set as masks (the mask path itself)."""
+        lw, v, dt, be = self.w.layers[layer], self.ffn_selector, self.dtype, self.cfg.backend
+        n, k = hf.shape[0], self.k_ffn
+        kc = v.k_candidates(self.w.ffn, k)
+        if n > KERNEL_TOKENS:
+            cand = topk_mask(v.proposer.scores(layer, hf), kc, torch.bool)  # (n, F)
+            a = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act) * F.linear(hf, lw.w_up)  # (n, F) model dtype
+            s = v.final_scores(layer, a).masked_fill(~cand, float("-inf"))
+            a = a * topk_mask(s, k, a.dtype)
+            if into:
+                return rf.add_(_linear(a, lw.down_w, lw.b_out))
+            return _residual_linear(rf, a, lw.down_w, lw.b_out)
+        if n == 1:  # one token: its own candidates, ascending
+            cand, ckeep = v.proposer.topk(layer, hf, kc), None  # (Kc,)
+        else:  # the union of the step's candidates; ckeep (n, Ku): whose candidate each one is
+            cidx, ckeep = select_units(v.proposer.scores(layer, hf).unsqueeze(1), kc, "union")
+            cand, ckeep = cidx[0], None if ckeep is None else ckeep[0]
+        g = row_linear(hf, lw.w_in, cand, lw.b_in, backend=be, out_dtype=dt)  # (n, K) the candidates' gate
+        a = (apply_act(g, self.w.act) * row_linear(hf, lw.w_up, cand, backend=be, out_dtype=dt)).to(dt)
+        s = v.final_scores(layer, a, cand)
+        if ckeep is not None:
+            s = s.masked_fill(ckeep == 0, float("-inf"))
+        if n == 1:  # the down rows of the kept neurons only
+            pos = s[0].topk(k, sorted=False).indices.sort().values  # (k,) positions in cand
+            a, rows = a[:, pos], cand[pos]
+        else:  # the union's rows; each token's others zeroed
+            a, rows = a * topk_mask(s, k, a.dtype), cand
+        if into:
+            return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, out=rf)
+        return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, residual=rf)
 
     def _ffn_choice(self, layer, hf, sel, gi):
         """This gated layer's FFN choice -> (idx (K,) int32, keep (n, K) or None, None) for the gathered kernels, or

@@ -4,11 +4,17 @@ each token's top k (the same rule as the mask path's hooks), then reads only tho
 
   SketchFFNSelector   the sketch selector (shadowsparse/selectors/verify.py, `sketch`): a packed 2/3-bit copy of
                       W_gate and W_up scores |silu(gate)·up| per neuron (kernels/sketch.py)
+  GateFFNSelector     CATS (selectors/gate.py, `gate`): the real gate projection in full, |act(gate)| per neuron;
+                      the gathered kernels then read the kept rows of gate (again), up and down — at 50% the FFN
+                      reads 1/3 + 1/2 of its bytes
 """
 from __future__ import annotations
 
 import torch
 
+import torch.nn.functional as F
+
+from ..kernels.ffn import apply_act
 from ..kernels.sketch import PackedSketch, sketch_scores, sketch_topk
 
 
@@ -33,3 +39,72 @@ class SketchFFNSelector:
     def nbytes(self) -> int:
         """The selector's extra weight bytes (read once per step for every gated layer)."""
         return sum(p.nbytes for p in self.sketches.values())
+
+
+class GateFFNSelector:
+    """gates: gated layer -> its W_gate (F, d) (the model's own tensor, on the engine's device); act: the FFN's
+    activation. Scores |act(h · W_gate.T)| in the model dtype, as the mask path's hook on gate_proj sees them."""
+
+    name = "gate"
+
+    def __init__(self, gates: dict[int, torch.Tensor], act: str):
+        self.gates, self.act = gates, act
+
+    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d) -> (n, F) fp32 |act(gate)|."""
+        return apply_act(F.linear(h, self.gates[layer]), self.act).abs().float()
+
+    def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
+        """h (1, d) -> (k,) int32 ascending: the token's k largest |act(gate)|."""
+        return self.scores(layer, h)[0].topk(k, sorted=False).indices.sort().values.to(torch.int32)
+
+    def nbytes(self) -> int:
+        return 0  # reads the model's own W_gate, no copy
+
+
+class PredictorProposer:
+    """predictor_verify's proposer: the per-layer low-rank predictor of the FFN input (verify_predictor.py)."""
+
+    name = "predictor"
+
+    def __init__(self, predictor):
+        self.predictor = predictor
+
+    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return self.predictor.predict_layer(layer, h).float()  # (n, F)
+
+    def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
+        return self.scores(layer, h)[0].topk(k, sorted=False).indices.sort().values.to(torch.int32)
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.predictor.parameters())
+
+
+class VerifyFFNSelector:
+    """Propose, then verify (shadowsparse/verify.py: sketch_verify, gate_verify, predictor_verify): the proposer
+    (a selector above) keeps the top q·F neurons of each token as candidates; the engine computes the true
+    a = act(gate)·up of the candidates only (their gate/up rows) and keeps each token's top k of |a| (or of
+    |a|·‖W_down[:, i]‖, final="contribution") among its own candidates; the down projection reads the kept rows
+    and uses those a values (no second pass over gate/up). The engine runs it in DecodeEngine._ffn_verify."""
+
+    def __init__(self, proposer, q: float, final: str = "activation",
+                 columns: dict[int, torch.Tensor] | None = None):
+        if final not in ("activation", "contribution") or (final == "contribution" and columns is None):
+            raise ValueError(f"final must be 'activation' or 'contribution' (with columns), got {final!r}")
+        self.proposer, self.q, self.final, self.columns = proposer, q, final, columns
+        self.name = f"{proposer.name}_verify"
+
+    def k_candidates(self, units: int, k: int) -> int:
+        """Candidates per token: never fewer than the final keep (verify.VerifyScores' rule)."""
+        return max(k, int(round(self.q * units)))
+
+    def final_scores(self, layer: int, a: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """a (n, K) the candidates' activations (rows (K,) their neuron ids; None: all F) -> (n, K) fp32."""
+        s = a.abs().float()
+        if self.final == "contribution":
+            col = self.columns[layer].to(a.device)
+            s = s * (col if rows is None else col[rows.long()])
+        return s
+
+    def nbytes(self) -> int:
+        return self.proposer.nbytes()

@@ -92,7 +92,7 @@ class EngineWeights:
         return out
 
 
-def _act_name(cfg) -> str:
+def act_name(cfg) -> str:
     name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
     if name not in ACTS:
         raise ConfigError(f"FFN activation '{name}' is not supported by the decode engine; supported: {sorted(ACTS)}")
@@ -133,7 +133,7 @@ def extract_weights(model: nn.Module) -> EngineWeights:
     lm_head = model.get_output_embeddings().weight
     common = dict(family=family, n_layers=dims.n_layers, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
                   head_dim=dims.head_dim, hidden=dims.hidden, ffn=dims.ffn, vocab=lm_head.shape[0],
-                  act=_act_name(cfg), embed=model.get_input_embeddings().weight, lm_head=lm_head,
+                  act=act_name(cfg), embed=model.get_input_embeddings().weight, lm_head=lm_head,
                   max_positions=getattr(cfg, "max_position_embeddings", 2048))
     layers = []
     with torch.no_grad():

@@ -20,3 +20,11 @@ class Gate(Selector):
 
     def runs(self, ctx):
         yield Run(GateScores(), self.levels(ctx), granularity="token", budget="local", more={"criterion": None})
+
+    def engine_parts(self, ctx, run):
+        """The gate projection in full scores each gated layer's neurons (runtime/ffn_select.GateFFNSelector)."""
+        from ..runtime.ffn_select import GateFFNSelector
+        from ..runtime.weights import act_name
+        spec = ctx.view.spec
+        gates = {i: ctx.view.module(i, spec.ffn_gate).weight for i in range(ctx.first_layer, ctx.view.dims.n_layers)}
+        return {"ffn_selector": GateFFNSelector(gates, act_name(ctx.model.config))}

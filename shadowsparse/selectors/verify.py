@@ -72,6 +72,25 @@ class VerifyFamily(Selector):
     def predictor(self, ctx) -> FFNInputPredictor | None:
         return None
 
+    def engine_parts(self, ctx, run):
+        """The proposer's own engine selector (the sketch copy, the real gate, the per-layer predictor), verified in
+        the engine by the candidates' true |a| (runtime/ffn_select.VerifyFFNSelector)."""
+        from ..runtime.ffn_select import GateFFNSelector, PredictorProposer, VerifyFFNSelector
+        from ..runtime.weights import act_name
+        from ..verify import down_column_norms
+        layers = range(ctx.first_layer, ctx.view.dims.n_layers)
+        if self.proposer == "sketch":
+            proposer = self.sketch_selector(ctx)
+            if isinstance(proposer, str):
+                return proposer
+        elif self.proposer == "gate":
+            proposer = GateFFNSelector({i: ctx.view.module(i, ctx.view.spec.ffn_gate).weight for i in layers},
+                                       act_name(ctx.model.config))
+        else:
+            proposer = PredictorProposer(run.source.predictor)
+        columns = {i: down_column_norms(ctx.view, i) for i in layers} if run.source.final == "contribution" else None
+        return {"ffn_selector": VerifyFFNSelector(proposer, run.source.q, run.source.final, columns)}
+
     def predictor_fields(self, ctx, predictor) -> dict:
         return {}
 
@@ -91,17 +110,9 @@ class SketchProposer(VerifyFamily):
     def selector_bytes(self, ctx):
         return sketch_bytes(ctx.view, ctx.view.dims.n_layers - ctx.first_layer, verify_config(ctx.cfg))
 
-
-@register
-class Sketch(SketchProposer):
-    name = "sketch"
-
-    def qs(self, ctx):
-        return [0.0]  # the proposal is the keep set (q = 0 proposes no more than 1 - s): no verify stage
-
-    def engine_parts(self, ctx, run):
+    def sketch_selector(self, ctx):
         """The packed copy of every gated layer's W_gate and W_up, quantized as the mask path quantizes them
-        (kernels/sketch.py: its fp16 steps round the quantizer's by at most 2**-11 relative)."""
+        (kernels/sketch.py: its fp16 steps round the quantizer's by at most 2**-11 relative), or why not."""
         from ..kernels.sketch import BITS, GROUP, sketch_from_weights
         from ..runtime.ffn_select import SketchFFNSelector
         vcfg = verify_config(ctx.cfg)
@@ -116,7 +127,19 @@ class Sketch(SketchProposer):
             w_up = ctx.view.module(layer, spec.ffn_in[-1]).weight
             h = None if hessians is None else hessians[layer].to(w_gate.device)
             sketches[layer] = sketch_from_weights(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
-        return {"ffn_selector": SketchFFNSelector(sketches)}
+        return SketchFFNSelector(sketches)
+
+
+@register
+class Sketch(SketchProposer):
+    name = "sketch"
+
+    def qs(self, ctx):
+        return [0.0]  # the proposal is the keep set (q = 0 proposes no more than 1 - s): no verify stage
+
+    def engine_parts(self, ctx, run):
+        proposer = self.sketch_selector(ctx)
+        return proposer if isinstance(proposer, str) else {"ffn_selector": proposer}
 
 
 @register
