@@ -255,3 +255,31 @@ def test_load_gated_input_thresholds_in_the_engine_agree_with_the_hooks(llama, m
     assert st_fast["realized_ffn_sparsity"] == pytest.approx(sparsity, abs=0.15)
     prompts = ["one prompt", "two words"]
     assert fast.generate(prompts, max_new_tokens=5) == ref.generate(prompts, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_lte_engine_matches_its_mask_path(batch):
+    """lte: the routers pick each token's best experts (whole groups of neurons) in the engine
+    (runtime/ffn_select.LTEFFNSelector) on the LTE-fine-tuned weights; equal to LTEScores through the hooks."""
+    from shadowsparse.gating import n_keep
+    from shadowsparse.lte import LTEConfig
+    from shadowsparse.lte.train import train_lte
+    from shadowsparse.runtime.ffn_select import LTEFFNSelector
+    base = tiny_model("llama")
+    cfg = LTEConfig(expert_size=8, stage1_steps=2, stage2_steps=2, batch_size=2, seq_len=24, val_windows=2,
+                    val_every=2, warmup_steps=1).validate()
+    artifact, trained = train_lte(base, token_ids(8, 24, seed=1), cfg, first_layer=1)
+    routers = artifact.routers
+    k_e = n_keep(routers.n_experts, 0.5)
+    assert k_e * 8 == n_keep(ModelView(trained).dims.ffn, 0.5)
+    ids = token_ids(batch, sum(CHUNKS), seed=7)
+    engine = DecodeEngine(extract_weights(trained), batch=batch, max_len=32, config=EngineConfig(
+        ffn_sparsity=0.5, first_layer=1, backend="torch"), ffn_selector=LTEFFNSelector(routers, k_e))
+    out = engine_steps(engine, ids, CHUNKS)
+    with attach_gating(trained, artifact.source(), GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, \
+            torch.no_grad():
+        ref = trained(ids).logits
+        assert h.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    torch.testing.assert_close(out, ref, **TOL)
+    with torch.no_grad():
+        assert (trained(ids).logits - ref).abs().max() > 1e-3  # routing changed the output: not vacuous

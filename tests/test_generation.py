@@ -70,7 +70,7 @@ def test_perplexity_equals_the_evaluation(llama):
 
 @pytest.mark.parametrize("kw,message", [
     (dict(method="oracle"), "cannot serve oracle: it needs a dense pass"),
-    (dict(method="lte"), "cannot serve lte: its fine-tuned weights"),
+    (dict(method="lte"), "no trained LTE at .*point lte.ckpt at a run's lte/ folder"),
     (dict(method="teal", head_sparsity=0.5), "no head axis"),
     (dict(method="sketch", head_sparsity=0.5), "no head axis"),
     (dict(method="nope"), "unknown evaluation method"),

@@ -209,6 +209,18 @@ def test_lte_method_end_to_end_through_the_pipeline(tmp_path, family):
               "stages.collect=false"))
     again = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["value"] for r in again] == [r["value"] for r in lte]
+    # load_gated serves the run's LTE: the fine-tuned weights swapped in, the routers in the decode engine equal
+    # the hooks (runtime/ffn_select.LTEFFNSelector)
+    import shadowsparse as ss
+    from omegaconf import OmegaConf
+    (tmp_path / "run" / ".hydra").mkdir()  # what train.py's Hydra run leaves: the run's config
+    OmegaConf.save(smoke(tmp_path, f"llm.name=random:{family}"), tmp_path / "run" / ".hydra" / "config.yaml")
+    fast = ss.load_gated(tmp_path / "run", method="lte", ffn_sparsity=0.5, engine="kernels")
+    ref = ss.load_gated(tmp_path / "run", method="lte", ffn_sparsity=0.5, engine="hooks")
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    assert fast.perplexity(windows) == pytest.approx(ref.perplexity(windows), rel=1e-5)
+    assert fast.perplexity(windows, token_by_token=True) == pytest.approx(ref.perplexity(windows), rel=1e-5)
+    assert fast.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
 
 
 def test_lte_bytes_skipped_charges_the_routers_and_lora_runs_through_the_pipeline(tmp_path):

@@ -108,3 +108,31 @@ class VerifyFFNSelector:
 
     def nbytes(self) -> int:
         return self.proposer.nbytes()
+
+
+class LTEFFNSelector:
+    """lte (selectors/lte.py): each routed layer's router scores its experts (groups of neurons) from the FFN input;
+    a token keeps its k_experts best experts, whole (the mask path's LTEScores with route="topk"). The engine runs
+    the model with the LTE fine-tuned weights swapped in (LTEArtifact.applied), reading only the kept experts' rows.
+    routers: lte.routers.Routers; the engine's k must equal k_experts * expert size (selectors/lte.py checks)."""
+
+    name = "lte"
+
+    def __init__(self, routers, k_experts: int):
+        self.routers, self.k_experts = routers, k_experts
+
+    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d) -> (n, F) fp32: each neuron carries its expert's sigmoid score, so a top-k of k_experts * size
+        neurons is the top k_experts experts."""
+        return self.routers.to_neurons(layer, self.routers.scores(layer, h)).float()
+
+    def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
+        """h (1, d) -> (k,) int32 ascending: the neurons of the token's k_experts best experts."""
+        experts = self.routers.scores(layer, h)[0].topk(self.k_experts, sorted=False).indices  # (k_e,)
+        groups = self.routers.groups[self.routers.layers.index(layer)]  # (F,) expert id of each neuron
+        chosen = torch.zeros(self.routers.n_experts, dtype=torch.bool, device=h.device)
+        chosen[experts] = True
+        return chosen[groups].nonzero().flatten().to(torch.int32)  # ascending, k_experts * size entries
+
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.routers.linears.parameters())

@@ -1,7 +1,12 @@
 """lte (Learn-To-be-Efficient): routers over k-means groups of neurons read each FFN input; the model was
-fine-tuned to them in the fit stage (shadowsparse/lte/). Its weights are swapped in for these rows only."""
+fine-tuned to them in the fit stage (shadowsparse/lte/). The evaluation swaps its weights in for these rows only;
+load_gated swaps them into the model it serves (a run directory's: the model load_gated loaded itself) and runs the
+routers in the decode engine (runtime/ffn_select.LTEFFNSelector)."""
 from __future__ import annotations
 
+import logging
+
+from ..gating import n_keep
 from ..lte import load_lte, lte_folder
 from .base import Run, Selector
 from .registry import register
@@ -11,7 +16,6 @@ from .registry import register
 class LTE(Selector):
     name = "lte"
     ffn_only = True  # routes FFN neurons only
-    generates = "its fine-tuned weights are swapped in by the evaluation only; train.py evaluates it"
 
     def evaluate(self, ctx, evaluation):
         lte = load_lte(lte_folder(ctx.cfg, ctx.run_dir), ctx.model)
@@ -19,3 +23,32 @@ class LTE(Selector):
             evaluation.run(self, Run(source, self.levels(ctx), granularity="token", budget="local",
                                      selector_bytes=lte.router_bytes(ctx.model),
                                      more={"criterion": None, **lte.info()}))
+
+    def runs(self, ctx):
+        """For load_gated: the fine-tuned weights swapped into ctx.model for as long as it serves (not restored),
+        and the hard router source at the requested level."""
+        lte = load_lte(lte_folder(ctx.cfg, ctx.run_dir), ctx.model)
+        if ctx.run_dir is None or str(ctx.run_dir) == ".":
+            logging.getLogger("shadowsparse").warning(
+                "lte: the LTE fine-tuned weights are swapped into the model passed to load_gated (kept there)")
+        applied = lte.applied(ctx.model)
+        source = applied.__enter__()  # entered for good: the served model is the fine-tuned one
+        ctx.shared["lte"] = lte
+        yield Run(source, self.levels(ctx), granularity="token", budget="local",
+                  selector_bytes=lte.router_bytes(ctx.model), more={"criterion": None, **lte.info()})
+
+    def engine_parts(self, ctx, run):
+        """The routers in the engine: whole experts per token (route=topk); the engine keeps a fixed number of
+        neurons, so the level must be whole experts."""
+        from ..runtime.ffn_select import LTEFFNSelector
+        lte = ctx.shared["lte"]
+        routers, ffn = lte.routers, ctx.view.dims.ffn
+        if lte.cfg.route != "topk":
+            return f"lte route={lte.cfg.route} keeps a varying number of experts per token; the engine needs topk"
+        s = ctx.cfg.gating.ffn_sparsity
+        k_e = n_keep(routers.n_experts, s)
+        if k_e * ffn // routers.n_experts != n_keep(ffn, s):
+            return (f"lte in the engine keeps whole experts: ffn_sparsity={s} keeps {k_e} of {routers.n_experts} "
+                    f"experts ({k_e * ffn // routers.n_experts} neurons) but the engine keeps {n_keep(ffn, s)}; pick "
+                    f"a sparsity that is a multiple of 1/{routers.n_experts}")
+        return {"ffn_selector": LTEFFNSelector(routers.to(ctx.device), k_e)}
