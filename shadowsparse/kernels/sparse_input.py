@@ -36,8 +36,9 @@ from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 MAX_TOKENS = 16  # the tl.dot path pads tokens to 16
 KERNEL_TOKENS = 16  # default: the kernel serves steps of up to this many token rows, cuBLAS the larger ones
 # (block_k, block_n, warps, stages): the best of benchmarks/sparse_input_kernel.py on Llama-2-7B's projections
-# at 40-50% (H200, fp16): (16, 512, 4, 3) at one token on q/k/v, o and gate/up (1.14-1.30x cuBLAS)
-ONE_TOKEN_DEFAULTS = (16, 512, 4, 3)
+# at 40-50%, timed as CUDA graphs (H200, fp16, session 8): (8, 1024, 4, 4) at one token on every projection,
+# 1.25-1.56x cuBLAS (the earlier (16, 512, 4, 3), picked on host-bound timings, was 0.98x on gate/up)
+ONE_TOKEN_DEFAULTS = (8, 1024, 4, 4)
 MANY_TOKEN_DEFAULTS = (16, 256, 4, 4)
 PROGRAMS_PER_SM = 4
 # Compacted kernels (SHADOWSPARSE_INPUT_COMPACT=1; off by default): a small kernel lists each segment's kept
@@ -46,7 +47,7 @@ PROGRAMS_PER_SM = 4
 COMPACT = os.environ.get("SHADOWSPARSE_INPUT_COMPACT", "0") == "1"
 # Weight loads marked evict-first (each weight byte is read once per step: keeping it in L2 only evicts the
 # activations the next kernels read). A/B in benchmarks/sparse_input_kernel.py (--evict).
-EVICT = os.environ.get("SHADOWSPARSE_INPUT_EVICT", "0") == "1"
+EVICT = os.environ.get("SHADOWSPARSE_INPUT_EVICT", "1") == "1"  # on: 1-4% faster at one token (H200)
 
 if triton is not None:
     from .ffn import apply_act_tl

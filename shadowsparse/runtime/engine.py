@@ -94,7 +94,7 @@ class EngineConfig:
     kv_window: int = 16  # W, the positions lazy K/V recomputes per step ("auto" shrinks it to 16 // batch)
     all_kernels: bool = False  # run the gated path with every unit selected: the dense model through the gathered
     # kernels and the fp32 residual stream (benchmark: is the dense baseline faster through cuBLAS or through them?)
-    sparse_input_tokens: int = 16  # input thresholds (teal, threshold): steps of up to this many token rows read
+    sparse_input_tokens: int = 2  # input thresholds (teal, threshold): steps of up to this many token rows read
     # only the kept weight rows (kernels/sparse_input.py); larger steps zero the inputs where they are made and run
     # the dense GEMM (module docstring: "Input thresholds"). 0: always the dense GEMM
 
@@ -182,7 +182,12 @@ class DecodeEngine:
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.window = self._plan_lazy_kv()
         self.window_rope = None  # (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
-        self.resid32 = self.gated and w.norm_before  # the fp32 residual stream (module docstring)
+        # the fp32 residual stream (module docstring); not where input thresholds are the only gating and every
+        # decode step is above sparse_input_tokens rows: those steps run cuBLAS GEMMs, which fuse the residual add
+        # in the model dtype, so an fp32 stream would only add a cast and an add pass per sub-block
+        dense_steps = self.teal is not None and not (self.gate_heads or self.gate_ffn or self.ffn_selector) and \
+            batch > self.cfg.sparse_input_tokens
+        self.resid32 = self.gated and w.norm_before and not dense_steps
         self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
 
     def _plan_input_sparsity(self, sp: InputSparsity | None) -> InputSparsity | None:
@@ -201,6 +206,8 @@ class DecodeEngine:
         if sp.thresholds.shape[0] != self.w.n_layers:
             raise ConfigError(f"{sp.label} has thresholds for {sp.thresholds.shape[0]} layers, the model has "
                               f"{self.w.n_layers}")
+        if self.batch > self.cfg.sparse_input_tokens:  # every step runs the dense GEMMs: no transposed copies
+            return sp.to(self.device, self.dtype)
         for layer in range(self.first_layer, self.w.n_layers):
             lw = self.w.layers[layer]
             if sp.on("attn_in"):
