@@ -8,8 +8,6 @@ o columns; its k/v rows only when every query head of its GQA group is skipped.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from .arch import ModelView
 
 # When a selector decides (its class attribute ``decision``, shadowsparse/selectors/), hence what a skip saves:
@@ -23,8 +21,10 @@ DECISIONS = ("early", "after_gate", "late", "verify", "gate_verify")
 
 
 def decoder_linear_bytes(view: ModelView) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() for layer in view.layers for m in layer.modules()
-               if isinstance(m, nn.Linear))
+    """Weight bytes of every decoder linear the spec names (q/k/v, o, FFN inputs, down; fused ones once), per token:
+    the denominator of every fraction skipped. Read from the spec, not by module type: GPT-2's Conv1D counts too."""
+    return sum(view.weight(i, p).numel() * view.weight(i, p).element_size()
+               for i in range(view.dims.n_layers) for p in view.decoder_linears())
 
 
 def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes: int = 0) -> float:
@@ -38,12 +38,13 @@ def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes
         return 0.0
     esize = view.ffn_down(0).weight.element_size()
     if when in ("verify", "gate_verify"):  # FFN only; stats carry the counted candidate sparsity
-        n_in = len(view.spec.ffn_in) - (1 if when == "gate_verify" else 0)
+        n_in = view.spec.ffn_in_blocks - (1 if when == "gate_verify" else 0)  # gate+up (a fused one too) or fc1
         n = stats.get("gated_layers", d.n_layers)
         skipped = n * d.ffn * d.hidden * esize * (stats["realized_candidate_sparsity"] * n_in
                                                   + stats["realized_ffn_sparsity"])
         return (skipped - selector_bytes) / total
-    ffn_mats = {"early": len(view.spec.ffn_in) + 1, "after_gate": len(view.spec.ffn_in), "late": 1}[when]
+    blocks = view.spec.ffn_in_blocks  # F-row blocks of a neuron in the FFN inputs: gate and up, or fc1
+    ffn_mats = {"early": blocks + 1, "after_gate": blocks, "late": 1}[when]
     per_neuron = ffn_mats * d.hidden * esize
     per_head_q_o = (2 if when == "early" else 1) * d.head_dim * d.hidden * esize
     per_kv_group = 2 * d.head_dim * d.hidden * esize if when == "early" else 0

@@ -19,7 +19,7 @@ from .arch import ModelView
 
 
 def ffn_input_module(view: ModelView, layer: int):
-    """The first FFN input projection (gate for SwiGLU, fc1 for OPT): its input is the FFN input (B, T, d)."""
+    """The first FFN input projection (gate, a fused gate_up, or fc1): its input is the FFN input (B, T, d)."""
     return view.module(layer, view.spec.ffn_in[0])
 
 
@@ -59,7 +59,7 @@ def record_ffn_io(model, windows: torch.Tensor, layers: list[int], out_dir: str 
     for l in layer_inputs:
         hooks.append(view.layer(l).register_forward_pre_hook(put(("h", l)), with_kwargs=True))
     last = max([*layers, *layer_inputs])
-    body = view.model.model if hasattr(view.model, "model") else view.model
+    body = view.model.base_model  # the decoder without its LM head (model, transformer, gpt_neox, ...)
     stop = _StopAfter(view.layer(last))
     try:
         for i in tqdm(range(len(windows)), desc=desc, unit="win"):

@@ -239,7 +239,10 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool)
     if reason:
         raise ConfigError(f"{method} cannot run here: {reason}")
     run = next(iter(sel.runs(ctx)))
-    parts = sel.engine_parts(ctx, run) if engine else "engine='hooks' asked for"
+    try:
+        parts = sel.engine_parts(ctx, run) if engine else "engine='hooks' asked for"
+    except ConfigError as exc:  # a family the engine does not serve (e.g. an activation it has no kernel for)
+        parts = str(exc)
     if run.source is None and run.attach is None:  # the dense model
         return None, None, parts, None
     granularity = cfg.gating.granularity if run.granularity == CONFIG else (run.granularity or "token")

@@ -66,23 +66,44 @@ def embedded_gguf() -> tuple[Path, str]:
 
 
 def tiny_config(family: str):
-    """Config of a tiny random model of a registered family (a few layers, GQA for Llama/Mistral)."""
-    from transformers import LlamaConfig, MistralConfig, OPTConfig
+    """Config of a tiny random model of a registered family (4 layers, d_model 64, 4 heads; GQA where the family has
+    it). Each exercises what sets its family apart: fused q/k/v and gate/up (Phi-3, GPT-2, GPT-NeoX, Falcon), a
+    head_dim other than d_model / heads (Gemma), sliding-window layers shorter than a test window (Gemma-2/3),
+    multi-query attention (Falcon), Conv1D weights (GPT-2), q/k norms (Qwen3, OLMo2, Gemma-3)."""
+    import transformers as tf
     common = dict(vocab_size=260, hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
                   max_position_embeddings=256)
-    if family == "llama":
-        return LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True, **common)
-    if family == "mistral":
-        return MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=None, **common)
-    if family == "qwen2":  # q/k/v with biases
-        from transformers import Qwen2Config
-        return Qwen2Config(intermediate_size=96, num_key_value_heads=2, use_sliding_window=False,
-                           tie_word_embeddings=True, **common)
-    if family == "opt":
-        return OPTConfig(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True,
-                         **{k: v for k, v in common.items() if k != "max_position_embeddings"},
-                         max_position_embeddings=256)
-    raise ConfigError(f"no tiny config for family '{family}'; use random:llama, random:mistral, random:qwen2 or random:opt")
+    ids = dict(bos_token_id=256, eos_token_id=256, pad_token_id=None)  # the byte tokenizer's end of text
+    gqa = dict(intermediate_size=96, num_key_value_heads=2, **common, **ids)
+    sliding = dict(head_dim=24, sliding_window=16)  # H*D = 96 != d_model; windows of 24 tokens cross the window
+    make = {
+        "llama": lambda: tf.LlamaConfig(intermediate_size=96, num_key_value_heads=2, tie_word_embeddings=True,
+                                        **common),
+        "mistral": lambda: tf.MistralConfig(intermediate_size=96, num_key_value_heads=2, sliding_window=None,
+                                            **common),
+        "qwen2": lambda: tf.Qwen2Config(intermediate_size=96, num_key_value_heads=2, use_sliding_window=False,
+                                        tie_word_embeddings=True, **common),  # q/k/v with biases
+        "opt": lambda: tf.OPTConfig(ffn_dim=128, word_embed_proj_dim=64, enable_bias=True, do_layer_norm_before=True,
+                                    **common),
+        "qwen3": lambda: tf.Qwen3Config(head_dim=16, **gqa),
+        "smollm3": lambda: tf.SmolLM3Config(**gqa),
+        "olmo2": lambda: tf.Olmo2Config(**gqa),
+        "stablelm": lambda: tf.StableLmConfig(use_qkv_bias=True, **gqa),  # LayerNorm, partial rotary
+        "phi3": lambda: tf.Phi3Config(**gqa),
+        "gemma": lambda: tf.GemmaConfig(head_dim=24, **gqa),
+        "gemma2": lambda: tf.Gemma2Config(**sliding, **gqa),  # alternating sliding/global layers, soft-capping
+        "gemma3_text": lambda: tf.Gemma3TextConfig(
+            **sliding, layer_types=["sliding_attention", "full_attention"] * 2, **gqa),
+        "gpt_neox": lambda: tf.GPTNeoXConfig(intermediate_size=128, **common, **ids),  # parallel residual
+        "falcon": lambda: tf.FalconConfig(ffn_hidden_size=128, vocab_size=260, hidden_size=64, num_attention_heads=4,
+                                          num_hidden_layers=4, max_position_embeddings=256, **ids),  # multi-query
+        "gpt2": lambda: tf.GPT2Config(vocab_size=260, n_embd=64, n_head=4, n_layer=4, n_positions=256, n_inner=128,
+                                      **ids),
+    }
+    if family not in make:
+        raise ConfigError(f"no tiny config for family '{family}'; use random:<family> with one of "
+                          f"{', '.join(make)} (shadowsparse.llm.tiny_config)")
+    return make[family]()
 
 
 def byte_tokenizer(model_max_length: int = 256):
@@ -278,19 +299,22 @@ def _device_map(model: nn.Module, dtype: torch.dtype, device: str) -> dict:
 
 def check_causal(config, name: str) -> None:
     """Refuse what is not a decoder-only causal LM of a registered family before its weights are read: transformers
-    would otherwise load e.g. BERT as a 'causal LM' head with a warning, and nothing downstream means anything."""
-    from .arch import ARCHS
+    would otherwise load e.g. BERT as a 'causal LM' head with a warning, and nothing downstream means anything. A
+    decoder-only model of an unregistered family is told how to register it (shadowsparse.register_arch); a
+    mixture-of-experts model why it is refused."""
+    from .arch import ARCHS, unknown_arch_message
     model_type = getattr(config, "model_type", None)
     if model_type in ARCHS:
         return
     encoders = ("bert", "roberta", "deberta", "deberta-v2", "electra", "distilbert", "albert", "xlm-roberta")
-    what = ("an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else
-            "an encoder-only" if model_type in encoders else "an unsupported")
+    encoder = getattr(config, "is_encoder_decoder", False) or model_type in encoders
+    if not encoder:  # decoder-only: say how to add the family (or why an MoE model is refused)
+        raise ConfigError(f"model '{name}': {unknown_arch_message(config)}")
+    what = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "an encoder-only"
     archs = getattr(config, "architectures", None)
     raise ConfigError(f"model '{name}' is {what} '{model_type}' model (architectures {archs}), not a decoder-only "
                       f"causal LM of a supported family ({', '.join(sorted(ARCHS))}); give a causal LM such as "
-                      "embedded:smollm2, facebook/opt-1.3b or a Llama/Mistral checkpoint "
-                      "(or add the family to shadowsparse.arch.ARCHS)")
+                      "embedded:smollm2, facebook/opt-1.3b or a Llama/Mistral checkpoint")
 
 
 def max_context(model) -> int | None:

@@ -3,7 +3,7 @@
 - ThresholdScores (TEAL-style): per-layer magnitude thresholds calibrated on calibration text so that a fraction s
   of units falls below them; a unit is kept when its own magnitude (|activation| for neurons, the head's
   contribution norm for heads) clears the threshold. Realized sparsity varies per token and is counted.
-- GateScores (CATS): for SwiGLU FFNs, the gate projection runs in full and the neurons with the largest
+- GateScores (CATS): for gated FFNs (SwiGLU, GeGLU), the gate projection runs in full and the neurons with the largest
   |act(gate)| are kept per token — up and down then need only those rows.
 """
 from __future__ import annotations
@@ -54,7 +54,7 @@ class ThresholdScores(ScoreSource):
 
         hooks = []
         for i in range(L):
-            w = view.attn_out(i).weight
+            w = view.attn_out_weight(i)  # (d_model, H*D)
             hooks.append(view.attn_out(i).register_forward_pre_hook(
                 lambda m, a, i=i, w=w: keep(heads[i], head_contribution_norm(a[0], w, view.dims.n_heads))))
             hooks.append(view.ffn_down(i).register_forward_pre_hook(lambda m, a, i=i: keep(neurons[i], a[0].abs())))
@@ -78,7 +78,7 @@ class ThresholdScores(ScoreSource):
         return []
 
     def head_mask(self, layer, x, k):
-        norms = head_contribution_norm(x, self._view.attn_out(layer).weight, self._view.dims.n_heads)  # (B, T, H)
+        norms = head_contribution_norm(x, self._view.attn_out_weight(layer), self._view.dims.n_heads)  # (B, T, H)
         return (norms > self._head_thr[layer].to(x.device)).to(x.dtype)
 
     def neuron_mask(self, layer, x, k):
@@ -95,31 +95,28 @@ class LiveActivationScores(ScoreSource):
         return []
 
     def heads(self, layer, x):
-        return head_contribution_norm(x, self._view.attn_out(layer).weight, self._view.dims.n_heads)
+        return head_contribution_norm(x, self._view.attn_out_weight(layer), self._view.dims.n_heads)
 
     def neurons(self, layer, x):
         return x.abs()
 
 
 class GateScores(ScoreSource):
-    """CATS: neurons ranked by |act(gate)| of the current token; needs a gated (SwiGLU) FFN. FFN only."""
+    """CATS: neurons ranked by |act(gate)| of the current token; needs a gated (SwiGLU, GeGLU) FFN. FFN only."""
 
     def __init__(self):
         self._gate: dict[int, torch.Tensor] = {}
 
     def attach(self, view: ModelView, cfg: GatingConfig) -> list:
         spec = view.spec
-        if not spec.glu or spec.ffn_gate is None:
-            raise ConfigError(f"the gate (CATS) selector needs a gated FFN (SwiGLU); '{spec.family}' has none — "
-                              "use predictor, threshold or oracle for it")
+        if not spec.glu:
+            raise ConfigError(f"the gate (CATS) selector needs a gated FFN (SwiGLU, GeGLU); '{spec.family}' has none "
+                              "— use predictor, threshold or oracle for it")
         if cfg.head_sparsity > 0:
             raise ConfigError("the gate (CATS) selector chooses FFN neurons only; set head_sparsity=0 for it")
-        hooks = []
-        for i in range(view.dims.n_layers):
-            act = view.module(i, spec.ffn_act)
-            hooks.append(view.module(i, spec.ffn_gate).register_forward_hook(
-                lambda m, args, out, i=i, act=act: self._gate.__setitem__(i, act(out).abs())))
-        return hooks
+        # act(gate) (B, T, F) of this very forward, split from a fused gate_up where the family has one
+        return [view.hook_gate_activation(i, lambda a, i=i: self._gate.__setitem__(i, a.abs()))
+                for i in range(view.dims.n_layers)]
 
     def neurons(self, layer, x):
         return self._gate.pop(layer)  # (B, T, F), from this very forward

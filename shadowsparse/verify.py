@@ -88,7 +88,7 @@ def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
 
 def down_column_norms(view: ModelView, layer: int) -> torch.Tensor:
     """||W_down[:, i]|| per neuron (F,): what one unit of activation adds to the residual stream."""
-    return view.ffn_down(layer).weight.detach().float().norm(dim=0)
+    return view.weight(layer, view.spec.ffn_down).detach().float().norm(dim=0)  # (d_model, F) -> (F,)
 
 
 class VerifyScores(ScoreSource):
@@ -122,8 +122,9 @@ class VerifyScores(ScoreSource):
         spec = view.spec
         if cfg.head_sparsity > 0:
             raise ConfigError("predict-then-verify selects FFN neurons only; set head_sparsity=0 for it")
-        if self.proposer in ("gate", "sketch") and (not spec.glu or spec.ffn_gate is None):
-            raise ConfigError(f"gate_verify needs a gated FFN (SwiGLU); '{spec.family}' has none")
+        if self.proposer in ("gate", "sketch") and not spec.glu:
+            raise ConfigError(f"the {self.proposer} proposer needs a gated FFN (SwiGLU, GeGLU) to read or sketch its "
+                              f"gate; '{spec.family}' has none")
         F = view.dims.ffn
         k_final = n_keep(F, cfg.ffn_sparsity)
         self._k_cand = max(k_final, int(round(self.q * F)))  # never fewer candidates than the final keep
@@ -143,30 +144,32 @@ class VerifyScores(ScoreSource):
                 hooks.append(ffn_input_module(view, l).register_forward_pre_hook(propose))
             elif self.proposer == "sketch":
                 act = view.module(l, spec.ffn_act)
-                qg = self._qweight(view, l, spec.ffn_gate)
-                qu = self._qweight(view, l, spec.ffn_in[-1]) if self.sketch.sketch == "act" else None
+                qg = self._qweight(view, l, 0)  # low-bit gate rows (F, d)
+                qu = self._qweight(view, l, 1) if self.sketch.sketch == "act" else None  # up rows (F, d)
 
                 def propose_q(module, args, l=l, act=act, qg=qg, qu=qu):
                     with torch.no_grad():
-                        x = args[0]
+                        x = args[0]  # (B, T, d): the FFN input, what gate and up (or a fused gate_up) read
                         est = act(x @ qg.T)
                         if qu is not None:
                             est = est * (x @ qu.T)
                         self._set(l, est.abs(), stats)
                 hooks.append(ffn_input_module(view, l).register_forward_pre_hook(propose_q))
             else:
-                act = view.module(l, spec.ffn_act)
-
-                def propose_gate(module, args, out, l=l, act=act):
+                def propose_gate(a, l=l):  # a = act(gate) (B, T, F) of this forward
                     with torch.no_grad():
-                        self._set(l, act(out).abs(), stats)
-                hooks.append(view.module(l, spec.ffn_gate).register_forward_hook(propose_gate))
+                        self._set(l, a.abs(), stats)
+                hooks.append(view.hook_gate_activation(l, propose_gate))
         return hooks
 
-    def _qweight(self, view: ModelView, layer: int, path: str) -> torch.Tensor:
-        key = (layer, path, self.sketch.bits, self.sketch.group, self.sketch.quantizer)
+    def _qweight(self, view: ModelView, layer: int, block: int) -> torch.Tensor:
+        """The dequantized low-bit copy of the gate (block 0) or up (block 1) rows (F, d), made once per setting and
+        cached under the module's path (a fused gate_up's half: its path and [gate] / [up])."""
+        spec = view.spec
+        name = spec.ffn_in[block] if spec.gate_up == "separate" else f"{spec.ffn_in[0]}[{('gate', 'up')[block]}]"
+        key = (layer, name, self.sketch.bits, self.sketch.group, self.sketch.quantizer)
         if key not in self._qweights:
-            w = view.module(layer, path).weight
+            w = view.ffn_in_rows(layer)[block][0]
             if self.sketch.quantizer == "gptq":
                 h = self.hessians[layer].to(w.device)
                 self._qweights[key] = gptq_act_order(w, h, self.sketch.bits, self.sketch.group)

@@ -19,7 +19,14 @@ from tests.conftest import ROOT, compose
 # (id, overrides — {placeholders} filled from the `made` fixture —, regex: the problem ... the fix)
 CASES = [
     ("unknown-model-path", "llm.name=./no/such/model", r"does not exist; give an existing folder or a hub id"),
-    ("unknown-random-family", "llm.name=random:gpt9", r"no tiny config for family 'gpt9'; use random:llama"),
+    ("unknown-random-family", "llm.name=random:gpt9", r"no tiny config for family 'gpt9'; use random:<family> with one "
+     r"of llama, .*gpt2"),
+    ("unregistered-family", "llm.name={phi}",
+     r"architecture 'phi' is not registered \(supported: .*\)\. Add it before loading: .*register_arch\('phi', "
+     r"ArchSpec\(family='phi', layers_path=.*README: Adding a model family"),
+    ("mixture-of-experts", "llm.name={mixtral}",
+     r"'mixtral' is a mixture-of-experts model \(4 experts per layer, config.num_local_experts\).*per-expert "
+     r"gating is not implemented"),
     ("non-causal-model", "llm.name={bert}",
      r"is an encoder-only 'bert' model .* not a decoder-only causal LM .*; give a causal LM"),
     ("ffn-sparsity-1", "gating.ffn_sparsity=1.0", r"sparsity must be in \[0, 1\).*set gating.ffn_sparsity"),
@@ -91,9 +98,9 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """Artifacts the cases point at: a smoke run's targets and predictor (random:llama, seed 0), a BERT folder, an
-    empty data file."""
-    from transformers import BertConfig, BertModel
+    """Artifacts the cases point at: a smoke run's targets and predictor (random:llama, seed 0), a BERT folder, the
+    configs of a model of an unregistered family (Phi-2) and of a mixture of experts (Mixtral), an empty data file."""
+    from transformers import BertConfig, BertModel, MixtralConfig, PhiConfig
     tmp = tmp_path_factory.mktemp("made")
     run(compose("experiment=smoke", "stages.evaluate=false", "stages.report=false", f"paths.output_dir={tmp}/run",
                 f"paths.targets_dir={tmp}/targets"))
@@ -101,9 +108,13 @@ def made(tmp_path_factory):
     bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=37))
     bert.save_pretrained(tmp / "bert")
+    PhiConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp / "phi")
+    MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                  num_key_value_heads=1, num_local_experts=4).save_pretrained(tmp / "mixtral")
     (tmp / "empty.jsonl").write_text('{"text": ""}\n')
     (tmp / "short.txt").write_text("hello world")  # 11 tokens of the random models' byte tokenizer
     return {"targets": tmp / "targets", "ckpt": tmp / "run" / "predictor.ckpt", "bert": tmp / "bert",
+            "phi": tmp / "phi", "mixtral": tmp / "mixtral",
             "empty": tmp / "empty.jsonl", "short": tmp / "short.txt"}
 
 

@@ -14,7 +14,8 @@ from shadowsparse.targets import storage_plan
 from tests.conftest import ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-HUB = ["opt1_3b", "opt6_7b", "opt13b", "opt30b", "llama2_7b", "llama2_13b", "llama3_8b", "mistral7b"]
+HUB = ["opt1_3b", "opt6_7b", "opt13b", "opt30b", "llama2_7b", "llama2_13b", "llama3_8b", "mistral7b", "qwen2_5_7b",
+       "gemma_7b", "gemma2_9b", "gemma3_1b", "phi3_mini", "pythia_6_9b", "falcon_7b", "gpt2_xl", "stablelm2_1_6b"]
 GPU_BYTES = 80e9  # one H100/A100 80 GB
 
 
@@ -47,17 +48,14 @@ def test_hub_experiment_fits_its_model(tmp_path, name):
     weights = n_params(shape) * 2
     assert cfg.llm.device == ("auto" if weights > 0.6 * GPU_BYTES else "cuda"), (shape, weights / 1e9)
     assert cfg.trainer.accelerator == "gpu"
-    # the predictor's factorized neuron table (L, r, F) stays a small fraction of the model
-    table = config.num_hidden_layers * cfg.predictor.model.rank * (getattr(config, "ffn_dim", None)
-                                                                      or config.intermediate_size)
-    assert table < 0.02 * n_params(shape)
-    # the storage the file's comment promises is what the collection will plan (bytes per token)
-    from shadowsparse.arch import ModelDims
+    # the family is one the mask path serves, and its dimensions are what the collection will read
+    from shadowsparse.arch import ARCHS, config_dims
     from shadowsparse.pipeline import targets_config
-    ffn = getattr(config, "ffn_dim", None) or config.intermediate_size
-    heads = config.num_attention_heads
-    dims = ModelDims(config.num_hidden_layers, heads, getattr(config, "num_key_value_heads", None) or heads,
-                     config.hidden_size // heads, config.hidden_size, ffn)
+    assert config.model_type in ARCHS
+    dims = config_dims(config)
+    # the predictor's factorized neuron table (L, r, F) stays a small fraction of the model
+    assert dims.n_layers * cfg.predictor.model.rank * dims.ffn < 0.02 * n_params(shape)
+    # the storage the file's comment promises is what the collection will plan (bytes per token)
     per_token = storage_plan(targets_config(cfg), dims, 1)["bytes_per_row_total"]
     assert f"x {per_token:,} bytes" in (ROOT / "conf" / "experiment" / f"{name}.yaml").read_text()
     # and its random-weight twin composes too (the no-download GPU run)

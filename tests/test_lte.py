@@ -160,8 +160,9 @@ def test_lora_trains_only_adapters_and_routers_and_leaves_base_weights_bit_equal
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("family,finetune", [("llama", "full"), ("opt", "lora")])
+@pytest.mark.parametrize("family,finetune", [("llama", "full"), ("opt", "lora"), ("gpt2", "lora")])
 def test_checkpoint_round_trip_gives_the_same_logits(tmp_path, family, finetune):
+    """gpt2: LoRA on Conv1D weights stored (in, out); the adapters (out, in) are merged transposed."""
     base = tiny_model(family)
     cfg = LTEConfig(**TINY, finetune=finetune).validate()
     artifact, trained = train_lte(base, windows(), cfg, first_layer=1)
@@ -259,10 +260,11 @@ def test_expert_size_must_divide_the_ffn_and_unknown_families_are_refused():
     model = tiny_model("llama")  # F = 96
     with pytest.raises(ConfigError, match="does not divide the FFN width 96"):
         train_lte(model, windows(), LTEConfig(**{**TINY, "expert_size": 7}), first_layer=1)
-    from transformers import GPT2Config, GPT2LMHeadModel
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=260))
-    with pytest.raises(ConfigError, match="architecture 'gpt2' is not registered"):
-        train_lte(gpt2, windows(), LTEConfig(**TINY), first_layer=1)
+    from transformers import PhiConfig, PhiForCausalLM  # Phi-2: a family with no ArchSpec registered
+    phi = PhiForCausalLM(PhiConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, vocab_size=260,
+                                   bos_token_id=256, eos_token_id=256))
+    with pytest.raises(ConfigError, match="architecture 'phi' is not registered .*register_arch"):
+        train_lte(phi, windows(), LTEConfig(**TINY), first_layer=1)
 
 
 def test_routers_refuse_a_gating_start_they_do_not_cover(ids):

@@ -77,22 +77,33 @@ def test_unknown_shape_is_refused_with_the_list():
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_every_shape_builds_with_its_published_parameter_count(shape):
-    """On the meta device (no memory): the config builds, the arch spec reads it, and the count matches the
-    dimensions (e.g. OPT-13B 12.85B, Llama-2-7B 6.74B, Meta-Llama-3-8B 8.03B parameters)."""
+    """On the meta device (no memory): the config builds, the arch spec reads it, and the count is the published
+    one (e.g. OPT-13B 12.85B, Llama-2-7B 6.74B, Meta-Llama-3-8B 8.03B, Gemma-2-9B 9.24B parameters)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
     from shadowsparse.arch import ModelView
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(build_config(shape))
-    model.tie_weights()  # transformers ties embeddings when it loads weights; an empty model is not tied yet
-    assert sum(p.numel() for p in model.parameters()) == n_params(shape)
-    view = ModelView(model)
-    assert view.dims.n_layers == SHAPES[shape]["num_hidden_layers"]
+    view = ModelView(model)  # the family's spec checked against the real shapes (fused rows, head_dim, MQA)
+    assert view.dims.n_layers == model.config.num_hidden_layers == len(view.layers)
     published = {"opt-1.3b": 1.316e9, "opt-6.7b": 6.658e9, "opt-13b": 12.853e9, "opt-30b": 29.975e9,
                  "llama-2-7b": 6.738e9, "llama-2-13b": 13.016e9, "llama-3-8b": 8.030e9, "mistral-7b": 7.242e9,
-                 "smollm2-135m": 134.5e6}
-    if shape in published:
+                 "smollm2-135m": 134.5e6, "qwen2.5-7b": 7.616e9, "gemma-7b": 8.538e9, "gemma-2-9b": 9.242e9,
+                 "gemma-3-1b": 1.000e9, "phi-3-mini": 3.821e9, "pythia-6.9b": 6.857e9, "falcon-7b": 6.922e9,
+                 "gpt2-xl": 1.558e9, "stablelm-2-1.6b": 1.645e9}
+    if shape.startswith("tiny-"):  # no published model: the count from the dimensions (Llama: q, o, and k, v of
+        # the kv heads, three FFN matrices, two norms per layer; OPT: the same with biases, fc1/fc2, learned positions)
+        s, d = SHAPES[shape], SHAPES[shape]["hidden_size"]
+        if s["family"] == "opt":
+            layer = 4 * (d * d + d) + 2 * d * s["ffn_dim"] + s["ffn_dim"] + d + 4 * d
+            want = s["vocab_size"] * d + (s["max_position_embeddings"] + 2) * d + s["num_hidden_layers"] * layer + 2 * d
+        else:
+            kv = s["num_key_value_heads"] * d // s["num_attention_heads"]
+            layer = 2 * d * d + 2 * d * kv + 3 * d * s["intermediate_size"] + 2 * d
+            want = 2 * s["vocab_size"] * d + s["num_hidden_layers"] * layer + d
+        assert n_params(shape) == want
+    else:
         assert n_params(shape) == pytest.approx(published[shape], rel=2e-3)
 
 

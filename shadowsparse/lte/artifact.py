@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..arch import ModelView
 from ..errors import ConfigError
 from .config import LTEConfig
 from .routers import LTEScores, Routers
@@ -58,10 +59,12 @@ class LTEArtifact:
                     p = model.get_parameter(name)
                     saved[name] = p.detach().clone()
                     p.copy_(value.to(p.device, p.dtype))
+                transposed = ModelView(model).spec.transposed if self.adapters else False
                 for module_name, (a, b, scale) in self.adapters.items():
-                    w = model.get_submodule(module_name).weight  # (out, in)
+                    w = model.get_submodule(module_name).weight  # (out, in); GPT-2's Conv1D stores (in, out)
                     saved[module_name + ".weight"] = w.detach().clone()
-                    w.add_((b.float() @ a.float() * scale).to(w.device, w.dtype))  # (out, r) @ (r, in)
+                    delta = b.float() @ a.float() * scale  # (out, r) @ (r, in)
+                    w.add_((delta.T if transposed else delta).to(w.device, w.dtype))
             yield self.source()
         finally:
             with torch.no_grad():

@@ -70,8 +70,8 @@ def group_neurons(view: ModelView, layers: list[int], expert_size: int, grouping
         return (torch.arange(ffn) // expert_size).expand(len(layers), ffn).clone()
     if grouping != "cluster":
         raise ConfigError(f"lte.grouping must be 'cluster' or 'contiguous', got {grouping!r}")
-    first_in = view.spec.ffn_in[0]  # W_gate (SwiGLU) or W_fc1 (OPT): (F, d), one row per neuron
-    return torch.stack([balanced_kmeans(view.module(i, first_in).weight, n_experts, seed=seed + i) for i in layers])
+    # W_gate (a fused gate_up's gate half) or W_fc1: (F, d), one row per neuron, read (out, in) whatever the storage
+    return torch.stack([balanced_kmeans(view.ffn_in_rows(i)[0][0], n_experts, seed=seed + i) for i in layers])
 
 
 class Routers(nn.Module):

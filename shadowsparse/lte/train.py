@@ -121,7 +121,7 @@ def make_trainable(model: nn.Module, cfg: LTEConfig) -> None:
     targets = cfg.lora.targets or sorted({p.split(".")[-1] for p in (*spec.attn_in, spec.attn_out, *spec.ffn_in,
                                                                       spec.ffn_down)})
     inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                       target_modules=targets), model)
+                                       target_modules=targets, fan_in_fan_out=spec.transposed), model)  # Conv1D
 
 
 def changed_weights(model: nn.Module, cfg: LTEConfig) -> tuple[dict, dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from ..errors import ConfigError
 
@@ -91,9 +90,10 @@ def keep_mask(scores: torch.Tensor, pattern: Pattern, ratio: float, group: str =
 
 
 @torch.no_grad()
-def apply_mask_(linear: nn.Linear, keep: torch.Tensor) -> None:
-    """Zero the weights outside ``keep`` in place (the bias is untouched)."""
-    linear.weight.mul_(keep.to(linear.weight.dtype))
+def apply_mask_(weight: torch.Tensor, keep: torch.Tensor) -> None:
+    """Zero the weights outside ``keep`` in place (the bias is untouched). weight: (O, I), the parameter or a view of
+    it (ModelView.weight: a Conv1D's transpose), keep: bool (O, I)."""
+    weight.mul_(keep.to(weight.dtype))
 
 
 def nm_counts(weight: torch.Tensor, m: int) -> torch.Tensor:

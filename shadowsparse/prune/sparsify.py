@@ -30,6 +30,7 @@ from .stats import InputStats
 log = logging.getLogger("shadowsparse")
 PERM_ATTR = "_shadowsparse_input_perm"  # the gather hook's handle, on a linear whose input is permuted
 # (the permutation itself is its non-persistent buffer ss_input_perm)
+PERM_DIM_ATTR = "_shadowsparse_input_dim"  # the weight's input dimension: 1 for nn.Linear (out, in), 0 for Conv1D
 
 
 @dataclass
@@ -66,8 +67,10 @@ class SparsityConfig:
         return Pattern.parse(self.pattern, self.ratio)
 
 
-def target_linears(view: ModelView, layer: int, modules: str = "all") -> dict[str, nn.Linear]:
-    """The decoder linears of one layer, by path: attention q/k/v/o and FFN gate/up/down (fc1/fc2)."""
+def target_linears(view: ModelView, layer: int, modules: str = "all") -> dict[str, nn.Module]:
+    """The decoder linears of one layer, by path: attention q/k/v (or a fused qkv) and o, FFN gate/up (or a fused
+    gate_up, or fc1) and down. Their weights are read and pruned as (out, in) through view.weight (GPT-2's Conv1D
+    stores (in, out)); a fused projection is one matrix here: masks are per row, and N:M runs along its input."""
     spec = view.spec
     attn = list(spec.attn_in) + [spec.attn_out]
     ffn = list(spec.ffn_in) + [spec.ffn_down]
@@ -87,15 +90,27 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def _layer_inputs(model, view: ModelView, windows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, dict]]:
-    """(hidden states entering layer 0, the layer's keyword arguments) per batch of windows."""
-    captured = []
+def record_layer_calls(model, view: ModelView, windows: torch.Tensor,
+                       batch_size: int) -> list[tuple[torch.Tensor, list]]:
+    """Per batch of windows: the hidden states entering layer 0 (B, T, d), and every layer's own other call arguments
+    (positional after the hidden states, keywords). Recorded per layer because layers differ: Gemma-2/3 pass a
+    sliding-window or a global mask (and Gemma-3 its own RoPE) per layer, GPT-2 passes its mask positionally. Costs
+    one dense forward per batch (up to the last layer); the arguments are mostly the same tensors for every layer,
+    held by reference."""
+    calls: list[list] = []  # per batch: per layer (args after the hidden states, kwargs)
+    first: list[torch.Tensor] = []
 
-    def grab(module, args, kwargs):
-        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _Stop
+    def grab(i):
+        def hook(module, args, kwargs):
+            if i == 0:
+                first.append(args[0] if args else kwargs["hidden_states"])
+                calls.append([])
+            calls[-1].append((tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if i == view.dims.n_layers - 1:
+                raise _Stop  # the final norm and the LM head are not needed
+        return hook
 
-    handle = view.layer(0).register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [view.layer(i).register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(view.dims.n_layers)]
     device = next(model.parameters()).device
     try:
         for ids in windows.split(batch_size):
@@ -104,15 +119,18 @@ def _layer_inputs(model, view: ModelView, windows: torch.Tensor, batch_size: int
             except _Stop:
                 pass
     finally:
-        handle.remove()
-    return [(h, {k: v for k, v in kw.items() if k != "hidden_states"}) for h, kw in captured]
+        for h in handles:
+            h.remove()
+    return list(zip(first, calls))
 
 
-def _run_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
+def run_layer(layer: nn.Module, i: int, batches: list[tuple[torch.Tensor, list]]) -> list[tuple[torch.Tensor, list]]:
+    """Layer i on each batch's hidden states with that layer's own recorded arguments -> its outputs, same layout."""
     out = []
-    for h, kw in batches:
-        y = layer(h, **kw)
-        out.append((y[0] if isinstance(y, tuple) else y, kw))
+    for h, calls in batches:
+        args, kw = calls[i]
+        y = layer(h, *args, **kw)
+        out.append((y[0] if isinstance(y, tuple) else y, calls))
     return out
 
 
@@ -122,24 +140,27 @@ def _gather_input(perm_name: str):
     return hook
 
 
-def permute_input_(linear: nn.Linear, perm: torch.Tensor) -> None:
-    """Store W[:, π] and gather x[..., π] in a pre-hook: the layer's function is unchanged."""
+def permute_input_(linear: nn.Module, perm: torch.Tensor, transposed: bool = False) -> None:
+    """Store W[:, π] and gather x[..., π] in a pre-hook: the layer's function is unchanged. ``transposed``: the
+    weight is stored (in, out) (Conv1D), so its rows are the input channels."""
+    dim = 0 if transposed else 1
     with torch.no_grad():
-        linear.weight.copy_(linear.weight[:, perm])
+        linear.weight.copy_(linear.weight.index_select(dim, perm.to(linear.weight.device)))
     linear.register_buffer("ss_input_perm", perm.to(linear.weight.device), persistent=False)
+    setattr(linear, PERM_DIM_ATTR, dim)
     setattr(linear, PERM_ATTR, linear.register_forward_pre_hook(_gather_input("ss_input_perm")))
 
 
 def fold_neuron_perm_(view: ModelView, layer: int, perm: torch.Tensor) -> None:
-    """Permute the FFN's neurons: down-projection columns and the producers' rows (and fc1 bias) together."""
+    """Permute the FFN's neurons: down-projection columns and the producers' rows (and biases) together — each
+    F-row block on its own (gate and up of a fused gate_up), in the (out, in) orientation (writes go through)."""
     with torch.no_grad():
-        down = view.module(layer, view.spec.ffn_down)
-        down.weight.copy_(down.weight[:, perm])
-        for path in view.spec.ffn_in:
-            lin = view.module(layer, path)  # rows permute independently of any input gather on it
-            lin.weight.copy_(lin.weight[perm])
-            if lin.bias is not None:
-                lin.bias.copy_(lin.bias[perm])
+        down = view.weight(layer, view.spec.ffn_down)  # (d, F)
+        down.copy_(down[:, perm])
+        for w, b in view.ffn_in_rows(layer):  # (F, d), (F,): rows permute independently of any input gather
+            w.copy_(w[perm])
+            if b is not None:
+                b.copy_(b[perm])
 
 
 @torch.no_grad()
@@ -151,10 +172,12 @@ def squash_(model) -> int:
         handle = getattr(module, PERM_ATTR, None)
         if handle is None:
             continue
-        perm = module.ss_input_perm
-        module.weight.copy_(module.weight[:, perm.argsort()])
+        perm, dim = module.ss_input_perm, getattr(module, PERM_DIM_ATTR, 1)
+        module.weight.copy_(module.weight.index_select(dim, perm.argsort()))
         handle.remove()
         delattr(module, PERM_ATTR)
+        if hasattr(module, PERM_DIM_ATTR):
+            delattr(module, PERM_DIM_ATTR)
         del module._buffers["ss_input_perm"]
         n += 1
     return n
@@ -187,7 +210,7 @@ def _allocate(model, view, cfg: SparsityConfig, pattern: Pattern, windows, names
                                    cfg.seed)
         scores = sensitivity_scores(traces)
     else:  # owl: Wanda scores of the dense model, one ratio per decoder layer
-        stats = {k: InputStats(view.module(k[0], k[1]).in_features) for k in names}
+        stats = {k: InputStats(view.weight(*k).shape[1]) for k in names}
         handles = [view.module(k[0], k[1]).register_forward_pre_hook(stats[k].hook()) for k in names]
         device = next(model.parameters()).device
         try:
@@ -199,7 +222,7 @@ def _allocate(model, view, cfg: SparsityConfig, pattern: Pattern, windows, names
                 h.remove()
         layer_scores = {}
         for i in sorted({k[0] for k in names}):
-            cat = torch.cat([(view.module(k[0], k[1]).weight.abs().float().cpu() * stats[k].norm[None, :]).flatten()
+            cat = torch.cat([(view.weight(*k).abs().float().cpu() * stats[k].norm[None, :]).flatten()
                              for k in names if k[0] == i])
             layer_scores[i] = outlier_ratio(cat, cfg.owl_m)
         scores = {k: layer_scores[k[0]] for k in names}
@@ -211,7 +234,7 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
                  pattern: Pattern, ratios: dict, gen: torch.Generator) -> None:
     metric = get_metric(cfg.metric)
     for path, lin in linears.items():
-        w = lin.weight
+        w = view.weight(i, path)  # (O, I), a view of the parameter: the in-place writes below go through
         st = stats.get(path)
         if cfg.metric == "sparsegpt":
             w.copy_(sparsegpt_prune(w, st.hessian().to(w.device), pattern, ratios[(i, path)], **cfg.sparsegpt))
@@ -224,9 +247,9 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
             if path == view.spec.ffn_down:
                 fold_neuron_perm_(view, i, perm)  # function-preserving without any run-time gather
             else:
-                permute_input_(lin, perm)
+                permute_input_(lin, perm, view.spec.transposed)
             scores = scores[:, perm]
-        apply_mask_(lin, keep_mask(scores, pattern, ratios[(i, path)], metric.group))
+        apply_mask_(w, keep_mask(scores, pattern, ratios[(i, path)], metric.group))
 
 
 def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
@@ -238,12 +261,12 @@ def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
     view = ModelView(model)
     names = [(i, p) for i in range(view.dims.n_layers) for p in target_linears(view, i, cfg.modules)]
     for i, p in names:
-        pattern.check_fits(view.module(i, p).in_features, f"layer {i} {p}")
+        pattern.check_fits(view.weight(i, p).shape[1], f"layer {i} {p}")
     ratios = _allocate(model, view, cfg, pattern, windows, names)
     metric = get_metric(cfg.metric)
     gen = torch.Generator().manual_seed(cfg.seed)
     opts = {**ESPARSE_DEFAULTS, **cfg.esparse}
-    batches = _layer_inputs(model, view, windows, cfg.batch_size) if metric.needs else None
+    batches = record_layer_calls(model, view, windows, cfg.batch_size) if metric.needs else None
     for i in tqdm(range(view.dims.n_layers), desc=f"prune {cfg.metric} {pattern.label}", unit="layer"):
         linears = target_linears(view, i, cfg.modules)
         stats: dict[str, InputStats] = {}
@@ -251,20 +274,20 @@ def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
             handles = []
             for group in input_groups(view, linears):  # q/k/v (gate/up) read one input: one statistic for all
                 first = linears[group[0]]
-                st = InputStats(first.in_features, gram="gram" in metric.needs,
+                st = InputStats(view.weight(i, group[0]).shape[1], gram="gram" in metric.needs,
                                 sample_rows=opts["sample_rows"] if "samples" in metric.needs else 0, seed=cfg.seed)
                 stats.update({p: st for p in group})
                 handles.append(first.register_forward_pre_hook(st.hook()))
             try:
                 with torch.no_grad():
-                    _run_layer(view.layer(i), batches)
+                    run_layer(view.layer(i), i, batches)
             finally:
                 for h in handles:
                     h.remove()
         _prune_layer(view, i, linears, stats, cfg, pattern, ratios, gen)
         if batches is not None and i + 1 < view.dims.n_layers:
             with torch.no_grad():
-                batches = _run_layer(view.layer(i), batches)  # the pruned layer feeds the next
+                batches = run_layer(view.layer(i), i, batches)  # the pruned layer feeds the next
     report = weight_sparsity(model)
     sizes = {k: view.module(*k).weight.numel() for k in names}
     report.update(requested=pattern.ratio, nm=pattern.label, metric=cfg.metric, allocation=cfg.allocation,

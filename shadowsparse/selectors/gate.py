@@ -1,5 +1,5 @@
 """gate (CATS): the gate projection runs in full and the neurons with the largest |act(gate)| are kept; up and down
-then need only their rows. SwiGLU FFNs only."""
+then need only their rows. Gated FFNs only (SwiGLU, GeGLU; a fused gate_up's gate half)."""
 from __future__ import annotations
 
 from ..training_free import GateScores
@@ -15,7 +15,7 @@ class Gate(Selector):
 
     def skip_reason(self, ctx):
         if not ctx.view.spec.glu:
-            return f"gate (CATS) needs a gated FFN; {ctx.view.spec.family} has none"
+            return f"gate (CATS) needs a gated FFN (SwiGLU, GeGLU); {ctx.view.spec.family} has none"
         return None
 
     def runs(self, ctx):
@@ -25,6 +25,5 @@ class Gate(Selector):
         """The gate projection in full scores each gated layer's neurons (runtime/ffn_select.GateFFNSelector)."""
         from ..runtime.ffn_select import GateFFNSelector
         from ..runtime.weights import act_name
-        spec = ctx.view.spec
-        gates = {i: ctx.view.module(i, spec.ffn_gate).weight for i in range(ctx.first_layer, ctx.view.dims.n_layers)}
+        gates = {i: ctx.view.ffn_in_rows(i)[0][0] for i in range(ctx.first_layer, ctx.view.dims.n_layers)}  # (F, d)
         return {"ffn_selector": GateFFNSelector(gates, act_name(ctx.model.config))}

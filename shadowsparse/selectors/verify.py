@@ -35,7 +35,8 @@ class VerifyFamily(Selector):
 
     def skip_reason(self, ctx):
         if self.proposer != "predictor" and not ctx.view.spec.glu:
-            return f"{self.name} needs a gated FFN (SwiGLU) to sketch or read the gate; {ctx.view.spec.family} has none"
+            return (f"{self.name} needs a gated FFN (SwiGLU, GeGLU) to sketch or read the gate; "
+                    f"{ctx.view.spec.family} has none")
         return None
 
     def qs(self, ctx) -> list[float]:
@@ -84,7 +85,7 @@ class VerifyFamily(Selector):
             if isinstance(proposer, str):
                 return proposer
         elif self.proposer == "gate":
-            proposer = GateFFNSelector({i: ctx.view.module(i, ctx.view.spec.ffn_gate).weight for i in layers},
+            proposer = GateFFNSelector({i: ctx.view.ffn_in_rows(i)[0][0] for i in layers},  # gate rows (F, d)
                                        act_name(ctx.model.config))
         else:
             proposer = PredictorProposer(run.source.predictor)
@@ -120,11 +121,10 @@ class SketchProposer(VerifyFamily):
             return (f"the sketch kernel reads a {BITS}-bit midrise/GPTQ copy of gate and up in groups of {GROUP} "
                     f"(verify.sketch=act); got sketch={vcfg.sketch} bits={vcfg.bits} quantizer={vcfg.quantizer} "
                     f"group={vcfg.group}")
-        spec, hessians = ctx.view.spec, self.hessians(ctx)
+        hessians = self.hessians(ctx)
         sketches = {}
         for layer in range(ctx.first_layer, ctx.view.dims.n_layers):
-            w_gate = ctx.view.module(layer, spec.ffn_gate).weight
-            w_up = ctx.view.module(layer, spec.ffn_in[-1]).weight
+            (w_gate, _), (w_up, _) = ctx.view.ffn_in_rows(layer)  # (F, d) each, split from a fused gate_up
             h = None if hessians is None else hessians[layer].to(w_gate.device)
             sketches[layer] = sketch_from_weights(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
         return SketchFFNSelector(sketches)

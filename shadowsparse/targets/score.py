@@ -120,7 +120,7 @@ def score_window(model, crit: Criterion, input_ids: torch.Tensor, feature_layer:
     def put(t):  # layers of a model split over GPUs: gather on the input's device, or on the host
         return t.to(input_ids.device) if on_device else t.cpu()
     with torch.no_grad():
-        heads = torch.stack([put(crit.head(signals(("head", i)), view.attn_out(i).weight, H).reshape(B, T, -1))
+        heads = torch.stack([put(crit.head(signals(("head", i)), view.attn_out_weight(i), H).reshape(B, T, -1))
                              for i in range(L)], 2)
         neurons = torch.stack([put(crit.neuron(signals(("neuron", i))).reshape(B, T, -1)) for i in range(L)], 2)
         layer_inputs = torch.stack([put(inputs["layer", i].to(input_dtype)) for i in range(L)], 2) \
