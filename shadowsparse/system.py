@@ -397,7 +397,7 @@ def _load_legacy(path: Path, model, allow_pickle: bool):
         system.load_state_dict(ckpt["state_dict"])
     except Exception as exc:  # EOFError, UnpicklingError (incl. a refused global), RuntimeError (zip), KeyError
         text = str(exc)
-        # torch's text leads with advice to pass weights_only=False, which is the one thing not to do: keep its reason
+        # torch's text leads with advice to turn the weights-only loader off, the one thing not to do: keep its reason
         if "WeightsUnpickler error:" in text:
             text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
         reason = " ".join(text.split())
