@@ -220,7 +220,7 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
     if predictor is not None:
         row.update(predictor_timing(engine, cfg, ms))
     if ffn_selector is not None:
-        row.update(sketch_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
+        row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
     if inputs is not None:
         row.update(selector=inputs.label, input_thresholds=list(inputs.inputs), input_sparsity=spec_level(base),
                    **{f"realized_{n}_sparsity": 1 - f for n, f in kept.items()},
@@ -328,9 +328,10 @@ def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | No
     return proposer if verify_q is None else VerifyFFNSelector(proposer, verify_q)
 
 
-def sketch_timing(engine, cfg, ms: float, bits: int) -> dict:
-    """The sketch's scoring + top-k of every gated layer alone, captured in a CUDA graph and timed as the step is;
-    its extra bytes (the packed copies); ms: the whole step's."""
+def selector_timing(engine, cfg, ms: float, bits: int) -> dict:
+    """The FFN selector's scoring + top-k of every gated layer alone (the sketch's, the gate's, or a verifier's
+    proposer with its candidates), captured in a CUDA graph and timed as the step is; its extra bytes (the packed
+    copies); ms: the whole step's."""
     from shadowsparse.runtime.bench import time_replays
     from shadowsparse.runtime.select import select_units
     x = torch.randn(engine.batch, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, d)

@@ -15,6 +15,7 @@ import torch
 
 from .common import tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
+from .sparse_input import counted_input_mask
 
 if triton is not None:
     @triton.jit
@@ -104,13 +105,8 @@ def _into_window(y: torch.Tensor, window, slot) -> torch.Tensor:
 
 
 def _threshold_torch(y, threshold, count):
-    """The torch twin of _threshold: y with |y| <= τ zeroed (kernels/sparse_input.input_mask's rule), counted."""
-    if threshold is None:
-        return y
-    keep = y.float().abs() > threshold.to(y.device)
-    if count is not None:
-        count.add_(keep.sum().float())
-    return torch.where(keep, y, torch.zeros((), dtype=y.dtype, device=y.device))
+    """The torch twin of _threshold: y with |y| <= τ zeroed and the kept entries counted (sparse_input's rule)."""
+    return y if threshold is None else counted_input_mask(y, threshold, count)
 
 
 def _check_threshold(threshold, window):

@@ -102,6 +102,17 @@ if triton is not None:
 
 
     @triton.jit
+    def _act_product(g_ptr, u_ptr, out_ptr, offs, mask, ACT: tl.constexpr, HAS_UP: tl.constexpr):
+        """act(gate) * up at ``offs`` in out_ptr's dtype, rounded at each step as the model rounds its gate,
+        activation and product (HAS_UP False: act(gate))."""
+        dt = out_ptr.dtype.element_ty
+        xt = apply_act_tl(tl.load(g_ptr + offs, mask=mask, other=0.0).to(dt).to(tl.float32), ACT).to(dt)
+        if HAS_UP:
+            u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
+            xt = (xt.to(tl.float32) * u).to(dt)
+        return xt
+
+    @triton.jit
     def _compact_kernel(x_ptr, u_ptr, a_ptr, thr_ptr, idx_ptr, nk_ptr, count_ptr, zero_ptr, T, K, X_STRIDE,
                         ZERO_N, ACT: tl.constexpr, HAS_UP: tl.constexpr, LISTS: tl.constexpr, COUNT: tl.constexpr,
                         ZERO: tl.constexpr, SEG: tl.constexpr, USE_PDL: tl.constexpr):
@@ -120,13 +131,7 @@ if triton is not None:
         kept = 0
         for t in range(T):
             if ACT >= 0:
-                # rounded to the model dtype at each step, as the model's own gate, act and product are
-                dt = a_ptr.dtype.element_ty
-                g = tl.load(x_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
-                xt = apply_act_tl(g, ACT).to(dt)
-                if HAS_UP:
-                    u = tl.load(u_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
-                    xt = (xt.to(tl.float32) * u).to(dt)
+                xt = _act_product(x_ptr, u_ptr, a_ptr, t * X_STRIDE + offs, mask, ACT, HAS_UP)
                 tl.store(a_ptr + t * K + offs, xt, mask=mask)
                 xt = xt.to(tl.float32)
             else:
@@ -202,12 +207,10 @@ if triton is not None:
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < K
         dt = y_ptr.dtype.element_ty
-        xt = tl.load(x_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt)
         if ACT >= 0:
-            xt = apply_act_tl(xt.to(tl.float32), ACT).to(dt)
-            if HAS_UP:
-                u = tl.load(u_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt).to(tl.float32)
-                xt = (xt.to(tl.float32) * u).to(dt)
+            xt = _act_product(x_ptr, u_ptr, y_ptr, t * X_STRIDE + offs, mask, ACT, HAS_UP)
+        else:
+            xt = tl.load(x_ptr + t * X_STRIDE + offs, mask=mask, other=0.0).to(dt)
         keep = (tl.abs(xt.to(tl.float32)) > tl.load(thr_ptr)) & mask
         pdl_launch_next(USE_PDL)
         tl.store(y_ptr + t * K + offs, tl.where(keep, xt, tl.zeros_like(xt)), mask=mask)
@@ -222,11 +225,17 @@ def input_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     return torch.where(x.float().abs() > threshold.to(x.device), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
-def _torch_path(x, w_t, threshold, b, residual, out, count, out_dtype):
-    keep = x.float().abs() > threshold.to(x.device)  # (T, K): input_mask's rule
-    xm = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+def counted_input_mask(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor | None) -> torch.Tensor:
+    """input_mask(x, threshold), with the kept entries added to count (1,) fp32 if given: the torch twin of every
+    kernel here that thresholds and counts (and of the norms' threshold=, kernels/rope_norm.py)."""
+    keep = x.float().abs() > threshold.to(x.device)  # input_mask's rule
     if count is not None:
         count.add_(keep.sum().float())
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _torch_path(x, w_t, threshold, b, residual, out, count, out_dtype):
+    xm = counted_input_mask(x, threshold, count)  # (T, K)
     y = xm.to(w_t.dtype) @ w_t
     y = y if b is None else y + b
     if out is not None:
@@ -375,11 +384,7 @@ def mask_input(x: torch.Tensor, threshold: torch.Tensor, count: torch.Tensor | N
     y = _mask_launch(x, None, -1, threshold, count, out_dtype, backend)
     if y is not None:
         return y
-    xr = x.to(out_dtype)
-    keep = xr.float().abs() > threshold.to(x.device)
-    if count is not None:
-        count.add_(keep.sum().float())
-    return torch.where(keep, xr, torch.zeros((), dtype=out_dtype, device=x.device))
+    return counted_input_mask(x.to(out_dtype), threshold, count)
 
 
 def act_mask_input(gate: torch.Tensor, up: torch.Tensor | None, act: str, threshold: torch.Tensor,

@@ -68,7 +68,7 @@ from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
 from ..kernels.sparse_input import act_input_sparse_linear, act_mask_input, input_sparse_linear, mask_input
 from .cache import InputWindow, StaticKVCache
-from .ffn_select import VerifyFFNSelector
+from .ffn_select import VerifyFFNSelector, ascending_topk
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
@@ -536,10 +536,8 @@ class DecodeEngine:
         if sel is not None and self._dense_input("attn_out", B * T):  # zeroed in one kernel, then the dense GEMM
             a = mask_input(a, self.teal.threshold(layer, "attn_out"), self.teal.counter(layer, "attn_out"),
                            out_dtype=self.dtype, backend=be)
-            if self.resid32:
-                rf.add_(_linear(a, lw.o_w, lw.o_b))
-                return resid
-            return _residual_linear(rf, a, lw.o_w, lw.o_b).view(B, T, d)
+            y = _add_linear(rf, a, lw.o_w, lw.o_b, self.resid32)
+            return resid if self.resid32 else y.view(B, T, d)
         if sel is not None and self._thresholded("attn_out"):  # the rows of W_o.T of the kept channels
             a = a.to(self.dtype)  # the o projection's input as the model computes it (the threshold's units)
             if self.resid32:
@@ -580,9 +578,7 @@ class DecodeEngine:
         if mask is not None:  # the mask path on cuBLAS: every neuron computed, each token's others zeroed
             g = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
             g = (g if lw.w_up is None else g * F.linear(hf, lw.w_up)) * mask
-            if into:
-                return rf.add_(_linear(g, lw.down_w, lw.b_out))
-            return _residual_linear(rf, g, lw.down_w, lw.b_out)
+            return _add_linear(rf, g, lw.down_w, lw.b_out, into)
         if idx is not None:
             outs = []
             for t0 in range(0, hf.shape[0], KERNEL_TOKENS):
@@ -598,9 +594,7 @@ class DecodeEngine:
             g = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)  # (n, F)
         if lw.w_up is not None:
             g = g * F.linear(hf, lw.w_up)
-        if into:
-            return rf.add_(_linear(g, lw.down_w, lw.b_out))
-        return _residual_linear(rf, g, lw.down_w, lw.b_out)
+        return _add_linear(rf, g, lw.down_w, lw.b_out, into)
 
     def _thresholded(self, name: str) -> bool:
         return self.teal is not None and self.teal.on(name)
@@ -642,9 +636,7 @@ class DecodeEngine:
         if self._dense_input("ffn_out", n):  # act(g) * u zeroed in one kernel, then the dense down GEMM
             a = act_mask_input(g, u, self.w.act, self.teal.threshold(layer, "ffn_out"),
                                self.teal.counter(layer, "ffn_out"), dtype=self.dtype, backend=self.cfg.backend)
-            if into:
-                return rf.add_(_linear(a, lw.down_w, lw.b_out))
-            return _residual_linear(rf, a, lw.down_w, lw.b_out)
+            return _add_linear(rf, a, lw.down_w, lw.b_out, into)
         if self._thresholded("ffn_out"):
             # act(g) * u, the channel lists of the down projection's input and the down rows of the kept neurons:
             # one compaction kernel computes a, then one GEMV (kernels/sparse_input.act_input_sparse_linear)
@@ -654,9 +646,7 @@ class DecodeEngine:
                                            lw.b_out, **kw)
         a = apply_act(g.to(self.dtype), self.w.act)
         a = a if u is None else a * u.to(self.dtype)  # (n, F) model dtype
-        if into:
-            return rf.add_(_linear(a, lw.down_w, lw.b_out))
-        return _residual_linear(rf, a, lw.down_w, lw.b_out)
+        return _add_linear(rf, a, lw.down_w, lw.b_out, into)
 
     def _ffn_verify(self, layer, hf, rf, into: bool):
         """Propose, then verify (ffn_select.VerifyFFNSelector) -> resid + ffn. Up to KERNEL_TOKENS rows: gate/up rows
@@ -671,9 +661,7 @@ class DecodeEngine:
             a = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act) * F.linear(hf, lw.w_up)  # (n, F) model dtype
             s = v.final_scores(layer, a).masked_fill(~cand, float("-inf"))
             a = a * topk_mask(s, k, a.dtype)
-            if into:
-                return rf.add_(_linear(a, lw.down_w, lw.b_out))
-            return _residual_linear(rf, a, lw.down_w, lw.b_out)
+            return _add_linear(rf, a, lw.down_w, lw.b_out, into)
         if n == 1:  # one token: its own candidates, ascending
             cand, ckeep = v.proposer.topk(layer, hf, kc), None  # (Kc,)
         else:  # the union of the step's candidates; ckeep (n, Ku): whose candidate each one is
@@ -685,7 +673,7 @@ class DecodeEngine:
         if ckeep is not None:
             s = s.masked_fill(ckeep == 0, float("-inf"))
         if n == 1:  # the down rows of the kept neurons only
-            pos = s[0].topk(k, sorted=False).indices.sort().values  # (k,) positions in cand
+            pos = ascending_topk(s[0], k).long()  # (k,) positions in cand
             a, rows = a[:, pos], cand[pos]
         else:  # the union's rows; each token's others zeroed
             a, rows = a * topk_mask(s, k, a.dtype), cand
@@ -747,6 +735,12 @@ def _chunked2(fn, x, r):
 def _linear(x, w, b):
     """x (n, d) · w (N, d)ᵀ + b: one cuBLAS call with the bias fused (addmm)."""
     return F.linear(x, w) if b is None else torch.addmm(b, x, w.t())
+
+
+def _add_linear(rf, x, w, b, into: bool):
+    """rf + x · wᵀ (+ b): into the fp32 residual stream rf in place (into; returns rf), else a new tensor with the
+    residual fused into cuBLAS (_residual_linear)."""
+    return rf.add_(_linear(x, w, b)) if into else _residual_linear(rf, x, w, b)
 
 
 def _residual_linear(resid, x, w, b):

@@ -18,6 +18,11 @@ from ..kernels.ffn import apply_act
 from ..kernels.sketch import PackedSketch, sketch_scores, sketch_topk
 
 
+def ascending_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (U,) -> (k,) int32: the indices of the k largest, ascending (the gathered kernels' row order)."""
+    return scores.topk(k, sorted=False).indices.sort().values.to(torch.int32)
+
+
 class SketchFFNSelector:
     """sketches: gated layer -> its PackedSketch (on the engine's device)."""
 
@@ -56,7 +61,7 @@ class GateFFNSelector:
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
         """h (1, d) -> (k,) int32 ascending: the token's k largest |act(gate)|."""
-        return self.scores(layer, h)[0].topk(k, sorted=False).indices.sort().values.to(torch.int32)
+        return ascending_topk(self.scores(layer, h)[0], k)
 
     def nbytes(self) -> int:
         return 0  # reads the model's own W_gate, no copy
@@ -74,7 +79,7 @@ class PredictorProposer:
         return self.predictor.predict_layer(layer, h).float()  # (n, F)
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
-        return self.scores(layer, h)[0].topk(k, sorted=False).indices.sort().values.to(torch.int32)
+        return ascending_topk(self.scores(layer, h)[0], k)
 
     def nbytes(self) -> int:
         return sum(p.nbytes for p in self.predictor.parameters())
