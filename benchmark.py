@@ -310,7 +310,7 @@ def sketch_selector(w, bits: int, first_layer: int):
     if w.family != "llama":
         raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family shape")
     return SketchFFNSelector({layer: sketch_from_weights(w.layers[layer].w_in, w.layers[layer].w_up, bits)
-                              for layer in range(first_layer, w.n_layers)})
+                              for layer in range(first_layer, w.n_layers)}, act=w.act)
 
 
 def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | None, first_layer: int):

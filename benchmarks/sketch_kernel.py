@@ -116,7 +116,8 @@ def _compile_one(job) -> str:
     x = torch.randn(rows, d, device="cuda", dtype=torch.float16)
     S.score_prepared(*S.prepare_x(x, p), p, cfg)
     for w in (4, 8, 16, 32):  # the real F: its block size
-        S.topk_indices(torch.rand(rows, F_, device="cuda"), F_ // 2, warps=w)
+        for m in S.TOPK_METHODS:
+            S.topk_indices(torch.rand(rows, F_, device="cuda"), F_ // 2, warps=w, method=m)
     torch.cuda.synchronize()
     return f"{d} {bits} {rows} {cfg}: {time.time() - t:.1f} s"
 
@@ -201,8 +202,9 @@ def main() -> None:
                     lambda i: lambda: S.score_prepared(*prepared[i], sets[i], cfg), list(range(len(sets)))))
                 t_topk = graph_median_us(rotated(lambda p: lambda: S.sketch_topk(x, p, k, config=cfg), sets))
                 scores = [S.sketch_scores(x, p, config=cfg) for p in sets[:4]]
-                t_select = {w: graph_median_us(rotated(lambda sc: lambda: S.topk_indices(sc, k, warps=w), scores))
-                            for w in (4, 8, 16, 32)}  # the selection alone, per warp count
+                t_select = {f"{m}/{w}": graph_median_us(rotated(
+                    lambda sc: lambda: S.topk_indices(sc, k, warps=w, method=m), scores))
+                    for m in S.TOPK_METHODS for w in (4, 8, 16, 32)}  # the selection alone, per kernel and warps
                 print(f"  top-k alone (us) by warps: {t_select}", flush=True)
                 t_torch_topk = graph_median_us(rotated(
                     lambda p: lambda: torch.topk(S.sketch_scores(x, p, config=cfg), k, dim=-1, sorted=False), sets))

@@ -12,6 +12,8 @@
 #   teal          benchmark.py bench=llama2_7b at batch 1 and 8: input thresholds in the engine (teal 40/50% on every
 #                 projection, threshold on the down projection, sketch FFN with teal attention), dense alongside
 #   teal-masked   the input-threshold rows of `teal` with the masked-row kernel (SHADOWSPARSE_INPUT_COMPACT=0), A/B
+#   selectors     benchmark.py over $SEL_MODELS (Llama-2-7B, Llama-3-8B GQA, Mistral-7B, OPT-13B shapes) at batch 1, 2
+#                 and 8 ($SEL_BATCHES; the dense-fallback table of runtime/dispatch.py): every selector the engine serves ($SEL_METHODS), dense alongside; each model capped at $SEL_TIMEOUT s
 #   sparse-input  benchmarks/sparse_input_kernel.py: the input-sparse GEMV alone, compacted vs masked, at 40/50%
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
@@ -35,7 +37,7 @@ for part in "${parts[@]}"; do
     case $part in
         tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_lazy_kv.py \
                    tests/test_runtime.py tests/test_sketch_kernel.py tests/test_engine_selectors.py \
-                   tests/test_sparse_input_kernel.py tests/test_engine_input_sparsity.py 2>&1 \
+                   tests/test_sparse_input_kernel.py tests/test_engine_input_sparsity.py tests/test_dispatch.py 2>&1 \
                    | tail -n 15 | tee "$OUT/tests.txt" || true ;;
         nm24) python3 benchmarks/nm24_kernel.py --out "$OUT/nm24.jsonl" 2>&1 | tee "$OUT/nm24.txt" ;;
         ffn) python3 benchmarks/ffn_kernel.py --tokens 1 8 --out "$OUT/ffn.jsonl" 2>&1 | tee "$OUT/ffn.txt" ;;
@@ -54,10 +56,15 @@ for part in "${parts[@]}"; do
         teal-masked) SHADOWSPARSE_INPUT_COMPACT=0 python3 benchmark.py bench=llama2_7b "bench.batches=[1,8]" \
                          "bench.methods=[dense,teal40,teal50,threshold+ffn50]" bench.out="$OUT/teal-masked.jsonl" 2>&1 \
                          | tee "$OUT/teal-masked.txt" ;;
+        selectors) for m in ${SEL_MODELS:-llama-2-7b llama-3-8b mistral-7b opt-13b}; do
+                       timeout "${SEL_TIMEOUT:-900}" python3 benchmark.py "bench.models=[$m]" "bench.batches=${SEL_BATCHES:-[1,2,8]}" \
+                           "bench.methods=${SEL_METHODS:-[dense,ffn50+heads50,predictor+ffn50+heads50,teal40,teal50,threshold+ffn50,gate+ffn50,gate_verify+ffn50,sketch+ffn50,sketch_verify+ffn50,sketch+ffn50+teal40attn]}" \
+                           bench.out="$OUT/selectors.jsonl" 2>&1 | tee -a "$OUT/selectors.txt" || true
+                   done ;;
         sparse-input) python3 benchmarks/sparse_input_kernel.py --tokens 1 8 --sparsity 0.4 0.5 --per-sm 2 4 \
                           --configs 6 --out "$OUT/sparse-input.jsonl" 2>&1 | tee "$OUT/sparse-input.txt" ;;
         *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch, teal," \
-                "teal-masked or sparse-input" >&2
+                "teal-masked, selectors or sparse-input" >&2
            exit 2 ;;
     esac
 done

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,8 @@ class EngineDecoder:
 
     pads = False
 
-    def __init__(self, model, parts: dict, gating: GatingConfig | None, backend: str = "auto"):
+    def __init__(self, model, parts: dict, gating: GatingConfig | None, backend: str = "auto",
+                 fallback: str | int = "measured"):
         from .runtime import EngineConfig, extract_weights
         self.weights = extract_weights(model)  # refuses a family the engine does not serve, with the fix
         self.parts = parts
@@ -99,18 +101,23 @@ class EngineDecoder:
             ffn = 0.0 if self.inputs.on("ffn_in") or self.inputs.on("ffn_out") else ffn
             heads = 0.0 if self.inputs.on("attn_in") or self.inputs.on("attn_out") else heads
         self.config = EngineConfig(ffn_sparsity=ffn, head_sparsity=heads,
-                                   first_layer=g.first_layer if gating else None, backend=backend).validate()
+                                   first_layer=g.first_layer if gating else None, backend=backend,
+                                   fallback=fallback).validate()
+        # generation falls back to dense where its path was measured to lose (runtime/dispatch.py); perplexity
+        # (nll) measures the selector itself, so its engines gate every step
+        self.eval_config = dataclasses.replace(self.config, fallback="never")
         self.device = self.weights.device
-        self.rows = {"tokens": 0, "neurons": 0, "heads": 0}  # units kept per token, summed over tokens
+        self.rows = {"tokens": 0, "neurons": 0, "heads": 0, "dense_tokens": 0}  # units kept, summed over tokens
         self.kept = [0.0] * 4  # input sparsity: kept (token, channel) pairs per input, engines before this one
         self.engine = None
 
     def attached(self):
         return contextlib.nullcontext()
 
-    def _engine(self, batch: int, max_len: int):
+    def _engine(self, batch: int, max_len: int, evaluation: bool = False):
         from .runtime import DecodeEngine
-        return DecodeEngine(self.weights, batch=batch, max_len=max_len, config=self.config, **self.parts)
+        return DecodeEngine(self.weights, batch=batch, max_len=max_len,
+                            config=self.eval_config if evaluation else self.config, **self.parts)
 
     @torch.no_grad()
     def start(self, ids: torch.Tensor, attn: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -125,7 +132,9 @@ class EngineDecoder:
             self.graph = GraphedStep(self.engine)  # captured before the prefill (graph.py)
         logits = self.engine.prefill(ids.to(self.device))
         self.pos = P
-        self._count(B * P)
+        from .runtime.engine import MAX_STEP_TOKENS
+        for t0 in range(0, P, MAX_STEP_TOKENS):  # prefill()'s steps, each counted as it ran (gated or dense)
+            self._count(B, min(MAX_STEP_TOKENS, P - t0))
         return logits[:, -1]
 
     @torch.no_grad()
@@ -133,7 +142,7 @@ class EngineDecoder:
         ids = tokens.view(-1, 1)
         logits = self.graph(ids, self.pos) if self.graph is not None else self.engine.step(ids, self.pos)
         self.pos += 1
-        self._count(ids.shape[0])
+        self._count(ids.shape[0], 1)
         return logits[:, -1]
 
     @torch.no_grad()
@@ -142,13 +151,13 @@ class EngineDecoder:
         path) or, token_by_token, one decode step per position (the path generation takes)."""
         B, T = ids.shape
         self._fold_counts()
-        engine = self._engine(B, T)
+        engine = self._engine(B, T, evaluation=True)
         ids = ids.to(self.device)
         if token_by_token:
             logits = torch.cat([engine.step(ids[:, t:t + 1], t) for t in range(T)], dim=1)
         else:
             logits = engine.prefill(ids)
-        self._count(B * T, engine)
+        self._count(B, T, engine)
         self._fold_counts(engine)
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
 
@@ -159,18 +168,35 @@ class EngineDecoder:
             self.kept = [a + b for a, b in zip(self.kept, e.teal.kept_per_input(e.first_layer))]
             e.reset_counts()
 
-    def _count(self, tokens: int, engine=None) -> None:
+    def _count(self, batch: int, tokens_per_seq: int, engine=None) -> None:
+        """Count one step of batch x tokens_per_seq tokens: each token keeps exactly its own top k (select.py), or
+        every unit where the step fell back to dense (dispatch.py); input thresholds count on the device, and a
+        dense step's inputs are counted here as kept whole."""
         e = engine or self.engine
+        tokens = batch * tokens_per_seq
+        dense = e.runs_dense(tokens)
         self.rows["tokens"] += tokens
-        self.rows["neurons"] += tokens * e.k_ffn  # each token keeps exactly its own top k (select.py)
-        self.rows["heads"] += tokens * e.k_heads
+        self.rows["dense_tokens"] += tokens if dense else 0
+        self.rows["neurons"] += tokens * (e.w.ffn if dense else e.k_ffn)
+        self.rows["heads"] += tokens * (e.w.n_heads if dense else e.k_heads)
+        if dense and e.teal is not None:
+            from .runtime.input_sparsity import INPUTS
+            widths = e.input_widths()
+            gated = e.w.n_layers - e.first_layer
+            self.kept = [k + (tokens * gated * widths[n] if e.teal.on(n) else 0) for k, n in zip(self.kept, INPUTS)]
 
     def stats(self, dims) -> dict:
         """Sparsity per token over the gated layers: each token keeps exactly k units (its own top k; a step's
         tokens read the union of their sets)."""
         n, e = self.rows["tokens"], self.engine
-        if self.inputs is not None:
-            return self._input_stats(dims, n, e)
+        out = self._input_stats(dims, n, e) if self.inputs is not None else self._unit_stats(dims, n, e)
+        if e is not None:  # how many tokens ran dense under the fallback rule, and the rule (runtime/dispatch.py)
+            from .runtime import dispatch
+            out.update(dense_fallback_tokens=self.rows["dense_tokens"],
+                       fallback=dispatch.explain(e.path, self.config.fallback, cuda=e.device.type == "cuda"))
+        return out
+
+    def _unit_stats(self, dims, n: int, e) -> dict:
         gated = dims.n_layers - (self.config.first_layer or 0) if self.config.ffn_sparsity or \
             self.config.head_sparsity else 0
         if not n:

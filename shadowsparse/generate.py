@@ -2,7 +2,8 @@
 
     python -m shadowsparse.generate run_dir=outputs/runs/<run> prompt="The capital of France is" \
         [method=predictor|sketch|sketch_verify|threshold|...] [ffn_sparsity=0.5] [head_sparsity=0.0] \
-        [max_new_tokens=40] [temperature=0.0] [top_p=1.0] [top_k=0] [seed=null] [chat=false] [device=null]
+        [max_new_tokens=40] [temperature=0.0] [top_p=1.0] [top_k=0] [seed=null] [chat=false] [device=null] \
+        [fallback=measured|never|<rows>]
     python -m shadowsparse.generate --help
 
 Prints the continuation, the realized sparsity counted by the hooks, and tokens/s (shadowsparse.generation).
@@ -37,6 +38,9 @@ class GenerateConfig:
     chat: bool = False  # wrap the prompt in the model's chat template
     device: Optional[str] = None  # null: the run's llm.device
     engine: str = "auto"
+    # the engine's dense fallback (runtime/dispatch.py): "measured" (a step runs dense where its path was measured
+    # slower than dense), "never" (every step gated), or a number N (steps of more than N token rows run dense)
+    fallback: str = "measured"
 
 
 ConfigStore.instance().store(name="generate_schema", node=GenerateConfig)
@@ -52,7 +56,8 @@ def main(cfg) -> None:
     from .generation import load_gated
     try:
         g = load_gated(cfg.run_dir, method=cfg.method, ffn_sparsity=cfg.ffn_sparsity,
-                       head_sparsity=cfg.head_sparsity, device=cfg.device, engine=cfg.engine)
+                       head_sparsity=cfg.head_sparsity, device=cfg.device, engine=cfg.engine,
+                       fallback=int(cfg.fallback) if str(cfg.fallback).isdigit() else cfg.fallback)
         text = g.generate(cfg.prompt, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k, seed=cfg.seed, stop=list(cfg.stop), chat=cfg.chat)
     except ConfigError as exc:
@@ -64,6 +69,8 @@ def main(cfg) -> None:
           f"{st['realized_ffn_sparsity']:.3f} (requested {cfg.ffn_sparsity:.3f}), heads "
           f"{st['realized_head_sparsity']:.3f} (requested {cfg.head_sparsity:.3f}); "
           f"{st.get('tokens_per_s', 0.0):.1f} tokens/s")
+    if st.get("dense_fallback_tokens"):
+        print(f"{st['dense_fallback_tokens']} of the tokens ran dense (fallback: {st['fallback']})")
 
 
 if __name__ == "__main__":

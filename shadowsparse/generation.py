@@ -167,20 +167,26 @@ class GatedLM:
 
 def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, head_sparsity: float = 0.0,
                device: str | None = None, engine: str = "auto", tokenizer=None, calib: torch.Tensor | None = None,
-               overrides: list[str] | None = None) -> GatedLM:
+               overrides: list[str] | None = None, fallback: str | int = "measured") -> GatedLM:
     """A GatedLM from a train.py run directory (its model, config and artifacts: predictor checkpoint, targets) or
     from a model plus a training-free method (``tokenizer`` needed; ``calib`` (N, T) token ids of calibration text,
     else the default config's calibration text). ``overrides``: Hydra overrides of the run's config (e.g.
-    ``["evaluate.verify.bits=2"]``)."""
+    ``["evaluate.verify.bits=2"]``). ``fallback`` (the engine only): "measured" runs a generation step dense where
+    the selector's path was measured slower than dense at that many token rows (runtime/dispatch.py; stats() says
+    how many tokens did), "never" gates every step, an int N runs steps of more than N rows dense; perplexity()
+    always gates every token."""
     if engine not in ENGINES:
         raise ConfigError(f"engine must be one of {ENGINES}, got {engine!r}")
+    from .runtime.dispatch import validate as validate_fallback
+    validate_fallback(fallback)  # before the engine try below, which would read its error as "no engine here"
     cfg, model, tok, run_dir = _open(source, device, tokenizer, overrides or [])
     cfg.gating.ffn_sparsity, cfg.gating.head_sparsity = float(ffn_sparsity), float(head_sparsity)
     gating, gated_source, parts, attach = _selector_source(cfg, model, tok, run_dir, method, calib,
                                                            engine != "hooks")
     if isinstance(parts, dict):
         try:
-            return GatedLM(model, tok, EngineDecoder(model, parts, gating), method, gating, "kernels")
+            return GatedLM(model, tok, EngineDecoder(model, parts, gating, fallback=fallback), method, gating,
+                           "kernels")
         except ConfigError as exc:  # a model family the engine does not serve
             parts = str(exc)
     if engine == "kernels":

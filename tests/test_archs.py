@@ -718,10 +718,11 @@ def test_the_readme_register_arch_example_registers_a_working_spec(registry):
     assert (d.n_layers, d.n_heads, d.ffn) == (2, 4, 96)
 
 
-@pytest.mark.parametrize("family,method", [("gemma", "gate"), ("phi3", "sketch")])
+@pytest.mark.parametrize("family,method", [("gemma2", "gate"), ("stablelm", "sketch")])
 def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family, method):
-    """engine="auto": the engine's parts for a GeGLU gate (an activation it has no kernel for) or a fused gate_up
-    are refused by the engine, and load_gated runs the selector through the hooks instead of failing."""
+    """engine="auto": a family the decode engine does not serve (Gemma-2's soft-capping and sandwich norms,
+    StableLM's LayerNorm and partial RoPE) is refused by extract_weights, and load_gated runs the selector through
+    the hooks instead of failing."""
     import shadowsparse as ss
     model, tok = load_llm(LLMConfig(name=f"random:{family}"))
     g = ss.load_gated(model, method=method, ffn_sparsity=0.5, tokenizer=tok, calib=CALIB)

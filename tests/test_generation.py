@@ -75,6 +75,7 @@ def test_perplexity_equals_the_evaluation(llama):
     (dict(method="sketch", head_sparsity=0.5), "no head axis"),
     (dict(method="nope"), "unknown evaluation method"),
     (dict(method="sketch", engine="fast"), "engine must be one of"),
+    (dict(method="sketch", fallback="sometimes"), "fallback must be one of .*or a row count"),
 ])
 def test_refusals_name_the_fix(llama, kw, message):
     with pytest.raises(ConfigError, match=message):

@@ -14,6 +14,7 @@ CASES = [  # (T, d, F, k, act, gated, bias)
     (1, 64, 160, 80, "silu", True, False),
     (3, 96, 200, 37, "relu", False, True),
     (8, 72, 128, 128, "gelu", True, False),
+    (2, 64, 96, 40, "gelu_tanh", True, False),  # Gemma's GeGLU
 ]
 
 
@@ -254,6 +255,59 @@ def test_decode_attention_query_from_a_window_slot(backend):
     out = decode_attention(q, k, v, heads, pos, 0.25, H, backend=backend, q_slot=slot)
     assert out.shape == (B, 1, 2, D)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_gelu_tanh_matches_torch(backend):
+    """The kernels' gelu_tanh (g·sigmoid(2z), ffn.apply_act_tl) against torch's gelu(approximate="tanh"), through
+    the threshold mask kernel that applies act(gate)·up (sparse_input.act_mask_input), wide range of gates."""
+    from shadowsparse.kernels.ffn import apply_act
+    from shadowsparse.kernels.sparse_input import act_mask_input
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = (torch.linspace(-12, 12, 3 * 200).view(3, 200)).to(device)
+    up = torch.ones_like(g)
+    torch.testing.assert_close(apply_act(g, "gelu_tanh"), F.gelu(g, approximate="tanh"), rtol=0, atol=0)
+    out = act_mask_input(g, up, "gelu_tanh", torch.zeros(1, device=device), backend=backend)
+    torch.testing.assert_close(out, F.gelu(g, approximate="tanh") * (F.gelu(g, approximate="tanh").abs() > 0),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_rms_norm_with_an_fp32_factor_takes_gemmas_order(backend):
+    """An fp32 weight (Gemma's 1 + w) with an fp16 output: x̂·(1 + w) in fp32, rounded once, exactly as GemmaRMSNorm;
+    an fp16 weight keeps Llama's order (x̂ rounded, then scaled)."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from shadowsparse.kernels.rope_norm import rms_norm, rms_norm_torch
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(5, 96, generator=g).half(), torch.randn(96, generator=g).half()
+    ref = GemmaRMSNorm(96, eps=1e-6)
+    with torch.no_grad():
+        ref.weight.copy_(w.float())
+        want = ref(x.float()).half()  # GemmaRMSNorm in fp32 weights on an fp16 row: (x̂ · (1 + w)).to(fp16)
+    factor = 1 + w.float()
+    for out in (rms_norm(x.to(device), factor.to(device), 1e-6, backend=backend), rms_norm_torch(x, factor, 1e-6)):
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.cpu(), want, rtol=0, atol=0)
+    llama = rms_norm_torch(x, factor.half(), 1e-6)  # the other order: differs in the last bit somewhere
+    assert not torch.equal(llama, want)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_rope_on_half_heads_of_any_size(backend):
+    """RoPE in place where the half head is not a power of two (Gemma's tiny 24-dim heads, Phi-3-mini's 96)."""
+    from shadowsparse.kernels.rope_norm import rope_
+    from shadowsparse.runtime.ops import apply_rope, rope_cos_sin, rope_inv_freq
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(13)
+    B, T, H, D = 2, 3, 3, 24
+    x = torch.randn(B * T, 2 * H * D, generator=g).to(device)
+    cos, sin = rope_cos_sin(torch.tensor([4, 5, 6], device=device), rope_inv_freq(D, 10000.0, device), x.dtype)
+    out = rope_(x.clone(), cos, sin, H, D, T, backend=backend)
+    want = apply_rope(x[:, :H * D].view(B, T, H, D).transpose(1, 2), cos, sin).transpose(1, 2).reshape(B * T, -1)
+    torch.testing.assert_close(out[:, :H * D], want)
+    torch.testing.assert_close(out[:, H * D:], x[:, H * D:])  # the rest of the row untouched
 
 
 # -- 2:4 compressed weights ---------------------------------------------------------------------------------------

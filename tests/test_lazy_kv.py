@@ -1,7 +1,8 @@
 """Lazy K/V (engine.py's kv="lazy"): the keys and values of heads skipped earlier are recomputed from the input
 window, and the engine still equals the mask path (which computes every head's K/V at every token).
 
-CPU, fp32, tiny random OPT and an MHA Llama (lazy K/V needs one kv head per query head). The Triton kernels run
+CPU, fp32, tiny random OPT and MHA Llama and Qwen3 (lazy K/V needs one kv head per query head; Qwen3 normalizes
+each recomputed q and k head before RoPE). The Triton kernels run
 interpreted here (conftest sets TRITON_INTERPRET=1 without CUDA) and for real on a GPU.
 """
 import pytest
@@ -27,11 +28,23 @@ def mha_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+def mha_qwen3():
+    """Tiny Qwen3 with one kv head per query head and random q/k norm weights (transformers starts them at ones)."""
+    from transformers import Qwen3ForCausalLM
+
+    from shadowsparse.llm import tiny_config
+    from tests.test_runtime import random_norms
+    cfg = tiny_config("qwen3")
+    cfg.num_key_value_heads = cfg.num_attention_heads
+    torch.manual_seed(0)
+    return random_norms(Qwen3ForCausalLM(cfg).eval())
+
+
 def _model(family):
-    return mha_llama() if family == "llama" else tiny_model("opt")
+    return {"llama": mha_llama, "qwen3": mha_qwen3}.get(family, lambda: tiny_model("opt"))()
 
 
-def _long_skip_scores(model, B, S, W, seed):
+def long_skip_scores(model, B, S, W, seed):
     """Random scores (B, S, L, H) / (B, S, L, F), except that head 0 of every layer is skipped from step 6 for
     2W + 1 steps, then selected: its K/V at those positions exist only through the refresh rotation."""
     cfg = model.config
@@ -44,7 +57,7 @@ def _long_skip_scores(model, B, S, W, seed):
     return heads, neurons
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen3"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch,window", [(1, 4), (2, 8)])
 def test_lazy_kv_engine_matches_mask_path(family, backend, batch, window):
@@ -55,7 +68,7 @@ def test_lazy_kv_engine_matches_mask_path(family, backend, batch, window):
     chunks = [5] + [1] * (2 * window + 4) + [3] + [1] * 6
     S = sum(chunks)
     ids = token_ids(batch, S, seed=11).to(device)
-    heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=12))
+    heads, neurons = (t.to(device) for t in long_skip_scores(model, batch, S, window, seed=12))
     hs = 0.5 if batch == 1 else 0.75  # batch 2 reads the union of two tokens' heads: 1 + 1 (+ 1 refresh) < 4
     cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=hs, kv="lazy", kv_window=window, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=48, config=cfg)
@@ -76,7 +89,7 @@ def test_without_refresh_the_skipped_head_would_be_wrong():
     chunks = [5] + [1] * (2 * window + 8)
     S = sum(chunks)
     ids = token_ids(1, S, seed=13)
-    heads, neurons = _long_skip_scores(model, 1, S, window, seed=14)
+    heads, neurons = long_skip_scores(model, 1, S, window, seed=14)
     engine = DecodeEngine(extract_weights(model), batch=1, max_len=48,
                           config=EngineConfig(head_sparsity=0.5, kv="lazy", kv_window=window))
     engine.kv_refresh = 0
@@ -147,7 +160,7 @@ def test_lazy_kv_bad_input_names_the_fix():
         EngineConfig(kv_window=1).validate()
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen3"])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_many_token_steps_take_the_masked_path(family, backend):
     """A step of more than 16 token rows (a prompt in one go) runs the gated layers as the mask path on dense GEMMs
@@ -160,7 +173,7 @@ def test_many_token_steps_take_the_masked_path(family, backend):
     chunks = [17] + [1] * (2 * window + 2) + [10] + [1] * 3
     S = sum(chunks)
     ids = token_ids(batch, S, seed=15).to(device)
-    heads, neurons = (t.to(device) for t in _long_skip_scores(model, batch, S, window, seed=16))
+    heads, neurons = (t.to(device) for t in long_skip_scores(model, batch, S, window, seed=16))
     cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.75, kv="lazy", kv_window=window, backend=backend)
     engine = DecodeEngine(extract_weights(model), batch=batch, max_len=48, config=cfg)
     seen, select = [], engine.select

@@ -1,8 +1,9 @@
 """The decode engine against the model it was built from (dense) and against the mask path (gated).
 
-CPU, fp32, tiny random llama / mistral / opt. Kernels: the torch fallbacks, and the Triton kernels under
-TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). On a GPU the same tests run the Triton kernels for
-real, plus the CUDA-graph twin of generate.
+CPU, fp32, tiny random llama / mistral / qwen2 / qwen3 / phi3 / gemma / opt (norm weights randomized where a test
+checks a family's norms: transformers initializes them to ones, or Gemma's to zeros). Kernels: the torch fallbacks,
+and the Triton kernels under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). On a GPU the same tests
+run the Triton kernels for real, plus the CUDA-graph twin of generate.
 """
 import pytest
 import torch
@@ -44,11 +45,24 @@ def engine_steps(engine, ids, chunks, heads=None, neurons=None):
 
 
 CHUNKS = [5, 1, 1, 3, 1]  # prefill 5, then decode 1 token, 1, a 3-token step, 1
+ENGINE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt"]  # weights.SUPPORTED
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
+def random_norms(model, seed=0, scale=0.3):
+    """Every norm weight (and LayerNorm bias) plus N(0, scale²) noise, in place: random models start them at ones
+    (Gemma: zeros, its norms scale by 1 + w), which would hide a norm factor read wrongly, Qwen3's q/k norm weights
+    included. Returns the model."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(torch.randn(p.shape, generator=g).to(p.device, p.dtype) * scale)
+    return model
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_dense_engine_matches_model(family):
-    model = tiny_model(family)
+    model = random_norms(tiny_model(family))
     ids = token_ids(2, sum(CHUNKS))
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32)
     with torch.no_grad():
@@ -56,13 +70,30 @@ def test_dense_engine_matches_model(family):
     torch.testing.assert_close(engine_steps(engine, ids, CHUNKS), ref, **TOL)
 
 
-@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_sliding_window_served_within_it_and_refused_beyond():
+    """Mistral-7B v0.1 declares a 4096-position sliding window: within it attention is full, so the engine serves
+    the model exactly while its cache fits in the window, and refuses a longer cache (where it would differ)."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 16
+    ids = token_ids(2, sum(CHUNKS))
+    w = extract_weights(model)
+    assert w.sliding_window == 16
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(engine_steps(DecodeEngine(w, batch=2, max_len=16), ids, CHUNKS), ref, **TOL)
+    with pytest.raises(ConfigError, match="sliding window of 16 .* max_len <= 16"):
+        DecodeEngine(w, batch=2, max_len=17)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen3", "phi3", "gemma"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gated_engine_matches_mask_path(family, backend, batch):
-    """FFN 50% + heads 50%, per-token sets; several tokens per step read their union (exact per-token semantics)."""
+    """FFN 50% + heads 50%, per-token sets; several tokens per step read their union (exact per-token semantics).
+    Qwen3: the gathered q heads and the dense K/V through the per-head q/k norms; Phi-3: the fused q/k/v and
+    gate/up row views; Gemma: GeGLU (tanh gelu) in the gathered FFN kernels, 1 + w norms, head_dim 24 != d / H."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
-    model = tiny_model(family).to(device)
+    model = random_norms(tiny_model(family)).to(device)
     S = sum(CHUNKS)
     ids = token_ids(batch, S, seed=1).to(device)
     heads, neurons = (t.to(device) for t in _scores(model, batch, S, seed=2))
@@ -113,10 +144,10 @@ def _predictor(model, feature_layer=0, seed=0):
                            PredictorConfig(hidden=32, depth=1, rank=8)).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "opt"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "qwen3", "phi3", "gemma"])
 def test_greedy_generation_matches_mask_path(family):
     """The predictor in the loop (after layer 0), FFN 50% + heads 50%, batch 2: token for token."""
-    model = tiny_model(family)
+    model = random_norms(tiny_model(family))
     pred = _predictor(model)
     ids = token_ids(2, 7, seed=5)
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32, predictor=pred,
@@ -155,6 +186,50 @@ def test_bad_input_names_the_fix():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
     with pytest.raises(ConfigError, match="decode engine supports"):
         extract_weights(gpt2)
+
+
+def test_fused_phi3_weights_are_read_in_place():
+    """Phi-3: qkv_proj is the engine's fused q/k/v as is, gate and up are row views of gate_up_proj (no copies);
+    Gemma: its norms become 1 + w in fp32 and its embeddings are scaled by sqrt(d) in their dtype."""
+    model = tiny_model("phi3")
+    w, layer = extract_weights(model), model.model.layers[1]
+    F_ = model.config.intermediate_size
+    assert w.layers[1].qkv_w is layer.self_attn.qkv_proj.weight
+    gate_up = layer.mlp.gate_up_proj.weight
+    for t, rows in ((w.layers[1].w_in, gate_up[:F_]), (w.layers[1].w_up, gate_up[F_:])):
+        assert t.data_ptr() == rows.data_ptr() and t.shape == rows.shape and t.is_contiguous()
+    gemma = random_norms(tiny_model("gemma"))
+    gw = extract_weights(gemma)
+    assert gw.act == "gelu_tanh" and gw.lm_head is gw.embed and gw.head_dim == 24
+    torch.testing.assert_close(gw.layers[0].norm1_w, 1 + gemma.model.layers[0].input_layernorm.weight, rtol=0, atol=0)
+    assert gw.final_norm_w.dtype == torch.float32 and gw.embed_scale.item() == 8.0  # sqrt(64)
+    assert extract_weights(tiny_model("qwen3")).layers[0].q_norm_w.shape == (16,)
+
+
+def test_engine_refuses_what_it_cannot_serve_and_names_the_fix():
+    """What the engine would compute differently from the model is refused at extract_weights, with the fix."""
+    model = tiny_model("phi3")
+    model.config.rope_parameters = {**model.config.rope_parameters, "partial_rotary_factor": 0.75}
+    with pytest.raises(ConfigError, match=r"partial_rotary_factor=0.75.*75% of each head.*use the mask path"):
+        extract_weights(model)
+    model.config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match="RoPE type 'longrope' is not implemented"):
+        extract_weights(model)
+    gemma = tiny_model("gemma")
+    gemma.config.use_bidirectional_attention = True
+    with pytest.raises(ConfigError, match="use_bidirectional_attention=True"):
+        extract_weights(gemma)
+    gemma.config.use_bidirectional_attention = None
+    gemma.model.layers[0].self_attn.scaling = 0.5  # as Gemma-2's query_pre_attn_scalar would set it
+    with pytest.raises(ConfigError, match="attention scale 0.5 differs from head_dim"):
+        extract_weights(gemma)
+    for family in ("gemma2", "stablelm"):  # soft-capping and sandwich norms; LayerNorm and partial RoPE
+        with pytest.raises(ConfigError, match=f"decode engine supports .*not '{family}'.*mask path"):
+            extract_weights(tiny_model(family))
+    llama = tiny_model("llama")
+    llama.config.hidden_act = "gelu_new"
+    with pytest.raises(ConfigError, match="FFN activation 'gelu_new' is not supported"):
+        extract_weights(llama)
 
 
 @pytest.mark.gpu

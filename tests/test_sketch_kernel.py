@@ -84,8 +84,8 @@ def test_triton_matches_fallback(bits, rows, block_g):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max())  # fp32 throughout
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_topk_indices(backend):
+@pytest.mark.parametrize("backend,method", [("torch", "radix"), ("triton", "radix"), ("triton", "bisect")])
+def test_topk_indices(backend, method):
     """Each row's k largest as ascending int32 indices, ties to the lowest index; the radix select against a
     stable sort, on random scores (F = 1000: not a power of two) and on rows full of ties."""
     device = _device() if backend == "triton" else "cpu"
@@ -97,11 +97,15 @@ def test_topk_indices(backend):
     s[2] = 0.0
     s = s.to(device)
     for k in (1, 17, 500, 1000):
-        idx = S.topk_indices(s, k, backend=backend).cpu()
+        idx = S.topk_indices(s, k, backend=backend, method=method).cpu()
         assert idx.dtype == torch.int32 and idx.shape == (3, k)
         want = torch.sort(s.cpu(), dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
         assert torch.equal(idx.long(), want)
-    assert S.topk_indices(torch.tensor([[1., 2., 2., 2., 0., 3., 2.]]).to(device), 3, backend).tolist() == [[1, 2, 5]]
+    ties = torch.tensor([[1., 2., 2., 2., 0., 3., 2.]]).to(device)
+    assert S.topk_indices(ties, 3, backend, method=method).tolist() == [[1, 2, 5]]
+    # patterns that share their high bytes and differ only in the last one (the radix select's last pass)
+    close = torch.tensor([[1.0, 1.0 + 2 ** -23, 1.0 + 2 ** -22, 1.0 + 3 * 2 ** -23, 0.5, 2.0]]).to(device)
+    assert S.topk_indices(close, 3, backend, method=method).tolist() == [[2, 3, 5]]
 
 
 def test_half_input_and_default_dispatch():
@@ -175,3 +179,23 @@ def test_bad_inputs_refused():
         S.sketch_topk(torch.randn(2, 128), p, 9)
     with pytest.raises(ValueError, match="backend must be"):
         S.sketch_scores(torch.randn(2, 128), p, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scores_with_the_ffns_own_activation(backend):
+    """act="gelu_tanh" (Gemma's GeGLU): |gelu_tanh(g)·u| on the same pre-activations, kernel and fallback alike; an
+    activation without a gate (relu) or unknown is refused."""
+    device = _device() if backend == "triton" else "cpu"
+    if device is None:
+        pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
+    cg, cu, g = _layer(3, seed=5)
+    p = S.pack_sketch(cg, cu)
+    x = torch.randn(3, 576, generator=g)
+    gp, up = S.sketch_preacts_torch(x, p)
+    want = (F.gelu(gp, approximate="tanh") * up).abs()
+    out = S.sketch_scores(x.to(device), p.to(device), backend=backend, act="gelu_tanh").cpu()
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.max())
+    assert not torch.allclose(out, S.sketch_scores(x, p, backend="torch"))  # silu would score otherwise
+    for bad in ("relu", "tanh"):
+        with pytest.raises(ValueError, match="gated FFN's activation"):
+            S.sketch_scores(x, p, act=bad)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .common import check_fp32_out, reduction_splits, split_length, tl, triton, use_triton
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
-ACTIVATIONS = ("silu", "relu", "gelu")
+ACTIVATIONS = ("silu", "relu", "gelu", "gelu_tanh")  # kernel ids are indices here (constexpr ACT)
 # (block_k, block_d, block_k2, block_d2, warps (in, down), stages (in, down)): best measured on an H100, fp16
 SHARED_DEFAULTS = (32, 256, 64, 128, (4, 8), (3, 3))
 PER_TOKEN_DEFAULTS = (16, 512, 128, 64, (4, 8), (3, 4))
@@ -29,6 +29,8 @@ PER_TOKEN_DEFAULTS = (16, 512, 128, 64, (4, 8), (3, 4))
 def apply_act(t: torch.Tensor, act: str) -> torch.Tensor:
     """The FFN activation ``act`` (one of ACTIVATIONS) of t, any shape: the torch twin of apply_act_tl, also used
     by the engine's dense and masked FFN paths and by nm24.py's multi-token path."""
+    if act == "gelu_tanh":  # GeGLU's tanh approximation (Gemma's gelu_pytorch_tanh)
+        return F.gelu(t, approximate="tanh")
     return {"silu": F.silu, "relu": F.relu, "gelu": F.gelu}[act](t)
 
 
@@ -79,8 +81,11 @@ if triton is not None:
             return g * tl.sigmoid(g)
         elif ACT == 1:  # relu
             return tl.maximum(g, 0.0)
-        else:  # gelu (erf form, as torch's default)
+        elif ACT == 2:  # gelu (erf form, as torch's default)
             return 0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476))
+        else:  # gelu_tanh, torch's approximate="tanh": 0.5·g·(1 + tanh(z)), z = √(2/π)·(g + 0.044715·g³), written
+            # g·sigmoid(2z) (the same function; tl has no tanh, and this form does not cancel for negative g)
+            return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
 
     @triton.jit
     def _gather_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, K, D,

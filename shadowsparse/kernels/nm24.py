@@ -312,7 +312,7 @@ def _groups(groups: int, K: int) -> int:
 def nm24_linear(x, values, meta, rows=None, bias=None, backend: str = "auto", config: tuple | None = None,
                 act: str | None = None, up: tuple | None = None):
     """x (T, K) · W[rows]ᵀ + b[rows] over the compressed W (N, K) -> (T, R) in x's dtype (rows None: all N).
-    act ("silu", "relu", "gelu") and up (values, meta of a second compressed (N, K) matrix) make it an FFN's input
+    act (one of ffn.ACTIVATIONS) and up (values, meta of a second compressed (N, K) matrix) make it an FFN's input
     side: act(x·W[rows]ᵀ + b) · (x·U[rows]ᵀ). One token takes the FMA kernel, everything in one pass (config:
     GEMV_DEFAULTS' fields); 2..16 tokens the tl.dot one per matrix (DOT_DEFAULTS'), act and product in torch."""
     N = values.shape[0]

@@ -2,7 +2,9 @@
 elementwise ones (each costs a few microseconds even inside a CUDA graph):
 
   rms_norm(x, w, eps)            transformers' LlamaRMSNorm in one pass: fp32 mean of squares, x·rsqrt cast back to
-                                 x's dtype, times the weight in that dtype.
+                                 x's dtype, times the weight in that dtype. An fp32 weight with a narrower output is
+                                 GemmaRMSNorm's order instead: x·rsqrt·w all in fp32, rounded once (the engine
+                                 stores Gemma's 1 + w in fp32 for it; in fp32 both orders are one computation).
   layer_norm(x, w, b, eps)       nn.LayerNorm (OPT) in one pass, fp32 statistics.
   rope_(x, cos, sin, heads, D)   default RoPE applied in place to the first ``heads`` heads of each row of
                                  x (B·T, C), row r at table row r % T: out = x·cos + rotate_half(x)·sin.
@@ -48,14 +50,18 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, thr_ptr, count_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
-                         THR: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+                         THR: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         var = tl.sum(xf * xf, axis=0) / N
-        normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as transformers
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
+        if W_FP32:  # Gemma: x·rsqrt·(1 + w) in fp32, one rounding (GemmaRMSNorm)
+            y = (xf * tl.rsqrt(var + eps) * w).to(y_ptr.dtype.element_ty)
+        else:
+            normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as Llama
+            y = (w * normed).to(y_ptr.dtype.element_ty)
         pdl_launch_next(USE_PDL)
-        y = _threshold((w * normed).to(y_ptr.dtype.element_ty), m, thr_ptr, count_ptr, THR)
+        y = _threshold(y, m, thr_ptr, count_ptr, THR)
         tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, y, mask=m)
 
     @triton.jit
@@ -74,27 +80,31 @@ if triton is not None:
         tl.store(dst + offs, y, mask=m)
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, D: tl.constexpr, USE_PDL: tl.constexpr):
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, T, C, HALF: tl.constexpr, HALF_PAD: tl.constexpr, D: tl.constexpr,
+                     USE_PDL: tl.constexpr):
         pdl_wait(USE_PDL)
         row = tl.program_id(0)
         head = tl.program_id(1)
         t = row % T
-        offs = tl.arange(0, HALF)
+        offs = tl.arange(0, HALF_PAD)  # a half head padded to a power of two (Phi-3-mini: D = 96, half 48)
+        m = offs < HALF
         base = x_ptr + row.to(tl.int64) * C + head * D
-        x1 = tl.load(base + offs).to(tl.float32)
-        x2 = tl.load(base + HALF + offs).to(tl.float32)
-        c1 = tl.load(cos_ptr + t * D + offs).to(tl.float32)
-        c2 = tl.load(cos_ptr + t * D + HALF + offs).to(tl.float32)
-        s1 = tl.load(sin_ptr + t * D + offs).to(tl.float32)
-        s2 = tl.load(sin_ptr + t * D + HALF + offs).to(tl.float32)
+        x1 = tl.load(base + offs, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        c1 = tl.load(cos_ptr + t * D + offs, mask=m, other=0.0).to(tl.float32)
+        c2 = tl.load(cos_ptr + t * D + HALF + offs, mask=m, other=0.0).to(tl.float32)
+        s1 = tl.load(sin_ptr + t * D + offs, mask=m, other=0.0).to(tl.float32)
+        s2 = tl.load(sin_ptr + t * D + HALF + offs, mask=m, other=0.0).to(tl.float32)
         pdl_launch_next(USE_PDL)
-        tl.store(base + offs, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty))
-        tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty))
+        tl.store(base + offs, (x1 * c1 - x2 * s1).to(x_ptr.dtype.element_ty), mask=m)
+        tl.store(base + HALF + offs, (x2 * c2 + x1 * s2).to(x_ptr.dtype.element_ty), mask=m)
 
 
 def rms_norm_torch(x, weight, eps, out_dtype=None):
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight.dtype == torch.float32:  # Gemma's order: the product in fp32, one rounding (module docstring)
+        return (weight * xf).to(out_dtype or x.dtype)
     return weight * xf.to(out_dtype or x.dtype)
 
 
@@ -121,7 +131,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
     """x (..., N) -> (..., N) in out_dtype (default x's: an fp32 residual stream gives fp16 normed inputs).
     window (B, W, N), slot (1,) int64 on device: x is (B, 1, N) and row b is written to window[b, slot] instead
     (lazy K/V's input window, engine.py); returns window. threshold (1,) fp32: outputs with |y| <= τ are zeroed
-    (the input threshold of the projections reading y) and the kept ones added to count (1,) fp32."""
+    (the input threshold of the projections reading y) and the kept ones added to count (1,) fp32. weight (N,) in
+    the output dtype (Llama: the normed row rounded, then scaled) or fp32 (Gemma's 1 + w: scaled, then rounded)."""
     _check_threshold(threshold, window)
     if not use_triton(x, backend):
         y = _threshold_torch(rms_norm_torch(x, weight, eps, out_dtype), threshold, count)
@@ -133,7 +144,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, backend: str = "
                                          threshold if threshold is not None else xc,
                                          count if count is not None else y, N,
                                          1 if window is None else window.shape[1], eps, HAS_SLOT=window is not None,
-                                         THR=threshold is not None, BLOCK=triton.next_power_of_2(N),
+                                         THR=threshold is not None, W_FP32=weight.dtype == torch.float32,
+                                         BLOCK=triton.next_power_of_2(N),
                                          num_warps=8 if N >= 4096 else 4, **pdl_kwargs(xc))
     return y
 
@@ -182,6 +194,6 @@ def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int, hea
     if not use_triton(x, backend):
         return rope_torch_(x, cos, sin, heads, head_dim, T)
     n, C = x.shape
-    _rope_kernel[(n, heads)](x, cos.contiguous(), sin.contiguous(), T, C, HALF=head_dim // 2, D=head_dim,
-                             num_warps=1, **pdl_kwargs(x))
+    _rope_kernel[(n, heads)](x, cos.contiguous(), sin.contiguous(), T, C, HALF=head_dim // 2,
+                             HALF_PAD=triton.next_power_of_2(head_dim // 2), D=head_dim, num_warps=1, **pdl_kwargs(x))
     return x

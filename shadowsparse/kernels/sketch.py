@@ -3,7 +3,8 @@ the FFN runs (shadowsparse.verify, proposer "sketch"), reading (bits + 1/4)/16 o
 
     pack_sketch(gate, up)        two MidriseCodes (shadowsparse.quant) of W_gate, W_up (F, d) -> PackedSketch
     sketch_from_weights(wg, wu, bits, group, hessian)    quantize (GPTQ in act order given a hessian) and pack
-    sketch_scores(x, packed)     x (B, d) -> (B, F) fp32 |silu(x_p·Qgᵀ) * (x_p·Quᵀ)|, x_p = x[:, perm]
+    sketch_scores(x, packed)     x (B, d) -> (B, F) fp32 |act(x_p·Qgᵀ) * (x_p·Quᵀ)|, x_p = x[:, perm] (act: the
+                                 FFN's, silu by default; gelu_tanh for Gemma's GeGLU: kernels/ffn.ACTIVATIONS)
     topk_indices(scores, k)      (B, F) -> (B, k) int32, each row's k largest, ascending (selected on device)
     sketch_topk(x, packed, k)    both: the neurons to keep, decided before the FFN runs
 
@@ -37,13 +38,15 @@ copy (VerifyScores) exactly, else it differs by that rounding, at most 2**-11 re
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..quant import MidriseCodes, gptq_act_order_codes, quantize_rows_codes
 from .common import tl, triton, use_triton
+from .ffn import ACTIVATIONS, apply_act
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
 
 BITS = (2, 3)
@@ -55,6 +58,11 @@ DEFAULTS = {2: (8, 32, 4, 1), 3: (16, 32, 4, 1)}
 # x_s = x_p · 2**(X_EXP - off): a code read as a subnormal, code·2**(off - 149), times x_s is
 # code·x·2**(X_EXP - 149), a normal fp32 number for |code·x| > 2**-66; x_s overflows only for |x| > 2**38
 X_EXP = 89
+TOPK_METHODS = ("bisect", "radix")
+# the top-k kernel of the engine's sketch. bisect is the default: on an H200 the radix select (tl.histogram per
+# 8-bit digit) took 51-133 us for one Llama-2-7B row against 19.7 for bisect (docs/research.md, session 9);
+# SHADOWSPARSE_TOPK=radix keeps it selectable for the benchmark's A/B
+TOPK_METHOD = os.environ.get("SHADOWSPARSE_TOPK", "bisect")
 TOPK_WARPS = 8  # warps of the one program per row that selects the top k: 20.6 us for k = F/2 of Llama-2-7B's 11008
 # on an H200 (4: 33, 16: 24, 32: 31; torch.topk on the same row: about 50)
 
@@ -203,12 +211,20 @@ def sketch_preacts_torch(x: torch.Tensor, packed: PackedSketch) -> tuple[torch.T
     return xp @ w[0].T, xp @ w[1].T
 
 
-def sketch_scores_torch(x: torch.Tensor, packed: PackedSketch) -> torch.Tensor:
+def sketch_scores_torch(x: torch.Tensor, packed: PackedSketch, act: str = "silu") -> torch.Tensor:
     g, u = sketch_preacts_torch(x, packed)
-    return (F.silu(g) * u).abs()
+    return (apply_act(g, act) * u).abs()
+
+
+def _check_act(act: str) -> None:
+    if act not in ACTIVATIONS or act == "relu":  # relu: no gated FFN uses it, and fc1-only FFNs have no up
+        raise ValueError(f"act must be the gated FFN's activation, one of {[a for a in ACTIVATIONS if a != 'relu']}, "
+                         f"got {act!r}")
 
 
 if triton is not None:
+    from .ffn import apply_act_tl  # the FFN activations inside a kernel, as gated_ffn's
+
     @triton.jit
     def _prep_kernel(x_ptr, perm_ptr, scale_ptr, xs_ptr, xsum_ptr, D, G, HAS_PERM: tl.constexpr,
                      GROUP: tl.constexpr, BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr):
@@ -327,13 +343,14 @@ if triton is not None:
     @triton.jit
     def _sketch_kernel(w_ptr, s_ptr, xs_ptr, xsum_ptr, out_ptr, T, F, G: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, TOKENS: tl.constexpr, UNSCALE: tl.constexpr, BLOCK_F: tl.constexpr,
-                       BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr):
-        """out[t, f] = |silu(g)·u| for BLOCK_F neurons (program_id 1) and rows 2p, 2p+1 of x (p = program_id 0,
-        TOKENS = 2; 1 for one row): per (row, group) partial sums Σ code·x·2**(X_EXP - 149) in (BLOCK_F, BLOCK_G)
-        registers, each block of groups then adding step·(partial·UNSCALE - OFF·Σx); one reduction over the groups
-        at the end. All 2·NW words of a block are loaded before any is decoded. (Loading block j+1 before decoding
-        block j, registers carried by the loop and a barrier to keep the compiler from sinking the loads, measured
-        slower on an H200: 21.2 against 18.2 us at Llama-2-7B 3-bit, one row.)"""
+                       BLOCK_G: tl.constexpr, ACT: tl.constexpr, USE_PDL: tl.constexpr):
+        """out[t, f] = |act(g)·u| (ACT: its ffn.ACTIVATIONS index) for BLOCK_F neurons (program_id 1) and rows 2p,
+        2p+1 of x (p = program_id 0, TOKENS = 2; 1 for one row): per (row, group) partial sums
+        Σ code·x·2**(X_EXP - 149) in (BLOCK_F, BLOCK_G) registers, each block of groups then adding
+        step·(partial·UNSCALE - OFF·Σx); one reduction over the groups at the end. All 2·NW words of a block are
+        loaded before any is decoded. (Loading block j+1 before decoding block j, registers carried by the loop and a
+        barrier to keep the compiler from sinking the loads, measured slower on an H200: 21.2 against 18.2 us at
+        Llama-2-7B 3-bit, one row.)"""
         pdl_wait(USE_PDL)
         NW: tl.constexpr = BITS * GROUP // 32
         XT: tl.constexpr = GROUP * G  # x_s's row stride
@@ -370,11 +387,11 @@ if triton is not None:
         pdl_launch_next(USE_PDL)
         g = tl.sum(acc_g, axis=1)  # (BLOCK_F,)
         u = tl.sum(acc_u, axis=1)
-        tl.store(out_ptr + t0 * F + offs_f, tl.abs(g * tl.sigmoid(g) * u), mask=mask_f)
+        tl.store(out_ptr + t0 * F + offs_f, tl.abs(apply_act_tl(g, ACT) * u), mask=mask_f)
         if TOKENS == 2:
             g1 = tl.sum(acc_g1, axis=1)
             u1 = tl.sum(acc_u1, axis=1)
-            tl.store(out_ptr + (t0 + 1) * F + offs_f, tl.abs(g1 * tl.sigmoid(g1) * u1),
+            tl.store(out_ptr + (t0 + 1) * F + offs_f, tl.abs(apply_act_tl(g1, ACT) * u1),
                      mask=mask_f & (offs_f * 0 + t0 + 1 < T))
 
     @triton.jit
@@ -410,6 +427,41 @@ if triton is not None:
         tl.store(idx_ptr + row * K + pos, offs, mask=keep)
 
 
+    @triton.jit
+    def _radix_topk_kernel(s_ptr, idx_ptr, F, K, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        """_topk_kernel's contract (the K largest of one row of scores >= 0 as ascending int32 indices, ties lowest
+        index first) in 4 fixed passes instead of up to 31 bisection rounds: a radix select on the fp32 bit pattern,
+        one byte a pass from the top. A pass histograms the next byte of the candidates (the scores whose higher
+        bytes equal the K-th largest's, found so far) and keeps the byte at which the count from the top reaches K.
+        Invariant: above (scores known to be larger) < K <= above + candidates."""
+        pdl_wait(USE_PDL)
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        valid = offs < F
+        bits = tl.load(s_ptr + row * F + offs, mask=valid, other=0.0).to(tl.int32, bitcast=True)
+        pdl_launch_next(USE_PDL)
+        bins = tl.arange(0, 256)
+        prefix = tl.program_id(0) * 0  # the bytes of the K-th largest pattern found so far
+        above = prefix
+        for p in tl.static_range(4):
+            shift = 24 - 8 * p  # p is a compile-time constant: so is shift (unannotated: one name per unrolled pass)
+            cand = valid
+            if p > 0:
+                cand = valid & ((bits >> (shift + 8)) == prefix)
+            # non-candidates land in bin 0 and are taken out again (no histogram mask: older Triton has none)
+            hist = tl.histogram(tl.where(cand, (bits >> shift) & 255, 0), 256)  # (256,) int32
+            hist -= tl.where(bins == 0, BLOCK - tl.sum(cand.to(tl.int32), axis=0), 0)
+            ge = tl.cumsum(hist, axis=0, reverse=True)  # ge[b]: candidates whose byte is >= b
+            b = tl.sum((above + ge >= K).to(tl.int32), axis=0) - 1  # the largest such b (ge falls with b)
+            above += tl.sum(tl.where(bins == b, ge - hist, 0), axis=0)  # candidates whose byte is > b
+            prefix = prefix * 256 + b
+        keep = valid & (bits > prefix)
+        tie = valid & (bits == prefix)
+        keep = keep | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= K - above))
+        pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + row * K + pos, offs, mask=keep)
+
+
 def prepare_x(x: torch.Tensor, packed: PackedSketch, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x (B, d) -> (x_s (B, group, G) fp32, xsum (B, G) fp32): x permuted once, slot c scaled by 2**(X_EXP - off)."""
     _check_x(x, packed)
@@ -430,19 +482,21 @@ def prepare_x(x: torch.Tensor, packed: PackedSketch, backend: str = "auto") -> t
 
 
 def sketch_scores(x: torch.Tensor, packed: PackedSketch, backend: str = "auto",
-                  config: tuple | None = None) -> torch.Tensor:
-    """|silu(x_p·Qgᵀ) · (x_p·Quᵀ)| (B, F) fp32 for x (B, d) in any float dtype: the sketch's estimate of each
-    neuron's |activation|. Triton (backend "auto" on CUDA, or "triton"): the x prep and one scoring kernel (config
-    (block_f, block_g, warps, stages) overrides DEFAULTS[bits]); else the torch fallback on the unpacked copy."""
+                  config: tuple | None = None, act: str = "silu") -> torch.Tensor:
+    """|act(x_p·Qgᵀ) · (x_p·Quᵀ)| (B, F) fp32 for x (B, d) in any float dtype: the sketch's estimate of each
+    neuron's |activation| (act: the FFN's own, ffn.ACTIVATIONS). Triton (backend "auto" on CUDA, or "triton"): the
+    x prep and one scoring kernel (config (block_f, block_g, warps, stages) overrides DEFAULTS[bits]); else the
+    torch fallback on the unpacked copy."""
     _check_x(x, packed)
+    _check_act(act)
     if not use_triton(x, backend):
-        return sketch_scores_torch(x, packed)
+        return sketch_scores_torch(x, packed, act)
     xs, xsum = prepare_x(x, packed, backend)
-    return score_prepared(xs, xsum, packed, config)
+    return score_prepared(xs, xsum, packed, config, act)
 
 
 def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch,
-                   config: tuple | None = None) -> torch.Tensor:
+                   config: tuple | None = None, act: str = "silu") -> torch.Tensor:
     """The scoring kernel alone on prepare_x's output: (B, F) fp32 (sketch_scores' second launch). Rows of x go
     in pairs, one pair per program_id(0): the pairs of one block of neurons run side by side, so the words
     they all read come from DRAM once and from L2 for the others."""
@@ -454,32 +508,37 @@ def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch,
     block_g = min(block_g, triton.next_power_of_2(G))
     _sketch_kernel[(triton.cdiv(B, 2), triton.cdiv(F_, block_f))](
         packed.words, packed.steps, xs, xsum, out, B, F_, G=G, BITS=packed.bits, GROUP=packed.group,
-        TOKENS=1 if B == 1 else 2, UNSCALE=2.0 ** (149 - X_EXP), BLOCK_F=block_f, BLOCK_G=block_g, num_warps=warps,
-        num_stages=stages, **pdl_kwargs(xs))
+        TOKENS=1 if B == 1 else 2, UNSCALE=2.0 ** (149 - X_EXP), BLOCK_F=block_f, BLOCK_G=block_g,
+        ACT=ACTIVATIONS.index(act), num_warps=warps, num_stages=stages, **pdl_kwargs(xs))
     return out
 
 
-def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto", warps: int | None = None) -> torch.Tensor:
+def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto", warps: int | None = None,
+                 method: str = TOPK_METHOD) -> torch.Tensor:
     """(B, F) non-negative scores -> (B, k) int32: each row's k largest, ascending indices (ties: lowest index
-    first). Triton: one bisection program per row (_topk_kernel); else a stable torch.sort."""
+    first). Triton: one program per row, "radix" (_radix_topk_kernel, 4 passes) or "bisect" (_topk_kernel); else
+    a stable torch.sort."""
     B, F_ = scores.shape
     if not 0 < k <= F_:
         raise ValueError(f"k must be in [1, F={F_}], got {k}")
+    if method not in TOPK_METHODS:
+        raise ValueError(f"method must be one of {TOPK_METHODS}, got {method!r}")
     if not use_triton(scores, backend):  # a stable sort: ties go to the lowest index, as in the kernel
         order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
         return order.sort(-1).values.to(torch.int32)
     idx = torch.empty(B, k, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(F_)
     warps = warps or min(TOPK_WARPS, max(4, block // 512))  # at least 16 scores per thread
-    _topk_kernel[(B,)](scores.contiguous(), idx, F_, k, BLOCK=block, num_warps=warps, **pdl_kwargs(scores))
+    kernel = _radix_topk_kernel if method == "radix" else _topk_kernel
+    kernel[(B,)](scores.contiguous(), idx, F_, k, BLOCK=block, num_warps=warps, **pdl_kwargs(scores))
     return idx
 
 
 def sketch_topk(x: torch.Tensor, packed: PackedSketch, k: int, backend: str = "auto",
-                config: tuple | None = None) -> torch.Tensor:
+                config: tuple | None = None, act: str = "silu") -> torch.Tensor:
     """(B, k) int32, ascending: each row's k neurons of highest sketch score, computed on x's device without a
     host round trip (sketch_scores, then topk_indices)."""
     F_ = packed.shape[0]
     if not 0 < k <= F_:
         raise ValueError(f"k must be in [1, F={F_}], got {k}")
-    return topk_indices(sketch_scores(x, packed, backend, config), k, backend)
+    return topk_indices(sketch_scores(x, packed, backend, config, act), k, backend)

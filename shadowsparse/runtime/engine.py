@@ -47,6 +47,16 @@ itself on cuBLAS GEMMs: every head's q/k/v and every neuron computed, each token
 zeroed by its own top-k mask (exact per-token semantics, whatever batch_set says), one pass over the weights for
 all the step's tokens. benchmark.py's prefill rows measure both ways (docs/benchmarks.md).
 
+Dense fallback (EngineConfig.fallback = "measured", what generation uses): a step of more token rows than the
+engine's path was measured to win at (dispatch.py) runs every head and neuron on the dense kernels — the dense
+model's output, never slower than dense. Lazy K/V stays exact across it: the step first refreshes every head over
+the window and writes its own normed inputs into the window. Evaluation keeps "never" (every step gated).
+
+Families (weights.py): all but OPT run the "llama" structure. Qwen3's per-head q/k RMSNorms run between every q/k
+projection and its RoPE (_head_norm_: dense, gated q, the lazy window and its refresh, input-sparse q/k/v); Gemma's
+sqrt(d) embedding scale is applied at the first layer's entry (_scale_embeddings), its 1 + w norm factors and GeGLU
+(gelu_tanh) go through the same kernels as every family's.
+
 Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
 step in a CUDA graph.
 """
@@ -66,9 +76,11 @@ from ..kernels.kv_window import kv_window_write
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
+from ..kernels.sketch import topk_indices
 from ..kernels.sparse_input import act_input_sparse_linear, act_mask_input, input_sparse_linear, mask_input
+from .dispatch import path_of, runs_dense as fallback_rule, validate as validate_fallback
 from .cache import InputWindow, StaticKVCache
-from .ffn_select import VerifyFFNSelector, ascending_topk
+from .ffn_select import GateFFNSelector, LTEFFNSelector, SketchFFNSelector, VerifyFFNSelector
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
@@ -97,6 +109,9 @@ class EngineConfig:
     sparse_input_tokens: int = 2  # input thresholds (teal, threshold): steps of up to this many token rows read
     # only the kept weight rows (kernels/sparse_input.py); larger steps zero the inputs where they are made and run
     # the dense GEMM (module docstring: "Input thresholds"). 0: always the dense GEMM
+    fallback: str | int = "never"  # "never": every step gated (the mask path's semantics: evaluation, tests);
+    # "measured": a step of more token rows than its path was measured to win at runs dense (dispatch.py: never
+    # slower than dense; generation); an int N: dense above N rows
 
     def validate(self) -> "EngineConfig":
         for name in ("ffn_sparsity", "head_sparsity"):
@@ -114,6 +129,7 @@ class EngineConfig:
         if not (isinstance(self.sparse_input_tokens, int) and 0 <= self.sparse_input_tokens <= KERNEL_TOKENS):
             raise ConfigError(f"sparse_input_tokens must be an integer in 0..{KERNEL_TOKENS}, got "
                               f"{self.sparse_input_tokens!r}")
+        validate_fallback(self.fallback)
         return self
 
 
@@ -144,6 +160,10 @@ class DecodeEngine:
                               "engines")
         if weights.family == "opt" and max_len > weights.max_positions:
             raise ConfigError(f"max_len {max_len} exceeds the model's {weights.max_positions} learned positions")
+        if weights.sliding_window is not None and max_len > weights.sliding_window:
+            raise ConfigError(f"max_len {max_len} exceeds the model's sliding window of {weights.sliding_window} "
+                              "positions, where the engine's full attention would differ from the model's; use "
+                              f"max_len <= {weights.sliding_window} (shorter prompts plus new tokens)")
         self.batch, self.max_len = batch, max_len
         self.device, self.dtype = weights.device, weights.dtype
         w = weights
@@ -177,6 +197,11 @@ class DecodeEngine:
         if self.ffn_selector is not None and self.cfg.nm24:
             raise ConfigError("a per-layer FFN selector over 2:4-compressed FFN weights is not implemented; use "
                               "nm24=False with it")
+        # a selector that scores act(gate) (sketch, gate; or a verifier's proposer) must apply the model's act
+        scorer = getattr(self.ffn_selector, "proposer", self.ffn_selector)
+        if getattr(scorer, "act", w.act) != w.act:
+            raise ConfigError(f"the {scorer.name} FFN selector scores with act '{scorer.act}', but the model's FFN "
+                              f"uses '{w.act}'; build it with act=extract_weights(model).act")
         self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.teal = self._plan_input_sparsity(input_sparsity)
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
@@ -189,6 +214,29 @@ class DecodeEngine:
             batch > self.cfg.sparse_input_tokens
         self.resid32 = self.gated and w.norm_before and not dense_steps
         self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
+        self.path = path_of(self._features())
+
+    def _features(self) -> set[str]:
+        """The gating features of this engine: the key of its measured break-even (dispatch.py)."""
+        sel = self.ffn_selector
+        feats = {"ffn"} if self.gate_ffn and self.teal is None else set()
+        feats |= {"heads"} if self.gate_heads else set()
+        feats |= {"predictor"} if self.predictor is not None else set()
+        if isinstance(sel, VerifyFFNSelector):
+            feats.add("verify")
+            sel = sel.proposer
+        feats |= {"sketch"} if isinstance(sel, SketchFFNSelector) else set()
+        feats |= {"gate"} if isinstance(sel, GateFFNSelector) else set()
+        feats |= {"lte"} if isinstance(sel, LTEFFNSelector) else set()
+        feats |= {self.teal.label} if self.teal is not None else set()
+        feats |= {"nm24"} if self.cfg.nm24 else set()
+        return feats
+
+    def runs_dense(self, rows: int) -> bool:
+        """Whether a step of ``rows`` token rows runs dense: the config's fallback rule on this engine's path
+        (dispatch.py); never for an ungated engine or the all-kernels benchmark baseline."""
+        return self.gated and not self.cfg.all_kernels and \
+            fallback_rule(self.path, rows, self.cfg.fallback, cuda=self.device.type == "cuda")
 
     def _plan_input_sparsity(self, sp: InputSparsity | None) -> InputSparsity | None:
         """Thresholds on the projection inputs (input_sparsity.py) on the device, and the transposed copies of the
@@ -327,6 +375,7 @@ class DecodeEngine:
             raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
         w = self.w
         fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: no earlier K/V to refresh
+        dense = self.runs_dense(B * T)  # the step falls back to every head and neuron (dispatch.py)
         if not torch.is_tensor(pos):
             if pos + T > self.max_len:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
@@ -334,7 +383,9 @@ class DecodeEngine:
         positions = pos + torch.arange(T, device=self.device)  # (T,)
         self._visible = None  # the causal mask of a many-token step's attention, made by its first layer
         if self.window is not None:
-            if T > 1 and not fresh:
+            # before a step that computes K/V densely (several tokens, or a dense fallback): the window's positions
+            # get every head's K/V, so the lazy invariant holds whatever steps follow (module docstring)
+            if (T > 1 or dense) and not fresh:
                 self._refresh_all_kv()
             self.window.advance(positions)
             if self.inv_freq is not None and T == 1:  # the window's q and k are rotated at their own positions
@@ -348,16 +399,16 @@ class DecodeEngine:
         else:
             rope = rope_cos_sin(positions, self.inv_freq, self.dtype)
         sel = None
-        if self.gated and self.predictor is None:
+        if self.gated and self.predictor is None and not dense:
             sel = self.select(heads, neurons)
         for layer in range(w.n_layers):
-            if self.predictor is not None and self.gated and layer == self.predict_at:
+            if self.predictor is not None and self.gated and not dense and layer == self.predict_at:
                 p_heads, p_neurons = self.predictor(x)  # (B, T, L, H), (B, T, L, F)
                 sel = self.select(p_heads, None if self.ffn_selector is not None else p_neurons)
             if sel is not None and self.ffn_selector is not None:
                 sel.masked = sel.masked or B * T > KERNEL_TOKENS
             gi = layer - self.first_layer
-            if gi == 0 and self.resid32:
+            if gi == 0 and self.resid32 and not dense:
                 x = x.float()  # (B, T, d) fp32 from here on (module docstring)
             x = self._layer(layer, x, pos, positions, rope, sel if gi >= 0 else None, gi)
         be, dt = self.cfg.backend, self.dtype
@@ -406,6 +457,7 @@ class DecodeEngine:
             lw = self.w.layers[layer]
             kv = _linear(self.window.h[gi].view(B * W, -1), lw.kv_w(self.n_q),
                          None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (B*W, 2*H*D)
+            self._head_norm_(kv, lw.k_norm_w, self.w.n_heads)  # Qwen3's k norm (no-op elsewhere)
             kv_window_write(kv, self.cache.keys[layer], self.cache.values[layer], self.all_heads,
                             self.window.positions, self.inv_freq, backend=self.cfg.backend)
 
@@ -429,8 +481,29 @@ class DecodeEngine:
         """Whether this gated layer's step computes K/V lazily (module docstring): single tokens only."""
         return sel is not None and sel.heads is not None and self.window is not None and T == 1
 
+    def _head_norm_(self, t, weight, heads: int, col0: int = 0) -> None:
+        """Qwen3's q_norm / k_norm: RMSNorm over each of ``heads`` heads of t (rows, C), columns col0 onwards, in place,
+        before RoPE (weight (D,); None: the family has none, nothing to do). Each head is rounded to the model dtype
+        first, as the model's projection output is, and normed into it: every q/k path (dense, gated q, lazy window,
+        input-sparse) calls this between its projection and its rotation."""
+        if weight is None:
+            return
+        D = self.w.head_dim
+        part = t[:, col0:col0 + heads * D]  # (rows, heads*D), a column slice of the projection output
+        normed = rms_norm(part.reshape(-1, D).to(self.dtype), weight, self.w.eps, backend=self.cfg.backend)
+        part.copy_(normed.view(part.shape))
+
+    def _scale_embeddings(self, x):
+        """Gemma: the embedding rows times sqrt(d) (EngineWeights.embed_scale), rounded in the model dtype as the
+        model rounds them. step() looks the rows up unscaled (the tied lm_head is the same tensor, so no scaled (V, d)
+        copy is kept) and the first layer scales them here; an fp32 residual stream holds those model-dtype rows
+        exactly, so the round trip through the model dtype changes nothing but the product's rounding."""
+        return (x.to(self.dtype) * self.w.embed_scale).to(x.dtype)
+
     def _layer(self, layer, x, pos, positions, rope, sel: Selection | None, gi: int):
         lw = self.w.layers[layer]
+        if layer == 0 and self.w.embed_scale is not None:
+            x = self._scale_embeddings(x)
         pre = self.w.norm_before
         # a lazy step of a pre-norm layer writes the normed input straight into the window (the only reader)
         into_window = pre and self._lazy(sel, x.shape[1])
@@ -457,7 +530,7 @@ class DecodeEngine:
         gated = sel is not None and sel.heads is not None  # head gating through the gathered kernels
         masked = sel is not None and sel.masked  # many tokens: every head computed, unselected ones zeroed
         lazy = self._lazy(sel, T)
-        if sel is not None and self.window is not None and h is not None:
+        if gi >= 0 and self.window is not None and h is not None:  # a dense fallback step too (lazy steps follow)
             self.window.write(gi, h)
         q, kv, heads = self._project_qkv(layer, h, rope, sel, gi, lazy, gated, B, T)
         J = heads.shape[0]
@@ -496,6 +569,8 @@ class DecodeEngine:
             W, Kq = self.window.window, sel.head_rows.shape[1]
             out = row_linear(self.window.h[gi].view(B * W, -1), lw.qkv_w, sel.qkv_rows[gi], lw.qkv_b, backend=be,
                              out_dtype=torch.float32, **LAZY_QKV)  # (B*W, Kq + 2*(Kh + r)*D)
+            self._head_norm_(out, lw.q_norm_w, heads.shape[0])  # Qwen3: q heads, then the keys of kv_heads
+            self._head_norm_(out, lw.k_norm_w, sel.kv_heads.shape[1], Kq)
             if rope is not None:
                 rope_(out, *self.window_rope, heads.shape[0], D, W, backend=be)
             kv_window_write(out[:, Kq:], self.cache.keys[layer], self.cache.values[layer], sel.kv_heads[gi],
@@ -508,6 +583,8 @@ class DecodeEngine:
             # only the rows of W_qkv.T whose input channel passes the threshold are read; q/k/v in the model dtype
             # (the cache's)
             qkv = self._sparse_in(layer, "attn_in", hf, self.t_qkv[layer], lw.qkv_b, out_dtype=self.dtype)
+            self._head_norm_(qkv, lw.q_norm_w, w.n_heads)
+            self._head_norm_(qkv, lw.k_norm_w, KV, self.n_q)
             if rope is not None:
                 rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
             return qkv[:, :self.n_q], qkv[:, self.n_q:], self.all_heads
@@ -517,11 +594,15 @@ class DecodeEngine:
             q = _chunked(lambda xs: row_linear(xs, lw.q_w(self.n_q), rows, lw.qkv_b, backend=be,
                                                out_dtype=torch.float32), hf)  # (n, Kh*D)
             kv = _linear(hf, lw.kv_w(self.n_q), None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (n, 2*KV*D)
+            self._head_norm_(q, lw.q_norm_w, heads.shape[0])
+            self._head_norm_(kv, lw.k_norm_w, KV)
             if rope is not None:
                 rope_(q, *rope, heads.shape[0], D, T, backend=be)
                 rope_(kv, *rope, KV, D, T, backend=be)
             return q, kv, heads
         qkv = _linear(hf, lw.qkv_w, lw.qkv_b)  # (n, H*D + 2*KV*D): one GEMV
+        self._head_norm_(qkv, lw.q_norm_w, w.n_heads)
+        self._head_norm_(qkv, lw.k_norm_w, KV, self.n_q)
         if rope is not None:  # q and k heads are adjacent: one in-place pass over both
             rope_(qkv, *rope, w.n_heads + KV, D, T, backend=be)
         return qkv[:, :self.n_q], qkv[:, self.n_q:], self.all_heads
@@ -673,7 +754,7 @@ class DecodeEngine:
         if ckeep is not None:
             s = s.masked_fill(ckeep == 0, float("-inf"))
         if n == 1:  # the down rows of the kept neurons only
-            pos = ascending_topk(s[0], k).long()  # (k,) positions in cand
+            pos = topk_indices(s, k, backend=be)[0].long()  # (k,) positions in cand, ascending (s >= 0: |a|)
             a, rows = a[:, pos], cand[pos]
         else:  # the union's rows; each token's others zeroed
             a, rows = a * topk_mask(s, k, a.dtype), cand

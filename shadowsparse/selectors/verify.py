@@ -116,6 +116,7 @@ class SketchProposer(VerifyFamily):
         (kernels/sketch.py: its fp16 steps round the quantizer's by at most 2**-11 relative), or why not."""
         from ..kernels.sketch import BITS, GROUP, sketch_from_weights
         from ..runtime.ffn_select import SketchFFNSelector
+        from ..runtime.weights import act_name
         vcfg = verify_config(ctx.cfg)
         if vcfg.sketch != "act" or vcfg.bits not in BITS or vcfg.quantizer == "symmetric" or vcfg.group != GROUP:
             return (f"the sketch kernel reads a {BITS}-bit midrise/GPTQ copy of gate and up in groups of {GROUP} "
@@ -127,7 +128,7 @@ class SketchProposer(VerifyFamily):
             (w_gate, _), (w_up, _) = ctx.view.ffn_in_rows(layer)  # (F, d) each, split from a fused gate_up
             h = None if hessians is None else hessians[layer].to(w_gate.device)
             sketches[layer] = sketch_from_weights(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
-        return SketchFFNSelector(sketches)
+        return SketchFFNSelector(sketches, act=act_name(ctx.model.config))  # the FFN's act (Gemma: gelu_tanh)
 
 
 @register

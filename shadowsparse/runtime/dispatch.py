@@ -1,0 +1,85 @@
+"""When a gated step runs dense instead: never slower than dense, decided by measurement.
+
+A gated path saves weight bytes at decode, but its kernels, its selector and its bookkeeping cost time of their
+own; with several token rows per step the rows read become a union and the savings shrink. Where a path was
+measured slower than its own dense step, generation runs that step dense (every head and neuron: the dense
+model's output) — faster and more accurate than the gated step it replaces. Evaluation (perplexity) never falls
+back: it measures the selector's quality (EngineConfig.fallback = "never").
+
+The rule, for a step of n token rows (batch · tokens per sequence) on a path (the engine's gating features):
+  1. the path's measured speed-ups are {rows: × own dense}; take the measurement at the smallest rows >= n (speed-
+     ups fall with rows, so a larger measured step bounds a smaller unmeasured one from below);
+  2. below 1.0 -> dense; at or above 1.0 -> gated; n beyond every measurement -> dense (a larger step than any
+     measured one: the unions only grow);
+  3. a path with no measurement at all stays gated (nothing to decide by), and ``explain`` says so.
+The measurements are of the GPU kernels: on a CPU (the torch reference path, not built for speed) "measured" keeps
+every step gated. EngineConfig.fallback may also be an integer N: dense above N rows, whatever the path and device
+(a user's own measurement).
+"""
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+FALLBACKS = ("never", "measured")
+
+# path -> {token rows per step: ms of own dense / ms of the gated step}, NVIDIA H200, torch 2.11 + Triton 3.6, fp16,
+# Llama-2-7B shapes, CUDA-graph decode, dense measured in the same run (docs/benchmarks.md, rows in docs/*.jsonl).
+# Decode rows are the batch (one token per sequence); prefill rows are batch x 64 (64-token steps).
+MEASURED: dict[str, dict[int, float]] = {
+    # given or predicted index sets (predictor, static, lte: the same kernels): 2026-12-03 decode, prefill
+    "ffn+heads": {1: 1.73, 8: 1.40, 64: 0.46, 512: 0.78},
+    "ffn+heads+predictor": {1: 1.66, 8: 1.35},
+    "ffn": {1: 1.41, 8: 1.32},
+    # 2:4-compressed FFN weights (kernels/nm24.py) with index sets: batch 8 slower than dense
+    "ffn+heads+nm24": {1: 1.64, 8: 0.84},
+    # input thresholds (session 8): kernel route at <= sparse_input_tokens rows, the dense route (masks + cuBLAS) above
+    "teal": {1: 1.34, 8: 0.93},
+    "threshold": {1: 1.13, 8: 1.01},
+    # the sketch selector (kernels/sketch.py): scoring + top-k cost as much as the FFN rows it saves
+    "ffn+sketch": {1: 0.98, 8: 0.46},
+    "ffn+heads+sketch": {1: 1.11},
+}
+
+
+def path_of(features: set[str]) -> str:
+    """The key of MEASURED for a set of gating features (ffn, heads, predictor, sketch, gate, verify, teal,
+    threshold, nm24)."""
+    return "+".join(sorted(features, key=_ORDER.index))
+
+
+_ORDER = ["ffn", "heads", "predictor", "sketch", "gate", "verify", "teal", "threshold", "lte", "nm24"]
+
+
+def validate(fallback) -> None:
+    if isinstance(fallback, bool) or not (fallback in FALLBACKS or (isinstance(fallback, int) and fallback >= 0)):
+        raise ConfigError(f"fallback must be one of {FALLBACKS} or a row count >= 0 (dense above it), got "
+                          f"{fallback!r}")
+
+
+def runs_dense(path: str, rows: int, fallback, cuda: bool = True,
+               table: dict[str, dict[int, float]] | None = None) -> bool:
+    """Whether a step of ``rows`` token rows on ``path`` runs dense under ``fallback`` (module docstring)."""
+    if fallback == "never" or (fallback == "measured" and not cuda):
+        return False
+    if not isinstance(fallback, str):
+        return rows > fallback
+    measured = (MEASURED if table is None else table).get(path)
+    if not measured:
+        return False
+    above = [r for r in measured if r >= rows]
+    return not above or measured[min(above)] < 1.0
+
+
+def explain(path: str, fallback, cuda: bool = True, table: dict[str, dict[int, float]] | None = None) -> str:
+    """One line for stats and logs: what the rule does for this path."""
+    if fallback == "never":
+        return "never (every step gated)"
+    if fallback == "measured" and not cuda:
+        return "measured on the GPU only: every step gated on this device"
+    if not isinstance(fallback, str):
+        return f"dense above {fallback} token rows per step (given)"
+    measured = (MEASURED if table is None else table).get(path)
+    if not measured:
+        return f"'{path}' was not measured: every step gated"
+    pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted(measured.items()))
+    return f"'{path}' measured (H200, fp16, x own dense): {pts}; dense where the next measurement up is < 1.0x"

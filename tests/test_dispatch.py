@@ -1,0 +1,139 @@
+"""The dense fallback (runtime/dispatch.py, EngineConfig.fallback): the rule, and an engine that follows it.
+
+The rule is data (measured speed-ups per path and step size); these tests check what it decides from given
+tables, that the shipped table says what docs/benchmarks.md measured where it matters, and that a step that falls
+back is the dense model's step — with lazy K/V still exact across gated and dense steps.
+"""
+import pytest
+import torch
+
+import shadowsparse as ss
+from shadowsparse.errors import ConfigError
+from shadowsparse.llm import LLMConfig, load_llm
+from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
+from shadowsparse.runtime import dispatch
+
+from tests.test_lazy_kv import long_skip_scores, mha_llama
+from tests.test_runtime import TOL, token_ids
+
+TABLE = {"wins": {1: 1.5, 8: 1.1}, "loses_at_8": {1: 1.5, 8: 0.9}, "loses_at_1": {1: 0.98}}
+
+
+@pytest.mark.parametrize("path,rows,dense", [
+    ("wins", 1, False), ("wins", 4, False), ("wins", 8, False), ("wins", 9, True),  # beyond every measurement
+    ("loses_at_8", 1, False), ("loses_at_8", 2, True), ("loses_at_8", 8, True),  # bounded by the next one up
+    ("loses_at_1", 1, True), ("unmeasured", 64, False)])
+def test_measured_rule(path, rows, dense):
+    assert dispatch.runs_dense(path, rows, "measured", table=TABLE) is dense
+    assert dispatch.runs_dense(path, rows, "never", table=TABLE) is False
+    assert dispatch.runs_dense(path, rows, "measured", cuda=False, table=TABLE) is False  # GPU measurements only
+
+
+def test_given_row_count_and_bad_values():
+    assert dispatch.runs_dense("anything", 3, 2) and not dispatch.runs_dense("anything", 2, 2)
+    assert dispatch.runs_dense("anything", 3, 2, cuda=False)  # a user's own count holds on any device
+    for bad in ("sometimes", -1, True, 1.5):
+        with pytest.raises(ConfigError, match="fallback must be one of"):
+            EngineConfig(fallback=bad).validate()
+    assert "not measured" in dispatch.explain("unmeasured", "measured", table=TABLE)
+    assert "1 rows 0.98x" in dispatch.explain("loses_at_1", "measured", table=TABLE)
+
+
+def test_shipped_table_follows_the_measurements():
+    """What docs/benchmarks.md measured on the H200: the sketch FFN alone loses at batch 1 (0.98x), index sets win
+    at batch 8 (1.40x) and lose in 64-token prefill steps (0.46x); 2:4 with index sets loses at batch 8 (0.84x)."""
+    assert dispatch.runs_dense("ffn+sketch", 1, "measured")
+    assert not dispatch.runs_dense("ffn+heads", 8, "measured") and dispatch.runs_dense("ffn+heads", 64, "measured")
+    assert not dispatch.runs_dense("ffn+heads+nm24", 1, "measured")
+    assert dispatch.runs_dense("ffn+heads+nm24", 8, "measured")
+    assert all(isinstance(r, int) and r >= 1 and s > 0 for m in dispatch.MEASURED.values() for r, s in m.items())
+
+
+def _scores(model, B, S, seed):
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, S, cfg.num_hidden_layers, cfg.num_attention_heads, generator=g),
+            torch.randn(B, S, cfg.num_hidden_layers, cfg.intermediate_size, generator=g))
+
+
+def test_fallback_step_is_the_dense_step():
+    """fallback=1 at batch 2: every step has 2 rows and runs dense (equal to the dense engine); the same engine
+    config at batch 1 gates (equal to the never-falling-back engine); the engine names its path."""
+    model = mha_llama()
+    w = extract_weights(model)
+    ids = token_ids(2, 9, seed=3)
+    heads, neurons = _scores(model, 2, 9, seed=4)
+    cfg = dict(ffn_sparsity=0.5, head_sparsity=0.5, kv="dense")
+    chunks = [(0, 5), (5, 6), (6, 7), (7, 9)]
+
+    def run(engine, b):
+        return torch.cat([engine.step(ids[:b, a:z], a, heads=heads[:b, a:z], neurons=neurons[:b, a:z])
+                          for a, z in chunks], 1)
+
+    fell = DecodeEngine(w, batch=2, max_len=16, config=EngineConfig(**cfg, fallback=1))
+    assert fell.path == "ffn+heads" and fell.runs_dense(2)
+    dense = DecodeEngine(w, batch=2, max_len=16)
+    torch.testing.assert_close(run(fell, 2), run(dense, 2), **TOL)
+    one = DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(**cfg, fallback=1))
+    gated = DecodeEngine(w, batch=1, max_len=16, config=EngineConfig(**cfg))
+    out = torch.cat([one.step(ids[:1, t:t + 1], t, heads=heads[:1, t:t + 1], neurons=neurons[:1, t:t + 1])
+                     for t in range(9)], 1)  # single-token steps: 1 row, gated
+    ref = torch.cat([gated.step(ids[:1, t:t + 1], t, heads=heads[:1, t:t + 1], neurons=neurons[:1, t:t + 1])
+                     for t in range(9)], 1)
+    torch.testing.assert_close(out, ref, **TOL)
+    assert (out - run(dense, 2)[:1]).abs().max() > 1e-3  # gating changed the output: the check is not vacuous
+
+
+def test_lazy_kv_stays_exact_across_dense_fallback_steps():
+    """Single-token steps alternate between gated (lazy K/V: only selected + refresh heads' K/V computed) and
+    dense fallback, with a head skipped for longer than the window: the lazy engine equals the same schedule with
+    every head's K/V computed at every step (kv='dense'). Without the refresh before a dense step, positions
+    that leave the window during dense steps would keep stale K/V for heads no gated step refreshed."""
+    model = mha_llama()
+    w = extract_weights(model)
+    window = 4
+    S = 28
+    ids = token_ids(1, S, seed=5)
+    heads, neurons = long_skip_scores(model, 1, S, window, seed=6)
+    dense_at = {7, 8, 9, 10, 11, 19, 20}  # five in a row: more than the window  # single-token steps that fall back (toggled per step below)
+
+    def run(kv):
+        cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, kv=kv, kv_window=window)
+        engine = DecodeEngine(w, batch=1, max_len=32, config=cfg)
+        assert (engine.window is not None) == (kv == "lazy")
+        out = [engine.step(ids[:, :5], 0, heads=heads[:, :5], neurons=neurons[:, :5])]
+        for t in range(5, S):
+            engine.cfg.fallback = 0 if t in dense_at else "never"  # 1 row > 0: dense
+            out.append(engine.step(ids[:, t:t + 1], t, heads=heads[:, t:t + 1], neurons=neurons[:, t:t + 1]))
+        return torch.cat(out, 1)
+
+    torch.testing.assert_close(run("lazy"), run("dense"), **TOL)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_llm(LLMConfig(name="random:llama", seed=0))
+
+
+def test_load_gated_counts_dense_fallback_tokens_and_perplexity_stays_gated(llama):
+    """fallback=3 through load_gated: the 5-token prompt runs dense, the 1-token decode steps gate; stats count
+    the prompt's tokens as dense (realized sparsity over all tokens); perplexity ignores the fallback."""
+    model, tok = llama
+    g = ss.load_gated(model, method="teal", ffn_sparsity=0.4, engine="kernels", tokenizer=tok, fallback=3,
+                      calib=torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)),
+                      overrides=["evaluate.threshold_windows=4"])
+    never = ss.load_gated(model, method="teal", ffn_sparsity=0.4, engine="kernels", tokenizer=tok, fallback="never",
+                          calib=torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)),
+                          overrides=["evaluate.threshold_windows=4"])
+    windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    assert g.perplexity(windows) == pytest.approx(never.perplexity(windows), rel=1e-6)
+    ids = tok("a b c d", return_tensors="pt").input_ids
+    P, new = ids.shape[1], 4
+    assert P > 3
+    g.generate("a b c d", max_new_tokens=new)
+    st = g.stats()
+    assert st["dense_fallback_tokens"] == P and "dense above 3" in st["fallback"]
+    never.generate("a b c d", max_new_tokens=new)
+    st_never = never.stats()
+    assert st_never["dense_fallback_tokens"] == 0
+    assert 0 < st["realized_ffn_sparsity"] < st_never["realized_ffn_sparsity"]
