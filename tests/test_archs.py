@@ -718,14 +718,14 @@ def test_the_readme_register_arch_example_registers_a_working_spec(registry):
     assert (d.n_layers, d.n_heads, d.ffn) == (2, 4, 96)
 
 
-@pytest.mark.parametrize("family,method", [("gemma2", "gate"), ("stablelm", "sketch")])
-def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family, method):
-    """engine="auto": a family the decode engine does not serve (Gemma-2's soft-capping and sandwich norms,
-    StableLM's LayerNorm and partial RoPE) is refused by extract_weights, and load_gated runs the selector through
+@pytest.mark.parametrize("family,method,tol", [("gpt_neox", "teal", 0.05), ("stablelm", "sketch", 1e-6)])
+def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family, method, tol):
+    """engine="auto": a family the decode engine does not serve (GPT-NeoX's parallel blocks, StableLM's LayerNorm
+    and partial RoPE) is refused by extract_weights, and load_gated runs the selector through
     the hooks instead of failing."""
     import shadowsparse as ss
     model, tok = load_llm(LLMConfig(name=f"random:{family}"))
     g = ss.load_gated(model, method=method, ffn_sparsity=0.5, tokenizer=tok, calib=CALIB)
     assert g.engine == "hooks"
     assert len(g.generate(["hello"], max_new_tokens=3)) == 1
-    assert g.stats()["realized_ffn_sparsity"] == pytest.approx(0.5)
+    assert g.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=tol)  # teal: calibrated thresholds

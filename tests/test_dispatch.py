@@ -40,9 +40,14 @@ def test_given_row_count_and_bad_values():
 
 
 def test_shipped_table_follows_the_measurements():
-    """What docs/benchmarks.md measured on the H200: the sketch FFN alone loses at batch 1 (0.98x), index sets win
-    at batch 8 (1.40x) and lose in 64-token prefill steps (0.46x); 2:4 with index sets loses at batch 8 (0.84x)."""
+    """What docs/benchmarks.md measured: the sketch FFN alone loses at batch 1 on the H200 (0.98x), index sets win
+    at batch 8 (1.40x) and lose in 64-token prefill steps (0.46x); 2:4 with index sets loses at batch 8 (0.84x);
+    every score-then-gather selector loses at batch 2 (0.41-0.62x), teal wins only at batch 1 (1.34x)."""
     assert dispatch.runs_dense("ffn+sketch", 1, "measured")
+    for path in ("ffn+sketch", "sketch+teal", "ffn+gate", "ffn+gate+verify", "ffn+sketch+verify"):
+        assert dispatch.runs_dense(path, 2, "measured"), path
+    assert not dispatch.runs_dense("teal", 1, "measured") and dispatch.runs_dense("teal", 2, "measured")
+    assert not dispatch.runs_dense("threshold", 8, "measured")
     assert not dispatch.runs_dense("ffn+heads", 8, "measured") and dispatch.runs_dense("ffn+heads", 64, "measured")
     assert not dispatch.runs_dense("ffn+heads+nm24", 1, "measured")
     assert dispatch.runs_dense("ffn+heads+nm24", 8, "measured")
@@ -137,3 +142,16 @@ def test_load_gated_counts_dense_fallback_tokens_and_perplexity_stays_gated(llam
     st_never = never.stats()
     assert st_never["dense_fallback_tokens"] == 0
     assert 0 < st["realized_ffn_sparsity"] < st_never["realized_ffn_sparsity"]
+
+
+@pytest.mark.parametrize("method", ["sketch", "sketch_verify", "gate", "gate_verify", "teal", "threshold"])
+def test_every_engine_selector_path_was_measured(llama, method):
+    """Each training-free selector's engine path is a key of the shipped table: a path missing from it would stay
+    gated wherever it loses (rule 3), so a renamed feature or a new selector without a measurement fails here."""
+    model, tok = llama
+    g = ss.load_gated(model, method=method, ffn_sparsity=0.5, engine="kernels", tokenizer=tok,
+                      calib=torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)),
+                      overrides=["evaluate.threshold_windows=4", "evaluate.verify.calib_windows=4",
+                                 "evaluate.verify.q=[0.7]"])
+    path = g.decoder._engine(1, 8).path
+    assert path in dispatch.MEASURED, path

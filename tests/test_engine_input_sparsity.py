@@ -1,6 +1,6 @@
 """Input-threshold selectors in the decode engine against their mask path: teal (every projection input, the hooks of
 shadowsparse/teal.py) and threshold (|a| at the down projection, training_free.ThresholdScores through the gating
-hooks), on tiny Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma and OPT. CPU, fp32; the kernel as its torch path and,
+hooks), on tiny Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2 and OPT. CPU, fp32; the kernel as its torch path and,
 where Triton is installed, interpreted (conftest sets TRITON_INTERPRET=1 without CUDA)."""
 import pytest
 import torch
@@ -13,11 +13,11 @@ from shadowsparse.runtime.input_sparsity import INPUTS, InputSparsity
 from shadowsparse.teal import TealThresholds, attach_teal
 from shadowsparse.training_free import ThresholdScores
 from tests.conftest import tiny_model
-from tests.test_runtime import CHUNKS, TRITON_DEVICE, TRITON_TOL, engine_steps, random_norms, token_ids
+from tests.test_runtime import CHUNKS, TRITON_DEVICE, TRITON_TOL, engine_model, engine_steps, token_ids
 
 BACKENDS = ["torch"] + (["triton"] if kernels_common.triton is not None else [])
 TOL = dict(rtol=1e-4, atol=1e-4)
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "opt"]
 
 
 def calib(seed=3):
@@ -39,7 +39,7 @@ def test_teal_engine_matches_its_hooks(family, batch, sparse_tokens, backend):
     zeroing the same channels; the device counts equal the hooks' counts. Steps of more than sparse_tokens rows
     zero the inputs where they are made (norm kernels, one mask kernel) and run the dense GEMMs."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
-    model = random_norms(tiny_model(family))  # Qwen3's q/k norms and Gemma's 1 + w with weights of their own
+    model = engine_model(family)  # Qwen3's q/k norms and Gemma's 1 + w with weights of their own
     teal = TealThresholds.calibrate(model, calib())
     model = model.to(device)
     n_layers = model.config.num_hidden_layers

@@ -46,13 +46,14 @@ def sketches_of(model, first_layer, bits=3, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("phi3", 2), ("gemma", 1)])
+@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("phi3", 2), ("gemma", 1), ("gemma2", 2)])
 def test_sketch_engine_matches_its_mask_path(backend, family, batch):
     """Prefill, single tokens and a 3-token step: the engine's gathered FFN on the sketch's top k of each token equals
     the mask path zeroing the same neurons (VerifyScores on the same low-bit copies). Phi-3: the sketch of the fused
-    gate_up's halves; Gemma: GeGLU with the tanh gelu."""
+    gate_up's halves; Gemma: GeGLU with the tanh gelu; Gemma-2: its sandwich norms around the sketched FFN."""
+    from tests.test_runtime import engine_model
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
-    model = tiny_model(family)
+    model = engine_model(family) if family == "gemma2" else tiny_model(family)
     packed, source = sketches_of(model, first_layer=1)
     model = model.to(device)
     for key, copy in list(source._qweights.items()):  # the mask path's low-bit copies follow the model
@@ -61,7 +62,7 @@ def test_sketch_engine_matches_its_mask_path(backend, family, batch):
     cfg = EngineConfig(ffn_sparsity=0.5, first_layer=1, backend=backend)
     weights = extract_weights(model)
     sketch = {k: p.to(device) for k, p in packed.items()}
-    if family == "gemma":  # the sketch must score with the model's own activation
+    if family.startswith("gemma"):  # the sketch must score with the model's own activation
         with pytest.raises(ConfigError, match="scores with act 'silu', but the model's FFN uses 'gelu_tanh'"):
             DecodeEngine(weights, batch=batch, max_len=32, config=cfg, ffn_selector=SketchFFNSelector(sketch))
     engine = DecodeEngine(weights, batch=batch, max_len=32, config=cfg,
@@ -73,7 +74,7 @@ def test_sketch_engine_matches_its_mask_path(backend, family, batch):
     torch.testing.assert_close(out, ref, **tol)
     with torch.no_grad():  # gating changed the output: the check is not vacuous (Gemma's residual stream starts at
         # 8x the embedding rows, so the tiny random FFN moves its logits less)
-        assert (model(ids).logits - ref).abs().max() > (1e-3 if family == "gemma" else 1e-2)
+        assert (model(ids).logits - ref).abs().max() > (1e-3 if family.startswith("gemma") else 1e-2)
 
 
 def test_sketch_engine_many_token_step_and_generate():
@@ -93,14 +94,16 @@ def test_sketch_engine_many_token_step_and_generate():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2)])
+@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2),
+                                          ("gemma2", 1)])
 def test_static_engine_matches_its_mask_path(backend, family, batch):
     """static: fixed per-layer scores in the predictor's place (runtime/fixed_scores.py), heads and neurons, equal
     the mask path's StaticScores with the same means (prefill, single tokens, a 3-token step)."""
     from shadowsparse.gating import StaticScores
     from shadowsparse.runtime.fixed_scores import FixedScores
+    from tests.test_runtime import engine_model
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
-    model = tiny_model(family).to(device)
+    model = (engine_model(family) if family == "gemma2" else tiny_model(family)).to(device)
     dims = ModelView(model).dims
     g = torch.Generator().manual_seed(3)
     heads, neurons = torch.rand(dims.n_layers, dims.n_heads, generator=g), torch.rand(dims.n_layers, dims.ffn,

@@ -106,9 +106,14 @@ def test_row_linears_match_dense_on_selected_rows(backend, T):
 
 
 @pytest.mark.parametrize("backend", _backends())
-@pytest.mark.parametrize("T,pos", [(1, 0), (1, 70), (3, 20)])
-def test_decode_attention_matches_masked_softmax(backend, T, pos):
-    """Selected query heads of a GQA layer (8 heads, 2 kv heads) against the plain masked softmax over every head."""
+@pytest.mark.parametrize("T,pos,softcap,window", [(1, 0, None, None), (1, 70, None, None), (3, 20, None, None),
+                                                  (1, 70, 1.5, None), (3, 20, 1.5, None), (1, 70, None, 24),
+                                                  (3, 20, 1.5, 8), (1, 3, None, 8)])
+def test_decode_attention_matches_masked_softmax(backend, T, pos, softcap, window):
+    """Selected query heads of a GQA layer (8 heads, 2 kv heads) against the plain masked softmax over every head;
+    softcap: Gemma-2's capped scores, softcap · tanh(s / softcap) (a cap of 1.5 on scores of spread ~1: many are
+    bent, so a missing or misplaced cap fails); window: a sliding window, keys s > position - window only (24 at
+    position 70: whole key chunks before it are skipped; 8 at position 3: not reached yet)."""
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(2)
     B, H, KV, S, D = 2, 8, 2, 80, 16
@@ -117,13 +122,19 @@ def test_decode_attention_matches_masked_softmax(backend, T, pos):
     heads = torch.tensor([6, 1, 3], dtype=torch.int32, device=device)
     p = torch.tensor([pos], device=device)
     scores = q_all @ k.repeat_interleave(H // KV, 1).transpose(-1, -2) * 0.25  # (B, H, T, S)
-    visible = torch.arange(S, device=device)[None, :] <= (pos + torch.arange(T, device=device))[:, None]
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_pos = (pos + torch.arange(T, device=device))[:, None]
+    visible = torch.arange(S, device=device)[None, :] <= q_pos
+    if window:
+        visible &= torch.arange(S, device=device)[None, :] > q_pos - window
     ref = (scores.masked_fill(~visible, float("-inf")).softmax(-1) @ v.repeat_interleave(H // KV, 1))
     ref = ref[:, heads.long()].transpose(1, 2)  # (B, T, J, D)
     q = q_all[:, heads.long()].transpose(1, 2)  # (B, T, J, D), strided: the kernel reads it without a copy
-    out = decode_attention(q, k, v, heads, p, 0.25, H, backend=backend, block_s=32)
+    out = decode_attention(q, k, v, heads, p, 0.25, H, backend=backend, block_s=32, softcap=softcap, window=window)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(decode_attention_torch(q, k, v, heads, p, 0.25, H), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decode_attention_torch(q, k, v, heads, p, 0.25, H, softcap=softcap, window=window), ref,
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", _backends())

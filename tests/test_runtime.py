@@ -1,6 +1,6 @@
 """The decode engine against the model it was built from (dense) and against the mask path (gated).
 
-CPU, fp32, tiny random llama / mistral / qwen2 / qwen3 / phi3 / gemma / opt (norm weights randomized where a test
+CPU, fp32, tiny random llama / mistral / qwen2 / qwen3 / phi3 / gemma / gemma2 / gemma3_text / opt (norm weights randomized where a test
 checks a family's norms: transformers initializes them to ones, or Gemma's to zeros). Kernels: the torch fallbacks,
 and the Triton kernels under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). On a GPU the same tests
 run the Triton kernels for real, plus the CUDA-graph twin of generate.
@@ -45,7 +45,7 @@ def engine_steps(engine, ids, chunks, heads=None, neurons=None):
 
 
 CHUNKS = [5, 1, 1, 3, 1]  # prefill 5, then decode 1 token, 1, a 3-token step, 1
-ENGINE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt"]  # weights.SUPPORTED
+ENGINE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "opt"]  # SUPPORTED
 
 
 def random_norms(model, seed=0, scale=0.3):
@@ -60,9 +60,14 @@ def random_norms(model, seed=0, scale=0.3):
     return model
 
 
+def engine_model(family: str, seed: int = 0):
+    """The engine tests' model: random_norms(tiny_model(family))."""
+    return random_norms(tiny_model(family, seed=seed))
+
+
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_dense_engine_matches_model(family):
-    model = random_norms(tiny_model(family))
+    model = engine_model(family)
     ids = token_ids(2, sum(CHUNKS))
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32)
     with torch.no_grad():
@@ -70,30 +75,46 @@ def test_dense_engine_matches_model(family):
     torch.testing.assert_close(engine_steps(engine, ids, CHUNKS), ref, **TOL)
 
 
-def test_sliding_window_served_within_it_and_refused_beyond():
-    """Mistral-7B v0.1 declares a 4096-position sliding window: within it attention is full, so the engine serves
-    the model exactly while its cache fits in the window, and refuses a longer cache (where it would differ)."""
-    model = tiny_model("mistral")
-    model.config.sliding_window = 16
-    ids = token_ids(2, sum(CHUNKS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sliding_window_layers_match_the_model_beyond_the_window(backend):
+    """Mistral v0.1's sliding window on every layer, here 6 positions: a 20-token prefill step (above PREFILL_TOKENS:
+    SDPA with the windowed mask) and decode steps far past the window (the decode kernel skips the keys before
+    it), dense and gated, equal the model and its mask path; without the window they would not."""
+    from shadowsparse.runtime.engine import PREFILL_TOKENS
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = random_norms(tiny_model("mistral")).to(device)
+    model.config.sliding_window = 6  # transformers builds the sliding mask from the config at every forward
     w = extract_weights(model)
-    assert w.sliding_window == 16
+    assert w.layer_windows == [6] * model.config.num_hidden_layers
+    chunks = [20, 1, 3, 1, 1]
+    assert chunks[0] > PREFILL_TOKENS
+    ids = token_ids(2, sum(chunks), seed=10).to(device)
+    heads, neurons = (t.to(device) for t in _scores(model, 2, sum(chunks), seed=11))
     with torch.no_grad():
-        ref = model(ids).logits
-    torch.testing.assert_close(engine_steps(DecodeEngine(w, batch=2, max_len=16), ids, CHUNKS), ref, **TOL)
-    with pytest.raises(ConfigError, match="sliding window of 16 .* max_len <= 16"):
-        DecodeEngine(w, batch=2, max_len=17)
+        dense_ref = model(ids).logits
+    out = engine_steps(DecodeEngine(w, batch=2, max_len=32, config=EngineConfig(backend=backend)), ids, chunks)
+    torch.testing.assert_close(out, dense_ref, **tol)
+    cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, backend=backend)
+    out = engine_steps(DecodeEngine(w, batch=2, max_len=32, config=cfg), ids, chunks, heads, neurons)
+    with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), \
+            torch.no_grad():
+        torch.testing.assert_close(out, model(ids).logits, **tol)
+    model.config.sliding_window = None
+    with torch.no_grad():
+        assert (model(ids).logits - dense_ref).abs().max() > 1e-2  # the window changed the output: not vacuous
 
 
-@pytest.mark.parametrize("family", ["llama", "opt", "qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "opt", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_gated_engine_matches_mask_path(family, backend, batch):
     """FFN 50% + heads 50%, per-token sets; several tokens per step read their union (exact per-token semantics).
     Qwen3: the gathered q heads and the dense K/V through the per-head q/k norms; Phi-3: the fused q/k/v and
-    gate/up row views; Gemma: GeGLU (tanh gelu) in the gathered FFN kernels, 1 + w norms, head_dim 24 != d / H."""
+    gate/up row views; Gemma: GeGLU (tanh gelu) in the gathered FFN kernels, 1 + w norms, head_dim 24 != d / H;
+    Gemma-2: sandwich norms around gathered sub-blocks, soft-capped scores in the attention kernel, its own scale;
+    Gemma-3: q/k norms of factor 1 + w on the gathered q heads, RoPE bases 1e4 / 1e6 on alternate layers."""
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
-    model = random_norms(tiny_model(family)).to(device)
+    model = engine_model(family).to(device)
     S = sum(CHUNKS)
     ids = token_ids(batch, S, seed=1).to(device)
     heads, neurons = (t.to(device) for t in _scores(model, batch, S, seed=2))
@@ -144,10 +165,10 @@ def _predictor(model, feature_layer=0, seed=0):
                            PredictorConfig(hidden=32, depth=1, rank=8)).eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "qwen3", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "opt", "qwen3", "phi3", "gemma", "gemma2"])
 def test_greedy_generation_matches_mask_path(family):
     """The predictor in the loop (after layer 0), FFN 50% + heads 50%, batch 2: token for token."""
-    model = random_norms(tiny_model(family))
+    model = engine_model(family)
     pred = _predictor(model)
     ids = token_ids(2, 7, seed=5)
     engine = DecodeEngine(extract_weights(model), batch=2, max_len=32, predictor=pred,
@@ -206,6 +227,52 @@ def test_fused_phi3_weights_are_read_in_place():
     assert extract_weights(tiny_model("qwen3")).layers[0].q_norm_w.shape == (16,)
 
 
+def test_gemma3_reads_a_rope_per_layer_type():
+    """Gemma-3's rope_parameters per layer type: its local layers rotate with base 1e4, its global ones with 1e6 (and
+    a linear factor where the config gives one, as the 4B+ models do); q/k norm factors 1 + w in fp32."""
+    model = engine_model("gemma3_text")
+    w = extract_weights(model)
+    assert w.layer_rope == [(1e4, 1.0), (1e6, 1.0), (1e4, 1.0), (1e6, 1.0)]
+    assert w.layer_windows == [16, None, 16, None]
+    torch.testing.assert_close(w.layers[0].q_norm_w, 1 + model.model.layers[0].self_attn.q_norm.weight, rtol=0,
+                               atol=0)
+    engine = DecodeEngine(w, batch=1, max_len=8)
+    assert len({id(f) for f in engine.layer_inv_freq}) == 2
+    model.config.rope_parameters["full_attention"] = {"rope_type": "linear", "rope_theta": 1e6, "factor": 8.0}
+    assert extract_weights(model).layer_rope[1] == (1e6, 8.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gemma2_long_prefill_and_its_attributes(backend):
+    """Gemma-2 read as the model computes it: query_pre_attn_scalar ** -0.5 as the score scale (not head_dim's),
+    soft-caps 50 / 30, sandwich norm factors 1 + w, a 16-position window on its local layers only; a 24-token
+    prefill step (above PREFILL_TOKENS: the explicit soft-capped attention, not SDPA) then decode steps past the
+    window, dense and gated, against the model and its mask path."""
+    from shadowsparse.runtime.engine import PREFILL_TOKENS
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = engine_model("gemma2").to(device)
+    w = extract_weights(model)
+    assert w.attn_scale == 256 ** -0.5 and (w.attn_softcap, w.logit_softcap) == (50.0, 30.0)
+    assert w.act == "gelu_tanh" and w.layer_windows == [16, None, 16, None]
+    torch.testing.assert_close(w.layers[1].post_ffn_norm_w, 1 + model.model.layers[1].post_feedforward_layernorm.weight,
+                               rtol=0, atol=0)
+    chunks = [24, 1, 2]
+    assert chunks[0] > PREFILL_TOKENS
+    ids = token_ids(2, sum(chunks), seed=8).to(device)
+    heads, neurons = (t.to(device) for t in _scores(model, 2, sum(chunks), seed=9))
+    with torch.no_grad():
+        dense_ref = model(ids).logits
+    engine = DecodeEngine(w, batch=2, max_len=32, config=EngineConfig(backend=backend))
+    torch.testing.assert_close(engine_steps(engine, ids, chunks), dense_ref, **tol)
+    cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, backend=backend)
+    out = engine_steps(DecodeEngine(w, batch=2, max_len=32, config=cfg), ids, chunks, heads, neurons)
+    with attach_gating(model, TensorScores(heads, neurons), GatingConfig(ffn_sparsity=0.5, head_sparsity=0.5)), \
+            torch.no_grad():
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **tol)
+    assert (ref - dense_ref).abs().max() > 1e-2
+
+
 def test_engine_refuses_what_it_cannot_serve_and_names_the_fix():
     """What the engine would compute differently from the model is refused at extract_weights, with the fix."""
     model = tiny_model("phi3")
@@ -220,12 +287,16 @@ def test_engine_refuses_what_it_cannot_serve_and_names_the_fix():
     with pytest.raises(ConfigError, match="use_bidirectional_attention=True"):
         extract_weights(gemma)
     gemma.config.use_bidirectional_attention = None
-    gemma.model.layers[0].self_attn.scaling = 0.5  # as Gemma-2's query_pre_attn_scalar would set it
-    with pytest.raises(ConfigError, match="attention scale 0.5 differs from head_dim"):
+    gemma.model.layers[0].self_attn.scaling = 0.5  # one layer's scale unlike the others'
+    with pytest.raises(ConfigError, match="attention scales differ.*use the mask path"):
         extract_weights(gemma)
-    for family in ("gemma2", "stablelm"):  # soft-capping and sandwich norms; LayerNorm and partial RoPE
-        with pytest.raises(ConfigError, match=f"decode engine supports .*not '{family}'.*mask path"):
-            extract_weights(tiny_model(family))
+    with pytest.raises(ConfigError, match="decode engine supports .*not 'stablelm'.*mask path"):  # LayerNorm,
+        extract_weights(tiny_model("stablelm"))  # partial RoPE
+    model = tiny_model("mistral")
+    model.config.layer_types = ["chunked_attention"] * model.config.num_hidden_layers
+    model.config.sliding_window = 8
+    with pytest.raises(ConfigError, match=r"layer types \['chunked_attention'\] are not implemented"):
+        extract_weights(model)
     llama = tiny_model("llama")
     llama.config.hidden_act = "gelu_new"
     with pytest.raises(ConfigError, match="FFN activation 'gelu_new' is not supported"):

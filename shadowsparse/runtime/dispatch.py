@@ -22,22 +22,33 @@ from ..errors import ConfigError
 
 FALLBACKS = ("never", "measured")
 
-# path -> {token rows per step: ms of own dense / ms of the gated step}, NVIDIA H200, torch 2.11 + Triton 3.6, fp16,
-# Llama-2-7B shapes, CUDA-graph decode, dense measured in the same run (docs/benchmarks.md, rows in docs/*.jsonl).
-# Decode rows are the batch (one token per sequence); prefill rows are batch x 64 (64-token steps).
+# path -> {token rows per step: ms of own dense / ms of the gated step}, fp16, torch 2.11 + Triton 3.6, Llama-2-7B
+# shapes unless noted, CUDA-graph decode, dense measured in the same run (docs/benchmarks.md; docs/research.md
+# sessions 8-10). Decode rows are the batch (one token per sequence); prefill rows are batch x 64 (64-token steps).
+# Where a path was measured on both cards (NVIDIA H200, H100) the entry is the lower figure: the rule must hold on
+# either (the sketch at batch 1: 0.98x on the H200, 1.04x on the H100 -> dense on both).
 MEASURED: dict[str, dict[int, float]] = {
-    # given or predicted index sets (predictor, static, lte: the same kernels): 2026-12-03 decode, prefill
-    "ffn+heads": {1: 1.73, 8: 1.40, 64: 0.46, 512: 0.78},
-    "ffn+heads+predictor": {1: 1.66, 8: 1.35},
+    # given or predicted index sets (predictor, static, lte: the same kernels), H200 2026-12-03; batch 2 H200 session 9
+    "ffn+heads": {1: 1.73, 2: 1.65, 8: 1.40, 64: 0.46, 512: 0.78},
+    "ffn+heads+predictor": {1: 1.66, 2: 1.57, 8: 1.35},
     "ffn": {1: 1.41, 8: 1.32},
     # 2:4-compressed FFN weights (kernels/nm24.py) with index sets: batch 8 slower than dense
     "ffn+heads+nm24": {1: 1.64, 8: 0.84},
-    # input thresholds (session 8): kernel route at <= sparse_input_tokens rows, the dense route (masks + cuBLAS) above
-    "teal": {1: 1.34, 8: 0.93},
-    "threshold": {1: 1.13, 8: 1.01},
-    # the sketch selector (kernels/sketch.py): scoring + top-k cost as much as the FFN rows it saves
-    "ffn+sketch": {1: 0.98, 8: 0.46},
+    # input thresholds, H200 session 8 (batch 2: session 9): the kernel route at <= sparse_input_tokens rows, the
+    # dense route (masks + cuBLAS) above
+    "teal": {1: 1.34, 2: 0.97, 8: 0.93},
+    "threshold": {1: 1.13, 2: 1.07, 8: 1.01},
+    # selectors that score every neuron in the step (kernels/sketch.py; the real gate projection for CATS): the
+    # scoring and top-k cost about what the skipped rows save at one token; at 2+ tokens the union of the tokens'
+    # sets reads ~75% of the rows while every token pays the scoring. Batch 1: H200 for the sketch (H100: 1.04),
+    # H100 session 10 with the bisection top-k for gate and the verifiers (docs/benchmark-h100-selectors-session10); batch 2: H100; batch 8: H200 for the
+    # sketch, H100 on Mistral-7B / Llama-3-8B shapes (GQA) for the others
+    "ffn+sketch": {1: 0.98, 2: 0.62, 8: 0.46},
     "ffn+heads+sketch": {1: 1.11},
+    "sketch+teal": {1: 1.00, 2: 0.62, 8: 0.50},  # sketch FFN + teal on the attention inputs (H200 b1; H100 b1 1.14)
+    "ffn+gate": {1: 0.91, 2: 0.58, 8: 0.53},
+    "ffn+gate+verify": {1: 0.74, 2: 0.41},
+    "ffn+sketch+verify": {1: 0.80, 2: 0.42, 8: 0.34},
 }
 
 
@@ -82,4 +93,5 @@ def explain(path: str, fallback, cuda: bool = True, table: dict[str, dict[int, f
     if not measured:
         return f"'{path}' was not measured: every step gated"
     pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted(measured.items()))
-    return f"'{path}' measured (H200, fp16, x own dense): {pts}; dense where the next measurement up is < 1.0x"
+    return f"'{path}' measured (fp16, x own dense, lower of H200/H100): {pts}; dense where the next measurement up " \
+        "is < 1.0x"

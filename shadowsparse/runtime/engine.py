@@ -55,7 +55,10 @@ the window and writes its own normed inputs into the window. Evaluation keeps "n
 Families (weights.py): all but OPT run the "llama" structure. Qwen3's per-head q/k RMSNorms run between every q/k
 projection and its RoPE (_head_norm_: dense, gated q, the lazy window and its refresh, input-sparse q/k/v); Gemma's
 sqrt(d) embedding scale is applied at the first layer's entry (_scale_embeddings), its 1 + w norm factors and GeGLU
-(gelu_tanh) go through the same kernels as every family's.
+(gelu_tanh) go through the same kernels as every family's. Gemma-2/3's sandwich norms wrap each sub-block
+(_add_normed), Gemma-2's attention scores are soft-capped inside the attention kernels and its logits after lm_head.
+Sliding-window layers pass their window to the attention (keys before it never read; the cache keeps every position,
+so a layer's window is exact at any max_len). Each layer rotates with its own RoPE (Gemma-3: two bases, _ropes).
 
 Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
 step in a CUDA graph.
@@ -69,7 +72,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError
 from ..gating import n_keep, topk_mask
-from ..kernels.attention import causal_visible, decode_attention, prefill_attention
+from ..kernels.attention import causal_visible, decode_attention, prefill_attention, soft_cap
 from ..kernels.common import BACKENDS
 from ..kernels.ffn import apply_act, gated_ffn
 from ..kernels.kv_window import kv_window_write
@@ -160,18 +163,18 @@ class DecodeEngine:
                               "engines")
         if weights.family == "opt" and max_len > weights.max_positions:
             raise ConfigError(f"max_len {max_len} exceeds the model's {weights.max_positions} learned positions")
-        if weights.sliding_window is not None and max_len > weights.sliding_window:
-            raise ConfigError(f"max_len {max_len} exceeds the model's sliding window of {weights.sliding_window} "
-                              "positions, where the engine's full attention would differ from the model's; use "
-                              f"max_len <= {weights.sliding_window} (shorter prompts plus new tokens)")
         self.batch, self.max_len = batch, max_len
         self.device, self.dtype = weights.device, weights.dtype
         w = weights
         self.n_q = w.n_heads * w.head_dim
         self.cache = StaticKVCache(w.n_layers, batch, w.n_kv_heads, max_len, w.head_dim, self.dtype, self.device)
         self.all_heads = torch.arange(w.n_heads, device=self.device, dtype=torch.int32)
-        self.inv_freq = rope_inv_freq(w.head_dim, w.rope_theta, self.device) if w.family == "llama" else None
-        self.scale = w.head_dim ** -0.5
+        # each layer's RoPE inverse frequencies (D/2,) fp32, one tensor per distinct (theta, linear factor): the
+        # ropes of a step are computed once per tensor (Gemma-3: two, local and global); None for OPT
+        freqs = {r: rope_inv_freq(w.head_dim, r[0], self.device) / r[1] for r in set(w.layer_rope)}
+        self.layer_inv_freq = [freqs[r] for r in w.layer_rope] if w.family == "llama" else [None] * w.n_layers
+        self.inv_freq = self.layer_inv_freq[0]  # None: no RoPE (OPT)
+        self.scale = w.attn_scale if w.attn_scale is not None else w.head_dim ** -0.5
         self.predictor = predictor
         if predictor is not None:
             if predictor.dims["n_layers"] != w.n_layers or predictor.dims["ffn"] != w.ffn or \
@@ -206,7 +209,7 @@ class DecodeEngine:
         self.teal = self._plan_input_sparsity(input_sparsity)
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.window = self._plan_lazy_kv()
-        self.window_rope = None  # (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
+        self.window_rope = None  # per layer (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
         # the fp32 residual stream (module docstring); not where input thresholds are the only gating and every
         # decode step is above sparse_input_tokens rows: those steps run cuBLAS GEMMs, which fuse the residual add
         # in the model dtype, so an fp32 stream would only add a cast and an add pass per sub-block
@@ -381,7 +384,7 @@ class DecodeEngine:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
             pos = torch.tensor([pos], device=self.device, dtype=torch.long)
         positions = pos + torch.arange(T, device=self.device)  # (T,)
-        self._visible = None  # the causal mask of a many-token step's attention, made by its first layer
+        self._visible = {}  # window width (None: full) -> the causal mask of a many-token step, made once a step
         if self.window is not None:
             # before a step that computes K/V densely (several tokens, or a dense fallback): the window's positions
             # get every head's K/V, so the lazy invariant holds whatever steps follow (module docstring)
@@ -389,7 +392,7 @@ class DecodeEngine:
                 self._refresh_all_kv()
             self.window.advance(positions)
             if self.inv_freq is not None and T == 1:  # the window's q and k are rotated at their own positions
-                self.window_rope = rope_cos_sin(self.window.positions, self.inv_freq, torch.float32)
+                self.window_rope = self._ropes(self.window.positions, torch.float32)
         x = F.embedding(ids, w.embed)  # (B, T, d_embed)
         rope = None
         if w.family == "opt":
@@ -397,7 +400,7 @@ class DecodeEngine:
                 x = F.linear(x, w.project_in)
             x = x + F.embedding(positions + OPT_POSITION_OFFSET, w.pos_embed)
         else:
-            rope = rope_cos_sin(positions, self.inv_freq, self.dtype)
+            rope = self._ropes(positions, self.dtype)  # per layer (cos, sin) (T, D)
         sel = None
         if self.gated and self.predictor is None and not dense:
             sel = self.select(heads, neurons)
@@ -410,7 +413,8 @@ class DecodeEngine:
             gi = layer - self.first_layer
             if gi == 0 and self.resid32 and not dense:
                 x = x.float()  # (B, T, d) fp32 from here on (module docstring)
-            x = self._layer(layer, x, pos, positions, rope, sel if gi >= 0 else None, gi)
+            x = self._layer(layer, x, pos, positions, None if rope is None else rope[layer], sel if gi >= 0 else None,
+                            gi)
         be, dt = self.cfg.backend, self.dtype
         if w.family == "opt":
             if w.final_norm_w is not None:
@@ -419,7 +423,7 @@ class DecodeEngine:
                 x = F.linear(x.to(dt), w.project_out)
         else:
             x = rms_norm(x, w.final_norm_w, w.eps, backend=be, out_dtype=dt)
-        return F.linear(x.to(dt), w.lm_head)
+        return soft_cap(F.linear(x.to(dt), w.lm_head), w.logit_softcap)  # (B, T, V); Gemma-2 caps the logits
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, start: int = 0, heads=None, neurons=None,
@@ -449,6 +453,15 @@ class DecodeEngine:
             out.append(logits[:, -1:].argmax(-1))
         return torch.cat(out, dim=1)
 
+    def _ropes(self, positions, dtype) -> list:
+        """Each layer's (cos, sin) (T, D) in dtype at positions (T,): computed once per distinct inverse-frequency
+        tensor (one for most families, two for Gemma-3's local and global layers)."""
+        made = {}
+        for f in self.layer_inv_freq:
+            if id(f) not in made:
+                made[id(f)] = rope_cos_sin(positions, f, dtype)
+        return [made[id(f)] for f in self.layer_inv_freq]
+
     def _refresh_all_kv(self) -> None:
         """Every head's K/V over the window's positions, in every gated layer (before a multi-token step)."""
         W, B = self.window.window, self.batch
@@ -457,9 +470,9 @@ class DecodeEngine:
             lw = self.w.layers[layer]
             kv = _linear(self.window.h[gi].view(B * W, -1), lw.kv_w(self.n_q),
                          None if lw.qkv_b is None else lw.qkv_b[self.n_q:])  # (B*W, 2*H*D)
-            self._head_norm_(kv, lw.k_norm_w, self.w.n_heads)  # Qwen3's k norm (no-op elsewhere)
+            self._head_norm_(kv, lw.k_norm_w, self.w.n_kv_heads)  # Qwen3's k norm (no-op elsewhere)
             kv_window_write(kv, self.cache.keys[layer], self.cache.values[layer], self.all_heads,
-                            self.window.positions, self.inv_freq, backend=self.cfg.backend)
+                            self.window.positions, self.layer_inv_freq[layer], backend=self.cfg.backend)
 
     # -- one decoder layer ---------------------------------------------------------------------------------------------
     def _norm(self, x, w, b, gi: int | None = None, thresholded: tuple[int, str] | None = None):
@@ -512,14 +525,28 @@ class DecodeEngine:
         thr_attn = (layer, "attn_in") if pre and sel is not None and self._dense_input("attn_in", n) else None
         thr_ffn = (layer, "ffn_in") if pre and sel is not None and self._dense_input("ffn_in", n) else None
         h = self._norm(x, lw.norm1_w, lw.norm1_b, gi if into_window else None, thr_attn) if pre else x
-        x = self._attention(layer, h, x, pos, positions, rope, sel, gi)  # the residual added inside
+        if lw.post_attn_norm_w is None:
+            x = self._attention(layer, h, x, pos, positions, rope, sel, gi)  # the residual added inside
+        else:  # Gemma-2: the sub-block's output alone (added into zeros), normed, then added
+            x = self._add_normed(x, self._attention(layer, h, torch.zeros_like(x), pos, positions, rope, sel, gi),
+                                 lw.post_attn_norm_w)
         if not pre:
             x = self._norm(x, lw.norm1_w, lw.norm1_b)
         h = self._norm(x, lw.norm2_w, lw.norm2_b, thresholded=thr_ffn) if pre else x
-        x = self._ffn(layer, h, x, sel, gi).view_as(x)  # the residual added inside
+        if lw.post_ffn_norm_w is None:
+            x = self._ffn(layer, h, x, sel, gi).view_as(x)  # the residual added inside
+        else:
+            x = self._add_normed(x, self._ffn(layer, h, torch.zeros_like(x), sel, gi).view_as(x), lw.post_ffn_norm_w)
         if not pre:
             x = self._norm(x, lw.norm2_w, lw.norm2_b)
         return x
+
+    def _add_normed(self, x, y, weight):
+        """x + RMSNorm(y) (Gemma-2's sandwich norms: a sub-block's output y (B, T, d) normed before the residual add),
+        the norm rounded to the model dtype as the model's is; x keeps its dtype (fp32 in gated layers). The zeros the
+        sub-block added y into cost one (B, T, d) pass: cheap next to the layer's weights, and every sub-block path
+        (gathered, input-sparse, masked, dense) stays as it is."""
+        return x + rms_norm(y, weight, self.w.eps, backend=self.cfg.backend, out_dtype=self.dtype).to(x.dtype)
 
     def _attention(self, layer, h, resid, pos, positions, rope, sel, gi):
         """h (B, T, d) the normed input (None: already in the input window), resid (B, T, d) the residual stream
@@ -540,15 +567,16 @@ class DecodeEngine:
             v = kv[:, KV * D:].view(B, T, KV, D).transpose(1, 2)
             self.cache.write(layer, positions, k, v)
         # OPT scales q (bias included) before attention in transformers; the same product, scaled in the kernel
+        window = w.layer_windows[layer] if w.layer_windows else None  # a sliding-window layer's width
         if T > PREFILL_TOKENS and heads is self.all_heads:  # many tokens, every head in order: a fused SDPA kernel
-            if self._visible is None:  # one causal mask for the step's layers
-                self._visible = causal_visible(positions, self.cache.keys.shape[3])
+            if window not in self._visible:  # one causal mask per window width for the step's layers
+                self._visible[window] = causal_visible(positions, self.cache.keys.shape[3], window)
             a = prefill_attention(q, self.cache.keys[layer], self.cache.values[layer], pos, self.scale,
-                                  self._visible)
+                                  self._visible[window], softcap=w.attn_softcap, window=window)
         else:  # lazy (q_slot): the new token's query is the window row of its slot
             a = decode_attention(q, self.cache.keys[layer], self.cache.values[layer], heads, pos, self.scale,
-                                 w.n_heads, backend=self.cfg.backend,
-                                 q_slot=self.window.slot if lazy else None)  # (B, T, J, D)
+                                 w.n_heads, backend=self.cfg.backend, q_slot=self.window.slot if lazy else None,
+                                 softcap=w.attn_softcap, window=window)  # (B, T, J, D)
         if gated and sel.head_keep is not None:
             a = a * sel.head_keep[gi].view(B, T, J, 1)
         if masked and sel.head_scores is not None:
@@ -572,9 +600,9 @@ class DecodeEngine:
             self._head_norm_(out, lw.q_norm_w, heads.shape[0])  # Qwen3: q heads, then the keys of kv_heads
             self._head_norm_(out, lw.k_norm_w, sel.kv_heads.shape[1], Kq)
             if rope is not None:
-                rope_(out, *self.window_rope, heads.shape[0], D, W, backend=be)
+                rope_(out, *self.window_rope[layer], heads.shape[0], D, W, backend=be)
             kv_window_write(out[:, Kq:], self.cache.keys[layer], self.cache.values[layer], sel.kv_heads[gi],
-                            self.window.positions, self.inv_freq, backend=be)
+                            self.window.positions, self.layer_inv_freq[layer], backend=be)
             return out[:, :Kq], None, heads
         hf = h.reshape(B * T, -1)  # (n, d)
         if sel is not None and self._dense_input("attn_in", B * T):

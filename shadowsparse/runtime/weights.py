@@ -15,7 +15,11 @@ Layout choices (why):
 
 Families ("llama" below is the engine's structure: RMSNorm, RoPE, a gated or plain FFN): Llama, Mistral, Qwen2,
 Qwen3 (RMSNorm over each q and k head before RoPE), Phi-3 (fused q/k/v and gate/up), Gemma (1 + w norms, embeddings
-scaled by sqrt(d), GeGLU with the tanh gelu, head_dim free of d / heads); and OPT. Anything else is refused by
+scaled by sqrt(d), GeGLU with the tanh gelu, head_dim free of d / heads), Gemma-2 (Gemma's, plus sandwich norms: the
+attention and FFN outputs normed before the residual add, soft-capped attention and final logits, a score scale of
+query_pre_attn_scalar ** -0.5), Gemma-3 text (Gemma-2's without soft-caps, with Qwen3-style q/k norms of
+factor 1 + w and a RoPE base per layer type); and OPT. Sliding-window layers (Mistral v0.1's every layer, Gemma-2's local ones,
+Qwen2's above max_window_layers where enabled) attend only to their window, as transformers' sliding mask. Anything else is refused by
 extract_weights with the reason (the mask path, shadowsparse.attach_gating, serves every registered family).
 """
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch import nn
 from ..arch import ModelView
 from ..errors import ConfigError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "opt")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "opt")
+GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm factors 1 + w (q/k norms too), embeddings scaled by sqrt(d)
 # config activation name -> the kernels' (kernels/ffn.ACTIVATIONS); gelu_pytorch_tanh: Gemma's GeGLU
 ACTS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
 
@@ -52,6 +57,8 @@ class LayerWeights:
     b_out: torch.Tensor | None  # (d,) fc2 bias (OPT)
     q_norm_w: torch.Tensor | None = None  # (D,) Qwen3: RMSNorm weight over each query head, before RoPE
     k_norm_w: torch.Tensor | None = None  # (D,) Qwen3: the same over each key head
+    post_attn_norm_w: torch.Tensor | None = None  # (d,) Gemma-2: RMSNorm of the attention output before the add
+    post_ffn_norm_w: torch.Tensor | None = None  # (d,) Gemma-2: the same for the FFN output (both 1 + w, fp32)
 
     def q_w(self, n_q: int) -> torch.Tensor:
         return self.qkv_w[:n_q]  # contiguous row range: a view, no copy
@@ -78,16 +85,22 @@ class EngineWeights:
     final_norm_w: torch.Tensor | None  # (d,) (Gemma: 1 + w, fp32)
     final_norm_b: torch.Tensor | None
     layers: list[LayerWeights] = field(default_factory=list)
-    rope_theta: float = 10000.0  # llama: default RoPE base
+    layer_rope: list[tuple[float, float]] = field(default_factory=list)  # llama: each layer's RoPE (theta, linear
+    # factor): one for all, or one per layer type (Gemma-3: local 1e4, global 1e6)
     pos_embed: torch.Tensor | None = None  # OPT: (max_pos + 2, d) learned positions, offset 2
     project_in: torch.Tensor | None = None  # OPT: (d, d_embed) when word_embed_proj_dim != hidden
     project_out: torch.Tensor | None = None  # OPT: (d_embed, d)
     norm_before: bool = True  # OPT: do_layer_norm_before (False for opt-350m)
     max_positions: int = 2048
-    sliding_window: int | None = None  # Mistral-style local attention: exact in the engine while max_len <= this
+    layer_windows: list[int | None] = field(default_factory=list)  # per layer: its sliding window (keys
+    # s > position - W only) or None (full causal attention); empty: every layer full
     model_type: str = ""  # config.model_type: llama, mistral, qwen2, qwen3, phi3, gemma, opt
     embed_scale: torch.Tensor | None = None  # Gemma: sqrt(d) as a 0-dim tensor in the embedding's dtype (the
     # model scales the embedding rows by it, rounded in that dtype; the tied lm_head reads the unscaled rows)
+    attn_scale: float | None = None  # the attention score scale; None: head_dim ** -0.5 (Gemma-2:
+    # query_pre_attn_scalar ** -0.5)
+    attn_softcap: float | None = None  # Gemma-2: scores soft-capped to softcap · tanh(s / softcap) before softmax
+    logit_softcap: float | None = None  # Gemma-2: the same on the final logits
 
     @property
     def dtype(self) -> torch.dtype:
@@ -109,25 +122,42 @@ class EngineWeights:
 
 
 def act_name(cfg) -> str:
-    name = getattr(cfg, "hidden_act", None) or getattr(cfg, "activation_function", None)
+    # Gemma-2 names its FFN activation hidden_activation (Gemma v1 reads it first too, when set)
+    name = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or \
+        getattr(cfg, "activation_function", None)
     if name not in ACTS:
         raise ConfigError(f"FFN activation '{name}' is not supported by the decode engine; supported: {sorted(ACTS)}")
     return ACTS[name]
 
 
-def _rope_theta(cfg) -> float:
+def _layer_rope(cfg, n_layers: int) -> list[tuple[float, float]]:
+    """Each layer's RoPE as (theta, linear factor): one rope_parameters for every layer, or one per layer type where
+    the config nests them so (Gemma-3: its local layers rotate with base 1e4, its global ones with 1e6 and, in the
+    4B+ models, a linear factor of 8)."""
     params = getattr(cfg, "rope_parameters", None) or {}
+    types = getattr(cfg, "layer_types", None) or []
+    if types and all(isinstance(params.get(t), dict) for t in set(types)):
+        per_type = {t: _rope_of(cfg, params[t]) for t in set(types)}
+        return [per_type[t] for t in types]
+    return [_rope_of(cfg, params)] * n_layers
+
+
+def _rope_of(cfg, params: dict) -> tuple[float, float]:
+    """(theta, factor) of one RoPE parameter set: "default" (factor 1) or "linear" (positions divided by factor, as
+    inverse frequencies divided by it); anything else refused with the reason."""
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"RoPE type '{rope_type}' is not implemented in the decode engine (only 'default'); "
-                          "benchmark a model with default RoPE or add the scaling in shadowsparse/runtime/ops.py")
+    if rope_type not in ("default", "linear"):
+        raise ConfigError(f"RoPE type '{rope_type}' is not implemented in the decode engine (only 'default' and "
+                          "'linear'); benchmark a model with default RoPE or add the scaling in "
+                          "shadowsparse/runtime/ops.py")
     partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
     if partial is not None and partial != 1:
         raise ConfigError(f"partial rotary embeddings (partial_rotary_factor={partial}: RoPE on the first "
                           f"{partial:.0%} of each head's dims, e.g. Phi-4-mini) are not implemented in the decode "
                           "engine, whose RoPE kernels (kernels/rope_norm.rope_, kernels/kv_window) rotate whole "
                           "heads; use the mask path (shadowsparse.attach_gating) for this model")
-    return float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+    return theta, float(params.get("factor", 1.0)) if rope_type == "linear" else 1.0
 
 
 def _norm_factor(norm: nn.Module, unit_offset: bool) -> torch.Tensor:
@@ -137,31 +167,50 @@ def _norm_factor(norm: nn.Module, unit_offset: bool) -> torch.Tensor:
     return 1.0 + norm.weight.float() if unit_offset else norm.weight
 
 
-def _check_attention(model: nn.Module, view: ModelView) -> None:
-    """Refuse what the engine's attention would compute differently: bidirectional attention (Gemma's embedding
-    variant) or a score scale other than head_dim ** -0.5."""
-    cfg, D = model.config, view.dims.head_dim
+def _attention_scale(model: nn.Module, view: ModelView) -> float | None:
+    """The score scale every layer's attention uses (None: head_dim ** -0.5). Refuses what the engine's attention
+    would compute differently: bidirectional attention (Gemma's embedding variant), or layers with different
+    scales."""
+    cfg = model.config
     if getattr(cfg, "use_bidirectional_attention", None):
         raise ConfigError(f"'{cfg.model_type}' with use_bidirectional_attention=True (an encoder, not a causal LM) "
                           "is not served by the decode engine, which attends causally; load the causal model")
-    scaling = getattr(getattr(view.layer(0), "self_attn", None), "scaling", None)
-    if isinstance(scaling, float) and abs(scaling - D ** -0.5) > 1e-9 * D ** -0.5:
-        raise ConfigError(f"attention scale {scaling} differs from head_dim ** -0.5 = {D ** -0.5} (head_dim {D}); "
-                          "the decode engine scales scores by head_dim ** -0.5 only: use the mask path "
-                          "(shadowsparse.attach_gating) for this model")
+    scales = {getattr(getattr(view.layer(i), "self_attn", None), "scaling", None) for i in range(view.dims.n_layers)}
+    if len(scales) > 1:
+        raise ConfigError(f"the layers' attention scales differ ({sorted(map(str, scales))}); the decode engine uses "
+                          "one scale for every layer: use the mask path (shadowsparse.attach_gating) for this model")
+    scale = scales.pop()
+    return float(scale) if isinstance(scale, (float, int)) else None
 
 
 def _embed_scale(model: nn.Module, cfg) -> torch.Tensor | None:
     """Gemma's embedding multiplier sqrt(d), a 0-dim tensor in the embedding's dtype, made as the loaded
     transformers makes it (GemmaTextScaledWordEmbedding's fp32 buffer cast to the weight's dtype, or older
     GemmaModel's torch.tensor(d ** 0.5, dtype=...)); None for other families."""
-    if cfg.model_type != "gemma":
+    if cfg.model_type not in GEMMA:
         return None
     emb = model.get_input_embeddings()
     buf = getattr(emb, "embed_scale", None)
     if isinstance(buf, torch.Tensor):
         return buf.to(device=emb.weight.device, dtype=emb.weight.dtype)
     return torch.tensor(cfg.hidden_size ** 0.5, dtype=emb.weight.dtype, device=emb.weight.device)
+
+
+def _layer_windows(cfg, n_layers: int) -> list[int | None]:
+    """Each layer's sliding window, as transformers masks it: config.layer_types where the family declares them
+    ("sliding_attention" layers get the window, "full_attention" none; Gemma-2, Qwen2), else the window on every
+    layer (Mistral). use_sliding_window=False (Qwen2's switch) or no window: every layer full."""
+    window = getattr(cfg, "sliding_window", None)
+    if window is None or getattr(cfg, "use_sliding_window", None) is False:
+        return [None] * n_layers
+    types = getattr(cfg, "layer_types", None)
+    if not types:
+        return [int(window)] * n_layers
+    unknown = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if unknown:
+        raise ConfigError(f"attention layer types {unknown} are not implemented in the decode engine (it serves "
+                          "'full_attention' and 'sliding_attention'); use the mask path (shadowsparse.attach_gating)")
+    return [int(window) if t == "sliding_attention" else None for t in types]
 
 
 def _opt(t: nn.Module | None, name: str):
@@ -178,24 +227,25 @@ def extract_weights(model: nn.Module) -> EngineWeights:
                           "architectures")
     view = ModelView(model)
     dims = view.dims
-    _check_attention(model, view)
+    attn_scale = _attention_scale(model, view)
     if getattr(cfg, "mlp_bias", False):
         raise ConfigError("mlp_bias=True (biases on gate/up) is not supported by the decode engine")
-    # a sliding window only changes attention at positions beyond it: the engine refuses a max_len above it
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     devices = {p.device for p in model.parameters()}
     if len(devices) != 1:
         raise ConfigError(f"the decode engine needs the model on one device, found {sorted(map(str, devices))}")
     family = "opt" if cfg.model_type == "opt" else "llama"
-    rope_theta = _rope_theta(cfg) if family == "llama" else 10000.0  # refused RoPE variants before any copy
-    unit_offset = cfg.model_type == "gemma"  # RMSNorm scales by 1 + w (_norm_factor)
+    layer_rope = _layer_rope(cfg, dims.n_layers) if family == "llama" else []  # refused variants before any copy
+    unit_offset = cfg.model_type in GEMMA  # RMSNorm scales by 1 + w (_norm_factor)
     spec = view.spec
     lm_head = model.get_output_embeddings().weight
     common = dict(family=family, n_layers=dims.n_layers, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
                   head_dim=dims.head_dim, hidden=dims.hidden, ffn=dims.ffn, vocab=lm_head.shape[0],
                   act=act_name(cfg), embed=model.get_input_embeddings().weight, lm_head=lm_head,
-                  max_positions=getattr(cfg, "max_position_embeddings", 2048), sliding_window=window,
-                  model_type=cfg.model_type, embed_scale=_embed_scale(model, cfg))
+                  max_positions=getattr(cfg, "max_position_embeddings", 2048),
+                  layer_windows=_layer_windows(cfg, dims.n_layers),
+                  model_type=cfg.model_type, embed_scale=_embed_scale(model, cfg), attn_scale=attn_scale,
+                  attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
+                  logit_softcap=getattr(cfg, "final_logit_softcapping", None))
     layers = []
     with torch.no_grad():
         for i in range(dims.n_layers):
@@ -208,8 +258,13 @@ def extract_weights(model: nn.Module) -> EngineWeights:
                 qkv_w = torch.cat([m.weight for m in qkv]).contiguous()
                 qkv_b = torch.cat([m.bias for m in qkv]).contiguous() if qkv[0].bias is not None else None
             o, down = view.attn_out(i), view.ffn_down(i)  # o_proj / out_proj, down_proj / fc2
+            post_attn = post_ffn = None
             if family == "llama":
                 n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+                if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-2's sandwich norms: post_attention_layernorm
+                    # norms the attention output (not the FFN input, as in Llama), pre_feedforward_layernorm the FFN's
+                    n2, post_attn = layer.pre_feedforward_layernorm, layer.post_attention_layernorm
+                    post_ffn = layer.post_feedforward_layernorm
                 (w_in, _), (w_up, _) = view.ffn_in_rows(i)  # gate, up (F, d): row views of a fused gate_up
                 b_in = None
             else:
@@ -220,12 +275,15 @@ def extract_weights(model: nn.Module) -> EngineWeights:
                 norm1_w=_norm_factor(n1, unit_offset), norm1_b=_opt(n1, "bias"), qkv_w=qkv_w, qkv_b=qkv_b,
                 o_w=o.weight, o_t=o.weight.t().contiguous(), o_b=o.bias, norm2_w=_norm_factor(n2, unit_offset),
                 norm2_b=_opt(n2, "bias"), w_in=w_in, w_up=w_up, b_in=b_in, down_w=down.weight,
-                down_t=down.weight.t().contiguous(), b_out=down.bias, q_norm_w=_opt(q_norm, "weight"),
-                k_norm_w=_opt(k_norm, "weight")))
+                down_t=down.weight.t().contiguous(), b_out=down.bias,
+                q_norm_w=None if q_norm is None else _norm_factor(q_norm, unit_offset),  # Gemma-3: 1 + w
+                k_norm_w=None if k_norm is None else _norm_factor(k_norm, unit_offset),
+                post_attn_norm_w=None if post_attn is None else _norm_factor(post_attn, unit_offset),
+                post_ffn_norm_w=None if post_ffn is None else _norm_factor(post_ffn, unit_offset)))
     if family == "llama":
         inner = model.model
         return EngineWeights(**common, eps=cfg.rms_norm_eps, final_norm_w=_norm_factor(inner.norm, unit_offset),
-                             final_norm_b=None, layers=layers, rope_theta=rope_theta)
+                             final_norm_b=None, layers=layers, layer_rope=layer_rope)
     dec = model.model.decoder
     fnorm = dec.final_layer_norm
     if not cfg.layer_norm_elementwise_affine:
