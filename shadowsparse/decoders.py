@@ -174,7 +174,7 @@ class EngineDecoder:
         dense step's inputs are counted here as kept whole."""
         e = engine or self.engine
         tokens = batch * tokens_per_seq
-        dense = e.runs_dense(tokens)
+        dense = e.runs_dense(tokens, tokens_per_seq > 1)
         self.rows["tokens"] += tokens
         self.rows["dense_tokens"] += tokens if dense else 0
         self.rows["neurons"] += tokens * (e.w.ffn if dense else e.k_ffn)

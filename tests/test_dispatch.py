@@ -48,10 +48,18 @@ def test_shipped_table_follows_the_measurements():
         assert dispatch.runs_dense(path, 2, "measured"), path
     assert not dispatch.runs_dense("teal", 1, "measured") and dispatch.runs_dense("teal", 2, "measured")
     assert not dispatch.runs_dense("threshold", 8, "measured")
+    # prefill steps (several tokens per sequence) have their own table: every gated path lost there (H100, H200)
+    for path, measured in dispatch.MEASURED_PREFILL.items():
+        assert dispatch.runs_dense(path, 8, "measured", prefill=True) == (min(measured.items())[1] < 1.0)
+    assert dispatch.runs_dense("ffn+heads", 8, "measured", prefill=True)  # 0.67x, though 1.40x at decode batch 8
+    assert not dispatch.runs_dense("ffn+heads", 8, "measured")
+    assert dispatch.runs_dense("ffn+gate", 64, "measured", prefill=True) is False  # 1.00x: a tie stays gated
+    assert "prefill 8 rows 0.67x" in dispatch.explain("ffn+heads", "measured")
     assert not dispatch.runs_dense("ffn+heads", 8, "measured") and dispatch.runs_dense("ffn+heads", 64, "measured")
     assert not dispatch.runs_dense("ffn+heads+nm24", 1, "measured")
     assert dispatch.runs_dense("ffn+heads+nm24", 8, "measured")
-    assert all(isinstance(r, int) and r >= 1 and s > 0 for m in dispatch.MEASURED.values() for r, s in m.items())
+    assert all(isinstance(r, int) and r >= 1 and s > 0 for t in (dispatch.MEASURED, dispatch.MEASURED_PREFILL)
+               for m in t.values() for r, s in m.items())
 
 
 def _scores(model, B, S, seed):

@@ -7,8 +7,10 @@ model's output) — faster and more accurate than the gated step it replaces. Ev
 back: it measures the selector's quality (EngineConfig.fallback = "never").
 
 The rule, for a step of n token rows (batch · tokens per sequence) on a path (the engine's gating features):
-  1. the path's measured speed-ups are {rows: × own dense}; take the measurement at the smallest rows >= n (speed-
-     ups fall with rows, so a larger measured step bounds a smaller unmeasured one from below);
+  1. the path's measured speed-ups are {rows: × own dense}, one table for decode steps (one new token per sequence:
+     MEASURED) and one for prefill steps (several: MEASURED_PREFILL, where the rows are one sequence's tokens, the
+     union of whose sets is read, and the lazy K/V window is refreshed first); take the measurement at the smallest
+     rows >= n (speed-ups fall with rows, so a larger measured step bounds a smaller unmeasured one from below);
   2. below 1.0 -> dense; at or above 1.0 -> gated; n beyond every measurement -> dense (a larger step than any
      measured one: the unions only grow);
   3. a path with no measurement at all stays gated (nothing to decide by), and ``explain`` says so.
@@ -29,7 +31,7 @@ FALLBACKS = ("never", "measured")
 # either (the sketch at batch 1: 0.98x on the H200, 1.04x on the H100 -> dense on both).
 MEASURED: dict[str, dict[int, float]] = {
     # given or predicted index sets (predictor, static, lte: the same kernels), H200 2026-12-03; batch 2 H200 session 9
-    "ffn+heads": {1: 1.73, 2: 1.65, 8: 1.40, 64: 0.46, 512: 0.78},
+    "ffn+heads": {1: 1.73, 2: 1.65, 8: 1.40},
     "ffn+heads+predictor": {1: 1.66, 2: 1.57, 8: 1.35},
     "ffn": {1: 1.41, 8: 1.32},
     # 2:4-compressed FFN weights (kernels/nm24.py) with index sets: batch 8 slower than dense
@@ -52,6 +54,24 @@ MEASURED: dict[str, dict[int, float]] = {
 }
 
 
+# path -> {token rows of a prefill step: × own dense}: a 128-token prompt prefilled in steps of 8 and of 64 tokens at
+# batch 1 (benchmark.py's prefill_ms, step8 / step64), H100 session 10 (docs/benchmark-h100-selectors-session10.jsonl)
+# and, for index sets at 64 and 512 rows (batch 8), the H200 of 2026-12-03. Every gated path loses here: the
+# union of a prompt's tokens' sets covers most rows, and multi-token steps pay the selection per token.
+MEASURED_PREFILL: dict[str, dict[int, float]] = {
+    "ffn+heads": {8: 0.67, 64: 0.46, 512: 0.78},
+    # not measured itself: the kernels of ffn+heads plus the predictor's own work, so no faster than ffn+heads (a
+    # derived bound, the only entry that is one)
+    "ffn+heads+predictor": {64: 0.46},
+    "ffn+heads+nm24": {64: 0.21},  # issue 17's table: 2:4 + FFN50 + heads50 prefill 156 ms vs dense 32 (H200)
+    "teal": {8: 0.52, 64: 0.64},
+    "ffn+gate": {8: 0.67, 64: 1.00},
+    "ffn+sketch": {8: 0.69, 64: 0.89},
+    "ffn+sketch+verify": {8: 0.48, 64: 0.65},
+    "sketch+teal": {8: 0.62, 64: 0.89},
+}
+
+
 def path_of(features: set[str]) -> str:
     """The key of MEASURED for a set of gating features (ffn, heads, predictor, sketch, gate, verify, teal,
     threshold, nm24)."""
@@ -68,13 +88,14 @@ def validate(fallback) -> None:
 
 
 def runs_dense(path: str, rows: int, fallback, cuda: bool = True,
-               table: dict[str, dict[int, float]] | None = None) -> bool:
-    """Whether a step of ``rows`` token rows on ``path`` runs dense under ``fallback`` (module docstring)."""
+               table: dict[str, dict[int, float]] | None = None, prefill: bool = False) -> bool:
+    """Whether a step of ``rows`` token rows on ``path`` runs dense under ``fallback`` (module docstring); prefill:
+    the step has several tokens per sequence (MEASURED_PREFILL, unless a table is given)."""
     if fallback == "never" or (fallback == "measured" and not cuda):
         return False
     if not isinstance(fallback, str):
         return rows > fallback
-    measured = (MEASURED if table is None else table).get(path)
+    measured = (table if table is not None else MEASURED_PREFILL if prefill else MEASURED).get(path)
     if not measured:
         return False
     above = [r for r in measured if r >= rows]
@@ -89,9 +110,15 @@ def explain(path: str, fallback, cuda: bool = True, table: dict[str, dict[int, f
         return "measured on the GPU only: every step gated on this device"
     if not isinstance(fallback, str):
         return f"dense above {fallback} token rows per step (given)"
-    measured = (MEASURED if table is None else table).get(path)
-    if not measured:
+    if table is not None:
+        tables = {"steps": table}
+    else:
+        tables = {"decode": MEASURED, "prefill": MEASURED_PREFILL}
+    parts = []
+    for kind, t in tables.items():
+        pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted(t.get(path, {}).items()))
+        parts.append(f"{kind} {pts or 'not measured (gated)'}")
+    if not any(t.get(path) for t in tables.values()):
         return f"'{path}' was not measured: every step gated"
-    pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted(measured.items()))
-    return f"'{path}' measured (fp16, x own dense, lower of H200/H100): {pts}; dense where the next measurement up " \
-        "is < 1.0x"
+    return f"'{path}' measured (fp16, x own dense, lower of H200/H100): {'; '.join(parts)}; dense where the next " \
+        "measurement up is < 1.0x"

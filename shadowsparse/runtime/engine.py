@@ -235,11 +235,12 @@ class DecodeEngine:
         feats |= {"nm24"} if self.cfg.nm24 else set()
         return feats
 
-    def runs_dense(self, rows: int) -> bool:
-        """Whether a step of ``rows`` token rows runs dense: the config's fallback rule on this engine's path
-        (dispatch.py); never for an ungated engine or the all-kernels benchmark baseline."""
+    def runs_dense(self, rows: int, prefill: bool = False) -> bool:
+        """Whether a step of ``rows`` token rows (prefill: several tokens per sequence) runs dense: the config's
+        fallback rule on this engine's path (dispatch.py); never for an ungated engine or the all-kernels benchmark
+        baseline."""
         return self.gated and not self.cfg.all_kernels and \
-            fallback_rule(self.path, rows, self.cfg.fallback, cuda=self.device.type == "cuda")
+            fallback_rule(self.path, rows, self.cfg.fallback, cuda=self.device.type == "cuda", prefill=prefill)
 
     def _plan_input_sparsity(self, sp: InputSparsity | None) -> InputSparsity | None:
         """Thresholds on the projection inputs (input_sparsity.py) on the device, and the transposed copies of the
@@ -378,7 +379,7 @@ class DecodeEngine:
             raise ConfigError("a gated engine without a predictor needs scores: step(ids, pos, heads=, neurons=)")
         w = self.w
         fresh = not torch.is_tensor(pos) and pos == 0  # a new sequence: no earlier K/V to refresh
-        dense = self.runs_dense(B * T)  # the step falls back to every head and neuron (dispatch.py)
+        dense = self.runs_dense(B * T, T > 1)  # the step falls back to every head and neuron (dispatch.py)
         if not torch.is_tensor(pos):
             if pos + T > self.max_len:
                 raise ConfigError(f"positions up to {pos + T} exceed the cache's max_len {self.max_len}")
