@@ -108,7 +108,7 @@ def test_lazy_kv_stays_exact_across_dense_fallback_steps():
     S = 28
     ids = token_ids(1, S, seed=5)
     heads, neurons = long_skip_scores(model, 1, S, window, seed=6)
-    dense_at = {7, 8, 9, 10, 11, 19, 20}  # five in a row: more than the window  # single-token steps that fall back (toggled per step below)
+    dense_at = {7, 8, 9, 10, 11, 19, 20}  # single-token steps that fall back; five in a row: more than the window
 
     def run(kv):
         cfg = EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5, kv=kv, kv_window=window)

@@ -1,7 +1,7 @@
 """Input-threshold selectors in the decode engine against their mask path: teal (every projection input, the hooks of
 shadowsparse/teal.py) and threshold (|a| at the down projection, training_free.ThresholdScores through the gating
-hooks), on tiny Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2 and OPT. CPU, fp32; the kernel as its torch path and,
-where Triton is installed, interpreted (conftest sets TRITON_INTERPRET=1 without CUDA)."""
+hooks), on tiny Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma-2 and OPT. CPU, fp32; the kernel as its torch path
+and, where Triton is installed, interpreted (conftest sets TRITON_INTERPRET=1 without CUDA)."""
 import pytest
 import torch
 

@@ -1,9 +1,9 @@
 """The decode engine against the model it was built from (dense) and against the mask path (gated).
 
-CPU, fp32, tiny random llama / mistral / qwen2 / qwen3 / phi3 / gemma / gemma2 / gemma3_text / opt (norm weights randomized where a test
-checks a family's norms: transformers initializes them to ones, or Gemma's to zeros). Kernels: the torch fallbacks,
-and the Triton kernels under TRITON_INTERPRET=1 (conftest sets it on machines without CUDA). On a GPU the same tests
-run the Triton kernels for real, plus the CUDA-graph twin of generate.
+CPU, fp32, tiny random llama / mistral / qwen2 / qwen3 / phi3 / gemma / gemma2 / gemma3_text / opt (norm weights
+randomized where a test checks a family's norms: transformers initializes them to ones, or Gemma's to zeros).
+Kernels: the torch fallbacks, and the Triton kernels under TRITON_INTERPRET=1 (conftest sets it on machines without
+CUDA). On a GPU the same tests run the Triton kernels for real, plus the CUDA-graph twin of generate.
 """
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Decode attention over a static KV cache for a chosen set of query heads (GQA-aware).
 
-    out[b, t, j] = softmax_s( cap(q[b, t, j] · K[b, kv(heads[j]), s] * scale)  for s <= pos + t ) · V[b, kv(heads[j]), s]
+    out[b, t, j] = softmax_s( cap(q[b, t, j] · K[b, kv(heads[j]), s] * scale), s <= pos + t ) · V[b, kv(heads[j]), s]
 
 cap(z) = softcap · tanh(z / softcap) where the model soft-caps its attention logits (Gemma-2), else z. A layer with a
 sliding window W (Mistral v0.1, Gemma-2's local layers) sees only keys s > pos + t - W, as transformers' sliding mask:
@@ -31,8 +31,8 @@ if triton is not None:
                                   USE_PDL: tl.constexpr):
         """One (token row, head, chunk of keys): partial softmax statistics (max, sum, weighted values) over keys
         last - WINDOW < s <= last (a sliding window; a chunk wholly before it is empty, as one past the last).
-        SOFTCAP > 0: the scores are soft-capped first, SOFTCAP·tanh(s / SOFTCAP), tanh as 2·sigmoid(2z) - 1 (the interpreter has
-        no libdevice; fp32, absolute error ~1e-7 · SOFTCAP)."""
+        SOFTCAP > 0: the scores are soft-capped first, SOFTCAP·tanh(s / SOFTCAP), tanh as 2·sigmoid(2z) - 1 (the
+        interpreter has no libdevice; fp32, absolute error ~1e-7 · SOFTCAP)."""
         pdl_wait(USE_PDL)
         row = tl.program_id(0)  # b * T + t
         j = tl.program_id(1)
@@ -181,8 +181,9 @@ def decode_attention(q, k_cache, v_cache, heads, pos, scale, n_heads, backend: s
     d_pad = triton.next_power_of_2(D)
     _decode_attn_split_kernel[(B * T, J, nsplit)](
         q, k_cache, v_cache, heads.contiguous(), pos, q_slot if q_slot is not None else pos, m, l, acc, scale, J, T,
-        KV, S, D, n_heads // KV, chunk, nsplit, window or S + 1, q.stride(0), q.stride(1), q.stride(2), HAS_SLOT=q_slot is not None,
-        BLOCK_S=block_s, D_PAD=d_pad, SOFTCAP=float(softcap or 0.0), num_warps=4, **pdl_kwargs(q))
+        KV, S, D, n_heads // KV, chunk, nsplit, window or S + 1, q.stride(0), q.stride(1), q.stride(2),
+        HAS_SLOT=q_slot is not None, BLOCK_S=block_s, D_PAD=d_pad, SOFTCAP=float(softcap or 0.0), num_warps=4,
+        **pdl_kwargs(q))
     _decode_attn_combine_kernel[(B * T, J)](m, l, acc, out, J, D, nsplit,
                                             SPLIT_PAD=max(2, triton.next_power_of_2(nsplit)), D_PAD=d_pad,
                                             num_warps=2, **pdl_kwargs(q))

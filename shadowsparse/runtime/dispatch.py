@@ -26,7 +26,7 @@ FALLBACKS = ("never", "measured")
 
 # path -> {token rows per step: ms of own dense / ms of the gated step}, fp16, torch 2.11 + Triton 3.6, Llama-2-7B
 # shapes unless noted, CUDA-graph decode, dense measured in the same run (docs/benchmarks.md; docs/research.md
-# sessions 8-10). Decode rows are the batch (one token per sequence); prefill rows are batch x 64 (64-token steps).
+# sessions 8-10). Rows are the batch: one new token per sequence (prefill steps: MEASURED_PREFILL below).
 # Where a path was measured on both cards (NVIDIA H200, H100) the entry is the lower figure: the rule must hold on
 # either (the sketch at batch 1: 0.98x on the H200, 1.04x on the H100 -> dense on both).
 MEASURED: dict[str, dict[int, float]] = {
@@ -43,8 +43,8 @@ MEASURED: dict[str, dict[int, float]] = {
     # selectors that score every neuron in the step (kernels/sketch.py; the real gate projection for CATS): the
     # scoring and top-k cost about what the skipped rows save at one token; at 2+ tokens the union of the tokens'
     # sets reads ~75% of the rows while every token pays the scoring. Batch 1: H200 for the sketch (H100: 1.04),
-    # H100 session 10 with the bisection top-k for gate and the verifiers (docs/benchmark-h100-selectors-session10); batch 2: H100; batch 8: H200 for the
-    # sketch, H100 on Mistral-7B / Llama-3-8B shapes (GQA) for the others
+    # H100 session 10 with the bisection top-k for gate and the verifiers (docs/benchmark-h100-selectors-session10);
+    # batch 2: H100; batch 8: H200 for the sketch, H100 on Mistral-7B / Llama-3-8B shapes (GQA) for the others
     "ffn+sketch": {1: 0.98, 2: 0.62, 8: 0.46},
     "ffn+heads+sketch": {1: 1.11},
     "sketch+teal": {1: 1.00, 2: 0.62, 8: 0.50},  # sketch FFN + teal on the attention inputs (H200 b1; H100 b1 1.14)

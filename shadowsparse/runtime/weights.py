@@ -18,9 +18,10 @@ Qwen3 (RMSNorm over each q and k head before RoPE), Phi-3 (fused q/k/v and gate/
 scaled by sqrt(d), GeGLU with the tanh gelu, head_dim free of d / heads), Gemma-2 (Gemma's, plus sandwich norms: the
 attention and FFN outputs normed before the residual add, soft-capped attention and final logits, a score scale of
 query_pre_attn_scalar ** -0.5), Gemma-3 text (Gemma-2's without soft-caps, with Qwen3-style q/k norms of
-factor 1 + w and a RoPE base per layer type); and OPT. Sliding-window layers (Mistral v0.1's every layer, Gemma-2's local ones,
-Qwen2's above max_window_layers where enabled) attend only to their window, as transformers' sliding mask. Anything else is refused by
-extract_weights with the reason (the mask path, shadowsparse.attach_gating, serves every registered family).
+factor 1 + w and a RoPE base per layer type); and OPT. Sliding-window layers (Mistral v0.1's every layer, Gemma-2's
+local ones, Qwen2's above max_window_layers where enabled) attend only to their window, as transformers' sliding
+mask. Anything else is refused by extract_weights with the reason (the mask path, shadowsparse.attach_gating,
+serves every registered family).
 """
 from __future__ import annotations
 
