@@ -167,6 +167,9 @@ def validate(cfg: DictConfig) -> None:
         if value not in ("token", "sequence"):
             raise ConfigError(f"{key} must be 'token' or 'sequence', got {value!r}")
     check_methods(cfg.evaluate.methods)
+    from .teal_allocation import validate_teal_config
+    validate_teal_config(cfg.evaluate.get("teal") or {"allocation": "uniform"}, [ffn for ffn, _ in gating_levels(cfg)] if "teal" in cfg.evaluate.methods
+                         else [])
     from .lte import validate_lte
     validate_lte(cfg)
     if "lte" in cfg.evaluate.methods and cfg.sparsity.metric:

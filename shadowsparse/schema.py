@@ -30,9 +30,18 @@ class GatingNode:
 
 
 @dataclass
+class TealNode:  # the teal method's allocation of sparsity over each layer's inputs (shadowsparse/teal_allocation.py)
+    allocation: str = "uniform"  # uniform: every input at s | greedy: TEAL's block-wise greedy allocation
+    windows: int = 2  # greedy: calibration windows its block forwards run on
+    step: float = 0.05  # greedy: the raise of one input's sparsity per try
+    max_sparsity: float = 0.8  # greedy: the largest layer sparsity allocated (levels above it are refused)
+
+
+@dataclass
 class EvaluateNode:
     methods: List[str] = field(default_factory=list)  # registered selectors (shadowsparse/selectors/)
     threshold_windows: int = 8
+    teal: TealNode = field(default_factory=TealNode)
     tasks: List[str] = field(default_factory=list)
     task_limit: Optional[int] = None
     task_batch_size: int = 8

@@ -26,8 +26,10 @@ def _inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
 
 
 class TealThresholds:
-    def __init__(self, samples: dict[tuple[str, int], torch.Tensor]):
+    def __init__(self, samples: dict[tuple[str, int], torch.Tensor], allocation=None):
         self.samples = samples  # (input name, layer) -> 1-D calibration magnitudes
+        # teal_allocation.TealAllocation: per-input sparsities for a layer sparsity (None: every input at s)
+        self.allocation = allocation
 
     @classmethod
     @torch.no_grad()
@@ -53,7 +55,15 @@ class TealThresholds:
         return cls({k: torch.cat(v) for k, v in store.items()})
 
     def thresholds(self, sparsity: float) -> dict:
-        return {k: magnitude_quantile(v, sparsity) for k, v in self.samples.items()}
+        """(input, layer) -> the |x| threshold: the quantile of its calibration magnitudes at ``sparsity``, or at the
+        allocation's sparsity for that input where the layer skips that fraction of its weights (an input left
+        dense gets threshold 0: only exact zeros count as skipped)."""
+        per = self.allocation.at(sparsity) if self.allocation is not None else {}
+        out = {}
+        for k, v in self.samples.items():
+            s = per.get(k, sparsity)
+            out[k] = magnitude_quantile(v, s) if s > 0 else torch.zeros(())
+        return out
 
 
 class TealHandle(HookHandle):

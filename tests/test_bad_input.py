@@ -43,6 +43,10 @@ CASES = [
     ("conflicting-budget-and-predictor", "predictor=per_layer gating.budget=global",
      r"per_layer predictor scores one layer at a time: use budget=local"),
     ("unknown-method", "evaluate.methods=[dense,magic]", r"unknown evaluation method\(s\) \['magic'\]; registered: dense"),
+    ("unknown-teal-allocation", "evaluate.teal.allocation=layerwise",
+     r"evaluate.teal.allocation must be one of \('uniform', 'greedy'\), got 'layerwise'"),
+    ("teal-level-above-greedy-range", "evaluate.methods=[dense,teal] evaluate.teal.allocation=greedy "
+     "evaluate.teal.max_sparsity=0.3 gating.ffn_sparsity=0.5", r"teal levels \[0.5\] exceed evaluate.teal.max_sparsity"),
     ("unknown-eval-task", "evaluate.tasks=[mmlu]", r"unknown task\(s\) \['mmlu'\]; shipped tasks are"),
     ("unknown-calib-task", "data.calib.task=mmlu", r"unknown task\(s\) \['mmlu'\]; shipped tasks are"),
     ("empty-data-file", "data.calib.source.data_files={empty}", r"is empty; give a file or split with text"),

@@ -22,11 +22,17 @@ class Teal(Selector):
     ffn_only = True  # one sparsity for all projections; no head axis
 
     def thresholds(self, ctx) -> TealThresholds:
-        """Calibration magnitudes per (input, layer), on the calibration text (never the evaluation windows); once
-        per context."""
+        """Calibration magnitudes per (input, layer), on the calibration text (never the evaluation windows), and
+        with evaluate.teal.allocation=greedy TEAL's per-input allocation on its first windows; once per context."""
         if "teal" not in ctx.shared:
-            ctx.shared["teal"] = TealThresholds.calibrate(
+            thresholds = TealThresholds.calibrate(
                 ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
+            node = ctx.cfg.evaluate.get("teal")  # absent from the configs of runs made before it existed
+            if node is not None and node.allocation == "greedy":
+                from ..teal_allocation import greedy_allocation
+                thresholds.allocation = greedy_allocation(ctx.model, ctx.calib_windows(node.windows), thresholds,
+                                                          node.step, node.max_sparsity, first_layer=ctx.first_layer)
+            ctx.shared["teal"] = thresholds
         return ctx.shared["teal"]
 
     def runs(self, ctx):
