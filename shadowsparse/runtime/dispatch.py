@@ -43,8 +43,9 @@ MEASURED: dict[str, dict[int, float]] = {
     # selectors that score every neuron in the step (kernels/sketch.py; the real gate projection for CATS): the
     # scoring and top-k cost about what the skipped rows save at one token; at 2+ tokens the union of the tokens'
     # sets reads ~75% of the rows while every token pays the scoring. Batch 1: H200 for the sketch (H100: 1.04),
-    # H100 session 10 with the bisection top-k for gate and the verifiers (docs/benchmark-h100-selectors-session10);
-    # batch 2: H100; batch 8: H200 for the sketch, H100 on Mistral-7B / Llama-3-8B shapes (GQA) for the others
+    # H100 session 10 with the bisection top-k for gate and the verifiers
+    # (docs/benchmark-h100-selectors-session10.jsonl); batch 2: H100; batch 8: H200 for the sketch, H100 on
+    # Mistral-7B / Llama-3-8B shapes (GQA) for the others
     "ffn+sketch": {1: 0.98, 2: 0.62, 8: 0.46},
     "ffn+heads+sketch": {1: 1.11},
     "sketch+teal": {1: 1.00, 2: 0.62, 8: 0.50},  # sketch FFN + teal on the attention inputs (H200 b1; H100 b1 1.14)
