@@ -19,7 +19,7 @@ from .gating import HookHandle
 from .training_free import magnitude_quantile, sample_magnitudes
 
 
-def _inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
+def projection_inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
     """input name -> the projections (dotted paths in a layer) that read it; the first one carries the hook."""
     s = view.spec
     return {"attn_in": s.attn_in, "attn_out": (s.attn_out,), "ffn_in": s.ffn_in, "ffn_out": (s.ffn_down,)}
@@ -44,7 +44,7 @@ class TealThresholds:
             return hook
 
         hooks = [view.module(i, paths[0]).register_forward_pre_hook(record((name, i)))
-                 for i in range(view.dims.n_layers) for name, paths in _inputs(view).items()]
+                 for i in range(view.dims.n_layers) for name, paths in projection_inputs(view).items()]
         device = next(model.parameters()).device
         try:
             for w in tqdm(windows, desc="calibrate TEAL thresholds", unit="win"):
@@ -80,12 +80,12 @@ class TealHandle(HookHandle):
         thr = thresholds.thresholds(sparsity) if sparsity > 0 else {}
         counts = counts if counts is not None else {"zeros": {}, "rows": {}}
         self.zeros, self.rows = counts["zeros"], counts["rows"]  # skipped input channels, summed over rows
-        for name in _inputs(view):
+        for name in projection_inputs(view):
             self.zeros.setdefault(name, 0.0)
             self.rows.setdefault(name, 0)
         self._hooks = []
         for i in range(first_layer, view.dims.n_layers) if sparsity > 0 else []:
-            for name, paths in _inputs(view).items():
+            for name, paths in projection_inputs(view).items():
                 t = thr[name, i]
                 for j, path in enumerate(paths):  # every projection reading this input gets the same mask
                     self._hooks.append(view.module(i, path).register_forward_pre_hook(self._hook(name, t, j == 0)))
@@ -113,7 +113,7 @@ class TealHandle(HookHandle):
         from .accounting import decoder_linear_bytes
         view, st = self.view, self.stats()
         skipped = 0.0
-        for name, paths in _inputs(view).items():
+        for name, paths in projection_inputs(view).items():
             for path in paths:
                 w = view.module(0, path).weight
                 skipped += st[f"realized_{name}_sparsity"] * w.numel() * w.element_size()

@@ -122,12 +122,12 @@ def greedy_allocation(model, windows: torch.Tensor, thresholds, step: float = 0.
     (not evaluation text); thresholds: TealThresholds calibrated on the same text (its magnitude samples turn a
     sparsity into a threshold). step: the raise of one input's sparsity per try; max_sparsity: the block sparsity
     at which a layer's path stops; max_input: no input is thresholded beyond this."""
-    from .teal import _inputs
+    from .teal import projection_inputs
     if not 0 < step < 1 or not 0 < max_sparsity < max_input <= 1:
         raise ConfigError(f"greedy TEAL allocation needs 0 < step < 1 and 0 < max_sparsity < max_input <= 1, got "
                           f"step={step}, max_sparsity={max_sparsity}, max_input={max_input}")
     view = ModelView(model)
-    inputs = _inputs(view)
+    inputs = projection_inputs(view)
     path = {}
     layers = range(first_layer, view.dims.n_layers)
     recorded = _record_block_io(model, view, windows, layers)

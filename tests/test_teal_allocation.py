@@ -8,7 +8,7 @@ import shadowsparse as ss
 from shadowsparse.arch import ModelView
 from shadowsparse.errors import ConfigError
 from shadowsparse.llm import LLMConfig, load_llm
-from shadowsparse.teal import TealThresholds, _inputs, attach_teal
+from shadowsparse.teal import TealThresholds, attach_teal, projection_inputs
 from shadowsparse.teal_allocation import greedy_allocation, validate_teal_config
 
 CALIB = torch.randint(0, 256, (4, 48), generator=torch.Generator().manual_seed(0))
@@ -28,7 +28,7 @@ def allocated(llama):
 
 
 def _params(view, layer):
-    return {n: sum(view.weight(layer, p).numel() for p in paths) for n, paths in _inputs(view).items()}
+    return {n: sum(view.weight(layer, p).numel() for p in paths) for n, paths in projection_inputs(view).items()}
 
 
 def test_path_rises_to_the_target_and_interpolates_to_the_requested_layer_sparsity(llama, allocated):
@@ -39,7 +39,7 @@ def test_path_rises_to_the_target_and_interpolates_to_the_requested_layer_sparsi
     alloc = allocated.allocation
     assert alloc.max_sparsity >= 0.6 - 1e-9
     for layer, steps in alloc.path.items():
-        assert steps[0] == (0.0, {n: 0.0 for n in _inputs(view)})
+        assert steps[0] == (0.0, {n: 0.0 for n in projection_inputs(view)})
         for (b0, s0), (b1, s1) in zip(steps, steps[1:]):
             assert b1 > b0 and all(s1[n] >= s0[n] for n in s0)
             assert sum(s1[n] != s0[n] for n in s0) == 1  # one input raised per step
