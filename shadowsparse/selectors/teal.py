@@ -68,5 +68,5 @@ class Teal(Selector):
                                 "value": math.exp(nll / n), "realized_ffn_sparsity": st["realized_ffn_out_sparsity"],
                                 "realized_head_sparsity": 0.0, "realized_input_sparsity": st,
                                 "weight_bytes_skipped": handle.weight_bytes_skipped(), "n_tokens": n})
-            log.info("teal s=%.2f wikitext ppl=%.4f (realized inputs %s)", ffn, math.exp(nll / n),
+            log.info("teal s=%.2f %s ppl=%.4f (realized inputs %s)", ffn, ctx.cfg.data.eval.name, math.exp(nll / n),
                      {k: round(v, 3) for k, v in st.items()})
