@@ -25,6 +25,13 @@ def projection_inputs(view: ModelView) -> dict[str, tuple[str, ...]]:
     return {"attn_in": s.attn_in, "attn_out": (s.attn_out,), "ffn_in": s.ffn_in, "ffn_out": (s.ffn_down,)}
 
 
+def keep_above(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """TEAL's rule on one projection input: (x with |x| <= threshold zeroed, the keep mask). The hooks and the greedy
+    allocation's block forwards (teal_allocation.py) both apply it."""
+    keep = x.abs() > threshold.to(x.device)
+    return x * keep, keep
+
+
 class TealThresholds:
     def __init__(self, samples: dict[tuple[str, int], torch.Tensor], allocation=None):
         self.samples = samples  # (input name, layer) -> 1-D calibration magnitudes
@@ -93,11 +100,11 @@ class TealHandle(HookHandle):
     def _hook(self, name: str, threshold: torch.Tensor, count: bool):
         def hook(module, args):
             x = args[0]
-            keep = x.abs() > threshold.to(x.device)
+            kept, keep = keep_above(x, threshold)
             if count:
                 self.zeros[name] = self.zeros[name] + (~keep).sum().double()
                 self.rows[name] += x.numel() // x.shape[-1]
-            return (x * keep,) + tuple(args[1:])
+            return (kept,) + tuple(args[1:])
         return hook
 
     def stats(self) -> dict:

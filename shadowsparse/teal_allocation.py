@@ -105,11 +105,13 @@ def _record_block_io(model, view: ModelView, windows: torch.Tensor, layers: rang
 
 
 def _masked(view: ModelView, layer: int, inputs: dict[str, tuple[str, ...]], thr: dict[str, torch.Tensor]):
-    """Pre-hooks zeroing |x| <= thr[input] on every projection of ``layer`` that reads that input -> handles."""
+    """Pre-hooks zeroing |x| <= thr[input] (teal.keep_above, the hooks' rule) on every projection of ``layer`` that
+    reads that input -> handles."""
+    from .teal import keep_above
+
     def hook(t):
         def pre(module, args):
-            x = args[0]
-            return (x * (x.abs() > t.to(x.device)),) + tuple(args[1:])
+            return (keep_above(args[0], t)[0],) + tuple(args[1:])
         return pre
     return [view.module(layer, p).register_forward_pre_hook(hook(thr[name]))
             for name, paths in inputs.items() if name in thr for p in paths]
