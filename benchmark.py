@@ -53,6 +53,10 @@ METHODS = {
     "sketch+ffn50": dict(ffn_sparsity=0.5, sketch=3),
     "sketch2+ffn50": dict(ffn_sparsity=0.5, sketch=2),
     "sketch+ffn50+heads50": dict(ffn_sparsity=0.5, head_sparsity=0.5, sketch=3),
+    # sketch_threshold: the same copy's estimates against per-layer thresholds (quantiles of the estimates on the
+    # calibration prompts), no top-k; the gate/up kernel reads the rows that pass, the down GEMV the nonzero a's
+    "sketch_thr+ffn50": dict(ffn_sparsity=0.5, sketch=3, threshold_sketch=True),
+    "sketch_thr+ffn50+teal40attn": dict(ffn_sparsity=0.5, sketch=3, threshold_sketch=True, teal_attn=0.4),
     # input thresholds (runtime/input_sparsity.py, kernels/sparse_input.py): TEAL's per-layer quantiles of |x|,
     # calibrated on random prompts through the model; each projection reads only the rows of its kept channels
     "teal40": dict(teal=0.4),
@@ -185,9 +189,12 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
                                     PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
     sketch_bits, gate, verify_q = spec.pop("sketch", None), spec.pop("gate", False), spec.pop("verify", None)
+    thresholded = spec.pop("threshold_sketch", False)
     inputs = input_thresholds(spec, teal, w)
     ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
     ffn_selector = ffn_selector_of(w, sketch_bits, gate, verify_q, ecfg.first_layer or 0)
+    if thresholded:
+        ffn_selector = threshold_sketch(model, w, ffn_selector, ecfg.ffn_sparsity, cfg)
     engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector,
                           input_sparsity=inputs)
     heads = neurons = None
@@ -221,6 +228,9 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         row.update(predictor_timing(engine, cfg, ms))
     if ffn_selector is not None:
         row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
+    if thresholded:  # the realized sparsity varies per token: counted by the kernels over the prompt's tokens
+        row.update(realized_ffn_sparsity=realized_neurons(engine, prompt),
+                   bytes_note="FFN rows counted at the requested sparsity; realized_ffn_sparsity is the prompt's")
     if inputs is not None:
         row.update(selector=inputs.label, input_thresholds=list(inputs.inputs), input_sparsity=spec_level(base),
                    **{f"realized_{n}_sparsity": 1 - f for n, f in kept.items()},
@@ -257,6 +267,46 @@ def spec_level(base: dict) -> float:
     """The input sparsity a method asks for, read from METHODS."""
     spec = METHODS[base["method"]]
     return spec.get("teal", spec.get("teal_attn", spec.get("threshold", 0.0)))
+
+
+def threshold_sketch(model, w, sketch, sparsity: float, cfg):
+    """sketch_threshold's engine selector: the sketch's estimates on the FFN inputs of the calibration prompts (the
+    teal calibration's 4 random prompts through the model), each gated layer's threshold their sparsity-quantile."""
+    from shadowsparse.arch import ModelView
+    from shadowsparse.ffn_io import ffn_input_module
+    from shadowsparse.runtime.ffn_select import SketchThresholdFFNSelector
+    from shadowsparse.training_free import magnitude_quantile, sample_magnitudes
+    view, rng = ModelView(model), torch.Generator().manual_seed(0)
+    samples = {layer: [] for layer in sketch.sketches}
+
+    def record(layer):
+        def hook(module, args):
+            x = args[0].reshape(-1, args[0].shape[-1])  # (B·T, d) the FFN input
+            samples[layer].append(sample_magnitudes(sketch.scores(layer, x), rng))
+        return hook
+    hooks = [ffn_input_module(view, layer).register_forward_pre_hook(record(layer)) for layer in samples]
+    g = torch.Generator(device="cuda").manual_seed(1234)  # teal_calibration's prompts
+    windows = torch.randint(0, w.vocab, (4, cfg["prompt"]), device="cuda", generator=g)
+    try:
+        with torch.no_grad():
+            for i in range(len(windows)):
+                model(windows[i:i + 1])
+    finally:
+        for h in hooks:
+            h.remove()
+    thr = torch.zeros(w.n_layers)
+    for layer, parts in samples.items():
+        thr[layer] = magnitude_quantile(torch.cat(parts), sparsity)
+    return SketchThresholdFFNSelector(sketch, thr)
+
+
+def realized_neurons(engine, prompt) -> float:
+    """sketch_threshold: the realized FFN sparsity over the prompt's tokens (B·P), counted by the kernels."""
+    sel = engine.ffn_selector
+    sel.reset_counts()
+    engine.prefill(prompt)
+    gated, tokens = engine.w.n_layers - engine.first_layer, prompt.numel()
+    return 1 - sum(sel.kept_per_layer()[engine.first_layer:]) / (tokens * gated * engine.w.ffn)
 
 
 def realized_inputs(engine, prompt) -> dict:
@@ -333,6 +383,7 @@ def selector_timing(engine, cfg, ms: float, bits: int) -> dict:
     proposer with its candidates), captured in a CUDA graph and timed as the step is; its extra bytes (the packed
     copies); ms: the whole step's."""
     from shadowsparse.runtime.bench import time_replays
+    from shadowsparse.runtime.ffn_select import SketchThresholdFFNSelector
     from shadowsparse.runtime.select import select_units
     x = torch.randn(engine.batch, engine.w.hidden, device="cuda", dtype=engine.dtype)  # (B, d)
     # propose-then-verify: the proposer's scoring and top-k of the candidates (the verify stage is FFN work)
@@ -342,7 +393,9 @@ def selector_timing(engine, cfg, ms: float, bits: int) -> dict:
 
     def score_all():  # what the step runs: one token's own top k on the device, or the batch's sets
         for layer in range(engine.first_layer, engine.w.n_layers):
-            if engine.batch == 1:
+            if isinstance(sel, SketchThresholdFFNSelector):  # scores only: the threshold is the FFN kernel's
+                sel.scores(layer, x)
+            elif engine.batch == 1:
                 sel.topk(layer, x, k)
             else:
                 select_units(sel.scores(layer, x).unsqueeze(1), k, engine.cfg.batch_set)

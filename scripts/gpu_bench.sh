@@ -37,8 +37,9 @@ for part in "${parts[@]}"; do
     case $part in
         tests) python3 -m pytest -q -p no:cacheprovider -m "not slow" tests/test_kernels.py tests/test_lazy_kv.py \
                    tests/test_runtime.py tests/test_sketch_kernel.py tests/test_engine_selectors.py \
-                   tests/test_sparse_input_kernel.py tests/test_engine_input_sparsity.py tests/test_dispatch.py 2>&1 \
-                   | tail -n 15 | tee "$OUT/tests.txt" || true ;;
+                   tests/test_sparse_input_kernel.py tests/test_engine_input_sparsity.py tests/test_dispatch.py \
+                   ${TEST_ARGS:-} > "$OUT/tests.txt" 2>&1 || true
+               tail -n 60 "$OUT/tests.txt" ;;  # the whole log comes back: failures keep their messages
         nm24) python3 benchmarks/nm24_kernel.py --out "$OUT/nm24.jsonl" 2>&1 | tee "$OUT/nm24.txt" ;;
         ffn) python3 benchmarks/ffn_kernel.py --tokens 1 8 --out "$OUT/ffn.jsonl" 2>&1 | tee "$OUT/ffn.txt" ;;
         decode) python3 benchmark.py bench=opt13b "bench.batches=[1]" "bench.methods=$METHODS" \

@@ -109,6 +109,7 @@ class EngineDecoder:
         self.device = self.weights.device
         self.rows = {"tokens": 0, "neurons": 0, "heads": 0, "dense_tokens": 0}  # units kept, summed over tokens
         self.kept = [0.0] * 4  # input sparsity: kept (token, channel) pairs per input, engines before this one
+        self.layer_neurons: list[float] | None = None  # FFN neurons kept per layer, summed over tokens
         self.engine = None
 
     def attached(self):
@@ -162,11 +163,22 @@ class EngineDecoder:
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum").item()
 
     def _fold_counts(self, engine=None) -> None:
-        """Add an engine's device counts of kept input channels to the totals (the next engine restarts them)."""
+        """Add an engine's device counts (kept input channels; a threshold FFN selector's kept neurons per layer) to
+        the totals (the next engine restarts them)."""
         e = engine or self.engine
         if self.inputs is not None and e is not None and e.teal is not None:
             self.kept = [a + b for a, b in zip(self.kept, e.teal.kept_per_input(e.first_layer))]
             e.reset_counts()
+        if e is not None and _counts_neurons(e):
+            self._add_layer_neurons(e, e.ffn_selector.kept_per_layer())
+            e.ffn_selector.reset_counts()
+
+    def _add_layer_neurons(self, e, kept: list[float]) -> None:
+        """kept: neurons kept per layer (summed over tokens), for every layer; the gated ones are added."""
+        if self.layer_neurons is None:
+            self.layer_neurons = [0.0] * e.w.n_layers
+        for layer in range(e.first_layer, e.w.n_layers):
+            self.layer_neurons[layer] += kept[layer]
 
     def _count(self, batch: int, tokens_per_seq: int, engine=None) -> None:
         """Count one step of batch x tokens_per_seq tokens: each token keeps exactly its own top k (select.py), or
@@ -177,7 +189,10 @@ class EngineDecoder:
         dense = e.runs_dense(tokens, tokens_per_seq > 1)
         self.rows["tokens"] += tokens
         self.rows["dense_tokens"] += tokens if dense else 0
-        self.rows["neurons"] += tokens * (e.w.ffn if dense else e.k_ffn)
+        per_layer = e.w.ffn if dense else (0 if _counts_neurons(e) else e.k_ffn)  # else counted on the device
+        self.rows["neurons"] += tokens * per_layer
+        if e.gate_ffn or e.ffn_selector is not None:
+            self._add_layer_neurons(e, [tokens * per_layer] * e.w.n_layers)
         self.rows["heads"] += tokens * (e.w.n_heads if dense else e.k_heads)
         if dense and e.teal is not None:
             from .runtime.input_sparsity import INPUTS
@@ -201,9 +216,22 @@ class EngineDecoder:
             self.config.head_sparsity else 0
         if not n:
             return {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0, "gated_layers": gated}
-        return {"realized_ffn_sparsity": 1 - self.rows["neurons"] / (n * dims.ffn),
+        per_layer = self._layer_sparsity(dims, n, e)
+        ffn = sum(per_layer) / len(per_layer) if per_layer else 1 - self.rows["neurons"] / (n * dims.ffn)
+        return {"realized_ffn_sparsity": ffn, "realized_ffn_sparsity_per_layer": per_layer,
                 "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
                 "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
+
+    def _layer_sparsity(self, dims, n: int, e) -> list[float]:
+        """Realized FFN sparsity of each gated layer over the n tokens run (the current engine's device counts
+        included), [] where no layer's FFN is gated."""
+        if self.layer_neurons is None:
+            return []
+        kept = list(self.layer_neurons)
+        if e is not None and _counts_neurons(e):  # not folded yet: the engine still runs
+            kept = [a + b for a, b in zip(kept, e.ffn_selector.kept_per_layer())]
+        first = e.first_layer if e is not None else (self.config.first_layer or 0)
+        return [1 - kept[layer] / (n * dims.ffn) for layer in range(first, dims.n_layers)]
 
     def _input_stats(self, dims, n: int, e) -> dict:
         """Input thresholds (teal, threshold): realized sparsity per thresholded input from the kernels' device
@@ -219,3 +247,8 @@ class EngineDecoder:
         return {**out, "realized_ffn_sparsity": out.get("realized_ffn_out_sparsity", 0.0),
                 "realized_head_sparsity": 0.0, "gated_layers": dims.n_layers - first,
                 "selector_bytes": e.input_sparsity_bytes() if e is not None else 0}
+
+
+def _counts_neurons(engine) -> bool:
+    """Whether the engine's FFN selector counts its kept neurons on the device (a threshold, not a top-k)."""
+    return hasattr(engine.ffn_selector, "kept_per_layer")

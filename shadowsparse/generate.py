@@ -1,7 +1,7 @@
 """Gated generation from a finished run on the command line (a Hydra app over conf/generate.yaml):
 
     python -m shadowsparse.generate run_dir=outputs/runs/<run> prompt="The capital of France is" \
-        [method=predictor|sketch|sketch_verify|threshold|...] [ffn_sparsity=0.5] [head_sparsity=0.0] \
+        [method=predictor|sketch|sketch_threshold|threshold|...] [ffn_sparsity=0.5] [head_sparsity=0.0] \
         [max_new_tokens=40] [temperature=0.0] [top_p=1.0] [top_k=0] [seed=null] [chat=false] [device=null] \
         [fallback=measured|never|<rows>]
     python -m shadowsparse.generate --help

@@ -232,7 +232,7 @@ def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool)
     sel = get_selector(method)
     if sel.generates:
         raise ConfigError(f"load_gated cannot serve {method}: {sel.generates}; generate with another method (e.g. "
-                          "predictor, sketch, sketch_verify, threshold, gate, static)")
+                          "predictor, sketch, sketch_threshold, sketch_verify, threshold, gate, static)")
     ctx = EvalContext(cfg=cfg, model=model, tok=tok, view=ModelView(model), run_dir=Path(run_dir or "."),
                       targets_dir=targets_dir_for(cfg, model), methods=[method], calib=calib)
     if sel.ffn_only and cfg.gating.head_sparsity:

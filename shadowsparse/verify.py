@@ -197,3 +197,73 @@ class VerifyScores(ScoreSource):
     def candidate_sparsity(self, ffn_sparsity: float, ffn: int) -> float:
         skipped, rows = self.candidate_stats.get(ffn_sparsity, (0.0, 0))
         return skipped / (rows * ffn) if rows else 0.0
+
+
+class SketchThresholdScores(VerifyScores):
+    """sketch_threshold's mask path: the sketch's estimate of |act(gate)·up| (the ``sketch`` proposer's, same copy)
+    against a per-layer threshold, the ffn_sparsity-quantile of the estimates the calibration text produced. A neuron
+    is kept where its estimate exceeds the threshold: decided before the FFN runs, no top-k (the engine's kernels
+    read the rows that pass), realized sparsity varies per token around the requested one (counted from the masks).
+
+    samples: gated layer -> 1-D fp32 estimate samples (training_free.sample_magnitudes), made by ``calibrate``."""
+
+    def __init__(self, samples: dict[int, torch.Tensor], sketch: VerifyConfig, qcache: dict | None = None,
+                 hessians: dict | None = None):
+        super().__init__(0.0, None, "sketch", sketch=sketch, qcache=qcache, hessians=hessians)
+        self.samples = samples
+        self._thr: dict[int, torch.Tensor] = {}
+        self._record: dict[int, list] | None = None  # calibrate(): estimates gathered here instead of masks
+        self._rng: torch.Generator | None = None
+
+    @classmethod
+    @torch.no_grad()
+    def calibrate(cls, model: nn.Module, windows: torch.Tensor, sketch: VerifyConfig, first_layer: int,
+                  qcache: dict | None = None, hessians: dict | None = None,
+                  seed: int = 0) -> "SketchThresholdScores":
+        """One dense pass over the calibration windows (N, T), recording each gated layer's estimates."""
+        view = ModelView(model)
+        src = cls({}, sketch, qcache, hessians)
+        src._record = {layer: [] for layer in range(first_layer, view.dims.n_layers)}
+        src._rng = torch.Generator().manual_seed(seed)
+        hooks = src.attach(view, GatingConfig(ffn_sparsity=0.0, head_sparsity=0.0, first_layer=first_layer))
+        device = next(model.parameters()).device
+        try:
+            for i in range(len(windows)):
+                model(input_ids=windows[i:i + 1].to(device))
+        finally:
+            for h in hooks:
+                h.remove()
+        src.samples = {layer: torch.cat(vals) if vals else torch.zeros(1) for layer, vals in src._record.items()}
+        src._record = None
+        return src
+
+    def thresholds(self, ffn_sparsity: float, n_layers: int) -> torch.Tensor:
+        """(n_layers,) fp32: each gated layer's threshold at ``ffn_sparsity`` (layers without samples: 0, unused)."""
+        from .training_free import magnitude_quantile
+        out = torch.zeros(n_layers)
+        for layer, s in self.samples.items():
+            out[layer] = magnitude_quantile(s, ffn_sparsity) if ffn_sparsity > 0 else s.min() - 1
+        return out
+
+    def attach(self, view: ModelView, cfg: GatingConfig) -> list:
+        hooks = super().attach(view, cfg)
+        if self._record is None:
+            if not self.samples:
+                raise ConfigError("sketch_threshold has no calibration estimates: build it with "
+                                  "SketchThresholdScores.calibrate(model, windows, ...)")
+            self._thr = dict(enumerate(self.thresholds(cfg.ffn_sparsity, view.dims.n_layers).tolist()))
+        return hooks
+
+    def _set(self, layer: int, scores: torch.Tensor, stats: list) -> None:
+        if self._record is not None:
+            if layer in self._record:  # a bounded sample per forward: memory stays fixed per window
+                from .training_free import sample_magnitudes
+                self._record[layer].append(sample_magnitudes(scores, self._rng))
+            return
+        cand = scores > self._thr[layer]
+        stats[0] += float((~cand).sum())
+        stats[1] += cand.numel() // cand.shape[-1]
+        self._cand[layer] = cand
+
+    def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+        return self._cand.pop(layer).reshape(x.shape).to(x.dtype)  # the estimate's decision, whatever k says

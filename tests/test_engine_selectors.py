@@ -12,8 +12,8 @@ from shadowsparse.kernels import common as kernels_common
 from shadowsparse.kernels.sketch import sketch_from_weights
 from shadowsparse.llm import LLMConfig, load_llm
 from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
-from shadowsparse.runtime.ffn_select import SketchFFNSelector
-from shadowsparse.verify import VerifyConfig, VerifyScores
+from shadowsparse.runtime.ffn_select import SketchFFNSelector, SketchThresholdFFNSelector
+from shadowsparse.verify import SketchThresholdScores, VerifyConfig, VerifyScores
 from tests.conftest import tiny_model
 from tests.test_runtime import CHUNKS, TRITON_DEVICE, TRITON_TOL, engine_steps, token_ids
 
@@ -92,6 +92,65 @@ def test_sketch_engine_many_token_step_and_generate():
                              do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
 
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("phi3", 1), ("gemma2", 2)])
+def test_sketch_threshold_engine_matches_its_mask_path(backend, family, batch):
+    """sketch_threshold: no top-k; the engine's scored gate/up kernel and input-sparse down GEMV (prefill, single
+    tokens, a 3-token step and a 40-token masked step) equal the mask path's hooks keeping the neurons whose
+    estimate (the same low-bit copies) passes the same calibrated thresholds; the kept counts agree."""
+    from tests.test_runtime import engine_model
+    device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
+    model = engine_model(family) if family == "gemma2" else tiny_model(family)
+    packed, proposer = sketches_of(model, first_layer=1)
+    model = model.to(device)
+    qcache = {key: copy.to(device) for key, copy in proposer._qweights.items()}
+    calib = token_ids(3, 24, seed=11).to(device)
+    source = SketchThresholdScores.calibrate(model, calib, proposer.sketch, first_layer=1, qcache=qcache,
+                                             hessians={})
+    thr = source.thresholds(0.5, ModelView(model).dims.n_layers)
+    assert thr[0] == 0 and (thr[1:] > 0).all()  # layer 0 is not gated
+    weights = extract_weights(model)
+    sketch = SketchFFNSelector({k: p.to(device) for k, p in packed.items()}, backend, act=weights.act)
+    selector = SketchThresholdFFNSelector(sketch, thr)
+    chunks = (*CHUNKS, 40) if backend == "torch" else CHUNKS  # 40 rows: the masked cuBLAS path
+    ids = token_ids(batch, sum(chunks), seed=7).to(device)
+    engine = DecodeEngine(weights, batch=batch, max_len=sum(chunks) + 8,
+                          config=EngineConfig(ffn_sparsity=0.5, first_layer=1, backend=backend), ffn_selector=selector)
+    out = engine_steps(engine, ids, chunks)
+    with attach_gating(model, source, GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, torch.no_grad():
+        ref = model(ids).logits
+        realized = h.stats()["realized_ffn_sparsity"]
+    torch.testing.assert_close(out, ref, **tol)
+    assert 0.3 < realized < 0.7  # around the requested 0.5: a threshold, not a top-k
+    n_kept = selector.kept[1:].sum().item()
+    assert n_kept == pytest.approx((1 - realized) * ids.numel() * (weights.n_layers - 1) * weights.ffn, rel=2e-3)
+    with torch.no_grad():
+        assert (model(ids).logits - ref).abs().max() > 1e-3  # gating changed the output
+
+
+def test_load_gated_sketch_threshold_runs_the_engine_and_agrees_with_the_hooks(llama):
+    """load_gated(method="sketch_threshold"): perplexity (prefill and token by token) and greedy text through the
+    engine equal the hooks'; stats report the realized sparsity per gated layer, counted on the device."""
+    model, tok = llama
+    kw = dict(tokenizer=tok, calib=CALIB, overrides=FAST + ["evaluate.threshold_windows=4"], ffn_sparsity=0.5)
+    fast = ss.load_gated(model, method="sketch_threshold", engine="kernels", **kw)
+    ref = ss.load_gated(model, method="sketch_threshold", engine="hooks", **kw)
+    assert isinstance(fast.decoder.parts["ffn_selector"], SketchThresholdFFNSelector)
+    windows = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(4))
+    p_ref = ref.perplexity(windows)
+    assert fast.perplexity(windows) == pytest.approx(p_ref, rel=1e-3)
+    assert fast.perplexity(windows, token_by_token=True) == pytest.approx(p_ref, rel=1e-3)
+    dense = ss.load_gated(model, method="dense", engine="hooks", tokenizer=tok).perplexity(windows)
+    assert abs(p_ref / dense - 1) > 1e-4  # the selection changed the model
+    prompts = ["one prompt", "two words"]
+    assert fast.generate(prompts, max_new_tokens=5) == ref.generate(prompts, max_new_tokens=5)
+    st = fast.stats()
+    per_layer = st["realized_ffn_sparsity_per_layer"]
+    assert len(per_layer) == st["gated_layers"] and all(0.2 < s < 0.8 for s in per_layer)
+    assert st["realized_ffn_sparsity"] == pytest.approx(sum(per_layer) / len(per_layer))
+    assert len(set(per_layer)) > 1  # thresholds: each layer realizes its own sparsity
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2),

@@ -73,6 +73,36 @@ def test_shared_set_triton_matches_mask_path(case):
     torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3)
 
 
+
+@pytest.mark.parametrize("case", CASES)
+def test_scored_ffn_in_matches_the_masked_activation(case):
+    """scored_ffn_in (sketch_threshold's gate/up): each token's act(gate)·up where its score passes the threshold,
+    zero elsewhere, the kept pairs counted; the torch path against a hand-made mask, the kernel against it."""
+    T, d, F_, _, act, gated, bias = case
+    (x, w_in, _, _), kw = _inputs(*case)
+    est = torch.rand(T, F_, generator=torch.Generator().manual_seed(3))
+    thr = torch.tensor([0.6])
+    a = module.apply_act(F.linear(x, w_in, kw["b_in"]), act)
+    a = a * F.linear(x, kw["w_up"]) if gated else a
+    ref = a * (est > 0.6)
+    count = torch.zeros(1)
+    out = module.scored_ffn_in(x, w_in, est, thr, act, w_up=kw["w_up"], b_in=kw["b_in"], count=count,
+                               backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    assert count.item() == (est > 0.6).sum().item()
+    device = _triton_device()
+    if device is None:
+        return
+    count = torch.zeros(1, device=device)
+    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    out = module.scored_ffn_in(x.to(device), w_in.to(device), est.to(device), thr.to(device), act,
+                               w_up=to(kw["w_up"]), b_in=to(kw["b_in"]), count=count, backend="triton", block_k=16,
+                               block_d=32)
+    torch.testing.assert_close(out.cpu(), ref, rtol=5e-3, atol=5e-3)  # tl.dot: tf32 on a GPU
+    assert count.item() == (est > 0.6).sum().item() and (out.cpu()[est <= 0.6] == 0).all()
+    with pytest.raises(ValueError, match="est must be"):
+        module.scored_ffn_in(x, w_in, est[:, 1:], thr, act, backend="torch")
+
 def test_bad_activation():
     args, kw = _inputs(*CASES[0])
     with pytest.raises(ValueError, match="act must be"):

@@ -140,6 +140,39 @@ if triton is not None:
 
 if triton is not None:
     @triton.jit
+    def _rows_dot(x_ptr, w_in_ptr, w_up_ptr, rows, row_mask, offs_t, mask_t, D, HAS_UP: tl.constexpr,
+                  T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """(T_PAD, BLOCK_K) fp32 x · W_in[rows]ᵀ and x · W_up[rows]ᵀ for x (T, D): each row is read once (none where
+        row_mask is false: a masked load issues no memory transactions) and multiplied against every token with
+        tl.dot (tokens padded to T_PAD = 16)."""
+        acc_g = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            xs = tl.load(x_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                         other=0.0)  # (T_PAD, BLOCK_D)
+            w_off = rows[:, None] * D + offs_d[None, :]
+            m2 = row_mask[:, None] & mask_d[None, :]
+            wg = tl.load(w_in_ptr + w_off, mask=m2, other=0.0)  # (BLOCK_K, BLOCK_D)
+            acc_g += tl.dot(xs, tl.trans(wg))
+            if HAS_UP:
+                wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0)
+                acc_u += tl.dot(xs, tl.trans(wu))
+        return acc_g, acc_u
+
+    @triton.jit
+    def _gate_up_act(acc_g, acc_u, b_in_ptr, rows, mask_k, HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ACT: tl.constexpr):
+        """act(gate + b_in) [· up] from _rows_dot's accumulators (T_PAD, BLOCK_K)."""
+        if HAS_BIAS:
+            acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        h = apply_act_tl(acc_g, ACT)
+        if HAS_UP:
+            h = h * acc_u
+        return h
+
+    @triton.jit
     def _shared_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, idx_ptr, h_ptr, keep_ptr, T, K, D,
                           HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_KEEP: tl.constexpr,
                           T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
@@ -149,30 +182,78 @@ if triton is not None:
         rows = tl.load(idx_ptr + offs_k, mask=mask_k, other=0).to(tl.int64)
         offs_t = tl.arange(0, T_PAD)
         mask_t = offs_t < T
-        acc_g = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
-        acc_u = tl.zeros((T_PAD, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            mask_d = offs_d < D
-            xs = tl.load(x_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                         other=0.0)  # (T_PAD, BLOCK_D)
-            w_off = rows[:, None] * D + offs_d[None, :]
-            m2 = mask_k[:, None] & mask_d[None, :]
-            wg = tl.load(w_in_ptr + w_off, mask=m2, other=0.0)  # (BLOCK_K, BLOCK_D), each row read once
-            acc_g += tl.dot(xs, tl.trans(wg))
-            if HAS_UP:
-                wu = tl.load(w_up_ptr + w_off, mask=m2, other=0.0)
-                acc_u += tl.dot(xs, tl.trans(wu))
+        acc_g, acc_u = _rows_dot(x_ptr, w_in_ptr, w_up_ptr, rows, mask_k, offs_t, mask_t, D, HAS_UP, T_PAD, BLOCK_K,
+                                 BLOCK_D)
         pdl_launch_next(USE_PDL)
-        if HAS_BIAS:
-            acc_g += tl.load(b_in_ptr + rows, mask=mask_k, other=0.0).to(tl.float32)[None, :]
-        h = apply_act_tl(acc_g, ACT)
-        if HAS_UP:
-            h = h * acc_u
+        h = _gate_up_act(acc_g, acc_u, b_in_ptr, rows, mask_k, HAS_UP, HAS_BIAS, ACT)
         if HAS_KEEP:  # per-token 0/1 inside a shared (union) set: a token keeps only its own units
             h = h * tl.load(keep_ptr + offs_t[:, None] * K + offs_k[None, :], mask=mask_t[:, None] & mask_k[None, :],
                             other=0.0).to(tl.float32)
         tl.store(h_ptr + offs_t[:, None] * K + offs_k[None, :], h, mask=mask_t[:, None] & mask_k[None, :])
+
+
+if triton is not None:
+    @triton.jit
+    def _scored_in_kernel(x_ptr, w_in_ptr, w_up_ptr, b_in_ptr, est_ptr, thr_ptr, h_ptr, count_ptr, T, F, D,
+                          HAS_UP: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, COUNT: tl.constexpr,
+                          T_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr):
+        """h (T, F) = act(x·W_inᵀ + b)·(x·W_upᵀ) where est > thr, else 0, for the BLOCK_K neurons of this program:
+        a neuron's rows of W_in and W_up are loaded only if some token keeps it (a masked load issues no memory
+        transactions), each token's product zeroed where it does not. count += the kept (token, neuron) pairs."""
+        pdl_wait(USE_PDL)
+        offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < F
+        offs_t = tl.arange(0, T_PAD)
+        m_tk = (offs_t < T)[:, None] & mask_k[None, :]
+        thr = tl.load(thr_ptr)
+        est = tl.load(est_ptr + offs_t[:, None] * F + offs_k[None, :], mask=m_tk, other=0.0)
+        keep = (est > thr) & m_tk  # (T_PAD, BLOCK_K)
+        row = tl.max(keep.to(tl.int32), axis=0) > 0  # (BLOCK_K,) some token keeps the neuron: read its rows
+        rows = offs_k.to(tl.int64)
+        acc_g, acc_u = _rows_dot(x_ptr, w_in_ptr, w_up_ptr, rows, row, offs_t, offs_t < T, D, HAS_UP, T_PAD, BLOCK_K,
+                                 BLOCK_D)  # kept rows only
+        pdl_launch_next(USE_PDL)
+        h = _gate_up_act(acc_g, acc_u, b_in_ptr, rows, mask_k, HAS_UP, HAS_BIAS, ACT)
+        tl.store(h_ptr + offs_t[:, None] * F + offs_k[None, :], tl.where(keep, h, 0.0), mask=m_tk)
+        if COUNT:
+            tl.atomic_add(count_ptr, tl.sum(tl.sum(keep.to(tl.float32), axis=1), axis=0))
+
+
+def scored_ffn_in(x: torch.Tensor, w_in: torch.Tensor, est: torch.Tensor, threshold: torch.Tensor, act: str = "silu",
+                  w_up: torch.Tensor | None = None, b_in: torch.Tensor | None = None,
+                  count: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, backend: str = "auto",
+                  block_k: int = 32, block_d: int = 256, warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """The FFN activation of the neurons whose score passes a threshold: x (T, d) with T <= 16, w_in / w_up (F, d),
+    est (T, F) fp32 each token's score per neuron (the sketch's estimate), threshold (1,) fp32 on the device ->
+    a (T, F) in out_dtype (default x's): act(x·W_inᵀ + b_in)·(x·W_upᵀ) where est > threshold, else 0. The kernel
+    reads the gate/up rows of the neurons some token keeps and nothing else; count (1,) fp32 gets the kept
+    (token, neuron) pairs added (the realized sparsity, counted on the device). The down projection then reads only
+    the rows of the nonzero entries of a (sparse_input.input_sparse_linear with threshold 0)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    T, D = x.shape
+    F_ = w_in.shape[0]
+    if est.shape != (T, F_) or threshold.numel() != 1:
+        raise ValueError(f"est must be (T, F) = ({T}, {F_}) and threshold one element, got {tuple(est.shape)} and "
+                         f"{tuple(threshold.shape)}")
+    out_dtype = out_dtype or x.dtype
+    if not use_triton(x, backend):
+        keep = est > threshold.to(est.device)
+        if count is not None:
+            count.add_(keep.sum().float())
+        a = apply_act(F.linear(x, w_in, b_in), act)
+        a = a if w_up is None else a * F.linear(x, w_up)
+        return torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device)).to(out_dtype)
+    if T > 16:
+        raise ValueError(f"the scored FFN kernel takes up to 16 tokens, got {T}")
+    h = torch.empty(T, F_, device=x.device, dtype=out_dtype)
+    dummy = x
+    _scored_in_kernel[(triton.cdiv(F_, block_k),)](
+        x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy,
+        est.contiguous(), threshold, h, count if count is not None else est, T, F_, D, HAS_UP=w_up is not None,
+        HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), COUNT=count is not None, T_PAD=16,
+        BLOCK_K=max(block_k, 16), BLOCK_D=block_d, num_warps=warps, num_stages=stages, **pdl_kwargs(x))
+    return h
 
 
 def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,

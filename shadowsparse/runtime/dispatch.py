@@ -49,6 +49,11 @@ MEASURED: dict[str, dict[int, float]] = {
     "ffn+sketch": {1: 0.98, 2: 0.62, 8: 0.46},
     "ffn+heads+sketch": {1: 1.11},
     "sketch+teal": {1: 1.00, 2: 0.62, 8: 0.50},  # sketch FFN + teal on the attention inputs (H200 b1; H100 b1 1.14)
+    # sketch_threshold: the sketch's estimate against calibrated per-layer thresholds, no top-k (the scored gate/up
+    # kernel and the input-sparse down GEMV); alone and with teal 40% on the attention inputs. H100 session 11
+    # (docs/benchmark-h100-selectors-session11.jsonl; the top-k sketch in the same run: 1.09 / 0.62 / 0.54)
+    "ffn+sketch+threshold": {1: 1.21, 2: 1.01, 8: 0.76},
+    "sketch+teal+threshold": {1: 1.31, 2: 1.02, 8: 0.74},
     "ffn+gate": {1: 0.91, 2: 0.58, 8: 0.53},
     "ffn+gate+verify": {1: 0.74, 2: 0.41},
     "ffn+sketch+verify": {1: 0.80, 2: 0.42, 8: 0.34},
@@ -70,6 +75,8 @@ MEASURED_PREFILL: dict[str, dict[int, float]] = {
     "ffn+sketch": {8: 0.69, 64: 0.89},
     "ffn+sketch+verify": {8: 0.48, 64: 0.65},
     "sketch+teal": {8: 0.62, 64: 0.89},
+    "ffn+sketch+threshold": {8: 0.70, 64: 0.56},  # H100 session 11
+    "sketch+teal+threshold": {8: 0.68, 64: 0.53},
 }
 
 

@@ -74,7 +74,7 @@ from ..errors import ConfigError
 from ..gating import n_keep, topk_mask
 from ..kernels.attention import causal_visible, decode_attention, prefill_attention, soft_cap
 from ..kernels.common import BACKENDS
-from ..kernels.ffn import apply_act, gated_ffn
+from ..kernels.ffn import apply_act, gated_ffn, scored_ffn_in
 from ..kernels.kv_window import kv_window_write
 from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
@@ -83,7 +83,8 @@ from ..kernels.sketch import topk_indices
 from ..kernels.sparse_input import act_input_sparse_linear, act_mask_input, input_sparse_linear, mask_input
 from .dispatch import path_of, runs_dense as fallback_rule, validate as validate_fallback
 from .cache import InputWindow, StaticKVCache
-from .ffn_select import GateFFNSelector, LTEFFNSelector, SketchFFNSelector, VerifyFFNSelector
+from .ffn_select import GateFFNSelector, LTEFFNSelector, SketchFFNSelector, SketchThresholdFFNSelector, \
+    VerifyFFNSelector
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
@@ -208,6 +209,7 @@ class DecodeEngine:
         self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.teal = self._plan_input_sparsity(input_sparsity)
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
+        self.zero_threshold = torch.zeros(1, device=self.device)  # |a| > 0: the nonzero activations' down rows
         self.window = self._plan_lazy_kv()
         self.window_rope = None  # per layer (cos, sin) (W, D) fp32 of the window's positions, per lazy step (Llama)
         # the fp32 residual stream (module docstring); not where input thresholds are the only gating and every
@@ -229,6 +231,7 @@ class DecodeEngine:
             feats.add("verify")
             sel = sel.proposer
         feats |= {"sketch"} if isinstance(sel, SketchFFNSelector) else set()
+        feats |= {"sketch", "threshold"} if isinstance(sel, SketchThresholdFFNSelector) else set()
         feats |= {"gate"} if isinstance(sel, GateFFNSelector) else set()
         feats |= {"lte"} if isinstance(sel, LTEFFNSelector) else set()
         feats |= {self.teal.label} if self.teal is not None else set()
@@ -681,6 +684,8 @@ class DecodeEngine:
             return self._ffn_thresholded(layer, hf, rf, into)
         if sel is not None and isinstance(self.ffn_selector, VerifyFFNSelector):
             return self._ffn_verify(layer, hf, rf, into)
+        if sel is not None and isinstance(self.ffn_selector, SketchThresholdFFNSelector):
+            return self._ffn_scored(layer, hf, rf, into)
         idx, keep, mask = self._ffn_choice(layer, hf, sel, gi)
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
@@ -790,6 +795,22 @@ class DecodeEngine:
         if into:
             return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, out=rf)
         return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, residual=rf)
+
+    def _ffn_scored(self, layer, hf, rf, into: bool):
+        """sketch_threshold (ffn_select.SketchThresholdFFNSelector) -> resid + ffn. Up to KERNEL_TOKENS rows: the
+        sketch scores every neuron, one kernel computes a = act(gate)·up reading only the gate/up rows of the
+        neurons whose estimate passes the layer's threshold (zeros elsewhere), and the input-sparse GEMV reads the
+        down rows of the nonzero a (threshold 0). More rows: every neuron on cuBLAS, each token's others zeroed."""
+        lw, sel, be = self.w.layers[layer], self.ffn_selector, self.cfg.backend
+        if hf.shape[0] > KERNEL_TOKENS:
+            keep = sel.keep(layer, hf)  # (n, F) bool, counted
+            a = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
+            a = (a if lw.w_up is None else a * F.linear(hf, lw.w_up)) * keep.to(self.dtype)
+            return _add_linear(rf, a, lw.down_w, lw.b_out, into)
+        a = scored_ffn_in(hf, lw.w_in, sel.scores(layer, hf), sel.threshold(layer), self.w.act, w_up=lw.w_up,
+                          b_in=lw.b_in, count=sel.counter(layer), out_dtype=self.dtype, backend=be)  # (n, F)
+        kw = dict(out=rf) if into else dict(residual=rf)
+        return input_sparse_linear(a, lw.down_t, self.zero_threshold, lw.b_out, backend=be, **kw)
 
     def _ffn_choice(self, layer, hf, sel, gi):
         """This gated layer's FFN choice -> (idx (K,) int32, keep (n, K) or None, None) for the gathered kernels, or

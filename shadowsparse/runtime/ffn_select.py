@@ -4,6 +4,8 @@ each token's top k (the same rule as the mask path's hooks), then reads only tho
 
   SketchFFNSelector   the sketch selector (shadowsparse/selectors/verify.py, `sketch`): a packed 2/3-bit copy of
                       W_gate and W_up scores |act(gate)·up| per neuron (kernels/sketch.py; act the FFN's own)
+  SketchThresholdFFNSelector  sketch_threshold: the same estimate against a per-layer threshold calibrated on the
+                      calibration text (no top-k: a neuron is read when its estimate passes, kernels/ffn.scored_ffn_in)
   GateFFNSelector     CATS (selectors/gate.py, `gate`): the real gate projection in full, |act(gate)| per neuron;
                       the gathered kernels then read the kept rows of gate (again), up and down — at 50% the FFN
                       reads 1/3 + 1/2 of its bytes
@@ -46,6 +48,51 @@ class SketchFFNSelector:
         """The selector's extra weight bytes (read once per step for every gated layer)."""
         return sum(p.nbytes for p in self.sketches.values())
 
+
+class SketchThresholdFFNSelector:
+    """sketch_threshold (selectors/verify.py): the sketch's estimate of |act(gate)·up| per neuron, kept where it
+    exceeds the layer's threshold (the mask path's own, verify.SketchThresholdScores, calibrated as the s-quantile
+    of the estimates on the calibration text). No top-k runs in the step: the gate/up kernel reads the rows of the
+    neurons that pass (kernels/ffn.scored_ffn_in), the down projection those of the nonzero activations. The
+    realized sparsity varies per token; ``kept`` counts the kept (token, neuron) pairs per layer on the device.
+
+    sketch: the SketchFFNSelector whose estimates are thresholded; thresholds: (L,) fp32 (layers before the first
+    gated one unused)."""
+
+    name = "sketch_threshold"
+
+    def __init__(self, sketch: SketchFFNSelector, thresholds: torch.Tensor):
+        self.sketch, self.act = sketch, sketch.act
+        device = next(iter(sketch.sketches.values())).words.device
+        self.thresholds = thresholds.float().to(device)
+        self.kept = torch.zeros_like(self.thresholds)  # (L,) fp32 kept (token, neuron) pairs
+
+    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d) -> (n, F) fp32 estimates (SketchFFNSelector.scores)."""
+        return self.sketch.scores(layer, h)
+
+    def threshold(self, layer: int) -> torch.Tensor:
+        """(1,) fp32 on the device: a view, so a captured graph reads the live value."""
+        return self.thresholds[layer:layer + 1]
+
+    def counter(self, layer: int) -> torch.Tensor:
+        return self.kept[layer:layer + 1]
+
+    def keep(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d) -> (n, F) bool: which neurons each token keeps (a many-token step's mask), counted."""
+        keep = self.scores(layer, h) > self.threshold(layer)
+        self.kept[layer] += keep.sum()
+        return keep
+
+    def kept_per_layer(self) -> list[float]:
+        """Kept (token, neuron) pairs per layer since the last reset (a host copy)."""
+        return self.kept.tolist()
+
+    def reset_counts(self) -> None:
+        self.kept.zero_()
+
+    def nbytes(self) -> int:
+        return self.sketch.nbytes()
 
 class GateFFNSelector:
     """gates: gated layer -> its W_gate (F, d) (the model's own tensor, on the engine's device); act: the FFN's

@@ -3,11 +3,13 @@ input and keeps the top q as candidates; the verify stage keeps the top (1 - s) 
 
   sketch           a low-bit copy of W_gate and W_up estimates |silu(gate)*up|; its top (1 - s) are kept (no verify
                    stage: decided before the FFN runs)
+  sketch_threshold the same estimate kept where it exceeds a per-layer threshold calibrated on the calibration text
+                   (no top-k: the engine reads the rows that pass; realized sparsity varies per token)
   sketch_verify    the same sketch proposes evaluate.verify.q of the neurons, verified by |a|
   gate_verify      the real gate projection in full proposes (CATS-style), verified by |a|
   predictor_verify a per-layer low-rank predictor of the FFN input proposes (trained here on calibration text)
 
-All four select FFN neurons only; the sketch and gate proposers need a gated (SwiGLU) FFN.
+All five select FFN neurons only; the sketch and gate proposers need a gated (SwiGLU) FFN.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from ..config import verify_config, window_spec
 from ..data import WindowSpec, token_windows
 from ..gating import n_keep
 from ..quant import ffn_input_hessians
-from ..verify import VerifyScores, sketch_bytes
+from ..verify import SketchThresholdScores, VerifyScores, sketch_bytes
 from ..verify_predictor import FFNInputPredictor, train_verify_predictor
 from .base import Run, Selector
 from .registry import register
@@ -142,6 +144,32 @@ class Sketch(SketchProposer):
         proposer = self.sketch_selector(ctx)
         return proposer if isinstance(proposer, str) else {"ffn_selector": proposer}
 
+
+
+@register
+class SketchThreshold(SketchProposer):
+    name = "sketch_threshold"
+
+    def runs(self, ctx):  # calibrated on the calibration text, never on the evaluation windows
+        vcfg = verify_config(ctx.cfg)
+        source = SketchThresholdScores.calibrate(
+            ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), vcfg, ctx.first_layer,
+            qcache=ctx.shared.setdefault("sketch_copies", {}), hessians=self.hessians(ctx), seed=ctx.cfg.seed)
+        ffn = ctx.view.dims.ffn  # the kept set is the candidate set: both counted from the hooks' masks
+        yield Run(source, self.levels(ctx), granularity="token", budget="local",  # per-layer thresholds
+                  selector_bytes=self.selector_bytes(ctx),
+                  stats_extra=lambda f: {"realized_candidate_sparsity": source.candidate_sparsity(f, ffn)},
+                  more={"criterion": None, **self.variant_fields(ctx)})
+
+    def engine_parts(self, ctx, run):
+        """The sketch's packed copy scoring every neuron, the thresholds of the run's first level (its FFN
+        sparsity), kernels that read the rows that pass (runtime/ffn_select.SketchThresholdFFNSelector)."""
+        from ..runtime.ffn_select import SketchThresholdFFNSelector
+        proposer = self.sketch_selector(ctx)
+        if isinstance(proposer, str):
+            return proposer
+        thr = run.source.thresholds(run.levels[0][0], ctx.view.dims.n_layers)  # (L,) the hooks' own
+        return {"ffn_selector": SketchThresholdFFNSelector(proposer, thr)}
 
 @register
 class SketchVerify(SketchProposer):
