@@ -218,9 +218,14 @@ class EngineDecoder:
             return {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0, "gated_layers": gated}
         per_layer = self._layer_sparsity(dims, n, e)
         ffn = sum(per_layer) / len(per_layer) if per_layer else 1 - self.rows["neurons"] / (n * dims.ffn)
-        return {"realized_ffn_sparsity": ffn, "realized_ffn_sparsity_per_layer": per_layer,
-                "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
-                "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
+        out = {"realized_ffn_sparsity": ffn, "realized_ffn_sparsity_per_layer": per_layer,
+               "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
+               "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
+        if out["selector_bytes"]:  # of the bytes one decode step reads at the last context length: a byte share,
+            # not a time share (benchmark.py times the selector alone: selector_share)
+            from .runtime.bench import step_bytes
+            out["selector_byte_share"] = out["selector_bytes"] / step_bytes(e, 1, getattr(self, "pos", 0))
+        return out
 
     def _layer_sparsity(self, dims, n: int, e) -> list[float]:
         """Realized FFN sparsity of each gated layer over the n tokens run (the current engine's device counts

@@ -261,14 +261,18 @@ class SparsityCounter:
         self.skipped: dict = {k: 0.0 for k in self.KEYS}  # tensors on the model's device once counting starts
         self.rows = {k: 0 for k in self.KEYS}  # (token, layer) rows seen
         self.gated_layers = 0
+        self.layer_neurons: dict[int, list] = {}  # layer -> [skipped neurons, tokens] (FFN only)
 
-    def add(self, key: str, mask: torch.Tensor, tokens: int) -> None:
+    def add(self, key: str, mask: torch.Tensor, tokens: int, layer: int | None = None) -> None:
         skipped = (mask == 0).sum(-1)  # (B|1, T|1) skipped units per row
         # stays on the model's device: no host sync per hook (on the first layer's device when device_map splits the
         # model over GPUs: tensors of two GPUs do not add)
         inc, total = skipped.double().mean().detach() * tokens, self.skipped[key]
         self.skipped[key] = total + (inc.to(total.device) if isinstance(total, torch.Tensor) else inc)
         self.rows[key] += tokens
+        if key == "neurons" and layer is not None:  # each layer's own count (its device: no sync, no transfer)
+            tally = self.layer_neurons.setdefault(layer, [0.0, 0])
+            tally[0], tally[1] = tally[0] + inc, tally[1] + tokens
 
     def stats(self, n_heads: int, ffn: int, n_kv_heads: int) -> dict:
         """Realized sparsity over the gated layers, counted from the masks actually applied (not assumed)."""
@@ -277,6 +281,9 @@ class SparsityCounter:
         for key, name in (("neurons", "ffn"), ("heads", "head"), ("kv_groups", "kv_group")):
             rows = self.rows[key]
             out[f"realized_{name}_sparsity"] = float(self.skipped[key]) / (rows * units[key]) if rows else 0.0
+        if self.layer_neurons:  # per gated layer, in layer order
+            out["realized_ffn_sparsity_per_layer"] = [float(sk) / (n * ffn) if n else 0.0 for _, (sk, n) in
+                                                      sorted(self.layer_neurons.items())]
         out["gated_layers"] = self.gated_layers
         return out
 
@@ -344,9 +351,9 @@ class GatingHandle(HookHandle):
             _ATTACHED[model] = self
 
     # -- hooks ---------------------------------------------------------------------------------------------------
-    def _count(self, key: str, mask: torch.Tensor, tokens: int) -> None:
+    def _count(self, key: str, mask: torch.Tensor, tokens: int, layer: int | None = None) -> None:
         if self.cfg.count:
-            self.counter.add(key, mask, tokens)
+            self.counter.add(key, mask, tokens, layer)
 
     def _mask(self, kind: str, layer: int, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.budget == "local":
@@ -396,7 +403,7 @@ class GatingHandle(HookHandle):
         def hook(module, args):
             x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT)
             mask = self._mask("neurons", layer, x)  # broadcastable to x
-            self._count("neurons", mask, x.numel() // x.shape[-1])
+            self._count("neurons", mask, x.numel() // x.shape[-1], layer)
             return (x * mask,) + tuple(args[1:])
         return hook
 

@@ -151,6 +151,9 @@ def test_load_gated_sketch_threshold_runs_the_engine_and_agrees_with_the_hooks(l
     assert len(per_layer) == st["gated_layers"] and all(0.2 < s < 0.8 for s in per_layer)
     assert st["realized_ffn_sparsity"] == pytest.approx(sum(per_layer) / len(per_layer))
     assert len(set(per_layer)) > 1  # thresholds: each layer realizes its own sparsity
+    assert 0 < st["selector_byte_share"] < 0.5  # the sketch's copies against the bytes of a whole step
+    hooks_layers = ref.stats()["realized_ffn_sparsity_per_layer"]  # the mask path counts per layer too
+    assert len(hooks_layers) == len(per_layer) and max(abs(a - b) for a, b in zip(hooks_layers, per_layer)) < 0.05
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2),
