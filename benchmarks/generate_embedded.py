@@ -38,7 +38,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--decode-windows", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--methods", default="dense:0,sketch:0.3,sketch:0.5,sketch:0.7",
+    ap.add_argument("--methods", default="dense:0,sketch:0.5,sketch_threshold:0.3,sketch_threshold:0.5,"
+                                         "sketch_threshold:0.7",
                     help="method:sparsity pairs, comma-separated (load_gated's method and ffn_sparsity)")
     ap.add_argument("--out", default="generate.json")
     args = ap.parse_args()

@@ -59,7 +59,7 @@ for part in "${parts[@]}"; do
                          | tee "$OUT/teal-masked.txt" ;;
         selectors) for m in ${SEL_MODELS:-llama-2-7b llama-3-8b mistral-7b opt-13b}; do
                        timeout "${SEL_TIMEOUT:-900}" python3 benchmark.py "bench.models=[$m]" "bench.batches=${SEL_BATCHES:-[1,2,8]}" \
-                           "bench.methods=${SEL_METHODS:-[dense,ffn50+heads50,predictor+ffn50+heads50,teal40,teal50,threshold+ffn50,gate+ffn50,gate_verify+ffn50,sketch+ffn50,sketch_verify+ffn50,sketch+ffn50+teal40attn]}" \
+                           "bench.methods=${SEL_METHODS:-[dense,ffn50+heads50,predictor+ffn50+heads50,teal40,teal50,threshold+ffn50,gate+ffn50,gate_verify+ffn50,sketch+ffn50,sketch_thr+ffn50,sketch_verify+ffn50,sketch+ffn50+teal40attn,sketch_thr+ffn50+teal40attn]}" \
                            bench.out="$OUT/selectors.jsonl" 2>&1 | tee -a "$OUT/selectors.txt" || true
                    done ;;
         sparse-input) python3 benchmarks/sparse_input_kernel.py --tokens 1 8 --sparsity 0.4 0.5 --per-sm 2 4 \

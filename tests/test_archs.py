@@ -28,7 +28,7 @@ from shadowsparse.selectors import get_selector
 from shadowsparse.selectors.random import RandomScores
 from shadowsparse.teal import TealThresholds, attach_teal
 from shadowsparse.training_free import GateScores, ThresholdScores
-from shadowsparse.verify import VerifyConfig, VerifyScores
+from shadowsparse.verify import SketchThresholdScores, VerifyConfig, VerifyScores
 
 FAMILIES = sorted(ARCHS)  # every registered family: a new registry row without a tiny config fails here
 GLU = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text", "phi3"}
@@ -279,11 +279,15 @@ def _source(name: str, model: nn.Module):
     if name == "gate":
         return GateScores(), 0.0
     vcfg = VerifyConfig()  # 3-bit midrise sketch of gate and up, groups of 64 (d_model here)
+    if name == "sketch_threshold":  # the same sketch, per-layer thresholds on its estimates
+        return SketchThresholdScores.calibrate(model, CALIB, vcfg, first_layer=1), 0.0
     q = {"sketch": 0.5, "sketch_verify": 0.75, "gate_verify": 0.75}[name]
     return VerifyScores(q, None, "gate" if name == "gate_verify" else "sketch", sketch=vcfg), 0.0
 
 
-SELECTORS = ["random", "static", "predictor", "threshold", "gate", "sketch", "sketch_verify", "gate_verify"]
+SELECTORS = ["random", "static", "predictor", "threshold", "gate", "sketch", "sketch_threshold", "sketch_verify",
+             "gate_verify"]
+SKETCHED = ("sketch", "sketch_threshold", "sketch_verify")
 
 
 @pytest.mark.parametrize("selector", SELECTORS)
@@ -296,7 +300,7 @@ def test_selector_mask_path_equals_a_hand_sliced_forward(family, selector):
     model = tiny(family)
     view = ModelView(model)
     d = view.dims
-    if selector in ("gate", "sketch", "sketch_verify", "gate_verify") and family not in GLU:
+    if selector in ("gate", *SKETCHED, "gate_verify") and family not in GLU:
         reason = get_selector(selector).skip_reason(types.SimpleNamespace(view=view))
         assert reason and "needs a gated FFN" in reason  # refused with the reason, never reading a wrong module
         with pytest.raises(ConfigError, match="gated FFN"):
@@ -318,17 +322,18 @@ def test_selector_mask_path_equals_a_hand_sliced_forward(family, selector):
         torch.testing.assert_close(rec["y", i], hand_ffn(raw, x, keep)[0], **TOL)  # = reading only the kept rows
         dense_a = hand_ffn(raw, x)[1]
         expected = _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i)
-        if selector == "threshold":  # its own per-layer threshold, not a count
-            thr = source._neuron_thr[i]
-            clear = (dense_a.abs() - thr).abs() > 1e-5
-            assert torch.equal(keep[clear], (dense_a.abs() > thr)[clear])
+        if selector in ("threshold", "sketch_threshold"):  # its own per-layer threshold, not a count
+            thr = source._neuron_thr[i] if selector == "threshold" else source._thr[i]
+            score = dense_a.abs() if selector == "threshold" else expected
+            clear = (score - thr).abs() > 1e-5
+            assert torch.equal(keep[clear].bool(), (score > thr)[clear])
         elif expected is not None:
             assert_top(keep, expected, k)
         else:
             assert keep.sum(-1).eq(k).all()
         if head_s:
             _check_heads(family, selector, source, view, rec, masks, i)
-    if selector != "threshold":
+    if selector not in ("threshold", "sketch_threshold"):
         assert stats["realized_ffn_sparsity"] == pytest.approx(1 - k / d.ffn, abs=1e-9)
 
 
@@ -340,13 +345,15 @@ def _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i):
         return source(rec["h1"])[1][:, :, i].reshape(dense_a.shape)
     if selector == "gate":
         return raw.act(x @ raw.gate.T).abs()
-    if selector in ("sketch", "sketch_verify", "gate_verify"):
+    if selector in (*SKETCHED, "gate_verify"):
         if selector == "gate_verify":
             est = raw.act(x @ raw.gate.T).abs()
         else:
             cfg = VerifyConfig()
             qg, qu = (quantize_rows(w, cfg.bits, cfg.group, cfg.quantizer) for w in (raw.gate, raw.up))
             est = (raw.act(x @ qg.T) * (x @ qu.T)).abs()
+        if selector == "sketch_threshold":
+            return est
         n_cand = max(n_keep(est.shape[1], 0.5), round(source.q * est.shape[1]))
         if n_cand == n_keep(est.shape[1], 0.5):
             return est  # nothing to verify: the proposal is the keep set

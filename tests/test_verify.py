@@ -239,7 +239,7 @@ def test_sketch_without_verify_is_a_top_k_of_the_estimate(ids):
 
 def test_default_run_evaluates_the_sketch_selectors():
     cfg = compose()  # what `make run` composes
-    assert {"sketch", "sketch_verify"} <= set(cfg.evaluate.methods)
+    assert {"sketch", "sketch_threshold", "sketch_verify"} <= set(cfg.evaluate.methods)
     v = verify_config(cfg)
     assert (v.sketch, v.bits, v.group, v.quantizer, v.qs, v.calib_windows) == ("act", 3, 64, "gptq", [0.6], 32)
 
