@@ -68,7 +68,9 @@ class HooksDecoder:
         """Realized sparsity, counted from the masks the hooks applied."""
         if self.attach is not None:  # the selector's own counts; the neurons skipped are the down inputs zeroed
             st = self.handle.stats() if self.handle is not None else {}
-            return {**st, "realized_ffn_sparsity": st.get("realized_ffn_out_sparsity", 0.0)}
+            if "realized_ffn_out_sparsity" in st or "realized_ffn_sparsity" not in st:  # teal's handle
+                st = {**st, "realized_ffn_sparsity": st.get("realized_ffn_out_sparsity", 0.0)}
+            return st
         return self.counter.stats(dims.n_heads, dims.ffn, dims.n_kv_heads)
 
 
@@ -205,6 +207,12 @@ class EngineDecoder:
         tokens read the union of their sets)."""
         n, e = self.rows["tokens"], self.engine
         out = self._input_stats(dims, n, e) if self.inputs is not None else self._unit_stats(dims, n, e)
+        if self.inputs is not None and self.config.ffn_sparsity:  # FFN units chosen next to thresholds on the
+            # attention inputs (sketch_teal): the FFN's counts are the units'
+            unit = self._unit_stats(dims, n, e)
+            out.update({k: unit[k] for k in ("realized_ffn_sparsity", "realized_ffn_sparsity_per_layer",
+                                             "selector_byte_share") if k in unit})
+            out["selector_bytes"] = out.get("selector_bytes", 0) + unit.get("selector_bytes", 0)
         if e is not None:  # how many tokens ran dense under the fallback rule, and the rule (runtime/dispatch.py)
             from .runtime import dispatch
             out.update(dense_fallback_tokens=self.rows["dense_tokens"],

@@ -35,6 +35,7 @@ class TealNode:  # the teal method's allocation of sparsity over each layer's in
     windows: int = 2  # greedy: calibration windows its block forwards run on
     step: float = 0.05  # greedy: the raise of one input's sparsity per try
     max_sparsity: float = 0.8  # greedy: the largest layer sparsity allocated (levels above it are refused)
+    sketch_attn: float = 0.3  # sketch_teal: teal's sparsity on the attention inputs (q/k/v and o), uniform
 
 
 @dataclass

@@ -77,9 +77,10 @@ class TealHandle(HookHandle):
     """Pre-hooks zeroing input channels below threshold on every projection from first_layer on."""
 
     def __init__(self, model: nn.Module, thresholds: TealThresholds, sparsity: float, first_layer: int = 0,
-                 counts: dict | None = None):
+                 counts: dict | None = None, inputs: tuple[str, ...] | None = None):
         """counts: {"zeros": {}, "rows": {}} shared by several attachments (gated generation attaches once per
-        call) so that stats() covers all of them."""
+        call) so that stats() covers all of them. inputs: the input names thresholded (projection_inputs' keys;
+        None: all), the others left dense (their realized sparsity reads 0)."""
         if not 0.0 <= sparsity < 1.0:
             raise ConfigError(f"TEAL sparsity must be in [0, 1), got {sparsity}")
         self.view = view = ModelView(model)
@@ -90,9 +91,15 @@ class TealHandle(HookHandle):
         for name in projection_inputs(view):
             self.zeros.setdefault(name, 0.0)
             self.rows.setdefault(name, 0)
+        unknown = sorted(set(inputs or ()) - set(projection_inputs(view)))
+        if unknown or inputs == ():
+            raise ConfigError(f"teal inputs must be a non-empty subset of {tuple(projection_inputs(view))}, got "
+                              f"{inputs!r}")
         self._hooks = []
         for i in range(first_layer, view.dims.n_layers) if sparsity > 0 else []:
             for name, paths in projection_inputs(view).items():
+                if inputs is not None and name not in inputs:
+                    continue
                 t = thr[name, i]
                 for j, path in enumerate(paths):  # every projection reading this input gets the same mask
                     self._hooks.append(view.module(i, path).register_forward_pre_hook(self._hook(name, t, j == 0)))
@@ -129,5 +136,5 @@ class TealHandle(HookHandle):
 
 
 def attach_teal(model, thresholds: TealThresholds, sparsity: float, first_layer: int = 0,
-                counts: dict | None = None) -> TealHandle:
-    return TealHandle(model, thresholds, sparsity, first_layer, counts)
+                counts: dict | None = None, inputs: tuple[str, ...] | None = None) -> TealHandle:
+    return TealHandle(model, thresholds, sparsity, first_layer, counts, inputs)

@@ -62,6 +62,10 @@ ALLOCATIONS = ("uniform", "greedy")
 def validate_teal_config(node, levels: list[float]) -> None:
     """evaluate.teal (schema.TealNode, or a dict of its keys) before any model loads; levels: the teal levels to be
     evaluated."""
+    attn = node.get("sketch_attn", 0.3)
+    if isinstance(attn, bool) or not isinstance(attn, (int, float)) or not 0 < attn < 1:
+        raise ConfigError(f"evaluate.teal.sketch_attn (sketch_teal's sparsity on the attention inputs) must be in "
+                          f"(0, 1), got {attn!r}; e.g. evaluate.teal.sketch_attn=0.3")
     if node["allocation"] not in ALLOCATIONS:
         raise ConfigError(f"evaluate.teal.allocation must be one of {ALLOCATIONS}, got {node['allocation']!r}")
     if node["allocation"] == "uniform":

@@ -43,6 +43,8 @@ CASES = [
     ("conflicting-budget-and-predictor", "predictor=per_layer gating.budget=global",
      r"per_layer predictor scores one layer at a time: use budget=local"),
     ("unknown-method", "evaluate.methods=[dense,magic]", r"unknown evaluation method\(s\) \['magic'\]; registered: dense"),
+    ("sketch-teal-attention-sparsity-out-of-range", "evaluate.teal.sketch_attn=1.2",
+     r"evaluate.teal.sketch_attn \(sketch_teal's sparsity on the attention inputs\) must be in \(0, 1\), got 1.2"),
     ("unknown-teal-allocation", "evaluate.teal.allocation=layerwise",
      r"evaluate.teal.allocation must be one of \('uniform', 'greedy'\), got 'layerwise'"),
     ("teal-level-above-greedy-range", "evaluate.methods=[dense,teal] evaluate.teal.allocation=greedy "

@@ -152,8 +152,8 @@ def test_load_gated_counts_dense_fallback_tokens_and_perplexity_stays_gated(llam
     assert 0 < st["realized_ffn_sparsity"] < st_never["realized_ffn_sparsity"]
 
 
-@pytest.mark.parametrize("method", ["sketch", "sketch_threshold", "sketch_verify", "gate", "gate_verify", "teal",
-                                    "threshold"])
+@pytest.mark.parametrize("method", ["sketch", "sketch_threshold", "sketch_teal", "sketch_verify", "gate",
+                                    "gate_verify", "teal", "threshold"])
 def test_every_engine_selector_path_was_measured(llama, method):
     """Each training-free selector's engine path is a key of the shipped table: a path missing from it would stay
     gated wherever it loses (rule 3), so a renamed feature or a new selector without a measurement fails here."""

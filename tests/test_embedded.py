@@ -83,7 +83,8 @@ def test_pipeline_on_embedded_model(tmp_path):
 # 1e-3: the tiny-model tests (tests/test_engine_selectors.py, test_engine_input_sparsity.py) hold every selector to
 # 2e-6 where no flip happens, and the 1e-3 bar needs tens of thousands of tokens (the GPU).
 ENGINE_METHODS = [("dense", 0.0, 1e-4), ("teal", 0.4, 8e-2), ("threshold", 0.5, 8e-2), ("sketch", 0.5, 3e-2),
-                  ("sketch_threshold", 0.5, 3e-2), ("sketch_verify", 0.5, 3e-2), ("gate", 0.5, 3e-2),
+                  ("sketch_threshold", 0.5, 3e-2), ("sketch_teal", 0.5, 8e-2), ("sketch_verify", 0.5, 3e-2),
+                  ("gate", 0.5, 3e-2),
                   ("gate_verify", 0.5, 3e-2)]
 
 

@@ -155,6 +155,34 @@ def test_load_gated_sketch_threshold_runs_the_engine_and_agrees_with_the_hooks(l
     hooks_layers = ref.stats()["realized_ffn_sparsity_per_layer"]  # the mask path counts per layer too
     assert len(hooks_layers) == len(per_layer) and max(abs(a - b) for a, b in zip(hooks_layers, per_layer)) < 0.05
 
+
+def test_load_gated_sketch_teal_runs_both_selectors_in_the_engine(llama):
+    """sketch_teal: sketch_threshold on the FFN with teal on the attention inputs, one engine (the scored FFN
+    kernels and the input-sparse q/k/v and o GEMVs): perplexity and greedy text as the hooks'; stats report the
+    FFN's and the attention inputs' realized sparsity on both paths."""
+    model, tok = llama
+    kw = dict(tokenizer=tok, calib=CALIB, ffn_sparsity=0.5,
+              overrides=FAST + ["evaluate.threshold_windows=4", "evaluate.teal.sketch_attn=0.4"])
+    fast = ss.load_gated(model, method="sketch_teal", engine="kernels", **kw)
+    ref = ss.load_gated(model, method="sketch_teal", engine="hooks", **kw)
+    parts = fast.decoder.parts
+    assert isinstance(parts["ffn_selector"], SketchThresholdFFNSelector)
+    assert parts["input_sparsity"].inputs == ("attn_in", "attn_out")
+    windows = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(4))
+    p_ref = ref.perplexity(windows)
+    assert fast.perplexity(windows) == pytest.approx(p_ref, rel=1e-3)
+    assert fast.perplexity(windows, token_by_token=True) == pytest.approx(p_ref, rel=1e-3)
+    only_ffn = ss.load_gated(model, method="sketch_threshold", engine="hooks", **kw).perplexity(windows)
+    assert abs(p_ref / only_ffn - 1) > 1e-5  # the attention inputs were thresholded too
+    prompts = ["one prompt", "two words"]
+    assert fast.generate(prompts, max_new_tokens=5) == ref.generate(prompts, max_new_tokens=5)
+    st_fast, st_ref = fast.stats(), ref.stats()
+    for key in ("realized_ffn_sparsity", "realized_attn_in_sparsity", "realized_attn_out_sparsity"):
+        assert st_fast[key] == pytest.approx(st_ref[key], abs=0.03), key
+    assert st_fast["realized_attn_in_sparsity"] == pytest.approx(0.4, abs=0.1)
+    assert st_fast["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.1)
+    assert len(st_fast["realized_ffn_sparsity_per_layer"]) == st_fast["gated_layers"]
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2),
                                           ("gemma2", 1)])

@@ -22,19 +22,19 @@ def test_pipeline_end_to_end(tmp_path, family, criterion):
     cfg = smoke(tmp_path, f"llm.name=random:{family}", f"targets={criterion}")
     metrics = run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
-    # the default methods; the sketch selectors need SwiGLU (FFN levels: 3 sketch rows, 3 sketch_threshold rows, 2
-    # sketch_verify q=0.6 rows)
-    sketch = {"sketch", "sketch_threshold", "sketch_verify"} if family != "opt" else set()
+    # the default methods; the sketch selectors need SwiGLU (FFN levels: 3 rows each of sketch, sketch_threshold and
+    # sketch_teal, 2 sketch_verify q=0.6 rows)
+    sketch = {"sketch", "sketch_threshold", "sketch_teal", "sketch_verify"} if family != "opt" else set()
     assert {r["method"] for r in rows} == {"dense", "predictor", "oracle", "static"} | sketch
-    assert len(rows) == 1 + 3 * 4 + (8 if sketch else 0)
+    assert len(rows) == 1 + 3 * 4 + (11 if sketch else 0)
     assert all(r["budget"] == ("local" if r["method"] != "dense" else None) for r in rows)
     for r in rows:
         assert SCHEMA <= set(r), SCHEMA - set(r)
         if r["method"] != "dense":
             assert r["criterion"] == (criterion if r["method"] not in sketch else None)  # training-free: none
             # thresholds (sketch_threshold) realize about the level on text other than their calibration's
-            assert abs(r["realized_ffn_sparsity"] - r["ffn_sparsity"]) < (0.1 if r["method"] == "sketch_threshold"
-                                                                          else 0.02)
+            threshold = r["method"] in ("sketch_threshold", "sketch_teal")
+            assert abs(r["realized_ffn_sparsity"] - r["ffn_sparsity"]) < (0.1 if threshold else 0.02)
     assert (tmp_path / "run" / "predictor" / "model.safetensors").exists()
     assert "val/recall_ffn" in metrics and metrics["predictor_params"] > 0
     # stages read only artifacts: evaluate alone reuses the targets and the checkpoint

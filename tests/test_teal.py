@@ -41,3 +41,22 @@ def test_teal_bad_sparsity():
     thr = TealThresholds.calibrate(model, torch.randint(0, 256, (1, 8)))
     with pytest.raises(ConfigError):
         attach_teal(model, thr, 1.0)
+
+
+@torch.no_grad()
+def test_teal_on_some_inputs_only():
+    """inputs=: only the named projection inputs are thresholded (sketch_teal's attention half); the others keep
+    their values and read 0 realized sparsity; an unknown or empty set is refused."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(6))
+    thr = TealThresholds.calibrate(model, windows)
+    with attach_teal(model, thr, 0.5, inputs=("attn_in", "attn_out")) as h:
+        model(input_ids=windows)
+        stats = h.stats()
+        hooked = {name for name, m in model.named_modules() if m._forward_pre_hooks}
+    assert 0.3 < stats["realized_attn_in_sparsity"] < 0.7 and 0.3 < stats["realized_attn_out_sparsity"] < 0.7
+    assert stats["realized_ffn_in_sparsity"] == stats["realized_ffn_out_sparsity"] == 0.0
+    assert hooked and all("self_attn" in name for name in hooked)
+    for bad in (("attn_in", "mlp"), ()):
+        with pytest.raises(ConfigError, match="teal inputs must be a non-empty subset"):
+            attach_teal(model, thr, 0.5, inputs=bad)

@@ -239,7 +239,7 @@ def test_sketch_without_verify_is_a_top_k_of_the_estimate(ids):
 
 def test_default_run_evaluates_the_sketch_selectors():
     cfg = compose()  # what `make run` composes
-    assert {"sketch", "sketch_threshold", "sketch_verify"} <= set(cfg.evaluate.methods)
+    assert {"sketch", "sketch_threshold", "sketch_teal", "sketch_verify"} <= set(cfg.evaluate.methods)
     v = verify_config(cfg)
     assert (v.sketch, v.bits, v.group, v.quantizer, v.qs, v.calib_windows) == ("act", 3, 64, "gptq", [0.6], 32)
 
@@ -275,6 +275,37 @@ def test_pipeline_sketch_rows_levels_and_bytes(tmp_path, family, caplog):
         by_hand = n * F * d * 4 * (2 * cand + r["realized_ffn_sparsity"]) - int(sketch)
         assert r["weight_bytes_skipped"] == pytest.approx(by_hand / decoder_linear_bytes(view), rel=1e-6)
 
+
+
+def test_pipeline_sketch_teal_rows_and_bytes(tmp_path):
+    """sketch_teal's rows: FFN levels, teal at evaluate.teal.sketch_attn on the attention inputs (realized about
+    that), the FFN half identical to sketch_threshold's masks, and the bytes the sum of the two decisions: the
+    sketch's (its copy charged) plus the attention projections' skipped input columns."""
+    from shadowsparse.pipeline import run
+    from shadowsparse.report import method_label
+    from tests.test_pipeline import smoke
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.collect=false", "stages.fit=false",
+              "evaluate.methods=[dense,sketch_threshold,sketch_teal]", "evaluate.teal.sketch_attn=0.4"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    alone = {r["ffn_sparsity"]: r for r in rows if r["method"] == "sketch_threshold"}
+    both = {r["ffn_sparsity"]: r for r in rows if r["method"] == "sketch_teal"}
+    assert sorted(both) == sorted(alone) == [0.3, 0.5, 0.7]
+    view = ModelView(tiny_model("llama"))
+    d, n = view.dims, view.dims.n_layers - 1
+    attn_cols = n * (d.hidden * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim + d.hidden * d.n_heads * d.head_dim) * 4
+    for s, r in both.items():
+        assert r["attn_sparsity"] == 0.4 and method_label(r).endswith("attn=0.4")
+        inputs = r["realized_input_sparsity"]
+        assert inputs["realized_attn_in_sparsity"] == pytest.approx(0.4, abs=0.1)
+        assert r["realized_candidate_sparsity"] == r["realized_ffn_sparsity"]
+        sketch_part = weight_bytes_skipped(view, "verify", {**r, "gated_layers": n}, sketch_bytes(
+            view, n, verify_config(smoke(tmp_path))))
+        attn_part = (inputs["realized_attn_in_sparsity"] * (d.n_heads + 2 * d.n_kv_heads) / (2 * d.n_heads + 2 *
+                     d.n_kv_heads) + inputs["realized_attn_out_sparsity"] * d.n_heads / (2 * d.n_heads + 2 *
+                                                                                        d.n_kv_heads))
+        by_hand = sketch_part + attn_part * attn_cols / decoder_linear_bytes(view)
+        assert r["weight_bytes_skipped"] == pytest.approx(by_hand, rel=1e-6)
+        assert r["weight_bytes_skipped"] > alone[s]["weight_bytes_skipped"]
 
 def test_gptq_sketch_by_hand_and_on_correlated_inputs():
     from shadowsparse.quant import gptq_act_order, gptq_rows

@@ -150,11 +150,19 @@ class Sketch(SketchProposer):
 class SketchThreshold(SketchProposer):
     name = "sketch_threshold"
 
-    def runs(self, ctx):  # calibrated on the calibration text, never on the evaluation windows
-        vcfg = verify_config(ctx.cfg)
-        source = SketchThresholdScores.calibrate(
-            ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), vcfg, ctx.first_layer,
-            qcache=ctx.shared.setdefault("sketch_copies", {}), hessians=self.hessians(ctx), seed=ctx.cfg.seed)
+    def threshold_source(self, ctx) -> SketchThresholdScores:
+        """The estimates' calibration, on the calibration text (never the evaluation windows); once per context
+        (sketch_teal reuses it)."""
+        if "sketch_threshold" not in ctx.shared:
+            ctx.shared["sketch_threshold"] = SketchThresholdScores.calibrate(
+                ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), verify_config(ctx.cfg),
+                ctx.first_layer, qcache=ctx.shared.setdefault("sketch_copies", {}), hessians=self.hessians(ctx),
+                seed=ctx.cfg.seed)
+        return ctx.shared["sketch_threshold"]
+
+    def runs(self, ctx):
+        source = self.threshold_source(ctx)
+        source.candidate_stats.clear()  # counts of this method's passes only (sketch_teal shares the source)
         ffn = ctx.view.dims.ffn  # the kept set is the candidate set: both counted from the hooks' masks
         yield Run(source, self.levels(ctx), granularity="token", budget="local",  # per-layer thresholds
                   selector_bytes=self.selector_bytes(ctx),
@@ -170,6 +178,7 @@ class SketchThreshold(SketchProposer):
             return proposer
         thr = run.source.thresholds(run.levels[0][0], ctx.view.dims.n_layers)  # (L,) the hooks' own
         return {"ffn_selector": SketchThresholdFFNSelector(proposer, thr)}
+
 
 @register
 class SketchVerify(SketchProposer):

@@ -1,0 +1,114 @@
+"""sketch_teal: one selector per sub-block, as the decode engine runs them together — sketch_threshold on the FFN
+(the sketch's estimate of |act(gate)·up| against each layer's calibrated threshold, at the level's FFN sparsity)
+and teal on the attention inputs (q/k/v's input and o's input zeroed below their per-layer |x| quantiles at
+evaluate.teal.sketch_attn). FFN levels only; the bytes of a row are the FFN's (the sketch's decision, its copy
+charged) plus the attention projections' skipped input columns (teal's count)."""
+from __future__ import annotations
+
+import logging
+import math
+
+from ..accounting import weight_bytes_skipped
+from ..gating import GatingConfig, HookHandle, SparsityCounter, attach_gating
+from ..perplexity import window_nll
+from ..progress import progress
+from ..teal import TealThresholds, attach_teal
+from .base import Run
+from .registry import register
+from .verify import SketchThreshold
+
+log = logging.getLogger("shadowsparse")
+
+ATTN = ("attn_in", "attn_out")  # the inputs teal thresholds here (runtime/input_sparsity.INPUTS names)
+
+
+class SketchTealHandle(HookHandle):
+    """The two handles of one attachment: the sketch's gating hooks (FFN) and teal's (attention inputs)."""
+
+    def __init__(self, gating, teal):
+        self.gating, self.teal = gating, teal
+        self._hooks = []  # each handle owns its own
+
+    def remove(self) -> None:
+        self.gating.remove()
+        self.teal.remove()
+
+    def stats(self) -> dict:
+        """The FFN's realized sparsity (per layer too) and the attention inputs'."""
+        teal = self.teal.stats()
+        return {**self.gating.stats(), **{f"realized_{n}_sparsity": teal[f"realized_{n}_sparsity"] for n in ATTN}}
+
+
+@register
+class SketchTeal(SketchThreshold):
+    name = "sketch_teal"
+    decision = "input"  # its rows' bytes come from the two handles' counts (sketch FFN + teal attention)
+
+    def attn_sparsity(self, ctx) -> float:
+        node = ctx.cfg.evaluate.get("teal")  # absent from the configs of runs made before it existed
+        return float(node.get("sketch_attn", 0.3)) if node is not None else 0.3
+
+    def teal_thresholds(self, ctx) -> TealThresholds:
+        """|x| calibration magnitudes per (input, layer) on the calibration text, uniform (no allocation)."""
+        if "teal_uniform" not in ctx.shared:
+            ctx.shared["teal_uniform"] = TealThresholds.calibrate(
+                ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
+        return ctx.shared["teal_uniform"]
+
+    def attach(self, ctx, ffn: float, counter: SparsityCounter | None = None, counts: dict | None = None):
+        """Both hook sets on ctx.model at FFN sparsity ``ffn`` (counter / counts: shared by several attachments, so
+        that stats() covers every call of gated generation)."""
+        source, thresholds = self.threshold_source(ctx), self.teal_thresholds(ctx)
+        gating = attach_gating(ctx.model, source, GatingConfig(ffn_sparsity=ffn, head_sparsity=0.0,
+                                                               first_layer=ctx.first_layer), counter=counter)
+        try:
+            teal = attach_teal(ctx.model, thresholds, self.attn_sparsity(ctx), ctx.first_layer, counts, inputs=ATTN)
+        except BaseException:
+            gating.remove()
+            raise
+        return SketchTealHandle(gating, teal)
+
+    def runs(self, ctx):
+        """For gated generation (load_gated): one level each, the hooks attached per call; evaluate() has its own
+        loop and rows."""
+        source = self.threshold_source(ctx)
+        for ffn, heads in self.levels(ctx):
+            counter, counts = SparsityCounter(), {"zeros": {}, "rows": {}}
+            yield Run(source, [(ffn, heads)], granularity="token", budget="local",
+                      attach=lambda model, ffn=ffn, counter=counter, counts=counts: self.attach(ctx, ffn, counter,
+                                                                                                 counts))
+
+    def engine_parts(self, ctx, run):
+        """sketch_threshold's FFN selector and teal's thresholds on the attention inputs: the engine reads the gate/up
+        rows of the neurons that pass, the down rows of the nonzero activations, and the q/k/v and o rows of the
+        kept input channels (runtime/input_sparsity.py)."""
+        from ..runtime.input_sparsity import InputSparsity
+        parts = super().engine_parts(ctx, run)
+        if isinstance(parts, str):
+            return parts
+        parts["input_sparsity"] = InputSparsity.from_teal(self.teal_thresholds(ctx), self.attn_sparsity(ctx),
+                                                          ctx.view.dims.n_layers, ctx.first_layer, inputs=ATTN)
+        return parts
+
+    def evaluate(self, ctx, evaluation):
+        attn, batch, sel_bytes = self.attn_sparsity(ctx), ctx.cfg.data.eval.batch_size, self.selector_bytes(ctx)
+        for ffn, _ in self.levels(ctx):
+            with self.attach(ctx, ffn) as handle:
+                nll, n = 0.0, 0
+                for ids in progress(evaluation.windows.split(batch), desc=f"sketch_teal s={ffn:.2f}", unit="batch"):
+                    nll += window_nll(ctx.model, ids.to(ctx.device))
+                    n += ids[:, 1:].numel()
+                st = handle.stats()
+                st["realized_candidate_sparsity"] = st["realized_ffn_sparsity"]  # the kept set is the candidates
+                skipped = weight_bytes_skipped(ctx.view, "verify", st, sel_bytes) + handle.teal.weight_bytes_skipped()
+            evaluation.add({**evaluation.base, "method": self.name, "criterion": None, "granularity": "token",
+                            "budget": "local", "ffn_sparsity": ffn, "head_sparsity": 0.0, "attn_sparsity": attn,
+                            "value": math.exp(nll / n), "realized_ffn_sparsity": st["realized_ffn_sparsity"],
+                            "realized_head_sparsity": 0.0,
+                            "realized_input_sparsity": {f"realized_{k}_sparsity": st[f"realized_{k}_sparsity"]
+                                                        for k in ATTN},
+                            "realized_candidate_sparsity": st["realized_candidate_sparsity"],
+                            "weight_bytes_skipped": skipped, "n_tokens": n, **self.variant_fields(ctx)})
+            log.info("sketch_teal ffn=%.2f attn=%.2f %s ppl=%.4f (realized ffn %.3f, attention inputs %.3f / %.3f)",
+                     ffn, attn, ctx.cfg.data.eval.name, math.exp(nll / n), st["realized_ffn_sparsity"],
+                     st["realized_attn_in_sparsity"], st["realized_attn_out_sparsity"])
