@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 
 from .accounting import weight_bytes_skipped
@@ -15,7 +16,8 @@ from .arch import ModelView
 from .config import window_spec
 from .data import token_windows
 from .gating import GatingConfig, SparsityCounter, attach_gating
-from .perplexity import Level, evaluate_levels
+from .perplexity import Level, evaluate_levels, window_nll
+from .progress import progress
 from .errors import ConfigError
 from .report import PARTIAL_RESULTS, append_result, publish_results
 from .selectors import EvalContext, Run, Selector, get_selector
@@ -124,6 +126,36 @@ class Evaluation:
                     if metric != "n":
                         self._log(self.row(selector, run, lv, counter, task, metric, value, None,
                                            {**run.more, "n_examples": res["n"], "task_limit": limit}))
+
+    def run_hooks(self, selector: Selector, level: tuple, attach, describe, more: dict | None = None) -> None:
+        """One level of a selector with hooks of its own (teal, sketch_teal): perplexity on the evaluation windows,
+        then the lm-eval task rows when configured, each through a fresh attachment so that each row's realized
+        sparsity counts its own tokens. attach() -> a handle (context manager); describe(handle) -> the row's
+        measured fields (realized_ffn_sparsity, realized_head_sparsity, weight_bytes_skipped, ...)."""
+        ffn, heads = level
+        model, batch = self.ctx.model, self.cfg.data.eval.batch_size
+        base = {**self.base, "method": selector.name, "granularity": "token", "budget": "local",
+                "ffn_sparsity": ffn, "head_sparsity": heads, **(more or {})}
+        with attach() as handle:
+            nll, n = 0.0, 0
+            for ids in progress(self.windows.split(batch), desc=f"{selector.name} s={ffn:.2f}", unit="batch"):
+                nll += window_nll(model, ids.to(self.ctx.device))
+                n += ids[:, 1:].numel()
+            fields = describe(handle)
+        self._log({**base, "dataset": self.cfg.data.eval.name, "metric": "ppl", "value": math.exp(nll / n),
+                   "n_tokens": n, **fields})
+        if not self.tasks:
+            return
+        limit = self.cfg.evaluate.task_limit
+        with attach() as handle:
+            results = evaluate_tasks(model, self.ctx.tok, self.tasks, limit=limit,
+                                     batch_size=self.cfg.evaluate.task_batch_size)
+            fields = describe(handle)
+        for task, res in results.items():
+            for metric, value in res.items():
+                if metric != "n":
+                    self._log({**base, "dataset": task, "metric": metric, "value": value, "n_tokens": None,
+                               "n_examples": res["n"], "task_limit": limit, **fields})
 
     def _log(self, row: dict) -> None:
         self.add(row)

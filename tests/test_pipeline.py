@@ -88,6 +88,31 @@ def test_lm_eval_tasks_on_the_gated_model(tmp_path):
             assert r["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_task_rows_for_selectors_with_hooks_of_their_own(tmp_path, monkeypatch):
+    """teal and sketch_teal attach their own hooks: their task rows go through the same attachment as their
+    perplexity row (a fresh count each), and the TEAL calibration is taken once for both."""
+    from shadowsparse.teal import TealThresholds
+    calls = []
+    calibrate = TealThresholds.calibrate.__func__
+    monkeypatch.setattr(TealThresholds, "calibrate",
+                        classmethod(lambda cls, *a, **k: calls.append(1) or calibrate(cls, *a, **k)))
+    run(smoke(tmp_path, "evaluate.tasks=[copa]", "evaluate.task_limit=4", "evaluate.methods=[teal,sketch_teal]",
+              "evaluate.threshold_windows=2", "gating.ffn_sparsity=0.5"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert len(calls) == 1
+    assert sorted((r["method"], r["dataset"]) for r in rows) == [
+        ("sketch_teal", "copa"), ("sketch_teal", "wikitext2"), ("teal", "copa"), ("teal", "wikitext2")]
+    for r in rows:
+        assert SCHEMA <= set(r), SCHEMA - set(r)
+        assert r["ffn_sparsity"] == 0.5 and r["criterion"] is None and r["weight_bytes_skipped"] > 0
+        inputs = r["realized_input_sparsity"]
+        assert 0.1 < inputs["realized_attn_in_sparsity"] < 0.9  # counted inside lm-eval's own passes too
+        if r["dataset"] == "copa":
+            assert r["metric"] == "acc" and r["n_examples"] == 4 and r["n_tokens"] is None
+        if r["method"] == "sketch_teal":
+            assert r["attn_sparsity"] == 0.3 and 0.2 < r["realized_ffn_sparsity"] < 0.8
+
+
 def test_collect_on_task_data_with_answer_only_loss(tmp_path):
     from shadowsparse.targets import read_manifest
     run(smoke(tmp_path, "data.calib.task=copa", "data.calib.n_windows=6", "targets=plainact",

@@ -5,19 +5,13 @@ evaluate.teal.sketch_attn). FFN levels only; the bytes of a row are the FFN's (t
 charged) plus the attention projections' skipped input columns (teal's count)."""
 from __future__ import annotations
 
-import logging
-import math
-
 from ..accounting import weight_bytes_skipped
 from ..gating import GatingConfig, HookHandle, SparsityCounter, attach_gating
-from ..perplexity import window_nll
-from ..progress import progress
 from ..teal import TealThresholds, attach_teal
 from .base import Run
 from .registry import register
+from .teal import calibration
 from .verify import SketchThreshold
-
-log = logging.getLogger("shadowsparse")
 
 ATTN = ("attn_in", "attn_out")  # the inputs teal thresholds here (runtime/input_sparsity.INPUTS names)
 
@@ -49,11 +43,9 @@ class SketchTeal(SketchThreshold):
         return float(node.get("sketch_attn", 0.3)) if node is not None else 0.3
 
     def teal_thresholds(self, ctx) -> TealThresholds:
-        """|x| calibration magnitudes per (input, layer) on the calibration text, uniform (no allocation)."""
-        if "teal_uniform" not in ctx.shared:
-            ctx.shared["teal_uniform"] = TealThresholds.calibrate(
-                ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
-        return ctx.shared["teal_uniform"]
+        """|x| calibration magnitudes per (input, layer) on the calibration text, uniform (no allocation): the
+        calibration teal takes too, once per context."""
+        return calibration(ctx)
 
     def attach(self, ctx, ffn: float, counter: SparsityCounter | None = None, counts: dict | None = None):
         """Both hook sets on ctx.model at FFN sparsity ``ffn`` (counter / counts: shared by several attachments, so
@@ -91,24 +83,18 @@ class SketchTeal(SketchThreshold):
         return parts
 
     def evaluate(self, ctx, evaluation):
-        attn, batch, sel_bytes = self.attn_sparsity(ctx), ctx.cfg.data.eval.batch_size, self.selector_bytes(ctx)
-        for ffn, _ in self.levels(ctx):
-            with self.attach(ctx, ffn) as handle:
-                nll, n = 0.0, 0
-                for ids in progress(evaluation.windows.split(batch), desc=f"sketch_teal s={ffn:.2f}", unit="batch"):
-                    nll += window_nll(ctx.model, ids.to(ctx.device))
-                    n += ids[:, 1:].numel()
-                st = handle.stats()
-                st["realized_candidate_sparsity"] = st["realized_ffn_sparsity"]  # the kept set is the candidates
-                skipped = weight_bytes_skipped(ctx.view, "verify", st, sel_bytes) + handle.teal.weight_bytes_skipped()
-            evaluation.add({**evaluation.base, "method": self.name, "criterion": None, "granularity": "token",
-                            "budget": "local", "ffn_sparsity": ffn, "head_sparsity": 0.0, "attn_sparsity": attn,
-                            "value": math.exp(nll / n), "realized_ffn_sparsity": st["realized_ffn_sparsity"],
-                            "realized_head_sparsity": 0.0,
-                            "realized_input_sparsity": {f"realized_{k}_sparsity": st[f"realized_{k}_sparsity"]
-                                                        for k in ATTN},
-                            "realized_candidate_sparsity": st["realized_candidate_sparsity"],
-                            "weight_bytes_skipped": skipped, "n_tokens": n, **self.variant_fields(ctx)})
-            log.info("sketch_teal ffn=%.2f attn=%.2f %s ppl=%.4f (realized ffn %.3f, attention inputs %.3f / %.3f)",
-                     ffn, attn, ctx.cfg.data.eval.name, math.exp(nll / n), st["realized_ffn_sparsity"],
-                     st["realized_attn_in_sparsity"], st["realized_attn_out_sparsity"])
+        sel_bytes = self.selector_bytes(ctx)
+
+        def describe(handle):
+            st = handle.stats()
+            return {"realized_ffn_sparsity": st["realized_ffn_sparsity"], "realized_head_sparsity": 0.0,
+                    "realized_input_sparsity": {f"realized_{k}_sparsity": st[f"realized_{k}_sparsity"] for k in ATTN},
+                    "realized_candidate_sparsity": st["realized_ffn_sparsity"],  # the kept set is the candidates
+                    "weight_bytes_skipped": weight_bytes_skipped(ctx.view, "verify", {
+                        **st, "realized_candidate_sparsity": st["realized_ffn_sparsity"]}, sel_bytes)
+                    + handle.teal.weight_bytes_skipped()}
+
+        for ffn, heads in self.levels(ctx):
+            evaluation.run_hooks(self, (ffn, heads), lambda ffn=ffn: self.attach(ctx, ffn), describe,
+                                 {"criterion": None, "attn_sparsity": self.attn_sparsity(ctx),
+                                  **self.variant_fields(ctx)})

@@ -3,16 +3,18 @@ calibrated on the calibration text). It gates inputs, not heads or neurons, so i
 (shadowsparse/teal.py) and rows: realized sparsity per input kind, bytes from the input channels skipped."""
 from __future__ import annotations
 
-import logging
-import math
-
-from ..perplexity import window_nll
-from ..progress import progress
 from ..teal import TealThresholds, attach_teal
 from .base import Run, Selector
 from .registry import register
 
-log = logging.getLogger("shadowsparse")
+
+def calibration(ctx) -> TealThresholds:
+    """The |x| calibration magnitudes per (input, layer) on the calibration text (never the evaluation windows),
+    without an allocation: taken once per context, shared by teal and sketch_teal."""
+    if "teal_calibration" not in ctx.shared:
+        ctx.shared["teal_calibration"] = TealThresholds.calibrate(
+            ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
+    return ctx.shared["teal_calibration"]
 
 
 @register
@@ -25,8 +27,7 @@ class Teal(Selector):
         """Calibration magnitudes per (input, layer), on the calibration text (never the evaluation windows), and
         with evaluate.teal.allocation=greedy TEAL's per-input allocation on its first windows; once per context."""
         if "teal" not in ctx.shared:
-            thresholds = TealThresholds.calibrate(
-                ctx.model, ctx.calib_windows(ctx.cfg.evaluate.threshold_windows), ctx.cfg.seed)
+            thresholds = TealThresholds(calibration(ctx).samples)
             node = ctx.cfg.evaluate.get("teal")  # absent from the configs of runs made before it existed
             if node is not None and node.allocation == "greedy":
                 from ..teal_allocation import greedy_allocation
@@ -55,18 +56,13 @@ class Teal(Selector):
 
     def evaluate(self, ctx, evaluation):
         thresholds = self.thresholds(ctx)
-        batch = ctx.cfg.data.eval.batch_size
-        for ffn, _ in self.levels(ctx):
-            with attach_teal(ctx.model, thresholds, ffn, ctx.first_layer) as handle:
-                nll, n = 0.0, 0
-                for ids in progress(evaluation.windows.split(batch), desc=f"teal s={ffn:.2f}", unit="batch"):
-                    nll += window_nll(ctx.model, ids.to(ctx.device))
-                    n += ids[:, 1:].numel()
-                st = handle.stats()
-                evaluation.add({**evaluation.base, "method": "teal", "criterion": None, "granularity": "token",
-                                "budget": "local", "ffn_sparsity": ffn, "head_sparsity": 0.0,
-                                "value": math.exp(nll / n), "realized_ffn_sparsity": st["realized_ffn_out_sparsity"],
-                                "realized_head_sparsity": 0.0, "realized_input_sparsity": st,
-                                "weight_bytes_skipped": handle.weight_bytes_skipped(), "n_tokens": n})
-            log.info("teal s=%.2f %s ppl=%.4f (realized inputs %s)", ffn, ctx.cfg.data.eval.name, math.exp(nll / n),
-                     {k: round(v, 3) for k, v in st.items()})
+
+        def describe(handle):
+            st = handle.stats()
+            return {"realized_ffn_sparsity": st["realized_ffn_out_sparsity"], "realized_head_sparsity": 0.0,
+                    "realized_input_sparsity": st, "weight_bytes_skipped": handle.weight_bytes_skipped()}
+
+        for ffn, heads in self.levels(ctx):
+            evaluation.run_hooks(self, (ffn, heads), lambda ffn=ffn: attach_teal(ctx.model, thresholds, ffn,
+                                                                                 ctx.first_layer), describe,
+                                 {"criterion": None})
