@@ -171,7 +171,7 @@ class EngineDecoder:
         if self.inputs is not None and e is not None and e.teal is not None:
             self.kept = [a + b for a, b in zip(self.kept, e.teal.kept_per_input(e.first_layer))]
             e.reset_counts()
-        if e is not None and _counts_neurons(e):
+        if e is not None and e.counts_kept_neurons:
             self._add_layer_neurons(e, e.ffn_selector.kept_per_layer())
             e.ffn_selector.reset_counts()
 
@@ -191,7 +191,7 @@ class EngineDecoder:
         dense = e.runs_dense(tokens, tokens_per_seq > 1)
         self.rows["tokens"] += tokens
         self.rows["dense_tokens"] += tokens if dense else 0
-        per_layer = e.w.ffn if dense else (0 if _counts_neurons(e) else e.k_ffn)  # else counted on the device
+        per_layer = e.w.ffn if dense else (0 if e.counts_kept_neurons else e.k_ffn)  # else counted on the device
         self.rows["neurons"] += tokens * per_layer
         if e.gate_ffn or e.ffn_selector is not None:
             self._add_layer_neurons(e, [tokens * per_layer] * e.w.n_layers)
@@ -241,7 +241,7 @@ class EngineDecoder:
         if self.layer_neurons is None:
             return []
         kept = list(self.layer_neurons)
-        if e is not None and _counts_neurons(e):  # not folded yet: the engine still runs
+        if e is not None and e.counts_kept_neurons:  # not folded yet: the engine still runs
             kept = [a + b for a, b in zip(kept, e.ffn_selector.kept_per_layer())]
         first = e.first_layer if e is not None else (self.config.first_layer or 0)
         return [1 - kept[layer] / (n * dims.ffn) for layer in range(first, dims.n_layers)]
@@ -261,7 +261,3 @@ class EngineDecoder:
                 "realized_head_sparsity": 0.0, "gated_layers": dims.n_layers - first,
                 "selector_bytes": e.input_sparsity_bytes() if e is not None else 0}
 
-
-def _counts_neurons(engine) -> bool:
-    """Whether the engine's FFN selector counts its kept neurons on the device (a threshold, not a top-k)."""
-    return hasattr(engine.ffn_selector, "kept_per_layer")

@@ -319,6 +319,12 @@ class DecodeEngine:
     def gated(self) -> bool:
         return self.gate_heads or self.gate_ffn or self.teal is not None
 
+    @property
+    def counts_kept_neurons(self) -> bool:
+        """Whether the FFN selector counts its kept neurons per layer on the device (a threshold keeps a varying
+        number; a top-k keeps k_ffn, counted by the caller)."""
+        return isinstance(self.ffn_selector, SketchThresholdFFNSelector)
+
     def _needs_scores(self) -> bool:
         """Whether a step must be given scores (no predictor): heads gated, or neurons without a per-layer selector."""
         return self.predictor is None and (self.gate_heads or (self.gate_ffn and self.ffn_selector is None))

@@ -61,8 +61,8 @@ class SketchTeal(SketchThreshold):
         return SketchTealHandle(gating, teal)
 
     def runs(self, ctx):
-        """For gated generation (load_gated): one level each, the hooks attached per call; evaluate() has its own
-        loop and rows."""
+        """For gated generation (load_gated): one level each, the hooks attached per call (evaluate() attaches
+        fresh hooks per row: Evaluation.run_hooks)."""
         source = self.threshold_source(ctx)
         for ffn, heads in self.levels(ctx):
             counter, counts = SparsityCounter(), {"zeros": {}, "rows": {}}

@@ -37,7 +37,8 @@ class Teal(Selector):
         return ctx.shared["teal"]
 
     def runs(self, ctx):
-        """For gated generation (load_gated): the hooks of one level each; evaluate() has its own loop and rows."""
+        """For gated generation (load_gated): the hooks of one level each (evaluate() attaches fresh hooks per row:
+        Evaluation.run_hooks)."""
         thresholds = self.thresholds(ctx)
         for ffn, heads in self.levels(ctx):
             counts = {"zeros": {}, "rows": {}}  # one count over every call of this level
