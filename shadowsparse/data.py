@@ -8,6 +8,7 @@ non-overlapping windows of ``seq_len`` tokens — the standard perplexity protoc
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +47,39 @@ def resolve(path: str) -> str:
     return str(p)
 
 
+_SPLIT_PART = re.compile(r"^\s*(\w+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*$")
+
+
+def select_split(docs: list, split: str) -> list:
+    """The documents a ``datasets`` split string selects from a local file's (which has the one split "train"):
+    ``train``, slices ``train[a:b]`` (counts, negative counts or percents, as datasets reads them) and parts joined
+    with ``+`` (``train[:1000]+train[1100:]``). Without it, a host lacking datasets would read the whole file
+    whatever the split said: a held-out screen (``experiment=heldout_c4``) would score the calibration text."""
+    out: list = []
+    for part in split.split("+"):
+        m = _SPLIT_PART.match(part)
+        if m is None or m.group(1) != "train":
+            raise ConfigError(f"split '{split}' of a local file: use 'train', a slice such as 'train[1000:]' or "
+                              "'train[:10%]', or slices joined with '+' (a local file has only the split 'train')")
+
+        def bound(v):
+            if v is None:
+                return None
+            return round(int(v[:-1]) * len(docs) / 100) if v.endswith("%") else int(v)
+        out.extend(docs[bound(m.group(2)):bound(m.group(3))])
+    return out
+
+
 def _local_texts(src: TextSource, files: str) -> list:
     """The documents of a local file without the ``datasets`` library, as its builders would yield them: ``json``
     (JSON lines, or one JSON array) -> the ``text_field`` of each object; ``text`` -> lines, paragraphs or the whole
-    document (``sample_by``); ``parquet`` -> the column (pyarrow). Only for hosts without ``datasets`` (a GPU box
-    that gets its packages as wheels): datasets stays the normal path."""
+    document (``sample_by``); ``parquet`` -> the column (pyarrow); then the documents ``split`` selects
+    (select_split). Only for hosts without ``datasets`` (a GPU box that gets its packages as wheels): datasets stays
+    the normal path."""
+    return select_split(_local_docs(src, files), src.split)
+
+
+def _local_docs(src: TextSource, files: str) -> list:
     path = Path(files)
     if src.path == "json":
         raw = path.read_text(encoding="utf-8")
