@@ -13,9 +13,15 @@ listnet, bce) and ``ffn_input``, predictor_verify's per-layer predictor that rea
 
     students = [shared_student("shared", dims), ffn_input_student("ffn_r64", dims, layers=range(1, L))]
     history = fit_online(model, calib_windows, students, OnlineFitConfig(epochs=6), val_windows=heldout[:8])
+
+Known defect (docs/research.md, session 13): on CUDA (H100, torch 2.11) device memory grows by about one chunk's
+rows (~2.9 GB per 32 windows of 512 tokens) with every chunk and is not given back by gc, so an 80 GB card stops
+after ~25 chunks; the same loop on the CPU holds its memory flat. Until that is found, a fit that runs out of device
+memory stops (logged, recorded as "stopped" in its epoch record) and keeps what it fitted.
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -26,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .arch import ModelView
-from .criteria import get_criterion
 from .ffn_io import ffn_input_module
 from .fitting import normalize_scores
 from .gating import n_keep
@@ -89,37 +94,62 @@ def ffn_input_student(name: str, dims: dict, layers, rank: int = 64, lr: float |
 def score_chunk(model, ids: torch.Tensor, cfg: OnlineFitConfig, needs: set[str]) -> dict[str, torch.Tensor]:
     """Rows of one chunk of windows (B, T), on the model's device: normalized head (N, L, H) and neuron (N, L, F)
     scores in bf16, and what the students read: ``features`` (N, d) fp32, ``layer_inputs`` / ``ffn_inputs``
-    (N, L, d) bf16 (every layer's decoder input / FFN input)."""
-    from .targets.score import score_window
+    (N, L, d) bf16 (every layer's decoder input / FFN input).
+
+    Forward criteria only (activation: |a| per neuron, ‖W_o[:, h] x_h‖ per head, as targets.score records them);
+    each layer's scores are normalized inside its hook, so no fp32 (N, L, F) block is ever held, and the model runs
+    without a KV cache and with one position's logits."""
+    from .arch import head_contribution_norm
+    if cfg.criterion != "activation":
+        raise ValueError(f"online fitting scores the forward criterion 'activation', not {cfg.criterion!r}")
     view = ModelView(model)
-    L = view.dims.n_layers
-    ffn_in: dict[int, torch.Tensor] = {}
+    L, H, F_, d = view.dims.n_layers, view.dims.n_heads, view.dims.ffn, view.dims.hidden
+    n = ids.numel()
+    dev = ids.device
+    rows = {"heads": torch.empty(n, L, H, dtype=torch.bfloat16, device=dev),
+            "neurons": torch.empty(n, L, F_, dtype=torch.bfloat16, device=dev)}
+    for key in ("layer_inputs", "ffn_inputs"):
+        if key in needs:
+            rows[key] = torch.empty(n, L, d, dtype=torch.bfloat16, device=dev)
+
+    def head_hook(layer):
+        def hook(module, args):
+            s = head_contribution_norm(args[0].reshape(n, -1), view.attn_out_weight(layer), H)
+            rows["heads"][:, layer] = normalize_scores(s, cfg.eps).to(torch.bfloat16)
+        return hook
+
+    def neuron_hook(layer):
+        def hook(module, args):
+            rows["neurons"][:, layer] = normalize_scores(args[0].reshape(n, F_).float().abs(), cfg.eps).to(
+                torch.bfloat16)
+        return hook
+
+    def copy_hook(key, layer):
+        def hook(module, args, *rest):
+            h = args[0] if args else rest[0]["hidden_states"]
+            if key == "features":
+                rows[key] = h.reshape(n, d).float().clone()
+            else:
+                rows[key][:, layer] = h.reshape(n, d).to(torch.bfloat16)
+        return hook
+
     hooks = []
-    if "ffn_inputs" in needs:
-        for layer in range(L):
-            hooks.append(ffn_input_module(view, layer).register_forward_pre_hook(
-                lambda m, args, layer=layer: ffn_in.__setitem__(layer, args[0].detach().to(torch.bfloat16))))
+    for layer in range(L):
+        hooks.append(view.attn_out(layer).register_forward_pre_hook(head_hook(layer)))
+        hooks.append(view.ffn_down(layer).register_forward_pre_hook(neuron_hook(layer)))
+        if "layer_inputs" in needs:
+            hooks.append(view.layer(layer).register_forward_pre_hook(copy_hook("layer_inputs", layer),
+                                                                      with_kwargs=True))
+        if "ffn_inputs" in needs:
+            hooks.append(ffn_input_module(view, layer).register_forward_pre_hook(copy_hook("ffn_inputs", layer)))
+    if "features" in needs:  # the hidden state entering layer feature_layer + 1
+        hooks.append(view.layer(cfg.feature_layer + 1).register_forward_pre_hook(copy_hook("features", 0),
+                                                                                  with_kwargs=True))
     try:
-        heads, neurons, feat, layer_in = score_window(
-            model, get_criterion(cfg.criterion), ids, cfg.feature_layer, input_dtype=torch.bfloat16,
-            with_layer_inputs="layer_inputs" in needs, on_device=True)
+        model(input_ids=ids, use_cache=False, logits_to_keep=1)
     finally:
         for h in hooks:
             h.remove()
-    rows = {"heads": normalize_scores(heads.flatten(0, 1), cfg.eps).to(torch.bfloat16)}
-    neurons = neurons.flatten(0, 1)
-    out = torch.empty(neurons.shape, dtype=torch.bfloat16, device=neurons.device)
-    for a in range(0, neurons.shape[0], 4096):  # normalized in blocks: fp32 temporaries of one block at a time
-        out[a:a + 4096] = normalize_scores(neurons[a:a + 4096], cfg.eps).to(torch.bfloat16)
-    rows["neurons"] = out
-    del neurons
-    if "features" in needs:
-        rows["features"] = feat.flatten(0, 1).to(ids.device)
-    if "layer_inputs" in needs:
-        rows["layer_inputs"] = layer_in.flatten(0, 1)
-    if "ffn_inputs" in needs:
-        d = view.dims.hidden  # (B, T, d) per layer, or (B*T, d) where the model flattens tokens (OPT)
-        rows["ffn_inputs"] = torch.stack([ffn_in[layer].reshape(-1, d) for layer in range(L)], 1)
     return rows
 
 
@@ -159,6 +189,44 @@ def student_recall(s: Student, rows: dict, cfg: OnlineFitConfig, layers: list[in
     return float(topk_recall(pn.float(), tn.float(), n_keep(tn.shape[-1], cfg.ffn_sparsity)))
 
 
+def _train_chunk(students: list[Student], rows: dict, perm: torch.Tensor, cfg: OnlineFitConfig, autocast: bool):
+    device = perm.device
+    for s in students:
+        t = time.time()
+        for idx in perm.split(cfg.batch_size):
+            batch = {k: v[idx] for k, v in rows.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = student_loss(s, batch, cfg)
+            s.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            s.opt.step()
+            s.sched.step()
+            s.losses.append(loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        s.seconds += time.time() - t
+
+
+def _shorten(plan: dict, per_epoch: float, cfg: OnlineFitConfig, tokens: int) -> None:
+    """Fewer planned epochs (and LR-schedule steps) when cfg.epochs of ``per_epoch`` seconds exceed max_seconds."""
+    fit_epochs = max(1, min(cfg.epochs, int(cfg.max_seconds // per_epoch)))
+    if fit_epochs < plan["epochs"]:
+        log.info("online fit: ~%.0f s per epoch, %d epochs fit max_seconds=%.0f (not %d)", per_epoch, fit_epochs,
+                 cfg.max_seconds, cfg.epochs)
+        plan.update(epochs=fit_epochs, total=fit_epochs * math.ceil(tokens / cfg.batch_size))
+
+
+def _student_metrics(students: list[Student], val: dict | None, cfg: OnlineFitConfig, gated: list[int]) -> dict:
+    """Mean train loss of the epoch and held-out recall per student (no recall without val rows, e.g. after an
+    out-of-memory stop, when the device has no room for it)."""
+    out = {}
+    for s in students:
+        out[f"{s.name}/train_loss"] = float(torch.stack(s.losses).float().mean()) if s.losses else None
+        if val is not None:
+            out[f"{s.name}/val_recall_ffn"] = round(student_recall(s, val, cfg, gated), 4)
+    return out
+
+
 def fit_online(model, windows: torch.Tensor, students: list[Student], cfg: OnlineFitConfig,
                val_windows: torch.Tensor | None = None, on_epoch=None) -> list[dict]:
     """Fit ``students`` on ``windows`` (N, T) for cfg.epochs epochs, scoring each chunk with the model as it goes;
@@ -191,47 +259,44 @@ def fit_online(model, windows: torch.Tensor, students: list[Student], cfg: Onlin
         for s in students:
             s.losses = []
         order = torch.randperm(windows.shape[0], generator=g)
+        stopped = None
         for c, first in enumerate(range(0, len(order), cfg.chunk_windows)):
             t = time.time()
-            rows = score_chunk(model, windows[order[first:first + cfg.chunk_windows]].to(device), cfg, needs)
+            try:
+                rows = score_chunk(model, windows[order[first:first + cfg.chunk_windows]].to(device), cfg, needs)
+            except torch.OutOfMemoryError as exc:  # keep what was fitted so far: the caller evaluates it
+                stopped = f"out of memory at epoch {epoch} chunk {c}: {str(exc)[:200]}"
+                log.warning("online fit stopped: %s", stopped)
+                break
             if device.type == "cuda":
                 torch.cuda.synchronize()
+                if epoch == 0 and c < 3:
+                    log.info("online fit chunk %d scored: %.1f GB allocated", c, torch.cuda.memory_allocated() / 1e9)
             llm_s += time.time() - t
             n = rows["neurons"].shape[0]
             perm = torch.randperm(n, generator=g).to(device)
-            for s in students:
-                t = time.time()
-                for idx in perm.split(cfg.batch_size):
-                    batch = {k: v[idx] for k, v in rows.items()}
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        loss = student_loss(s, batch, cfg)
-                    s.opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    s.opt.step()
-                    s.sched.step()
-                    s.losses.append(loss.detach())
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                s.seconds += time.time() - t
+            try:
+                _train_chunk(students, rows, perm, cfg, autocast)
+            except torch.OutOfMemoryError as exc:
+                stopped = f"out of memory at epoch {epoch} chunk {c}: {str(exc)[:200]}"
+                log.warning("online fit stopped: %s", stopped)
+                break
             del rows
+            gc.collect()  # (a reference cycle must not keep a chunk's rows alive)
+            if epoch == 0 and c < 6 and device.type == "cuda":
+                log.info("online fit chunk %d: %.1f GB allocated", c, torch.cuda.memory_allocated() / 1e9)
             if epoch == 0 and c == 0 and cfg.max_seconds:  # project the whole fit from the first chunk
-                per_epoch = (time.time() - t0) * math.ceil(len(order) / cfg.chunk_windows)
-                fit_epochs = max(1, min(cfg.epochs, int(cfg.max_seconds // per_epoch)))
-                if fit_epochs < plan["epochs"]:
-                    log.info("online fit: ~%.0f s per epoch, %d epochs fit max_seconds=%.0f (not %d)", per_epoch,
-                             fit_epochs, cfg.max_seconds, cfg.epochs)
-                    plan.update(epochs=fit_epochs, total=fit_epochs * math.ceil(tokens / cfg.batch_size))
+                _shorten(plan, (time.time() - t0) * math.ceil(len(order) / cfg.chunk_windows), cfg, tokens)
         record = {"epoch": epoch, "seconds": round(time.time() - t0, 1), "llm_seconds": round(llm_s, 1),
-                  "tokens": tokens, "epochs_planned": plan["epochs"]}
-        for s in students:
-            record[f"{s.name}/train_loss"] = float(torch.stack(s.losses).float().mean()) if s.losses else None
-            if val is not None:
-                record[f"{s.name}/val_recall_ffn"] = round(student_recall(s, val, cfg, gated), 4)
+                  "tokens": tokens, "epochs_planned": plan["epochs"], **({"stopped": stopped} if stopped else {}),
+                  **_student_metrics(students, None if stopped else val, cfg, gated)}
         history.append(record)
         log.info("online fit epoch %d: %s", epoch, record)
         if on_epoch is not None:
             on_epoch(record)
         epoch += 1
+        if stopped:
+            break
     for s in students:
         s.predictor.eval().requires_grad_(False)
         if s.kind == "ffn_input":
