@@ -20,11 +20,22 @@ from .arch import ModelView
 DECISIONS = ("early", "after_gate", "late", "verify", "gate_verify")
 
 
+def linear_bytes_per_token(view: ModelView, path: str) -> int:
+    """Weight bytes of one decoder linear of a layer that a dense forward reads per token: all of it, or of an MoE
+    layer's expert weights the k of E experts a token is routed to."""
+    w = view.weight(0, path)
+    full = w.numel() * w.element_size()
+    d, s = view.dims, view.spec
+    if d.experts and path in (*s.ffn_in, s.ffn_down):
+        return full * d.experts_per_token // d.experts
+    return full
+
+
 def decoder_linear_bytes(view: ModelView) -> int:
     """Weight bytes of every decoder linear the spec names (q/k/v, o, FFN inputs, down; fused ones once), per token:
-    the denominator of every fraction skipped. Read from the spec, not by module type: GPT-2's Conv1D counts too."""
-    return sum(view.weight(i, p).numel() * view.weight(i, p).element_size()
-               for i in range(view.dims.n_layers) for p in view.decoder_linears())
+    the denominator of every fraction skipped. Read from the spec, not by module type: GPT-2's Conv1D counts too. MoE
+    layers count their routed experts' share (linear_bytes_per_token)."""
+    return view.dims.n_layers * sum(linear_bytes_per_token(view, p) for p in view.decoder_linears())
 
 
 def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes: int = 0) -> float:
@@ -40,7 +51,7 @@ def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes
     if when in ("verify", "gate_verify"):  # FFN only; stats carry the counted candidate sparsity
         n_in = view.spec.ffn_in_blocks - (1 if when == "gate_verify" else 0)  # gate+up (a fused one too) or fc1
         n = stats.get("gated_layers", d.n_layers)
-        skipped = n * d.ffn * d.hidden * esize * (stats["realized_candidate_sparsity"] * n_in
+        skipped = n * d.active_ffn * d.hidden * esize * (stats["realized_candidate_sparsity"] * n_in
                                                   + stats["realized_ffn_sparsity"])
         return (skipped - selector_bytes) / total
     blocks = view.spec.ffn_in_blocks  # F-row blocks of a neuron in the FFN inputs: gate and up, or fc1
@@ -49,7 +60,7 @@ def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes
     per_head_q_o = (2 if when == "early" else 1) * d.head_dim * d.hidden * esize
     per_kv_group = 2 * d.head_dim * d.hidden * esize if when == "early" else 0
     n = stats.get("gated_layers", d.n_layers)
-    skipped = n * (stats["realized_ffn_sparsity"] * d.ffn * per_neuron
+    skipped = n * (stats["realized_ffn_sparsity"] * d.active_ffn * per_neuron  # of the neurons a token computes
                    + stats["realized_head_sparsity"] * d.n_heads * per_head_q_o)
     if d.n_kv_heads < d.n_heads:
         skipped += n * stats.get("realized_kv_group_sparsity", 0.0) * d.n_kv_heads * per_kv_group

@@ -10,7 +10,9 @@ layout: a fused gate_up or q/k/v projection is split by row ranges, a GPT-2 ``Co
 transposed, so no other module special-cases a family.
 
 A family that is not listed is added with ``register_arch(model_type, ArchSpec(...))`` (README: "Adding a model
-family"); mixture-of-experts models are refused (``moe_refusal``).
+family"). Mixture-of-experts layers (Mixtral, Qwen3-MoE, OLMoE) get one neuron axis over all their experts
+(shadowsparse/moe.py: ``ArchSpec.experts`` names the experts module, which is swapped for one with hook points);
+other MoE layouts are refused (``moe_refusal``).
 """
 from __future__ import annotations
 
@@ -55,6 +57,8 @@ class ArchSpec:
     qkv: str = "separate"  # QKV_LAYOUTS
     gate_up: str = "separate"  # GATE_UP_LAYOUTS
     transposed: bool = False  # weights stored (in, out), as GPT-2's Conv1D; ModelView.weight reads them as (out, in)
+    experts: str | None = None  # MoE: dotted path of the fused experts module (moe.GateableExperts replaces it);
+    # the FFN paths then name its hook points (moe_spec)
 
     @property
     def ffn_in_blocks(self) -> int:
@@ -98,6 +102,10 @@ def _spec_problems(spec: ArchSpec) -> list[str]:
                               or (isinstance(spec.ffn_in, tuple) and len(spec.ffn_in) != 1)):
         bad.append(f"a plain FFN (glu=False) takes ffn_in=(fc1,), no ffn_gate and gate_up='separate', got ffn_in="
                    f"{spec.ffn_in}, ffn_gate={spec.ffn_gate!r}, gate_up={spec.gate_up!r}")
+    if spec.experts is not None and spec != moe_spec(spec.family, spec.layers_path, spec.attn_out, spec.attn_in,
+                                                     spec.experts, spec.qkv):
+        bad.append(f"experts={spec.experts!r} (a mixture-of-experts FFN) takes the hook points of its GateableExperts: "
+                   f"build the spec with moe_spec(family, layers_path, attn_out, attn_in, experts_path)")
     if isinstance(spec.ffn_in, tuple) and spec.ffn_down in spec.ffn_in or \
             isinstance(spec.attn_in, tuple) and spec.attn_out in spec.attn_in:
         bad.append("ffn_down / attn_out must be other modules than ffn_in / attn_in (the hook reads their input)")
@@ -125,6 +133,18 @@ _PHI3 = ArchSpec("phi3", "model.layers", "self_attn.o_proj", "mlp.down_proj", ("
                  ("self_attn.qkv_proj",), True, "mlp.gate_up_proj", "mlp.activation_fn", qkv="fused", gate_up="fused")
 _GPT_NEOX = ArchSpec("gpt_neox", "gpt_neox.layers", "attention.dense", "mlp.dense_4h_to_h", ("mlp.dense_h_to_4h",),
                      ("attention.query_key_value",), False, qkv="grouped")  # (B, T, H, 3D): q, k, v per head
+
+
+def moe_spec(family: str, layers_path: str, attn_out: str, attn_in: tuple[str, ...], experts: str,
+             qkv: str = "separate") -> ArchSpec:
+    """The spec of a family whose FFN is transformers' fused experts module at ``experts`` (moe.py): the FFN input
+    is its gate_up_in hook point (a fused gate_up over all experts' neurons), the down-projection input its down_in."""
+    return ArchSpec(family, layers_path, attn_out, f"{experts}.down_in", (f"{experts}.gate_up_in",), attn_in, True,
+                    f"{experts}.gate_up_in", f"{experts}.act_fn", qkv=qkv, gate_up="fused", experts=experts)
+
+
+_MIXTRAL = moe_spec("mixtral", "model.layers", "self_attn.o_proj", ("self_attn.q_proj", "self_attn.k_proj",
+                                                                    "self_attn.v_proj"), "mlp.experts")
 _GPT2 = ArchSpec("gpt2", "transformer.h", "attn.c_proj", "mlp.c_proj", ("mlp.c_fc",), ("attn.c_attn",), False,
                  qkv="fused", transposed=True)  # c_attn splits its output in q | k | v; Conv1D weights are (in, out)
 
@@ -145,6 +165,7 @@ ARCHS: dict[str, ArchSpec | Callable] = {
     "llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "smollm3": _LLAMA, "olmo2": _LLAMA,
     "stablelm": replace(_LLAMA, family="stablelm"), "gemma": _GEMMA, "gemma2": _GEMMA, "gemma3_text": _GEMMA,
     "phi3": _PHI3, "gpt_neox": _GPT_NEOX, "falcon": _falcon, "gpt2": _GPT2, "opt": _OPT,
+    "mixtral": _MIXTRAL, "qwen3_moe": replace(_MIXTRAL, family="qwen3_moe"), "olmoe": replace(_MIXTRAL, family="olmoe"),
 }
 
 
@@ -162,19 +183,17 @@ def register_arch(model_type: str, spec: ArchSpec | Callable) -> None:
 
 
 def moe_refusal(config) -> str | None:
-    """Why a mixture-of-experts model cannot be gated (None for a dense model). transformers runs all experts of a
-    layer inside one module from fused 3-D parameters (Mixtral, Qwen2-MoE: experts.gate_up_proj (E, 2F, d),
-    experts.down_proj (E, d, F)), so there is no per-expert down-projection input for a hook to gate, and the
-    predictor heads, targets and byte accounting would all need an expert axis. Not implemented: refused."""
-    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
-        n = getattr(config, key, None)
-        if isinstance(n, int) and n > 1:
-            return (f"'{config.model_type}' is a mixture-of-experts model ({n} experts per layer, config.{key}): "
-                    "transformers runs a layer's experts inside one module from fused 3-D weights (experts."
-                    "gate_up_proj (E, 2F, d), experts.down_proj (E, d, F)), so there is no per-expert down-projection "
-                    "input to gate, and shadowsparse gates the neurons of dense FFNs only (per-expert gating is not "
-                    f"implemented). Use a dense model of a supported family ({', '.join(sorted(ARCHS))})")
-    return None
+    """Why a mixture-of-experts model of an unregistered family is refused (None for a dense model): shadowsparse
+    gates the experts' neurons of the MoE layouts in moe.MOE_FAMILIES (one neuron axis over all experts), and a
+    shared expert or a mix of dense and MoE layers does not fit one axis."""
+    from .moe import MOE_FAMILIES, moe_config_problem, n_experts
+    n = n_experts(config)
+    if not n:
+        return None
+    problem = moe_config_problem(config) or "its experts' layout has not been checked against shadowsparse.moe"
+    return (f"'{config.model_type}' is a mixture-of-experts model ({n} experts per layer) that shadowsparse does not "
+            f"gate: {problem}. Supported mixture-of-experts families: {', '.join(MOE_FAMILIES)} (routed experts "
+            f"only, every layer MoE); dense families: {', '.join(sorted(set(ARCHS) - set(MOE_FAMILIES)))}")
 
 
 _EXAMPLE = ("ArchSpec(family='{t}', layers_path='model.layers', attn_out='self_attn.o_proj', ffn_down='mlp.down_proj',"
@@ -227,21 +246,34 @@ class ModelDims:
     n_kv_heads: int
     head_dim: int
     hidden: int
-    ffn: int  # FFN width (neurons per layer)
+    ffn: int  # FFN width: neurons per layer (an MoE layer: every expert's, E * expert width)
+    experts: int = 0  # MoE: routed experts per layer (0: a dense FFN)
+    experts_per_token: int = 0  # MoE: experts each token is routed to (k)
+
+    @property
+    def active_ffn(self) -> int:
+        """Neurons a token computes per layer: all of a dense FFN's, its k experts' in an MoE layer. FFN sparsity
+        is a fraction of these."""
+        return self.ffn // self.experts * self.experts_per_token if self.experts else self.ffn
 
 
 def config_dims(cfg, n_layers: int | None = None) -> ModelDims:
     """A model's dimensions from its config alone (no weights: experiment configs are checked with it). The FFN
     width is intermediate_size (Llama, Phi-3, Gemma, GPT-NeoX), ffn_dim (OPT), ffn_hidden_size (Falcon) or n_inner
-    (GPT-2), and 4 * hidden where a config leaves it unset (GPT-2's n_inner=None)."""
+    (GPT-2), and 4 * hidden where a config leaves it unset (GPT-2's n_inner=None). An MoE layer's width is all its
+    experts' neurons: E * (moe_intermediate_size, else intermediate_size)."""
+    from .moe import n_experts
     n_heads = cfg.num_attention_heads
     hidden = cfg.hidden_size
     head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads  # Falcon-7B sets 1 (multi-query)
     ffn = next((v for k in ("intermediate_size", "ffn_dim", "ffn_hidden_size", "n_inner")
                 if isinstance(v := getattr(cfg, k, None), int) and v > 0), 4 * hidden)
+    n_exp = n_experts(cfg)
+    if n_exp:
+        ffn = n_exp * (getattr(cfg, "moe_intermediate_size", None) or ffn)
     return ModelDims(n_layers if n_layers is not None else cfg.num_hidden_layers, n_heads, n_kv, head_dim, hidden,
-                     ffn)
+                     ffn, n_exp, getattr(cfg, "num_experts_per_tok", 0) if n_exp else 0)
 
 
 def _get(module: nn.Module, dotted: str) -> nn.Module:
@@ -278,6 +310,9 @@ class ModelView:
             raise ConfigError(f"ArchSpec for '{config.model_type}': the model has no '{self.spec.layers_path}' "
                               f"(layers_path); its {_inventory(model, config)}") from None
         self.dims = config_dims(config, len(self.layers))
+        if self.spec.experts is not None:  # hook points on the experts' neuron axis (moe.py); outputs unchanged
+            from .moe import expose_expert_neurons
+            expose_expert_neurons(model, self.layers, self.spec.experts)
         self._check_weights()
 
     def _check_weights(self) -> None:
@@ -368,9 +403,19 @@ class ModelView:
         s = self.spec
         if not s.glu:
             raise ConfigError(f"'{s.family}' has no gated FFN: nothing computes a gate to read")
+        if s.experts is not None:  # the routed experts' gate pre-activations (N, E*F), zero elsewhere
+            act = self.module(i, s.ffn_act)
+            return self.module(i, f"{s.experts}.gate_pre").register_forward_hook(lambda m, args, out: fn(act(out)))
         act, F, fused = self.module(i, s.ffn_act), self.dims.ffn, s.gate_up == "fused"
         return self.module(i, s.ffn_gate).register_forward_hook(
             lambda m, args, out: fn(act(out[..., :F] if fused else out)))
+
+    def routed_neurons(self, i: int) -> torch.Tensor | None:
+        """(N, E*F) bool, the neurons each token of the running forward computes in MoE layer i (set by the experts
+        module before its down_in hook point runs); None for a dense FFN (every neuron)."""
+        if self.spec.experts is None:
+            return None
+        return self.module(i, self.spec.experts).routed_neurons()
 
     def decoder_linears(self) -> tuple[str, ...]:
         """The paths of every decoder linear of a layer the spec names (q/k/v, o, FFN inputs, down)."""
@@ -396,5 +441,5 @@ def head_contribution_norm(x: torch.Tensor, o_weight: torch.Tensor, n_heads: int
 
 
 __all__ = ["ArchSpec", "ARCHS", "GATE_UP_LAYOUTS", "ModelDims", "ModelView", "QKV_LAYOUTS", "config_dims",
-           "head_contribution_norm", "moe_refusal", "register_arch", "spec_for", "split_qkv", "unknown_arch_message",
+           "head_contribution_norm", "moe_refusal", "moe_spec", "register_arch", "spec_for", "split_qkv", "unknown_arch_message",
            "validate_spec"]

@@ -71,7 +71,7 @@ class HooksDecoder:
             if "realized_ffn_out_sparsity" in st or "realized_ffn_sparsity" not in st:  # teal's handle
                 st = {**st, "realized_ffn_sparsity": st.get("realized_ffn_out_sparsity", 0.0)}
             return st
-        return self.counter.stats(dims.n_heads, dims.ffn, dims.n_kv_heads)
+        return self.counter.stats(dims.n_heads, dims.active_ffn, dims.n_kv_heads)
 
 
 def _cache_kwarg(model) -> str:

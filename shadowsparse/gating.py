@@ -67,6 +67,12 @@ def topk_mask(scores: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(scores.shape, dtype=dtype, device=scores.device).scatter_(-1, idx, 1)
 
 
+def only_routed(scores: torch.Tensor, routed: torch.Tensor | None) -> torch.Tensor:
+    """Scores of an MoE layer's neurons that a token does not compute set to -inf, so a top-k never picks them
+    (scores (N|1, U) or (U,), routed (N, U) bool; None: a dense FFN, scores unchanged)."""
+    return scores if routed is None else scores.float().masked_fill(~routed, float("-inf"))
+
+
 class ScoreSource:
     """Where gating scores come from. heads(l) -> broadcastable to (B, T, H); neurons(l) -> to (B, T, F)."""
 
@@ -91,9 +97,10 @@ class ScoreSource:
         """x: (B, T, H*D) -> 0/1 mask broadcastable to (B, T, H)."""
         return topk_mask(align_rows(self.heads(layer, x), x), k, x.dtype)
 
-    def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
-        """x: (B, T, F) or (B*T, F) -> 0/1 mask broadcastable to x."""
-        return topk_mask(align_rows(self.neurons(layer, x), x), k, x.dtype)
+    def neuron_mask(self, layer: int, x: torch.Tensor, k: int, routed: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, F) or (B*T, F) -> 0/1 mask broadcastable to x. routed (N, F) bool: an MoE layer's neurons that
+        each token computes (its routed experts'; None for a dense FFN): the k are chosen among them."""
+        return topk_mask(only_routed(align_rows(self.neurons(layer, x), x), routed), k, x.dtype)
 
 
 class PredictorScores(ScoreSource):
@@ -332,10 +339,13 @@ class GatingHandle(HookHandle):
             raise ConfigError(f"first_layer must be in [0, {d.n_layers - 1}], got {self.first_layer}")
         self.gated_layers = list(range(self.first_layer, d.n_layers))
         self.k_heads = n_keep(d.n_heads, cfg.head_sparsity)
-        self.k_neurons = n_keep(d.ffn, cfg.ffn_sparsity)
+        self.k_neurons = n_keep(d.active_ffn, cfg.ffn_sparsity)  # of the neurons a token computes (MoE: k experts')
+        if d.experts and cfg.budget != "local" and cfg.ffn_sparsity > 0:
+            raise ConfigError(f"budget={cfg.budget!r} is not implemented for mixture-of-experts models (a token's "
+                              "routed experts differ from layer to layer); use budget='local'")
         self._budget_cache: dict = {}  # kind -> (the scores tensor it was made from, masks of all gated layers)
         self.counter.gated_layers = len(self.gated_layers)
-        gate_heads, gate_ffn = self.k_heads < d.n_heads, self.k_neurons < d.ffn
+        gate_heads, gate_ffn = self.k_heads < d.n_heads, self.k_neurons < d.active_ffn
         try:
             if gate_heads or gate_ffn:  # with nothing to skip, no hook at all: the model stays dense bit for bit
                 self._hooks += source.attach(view, cfg)
@@ -359,7 +369,7 @@ class GatingHandle(HookHandle):
         if self.cfg.budget == "local":
             if kind == "heads":
                 return self.source.head_mask(layer, x, self.k_heads)
-            return self.source.neuron_mask(layer, x, self.k_neurons)
+            return self.source.neuron_mask(layer, x, self.k_neurons, self.view.routed_neurons(layer))
         scores = self.source.all_layers(kind)  # (B|1, T|1, L, U)
         cached = self._budget_cache.get(kind)
         if cached is None or cached[0] is not scores:  # new scores (a new forward): one mask for all gated layers
@@ -401,9 +411,11 @@ class GatingHandle(HookHandle):
 
     def _neuron_hook(self, layer: int):
         def hook(module, args):
-            x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT)
+            x = args[0]  # (B, T, F), or (B*T, F) where the model flattens tokens (OPT and MoE layers: E*F wide)
             mask = self._mask("neurons", layer, x)  # broadcastable to x
-            self._count("neurons", mask, x.numel() // x.shape[-1], layer)
+            routed = self.view.routed_neurons(layer)  # MoE: (N, E*F), skipped = routed and not kept
+            self._count("neurons", mask if routed is None else torch.where(routed, mask, 1), x.numel() // x.shape[-1],
+                        layer)
             return (x * mask,) + tuple(args[1:])
         return hook
 
@@ -414,7 +426,7 @@ class GatingHandle(HookHandle):
 
     def stats(self) -> dict:
         d = self.view.dims
-        return self.counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
+        return self.counter.stats(d.n_heads, d.active_ffn, d.n_kv_heads)
 
     def remove(self) -> None:
         super().remove()

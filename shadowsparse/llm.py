@@ -69,7 +69,8 @@ def tiny_config(family: str):
     """Config of a tiny random model of a registered family (4 layers, d_model 64, 4 heads; GQA where the family has
     it). Each exercises what sets its family apart: fused q/k/v and gate/up (Phi-3, GPT-2, GPT-NeoX, Falcon), a
     head_dim other than d_model / heads (Gemma), sliding-window layers shorter than a test window (Gemma-2/3),
-    multi-query attention (Falcon), Conv1D weights (GPT-2), q/k norms (Qwen3, OLMo2, Gemma-3)."""
+    multi-query attention (Falcon), Conv1D weights (GPT-2), q/k norms (Qwen3, OLMo2, Gemma-3), routed experts
+    (Mixtral, Qwen3-MoE, OLMoE)."""
     import transformers as tf
     common = dict(vocab_size=260, hidden_size=64, num_attention_heads=4, num_hidden_layers=4,
                   max_position_embeddings=256)
@@ -99,6 +100,12 @@ def tiny_config(family: str):
                                           num_hidden_layers=4, max_position_embeddings=256, **ids),  # multi-query
         "gpt2": lambda: tf.GPT2Config(vocab_size=260, n_embd=64, n_head=4, n_layer=4, n_positions=256, n_inner=128,
                                       **ids),
+        # mixture of experts: 4 experts of 32 neurons, 2 per token (a neuron axis of 128, 64 computed per token)
+        "mixtral": lambda: tf.MixtralConfig(**{**gqa, "intermediate_size": 32}, num_local_experts=4,
+                                            num_experts_per_tok=2, sliding_window=None),
+        "qwen3_moe": lambda: tf.Qwen3MoeConfig(head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                               num_experts_per_tok=2, norm_topk_prob=True, **gqa),
+        "olmoe": lambda: tf.OlmoeConfig(**{**gqa, "intermediate_size": 32}, num_experts=4, num_experts_per_tok=2),
     }
     if family not in make:
         raise ConfigError(f"no tiny config for family '{family}'; use random:<family> with one of "

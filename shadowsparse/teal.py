@@ -46,8 +46,10 @@ class TealThresholds:
         store: dict = {}
 
         def record(key):
-            def hook(module, args):
-                store.setdefault(key, []).append(sample_magnitudes(args[0].abs(), g))
+            routed = (lambda: view.routed_neurons(key[1])) if key[0] == "ffn_out" else (lambda: None)
+
+            def hook(module, args):  # an MoE layer's down input: its routed neurons only
+                store.setdefault(key, []).append(sample_magnitudes(args[0].abs(), g, routed()))
             return hook
 
         hooks = [view.module(i, paths[0]).register_forward_pre_hook(record((name, i)))
@@ -102,14 +104,16 @@ class TealHandle(HookHandle):
                     continue
                 t = thr[name, i]
                 for j, path in enumerate(paths):  # every projection reading this input gets the same mask
-                    self._hooks.append(view.module(i, path).register_forward_pre_hook(self._hook(name, t, j == 0)))
+                    self._hooks.append(view.module(i, path).register_forward_pre_hook(self._hook(name, t, j == 0, i)))
 
-    def _hook(self, name: str, threshold: torch.Tensor, count: bool):
+    def _hook(self, name: str, threshold: torch.Tensor, count: bool, layer: int):
         def hook(module, args):
             x = args[0]
             kept, keep = keep_above(x, threshold)
             if count:
-                self.zeros[name] = self.zeros[name] + (~keep).sum().double()
+                routed = self.view.routed_neurons(layer) if name == "ffn_out" else None
+                skipped = ~keep if routed is None else ~keep & routed.reshape(keep.shape)  # MoE: of computed ones
+                self.zeros[name] = self.zeros[name] + skipped.sum().double()
                 self.rows[name] += x.numel() // x.shape[-1]
             return (kept,) + tuple(args[1:])
         return hook
@@ -117,20 +121,20 @@ class TealHandle(HookHandle):
     def stats(self) -> dict:
         """Realized input sparsity per input kind, over the gated layers."""
         d = self.view.dims
-        width = {"attn_in": d.hidden, "attn_out": d.n_heads * d.head_dim, "ffn_in": d.hidden, "ffn_out": d.ffn}
+        width = {"attn_in": d.hidden, "attn_out": d.n_heads * d.head_dim, "ffn_in": d.hidden,
+                 "ffn_out": d.active_ffn}
         return {f"realized_{n}_sparsity": (float(self.zeros[n]) / (self.rows[n] * width[n]) if self.rows[n] else 0.0)
                 for n in width}
 
     def weight_bytes_skipped(self) -> float:
         """Fraction of decoder-linear bytes not read per token: each skipped input channel saves one column of
         every projection reading it."""
-        from .accounting import decoder_linear_bytes
+        from .accounting import decoder_linear_bytes, linear_bytes_per_token
         view, st = self.view, self.stats()
         skipped = 0.0
         for name, paths in projection_inputs(view).items():
             for path in paths:
-                w = view.module(0, path).weight
-                skipped += st[f"realized_{name}_sparsity"] * w.numel() * w.element_size()
+                skipped += st[f"realized_{name}_sparsity"] * linear_bytes_per_token(view, path)
         return skipped * (view.dims.n_layers - self.first_layer) / decoder_linear_bytes(view)
 
 

@@ -18,8 +18,11 @@ from .gating import GatingConfig, ScoreSource
 _SAMPLE = 1 << 18  # calibration magnitudes kept per layer (a random subsample when there are more)
 
 
-def sample_magnitudes(values: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """A bounded random subsample (1-D, fp32, CPU) of one forward's magnitudes: memory stays fixed per window."""
+def sample_magnitudes(values: torch.Tensor, g: torch.Generator, routed: torch.Tensor | None = None) -> torch.Tensor:
+    """A bounded random subsample (1-D, fp32, CPU) of one forward's magnitudes: memory stays fixed per window.
+    routed (N, F) bool: an MoE layer's computed neurons, the only ones sampled (values (N, F) or (..., F))."""
+    if routed is not None:
+        values = values.reshape(routed.shape)[routed]
     values = values.float().flatten().cpu()
     if values.numel() > _SAMPLE // 4:
         values = values[torch.randint(values.numel(), (_SAMPLE // 4,), generator=g)]
@@ -49,15 +52,16 @@ class ThresholdScores(ScoreSource):
         neurons: list[list[torch.Tensor]] = [[] for _ in range(L)]
         g = torch.Generator().manual_seed(seed)
 
-        def keep(store, values):
-            store.append(sample_magnitudes(values, g))
+        def keep(store, values, routed=None):
+            store.append(sample_magnitudes(values, g, routed))
 
         hooks = []
         for i in range(L):
             w = view.attn_out_weight(i)  # (d_model, H*D)
             hooks.append(view.attn_out(i).register_forward_pre_hook(
                 lambda m, a, i=i, w=w: keep(heads[i], head_contribution_norm(a[0], w, view.dims.n_heads))))
-            hooks.append(view.ffn_down(i).register_forward_pre_hook(lambda m, a, i=i: keep(neurons[i], a[0].abs())))
+            hooks.append(view.ffn_down(i).register_forward_pre_hook(
+                lambda m, a, i=i: keep(neurons[i], a[0].abs(), view.routed_neurons(i))))
         device = next(model.parameters()).device
         try:
             for start in tqdm(range(len(windows)), desc="calibrate thresholds", unit="win"):
@@ -81,7 +85,7 @@ class ThresholdScores(ScoreSource):
         norms = head_contribution_norm(x, self._view.attn_out_weight(layer), self._view.dims.n_heads)  # (B, T, H)
         return (norms > self._head_thr[layer].to(x.device)).to(x.dtype)
 
-    def neuron_mask(self, layer, x, k):
+    def neuron_mask(self, layer, x, k, routed=None):  # an MoE layer's unrouted neurons hold 0: never above
         return (x.abs() > self._neuron_thr[layer].to(x.device)).to(x.dtype)
 
 

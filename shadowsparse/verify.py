@@ -28,7 +28,7 @@ from torch import nn
 from .arch import ModelView
 from .errors import ConfigError
 from .ffn_io import ffn_input_module
-from .gating import GatingConfig, ScoreSource, n_keep, topk_mask
+from .gating import GatingConfig, ScoreSource, n_keep, only_routed, topk_mask
 from .quant import gptq_act_order, quantize_rows
 
 log = logging.getLogger("shadowsparse")
@@ -79,8 +79,9 @@ class VerifyConfig:
 
 def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
     """Bytes a kernel reads for the low-bit proposer, per token, in the units of the model's own weights: a b-bit
-    copy with one 16-bit scale per group costs (b + 16/group)/16 of a 16-bit matrix of the same shape."""
-    d, F = view.dims.hidden, view.dims.ffn
+    copy with one 16-bit scale per group costs (b + 16/group)/16 of a 16-bit matrix of the same shape. An MoE layer:
+    the copy of the k routed experts' rows."""
+    d, F = view.dims.hidden, view.dims.active_ffn
     esize = view.ffn_down(0).weight.element_size()
     mats = 2 if cfg.sketch == "act" else 1
     return int(layers * mats * F * d * (cfg.bits + 16 / cfg.group) / 16 * esize)
@@ -125,7 +126,8 @@ class VerifyScores(ScoreSource):
         if self.proposer in ("gate", "sketch") and not spec.glu:
             raise ConfigError(f"the {self.proposer} proposer needs a gated FFN (SwiGLU, GeGLU) to read or sketch its "
                               f"gate; '{spec.family}' has none")
-        F = view.dims.ffn
+        F = view.dims.active_ffn  # the neurons a token computes (MoE: its routed experts')
+        self._view = view
         k_final = n_keep(F, cfg.ffn_sparsity)
         self._k_cand = max(k_final, int(round(self.q * F)))  # never fewer candidates than the final keep
         first = cfg.first_layer if cfg.first_layer is not None else (self.feature_layer or -1) + 1
@@ -178,13 +180,14 @@ class VerifyScores(ScoreSource):
         return self._qweights[key]
 
     def _set(self, layer: int, scores: torch.Tensor, stats: list) -> None:
-        cand = topk_mask(scores, self._k_cand, torch.bool)  # (..., F)
+        routed = self._view.routed_neurons(layer)  # MoE (N, E*F): candidates among the computed neurons only
+        cand = topk_mask(only_routed(scores, routed), self._k_cand, torch.bool)  # (..., F)
         rows = cand.numel() // cand.shape[-1]
-        stats[0] += float((~cand).sum())
+        stats[0] += float((~cand).sum()) - (0 if routed is None else float((~routed).sum()))
         stats[1] += rows
         self._cand[layer] = cand
 
-    def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+    def neuron_mask(self, layer: int, x: torch.Tensor, k: int, routed: torch.Tensor | None = None) -> torch.Tensor:
         cand = self._cand.pop(layer)  # from this very forward's FFN input
         if self._k_cand <= k:  # nothing to verify: the candidates are the keep set (skips a masked top-k)
             return cand.reshape(x.shape).to(x.dtype)
@@ -255,15 +258,18 @@ class SketchThresholdScores(VerifyScores):
         return hooks
 
     def _set(self, layer: int, scores: torch.Tensor, stats: list) -> None:
+        routed = self._view.routed_neurons(layer)  # MoE (N, E*F): the sketch estimates every expert's neurons
         if self._record is not None:
             if layer in self._record:  # a bounded sample per forward: memory stays fixed per window
                 from .training_free import sample_magnitudes
-                self._record[layer].append(sample_magnitudes(scores, self._rng))
+                self._record[layer].append(sample_magnitudes(scores, self._rng, routed))
             return
         cand = scores > self._thr[layer]
-        stats[0] += float((~cand).sum())
+        if routed is not None:
+            cand &= routed
+        stats[0] += float((~cand).sum()) - (0 if routed is None else float((~routed).sum()))
         stats[1] += cand.numel() // cand.shape[-1]
         self._cand[layer] = cand
 
-    def neuron_mask(self, layer: int, x: torch.Tensor, k: int) -> torch.Tensor:
+    def neuron_mask(self, layer: int, x: torch.Tensor, k: int, routed: torch.Tensor | None = None) -> torch.Tensor:
         return self._cand.pop(layer).reshape(x.shape).to(x.dtype)  # the estimate's decision, whatever k says

@@ -3,7 +3,9 @@
 the model; 50% gating zeroes exactly half of the heads and neurons and counts it; each training-free selector's
 mask equals a forward that reads only the kept weight rows and columns, with the kept set recomputed by hand;
 TEAL, targets, static masks, LTE routing and the byte accounting; and the public registry (register_arch) with its
-errors. README's supported list is the list FAMILIES below.
+errors. README's supported list is the list FAMILIES below. Mixture-of-experts families (MOE) gate the neurons of
+the experts each token is routed to: the hand computations route every token with the family's own router and read
+the routed experts' rows of the fused 3-D expert weights.
 
 The hand computations read the Hugging Face modules by their own names (raw_ffn, raw_o, hf_qkv: a fused gate_up split
 as Phi-3's chunk(2), GPT-2's Conv1D read transposed, GPT-NeoX's per-head q/k/v), not through the ArchSpec they
@@ -31,7 +33,9 @@ from shadowsparse.training_free import GateScores, ThresholdScores
 from shadowsparse.verify import SketchThresholdScores, VerifyConfig, VerifyScores
 
 FAMILIES = sorted(ARCHS)  # every registered family: a new registry row without a tiny config fails here
-GLU = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text", "phi3"}
+MOE = {"mixtral", "qwen3_moe", "olmoe"}
+GLU = {"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2", "stablelm", "gemma", "gemma2", "gemma3_text", "phi3",
+       *MOE}
 LAYERS = (1, 2, 3)  # gated layers (first_layer=1: the predictor reads layer 0)
 TOL = dict(rtol=1e-4, atol=1e-5)
 _MODELS: dict = {}
@@ -60,8 +64,16 @@ def _lin(m, transposed=False):
 def raw_ffn(family: str, layer: nn.Module) -> types.SimpleNamespace:
     """gate (F, d) | None, fc1/up (F, d), down (d, F), their biases, the activation and the modules whose input and
     output are the FFN's, read from the Hugging Face layer by its own attribute names."""
-    ns = types.SimpleNamespace(gate=None, b_gate=None)
-    if family in GLU - {"phi3"}:
+    ns = types.SimpleNamespace(gate=None, b_gate=None, router=None)
+    if family in MOE:  # every expert's rows on one axis: neuron e*F + f is neuron f of expert e
+        m = layer.mlp
+        gu, down = m.experts.gate_up_proj, m.experts.down_proj  # (E, 2F, d), (E, d, F): transformers' Parameters
+        E, two_f, dm = gu.shape
+        ns.expert_size = two_f // 2
+        ns.gate, ns.up = (gu[:, half].reshape(-1, dm) for half in (slice(0, two_f // 2), slice(two_f // 2, None)))
+        ns.down, ns.b_up, ns.b_down = down.permute(1, 0, 2).reshape(dm, -1), None, None
+        ns.act, ns.first, ns.last, ns.router = m.experts.act_fn, m, m, m.gate  # the block's input and output
+    elif family in GLU - {"phi3"}:
         m = layer.mlp
         (ns.gate, ns.b_gate), (ns.up, ns.b_up), (ns.down, ns.b_down) = _lin(m.gate_proj), _lin(m.up_proj), \
             _lin(m.down_proj)
@@ -96,14 +108,33 @@ def raw_o(family: str, layer: nn.Module) -> tuple[nn.Module, torch.Tensor, torch
     return m, (m.weight.T if family == "gpt2" else m.weight), m.bias
 
 
+def routing(raw, x: torch.Tensor) -> torch.Tensor | None:
+    """MoE: (N, E*F) the router weight of each neuron's expert for each token of x (N, d), 0 where the token is not
+    routed to it, as the family's own router computes it; None for a dense FFN."""
+    if raw.router is None:
+        return None
+    _, weights, experts = raw.router(x)  # (N, k) each
+    per_expert = torch.zeros(x.shape[0], raw.up.shape[0] // raw.expert_size).scatter_(1, experts, weights.float())
+    return per_expert.repeat_interleave(raw.expert_size, dim=1)
+
+
+def routed_only(scores: torch.Tensor, raw, x: torch.Tensor) -> torch.Tensor:
+    """Scores (N, F) of the neurons a token does not compute (MoE) set to -inf: what a top-k may not pick."""
+    w = routing(raw, x)
+    return scores if w is None else scores.float().masked_fill(w == 0, float("-inf"))
+
+
 def hand_ffn(raw, x: torch.Tensor, keep: torch.Tensor | None = None, keep_in: torch.Tensor | None = None):
     """The FFN of tokens x (N, d) computed per token from only the weight rows of its kept neurons (keep (N, F)
-    bool; None: all) and the weight columns of its kept input channels (keep_in (N, d), TEAL). -> (output (N, d),
-    activation (N, F) of the kept neurons, zero elsewhere)."""
+    bool; None: all) and the weight columns of its kept input channels (keep_in (N, d), TEAL). MoE: only the
+    routed experts' neurons, each output scaled by its expert's router weight (the router reads x before TEAL).
+    -> (output (N, d), activation (N, F) of the kept neurons, zero elsewhere)."""
     F = raw.up.shape[0]
+    route = routing(raw, x)
     outs, acts = [], []
     for j, xt in enumerate(x):
-        n = keep[j].nonzero().squeeze(1) if keep is not None else torch.arange(F)
+        on = torch.ones(F, dtype=torch.bool) if route is None else route[j] > 0
+        n = ((keep[j].bool() if keep is not None else torch.ones(F, dtype=torch.bool)) & on).nonzero().squeeze(1)
         c = keep_in[j].nonzero().squeeze(1) if keep_in is not None else torch.arange(x.shape[1])
 
         def rows(w, b):  # the kept neurons' rows, reading only the kept input channels
@@ -113,7 +144,8 @@ def hand_ffn(raw, x: torch.Tensor, keep: torch.Tensor | None = None, keep_in: to
         full = torch.zeros(F, dtype=x.dtype)
         full[n] = a
         acts.append(full)
-        outs.append(a @ raw.down[:, n].T + (raw.b_down if raw.b_down is not None else 0))
+        scale = a if route is None else a * route[j, n]
+        outs.append(scale @ raw.down[:, n].T + (raw.b_down if raw.b_down is not None else 0))
     return torch.stack(outs), torch.stack(acts)
 
 
@@ -212,7 +244,7 @@ def test_keep_all_is_dense_bit_for_bit_and_remove_restores(family):
         assert hook_count(model) == before + 2 * d.n_layers
         h.k_heads, h.k_neurons = d.n_heads, d.ffn  # the hooks run, told to keep every unit
         assert torch.equal(model(input_ids=x).logits, dense)
-        h.k_heads, h.k_neurons = n_keep(d.n_heads, 0.5), n_keep(d.ffn, 0.5)
+        h.k_heads, h.k_neurons = n_keep(d.n_heads, 0.5), n_keep(d.active_ffn, 0.5)
         assert not torch.allclose(model(input_ids=x).logits, dense)  # and gating does change the output
     assert hook_count(model) == before
     assert torch.equal(model(input_ids=x).logits, dense)  # remove(): dense again, bit for bit
@@ -229,6 +261,8 @@ def test_half_sparsity_zeroes_half_of_every_layer_and_counts_it(family):
     raw, gated = {}, {}
     probes = [view.ffn_down(i).register_forward_pre_hook(lambda m, a, i=i: raw.__setitem__(("n", i), a[0]))
               for i in LAYERS]
+    probes += [view.ffn_down(i).register_forward_pre_hook(  # MoE: the neurons each token computes (N, E*F)
+        lambda m, a, i=i: raw.__setitem__(("r", i), view.routed_neurons(i))) for i in LAYERS]
     probes += [view.attn_out(i).register_forward_pre_hook(lambda m, a, i=i: raw.__setitem__(("h", i), a[0]))
                for i in LAYERS]
     with attach_gating(model, StaticScores(heads, neurons), GatingConfig(0.5, 0.5, first_layer=1)) as h:
@@ -240,12 +274,16 @@ def test_half_sparsity_zeroes_half_of_every_layer_and_counts_it(family):
         stats = h.stats()
     for p in probes:
         p.remove()
-    kh, kn = n_keep(d.n_heads, 0.5), n_keep(d.ffn, 0.5)
+    kh, kn = n_keep(d.n_heads, 0.5), n_keep(d.active_ffn, 0.5)
     for i in LAYERS:
         keep_n = torch.zeros(d.ffn).index_fill_(0, neurons[i].topk(kn).indices, 1)  # by hand: the top half
+        if raw["r", i] is not None:  # MoE: the top half of each token's routed neurons
+            assert raw["r", i].sum(-1).eq(d.active_ffn).all()
+            top = neurons[i].expand_as(raw["r", i]).masked_fill(~raw["r", i], float("-inf")).topk(kn).indices
+            keep_n = torch.zeros(raw["r", i].shape).scatter_(1, top, 1)
         keep_h = torch.zeros(d.n_heads).index_fill_(0, heads[i].topk(kh).indices, 1).repeat_interleave(d.head_dim)
         assert torch.equal(gated["n", i], raw["n", i] * keep_n) and torch.equal(gated["h", i], raw["h", i] * keep_h)
-    assert stats["realized_ffn_sparsity"] == pytest.approx(1 - kn / d.ffn, abs=1e-9)
+    assert stats["realized_ffn_sparsity"] == pytest.approx(1 - kn / d.active_ffn, abs=1e-9)
     assert stats["realized_head_sparsity"] == pytest.approx(1 - kh / d.n_heads, abs=1e-9)
     assert stats["gated_layers"] == len(LAYERS)
     if d.n_kv_heads < d.n_heads:  # a kv head is off when its whole group is: counted from the same masks
@@ -315,29 +353,29 @@ def test_selector_mask_path_equals_a_hand_sliced_forward(family, selector):
             stats = handle.stats()
     finally:
         probe.remove()
-    rec, k = probe.rec, n_keep(d.ffn, 0.5)
+    rec, k = probe.rec, n_keep(d.active_ffn, 0.5)
     for i in LAYERS:
         raw = raw_ffn(family, view.layer(i))
         x, keep = rec["x", i], masks["neurons", i]
         torch.testing.assert_close(rec["y", i], hand_ffn(raw, x, keep)[0], **TOL)  # = reading only the kept rows
         dense_a = hand_ffn(raw, x)[1]
-        expected = _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i)
+        expected = _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i, d.active_ffn)
         if selector in ("threshold", "sketch_threshold"):  # its own per-layer threshold, not a count
             thr = source._neuron_thr[i] if selector == "threshold" else source._thr[i]
             score = dense_a.abs() if selector == "threshold" else expected
-            clear = (score - thr).abs() > 1e-5
+            clear = ((score - thr).abs() > 1e-5) & (routed_only(score, raw, x) > float("-inf"))  # MoE: routed ones
             assert torch.equal(keep[clear].bool(), (score > thr)[clear])
         elif expected is not None:
-            assert_top(keep, expected, k)
+            assert_top(keep, routed_only(expected, raw, x), k)
         else:
             assert keep.sum(-1).eq(k).all()
         if head_s:
             _check_heads(family, selector, source, view, rec, masks, i)
     if selector not in ("threshold", "sketch_threshold"):
-        assert stats["realized_ffn_sparsity"] == pytest.approx(1 - k / d.ffn, abs=1e-9)
+        assert stats["realized_ffn_sparsity"] == pytest.approx(1 - k / d.active_ffn, abs=1e-9)
 
 
-def _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i):
+def _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i, units):
     """What the selector ranks, recomputed by hand from the raw weights (None: random, nothing to recompute)."""
     if selector == "static":
         return source._neurons[i].expand_as(dense_a)
@@ -354,10 +392,10 @@ def _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i):
             est = (raw.act(x @ qg.T) * (x @ qu.T)).abs()
         if selector == "sketch_threshold":
             return est
-        n_cand = max(n_keep(est.shape[1], 0.5), round(source.q * est.shape[1]))
-        if n_cand == n_keep(est.shape[1], 0.5):
+        n_cand = max(n_keep(units, 0.5), round(source.q * units))  # units: the neurons a token computes
+        if n_cand == n_keep(units, 0.5):
             return est  # nothing to verify: the proposal is the keep set
-        cand = torch.zeros_like(est, dtype=torch.bool).scatter_(1, est.topk(n_cand).indices, True)
+        cand = torch.zeros_like(est, dtype=torch.bool).scatter_(1, routed_only(est, raw, x).topk(n_cand).indices, True)
         return dense_a.abs().masked_fill(~cand, -1.0)  # verified: the top |a| among the candidates
     return None
 
@@ -403,7 +441,8 @@ def test_oracle_keeps_the_dense_top_activations(family):
         probe.remove()
     for i in LAYERS:
         raw = raw_ffn(family, view.layer(i))
-        assert_top(masks["neurons", i], hand_ffn(raw, dense["x", i])[1].abs(), n_keep(d.ffn, 0.5))
+        assert_top(masks["neurons", i], routed_only(hand_ffn(raw, dense["x", i])[1].abs(), raw, dense["x", i]),
+                   n_keep(d.active_ffn, 0.5))
         _, w_o, b_o = raw_o(family, view.layer(i))
         assert_top(masks["heads", i], contribution(dense["o_in", i], w_o, d.n_heads), n_keep(d.n_heads, 0.5))
         torch.testing.assert_close(probe.rec["y", i], hand_ffn(raw, probe.rec["x", i], masks["neurons", i])[0], **TOL)
@@ -497,15 +536,21 @@ def test_ffn_rows_and_accounting_match_the_modules(family):
     rows = view.ffn_in_rows(0)
     assert torch.equal(rows[-1][0], raw.up) and (raw.gate is None or torch.equal(rows[0][0], raw.gate))
     assert torch.equal(view.weight(0, view.spec.ffn_down), raw.down)
-    # every decoder linear counted once (Conv1D too): the 2-D weights of the layer's projections
+    # every decoder linear counted once (Conv1D too): the 2-D weight Parameters of the layer's projections
     linears = [m for layer in view.layers for m in layer.modules()
-               if isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() == 2]
+               if isinstance(getattr(m, "weight", None), nn.Parameter) and m.weight.dim() == 2]
     total = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if family in MOE:  # per token: the routed k of E experts' 3-D weights; the router (E, d) is not a projection
+        experts = sum(p.numel() * p.element_size() for layer in view.layers
+                      for p in (layer.mlp.experts.gate_up_proj, layer.mlp.experts.down_proj))
+        routers = sum(layer.mlp.gate.weight.numel() * layer.mlp.gate.weight.element_size() for layer in view.layers)
+        total += experts * d.experts_per_token / d.experts - routers
     assert decoder_linear_bytes(view) == total
     # a neuron skipped before the FFN saves all of its FFN bytes; a head its q rows and o columns, a kv group its k/v
     ffn_bytes = sum(m.weight.numel() * m.weight.element_size() for layer in view.layers
-                    for m in (raw_ffn(family, layer).first, raw_ffn(family, layer).last))
-    if family in GLU - {"phi3"}:  # up: the FFN's third matrix (Phi-3's is fused into the first)
+                    for m in (raw_ffn(family, layer).first, raw_ffn(family, layer).last)) if family not in MOE else \
+        experts * d.experts_per_token / d.experts
+    if family in GLU - {"phi3"} - MOE:  # up: the FFN's third matrix (Phi-3's is fused into the first)
         ffn_bytes += sum(layer.mlp.up_proj.weight.numel() * layer.mlp.up_proj.weight.element_size()
                          for layer in view.layers)
     stats = {"realized_ffn_sparsity": 0.5, "realized_head_sparsity": 0.25, "realized_kv_group_sparsity": 0.5,
@@ -567,6 +612,18 @@ def test_static_nm_masks_and_function_preserving_permutations(family):
     model = load_llm(LLMConfig(name=f"random:{family}", seed=0))[0]
     view = ModelView(model)
     x = ids()
+    if family in MOE:  # expert weights are not rewritten: refused with the reason; attention-only pruning works
+        with pytest.raises(ConfigError, match="permuting FFN neurons .* is not implemented for mixture-of-experts"):
+            fold_neuron_perm_(view, 0, torch.arange(view.dims.ffn))
+        with pytest.raises(ConfigError, match="sparsity.modules='all'; sparsity.modules=attn prunes attention only"):
+            sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4", batch_size=2), ids(4, 16, seed=3))
+        report = sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4", batch_size=2, modules="attn"),
+                           ids(4, 16, seed=3))
+        kinds = report["per_kind"]  # attention pruned 2:4, the experts counted and untouched
+        assert kinds["q_proj"] == kinds["o_proj"] == pytest.approx(0.5, abs=1e-6)
+        assert kinds["gate_up_in"] == kinds["down_in"] == 0.0
+        assert (nm_counts(view.layer(0).self_attn.o_proj.weight, 4) == 2).all()
+        return
     with torch.no_grad():
         ref = model(input_ids=x).logits
         g = torch.Generator().manual_seed(0)
@@ -595,6 +652,10 @@ def test_lte_routes_whole_experts_of_gate_row_clusters(family):
     model = tiny(family)
     view = ModelView(model)
     layers = list(LAYERS)
+    if family in MOE:  # LTE rewrites FFN weights and routes its own experts: refused on an MoE model
+        with pytest.raises(ConfigError, match="LTE .* is not implemented for mixture-of-experts"):
+            group_neurons(view, layers, 8, "cluster")
+        return
     groups = group_neurons(view, layers, 8, "cluster")  # k-means of the gate (or fc1) rows, (F, d)
     for row in groups:
         assert torch.bincount(row).tolist() == [8] * (view.dims.ffn // 8)
@@ -689,17 +750,43 @@ def test_a_wrong_layout_for_phi3_is_caught_by_the_weights(registry):
         ModelView(load_llm(LLMConfig(name="random:phi3"))[0])
 
 
-def test_mixture_of_experts_is_refused_with_the_reason():
-    from transformers import AutoModelForCausalLM, MixtralConfig
-    model = AutoModelForCausalLM.from_config(MixtralConfig(
-        vocab_size=260, hidden_size=32, intermediate_size=48, num_attention_heads=2, num_key_value_heads=1,
-        num_hidden_layers=1, num_local_experts=4, bos_token_id=256, eos_token_id=256))
-    with pytest.raises(ConfigError, match=r"'mixtral' is a mixture-of-experts model \(4 experts per layer.*no "
-                                          r"per-expert down-projection input to gate"):
+def test_a_mixture_of_experts_layout_that_does_not_fit_one_neuron_axis_is_refused():
+    """Qwen2-MoE runs a shared expert beside the routed ones (a second FFN per layer), Qwen3-MoE can mix dense
+    layers in: refused with the reason, before any hook; a Mixtral checkpoint's config passes check_causal."""
+    from transformers import AutoModelForCausalLM, Qwen2MoeConfig
+    from shadowsparse.llm import check_causal, tiny_config
+    model = AutoModelForCausalLM.from_config(Qwen2MoeConfig(
+        vocab_size=260, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_attention_heads=2,
+        num_key_value_heads=1, num_hidden_layers=1, num_experts=4, shared_expert_intermediate_size=32,
+        bos_token_id=256, eos_token_id=256))
+    with pytest.raises(ConfigError, match=r"'qwen2_moe' is a mixture-of-experts model \(4 experts per layer\) that "
+                                          r"shadowsparse does not gate: it has a shared expert.*Supported mixture-of-"
+                                          r"experts families: mixtral, qwen3_moe, olmoe"):
         ModelView(model)
-    from shadowsparse.llm import check_causal
-    with pytest.raises(ConfigError, match="mixture-of-experts"):
-        check_causal(model.config, "mistralai/Mixtral-8x7B-v0.1")
+    with pytest.raises(ConfigError, match="shared expert"):
+        check_causal(model.config, "Qwen/Qwen1.5-MoE-A2.7B")
+    mixed = tiny_config("qwen3_moe")
+    mixed.mlp_only_layers = [1]
+    with pytest.raises(ConfigError, match="'qwen3_moe' cannot be gated: some of its layers are dense MLPs"):
+        ModelView(AutoModelForCausalLM.from_config(mixed))
+    check_causal(tiny_config("mixtral"), "mistralai/Mixtral-8x7B-v0.1")
+
+
+def test_moe_experts_keep_transformers_parameters_and_route_as_the_router():
+    """The experts module swapped in holds the same Parameter objects (state dict unchanged), and its outputs equal
+    transformers' eager experts loop bit for bit."""
+    model = load_llm(LLMConfig(name="random:mixtral", seed=0))[0]
+    model.config._experts_implementation = "eager"
+    x = ids()
+    keys, params = list(model.state_dict()), {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        eager = model(input_ids=x).logits
+        view = ModelView(model)
+        assert type(view.layer(0).mlp.experts).__name__ == "GateableExperts"
+        assert list(model.state_dict()) == keys and {id(p) for p in model.parameters()} == params
+        assert torch.equal(model(input_ids=x).logits, eager)
+    d = view.dims
+    assert (d.ffn, d.active_ffn, d.experts, d.experts_per_token) == (128, 64, 4, 2)
 
 
 # -- README ------------------------------------------------------------------------------------------------------------
@@ -725,7 +812,8 @@ def test_the_readme_register_arch_example_registers_a_working_spec(registry):
     assert (d.n_layers, d.n_heads, d.ffn) == (2, 4, 96)
 
 
-@pytest.mark.parametrize("family,method,tol", [("gpt_neox", "teal", 0.05), ("stablelm", "sketch", 1e-6)])
+@pytest.mark.parametrize("family,method,tol", [("gpt_neox", "teal", 0.05), ("stablelm", "sketch", 1e-6),
+                                               ("mixtral", "sketch", 1e-6)])
 def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family, method, tol):
     """engine="auto": a family the decode engine does not serve (GPT-NeoX's parallel blocks, StableLM's LayerNorm
     and partial RoPE) is refused by extract_weights, and load_gated runs the selector through

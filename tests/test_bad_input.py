@@ -24,9 +24,9 @@ CASES = [
     ("unregistered-family", "llm.name={phi}",
      r"architecture 'phi' is not registered \(supported: .*\)\. Add it before loading: .*register_arch\('phi', "
      r"ArchSpec\(family='phi', layers_path=.*README: Adding a model family"),
-    ("mixture-of-experts", "llm.name={mixtral}",
-     r"'mixtral' is a mixture-of-experts model \(4 experts per layer, config.num_local_experts\).*per-expert "
-     r"gating is not implemented"),
+    ("mixture-of-experts-shared-expert", "llm.name={qwen2_moe}",
+     r"'qwen2_moe' is a mixture-of-experts model \(4 experts per layer\) that shadowsparse does not gate: it has a "
+     r"shared expert .*Supported mixture-of-experts families: mixtral, qwen3_moe, olmoe"),
     ("non-causal-model", "llm.name={bert}",
      r"is an encoder-only 'bert' model .* not a decoder-only causal LM .*; give a causal LM"),
     ("ffn-sparsity-1", "gating.ffn_sparsity=1.0", r"sparsity must be in \[0, 1\).*set gating.ffn_sparsity"),
@@ -105,8 +105,9 @@ CASES = [
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """Artifacts the cases point at: a smoke run's targets and predictor (random:llama, seed 0), a BERT folder, the
-    configs of a model of an unregistered family (Phi-2) and of a mixture of experts (Mixtral), an empty data file."""
-    from transformers import BertConfig, BertModel, MixtralConfig, PhiConfig
+    configs of a model of an unregistered family (Phi-2) and of a mixture of experts with a shared expert (Qwen2-MoE),
+    an empty data file."""
+    from transformers import BertConfig, BertModel, PhiConfig, Qwen2MoeConfig
     tmp = tmp_path_factory.mktemp("made")
     run(compose("experiment=smoke", "stages.evaluate=false", "stages.report=false", f"paths.output_dir={tmp}/run",
                 f"paths.targets_dir={tmp}/targets"))
@@ -115,12 +116,13 @@ def made(tmp_path_factory):
                                 intermediate_size=37))
     bert.save_pretrained(tmp / "bert")
     PhiConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(tmp / "phi")
-    MixtralConfig(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                  num_key_value_heads=1, num_local_experts=4).save_pretrained(tmp / "mixtral")
+    Qwen2MoeConfig(vocab_size=100, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+                   shared_expert_intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                   num_key_value_heads=1, num_experts=4, num_experts_per_tok=2).save_pretrained(tmp / "qwen2_moe")
     (tmp / "empty.jsonl").write_text('{"text": ""}\n')
     (tmp / "short.txt").write_text("hello world")  # 11 tokens of the random models' byte tokenizer
     return {"targets": tmp / "targets", "ckpt": tmp / "run" / "predictor.ckpt", "bert": tmp / "bert",
-            "phi": tmp / "phi", "mixtral": tmp / "mixtral",
+            "phi": tmp / "phi", "qwen2_moe": tmp / "qwen2_moe",
             "empty": tmp / "empty.jsonl", "short": tmp / "short.txt"}
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..arch import ModelView
 from ..errors import ConfigError
+from ..moe import dense_ffn_only
 from ..gating import GatingConfig, ScoreSource, align_rows, n_keep
 
 
@@ -60,6 +61,7 @@ def balanced_kmeans(rows: torch.Tensor, n_groups: int, iters: int = 10, seed: in
 
 def group_neurons(view: ModelView, layers: list[int], expert_size: int, grouping: str, seed: int = 0) -> torch.Tensor:
     """Expert id of every neuron of every routed layer: (len(layers), F) int64."""
+    dense_ffn_only(view, "LTE (routers over groups of FFN neurons, fine-tuned weights)")
     ffn = view.dims.ffn
     if ffn % expert_size:
         divisors = [k for k in (8, 16, 32, 64, 128) if ffn % k == 0]
@@ -174,7 +176,7 @@ class LTEScores(ScoreSource):
     def neurons(self, layer, x):
         return self.routers.to_neurons(layer, self.scores[layer])
 
-    def neuron_mask(self, layer, x, k):
+    def neuron_mask(self, layer, x, k, routed=None):  # LTE refuses MoE models (moe.dense_ffn_only)
         if self.soft:  # stage 1: expert outputs scaled by their scores, differentiable
             return align_rows(self.neurons(layer, x), x).to(x.dtype)
         mask = self.expert_mask(layer)  # (..., E)

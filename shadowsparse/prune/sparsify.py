@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelView
 from ..errors import ConfigError
+from ..moe import dense_ffn_only
 from .esparse import DEFAULTS as ESPARSE_DEFAULTS
 from .esparse import channel_importance, shuffle_for
 from .allocation import ALLOCATIONS, hutchinson_traces, outlier_ratio, sensitivity_scores, spread
@@ -154,6 +155,7 @@ def permute_input_(linear: nn.Module, perm: torch.Tensor, transposed: bool = Fal
 def fold_neuron_perm_(view: ModelView, layer: int, perm: torch.Tensor) -> None:
     """Permute the FFN's neurons: down-projection columns and the producers' rows (and biases) together — each
     F-row block on its own (gate and up of a fused gate_up), in the (out, in) orientation (writes go through)."""
+    dense_ffn_only(view, "permuting FFN neurons (E-Sparse)")
     with torch.no_grad():
         down = view.weight(layer, view.spec.ffn_down)  # (d, F)
         down.copy_(down[:, perm])
@@ -259,6 +261,9 @@ def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
         return {}
     pattern = cfg.parsed()
     view = ModelView(model)
+    if cfg.modules != "attn":  # an expert's rows are not one dense matrix that N:M / OBS calibration can see whole
+        dense_ffn_only(view, f"static pruning of the FFN (sparsity.modules={cfg.modules!r}; "
+                             f"sparsity.modules=attn prunes attention only)")
     names = [(i, p) for i in range(view.dims.n_layers) for p in target_linears(view, i, cfg.modules)]
     for i, p in names:
         pattern.check_fits(view.weight(i, p).shape[1], f"layer {i} {p}")

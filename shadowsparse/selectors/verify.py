@@ -65,7 +65,7 @@ class VerifyFamily(Selector):
                 continue
             src = VerifyScores(q, predictor, self.proposer, vcfg.final, sketch=vcfg,
                                qcache=ctx.shared.setdefault("sketch_copies", {}), hessians=self.hessians(ctx))
-            ffn = ctx.view.dims.ffn
+            ffn = ctx.view.dims.active_ffn
             yield Run(src, q_levels, granularity="token", budget="local", selector_bytes=sel_bytes,
                       stats_extra=lambda f, src=src: {"realized_candidate_sparsity": src.candidate_sparsity(f, ffn)},
                       more={"criterion": None, **self.variant_fields(ctx),
@@ -163,7 +163,7 @@ class SketchThreshold(SketchProposer):
     def runs(self, ctx):
         source = self.threshold_source(ctx)
         source.candidate_stats.clear()  # counts of this method's passes only (sketch_teal shares the source)
-        ffn = ctx.view.dims.ffn  # the kept set is the candidate set: both counted from the hooks' masks
+        ffn = ctx.view.dims.active_ffn  # the kept set is the candidate set: both counted from the hooks' masks
         yield Run(source, self.levels(ctx), granularity="token", budget="local",  # per-layer thresholds
                   selector_bytes=self.selector_bytes(ctx),
                   stats_extra=lambda f: {"realized_candidate_sparsity": source.candidate_sparsity(f, ffn)},
@@ -187,7 +187,7 @@ class SketchVerify(SketchProposer):
     def levels_for(self, ctx, q, levels):
         if "sketch" not in ctx.methods:
             return levels
-        ffn = ctx.view.dims.ffn
+        ffn = ctx.view.dims.active_ffn
         same = [(f, h) for f, h in levels if round(q * ffn) <= n_keep(ffn, f)]  # no verify stage: the sketch row
         if same:
             log.info("sketch_verify q=%.2f proposes no more than it keeps at ffn=%s: the same selection as the sketch "
