@@ -100,6 +100,7 @@ class BenchConfig:
     feature_layer: int = MISSING
     predictor_hidden: int = MISSING
     predictor_rank: int = MISSING
+    layers: Optional[int] = None
     out: Optional[str] = None
 
 
@@ -123,6 +124,8 @@ def check(bench: DictConfig) -> None:
     if any(not (isinstance(st, int) and 1 <= st <= 64) for st in bench.prefill_steps):
         raise ConfigError(f"prefill_steps must be integers in 1..64 (tokens per sequence per prefill step), got "
                           f"{list(bench.prefill_steps)}")
+    if bench.layers is not None and bench.layers < 1:
+        raise ConfigError(f"layers must be >= 1 (the first N decoder layers of each model) or null, got {bench.layers}")
     if bench.gen < 2:
         raise ConfigError("gen must be >= 2 (HF generate's per-token time is (t(gen) - t(1)) / (gen - 1))")
 
@@ -155,7 +158,13 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
         bar.set_postfix_str(method)  # HF generate on a 13B model takes minutes: the ETA says how many
         spec = dict(METHODS[method])
         base = dict(model=name, card=card, dtype=cfg["dtype"], batch=batch, prompt_len=P, gen_len=gen,
-                    method=method, weights="random, exact shapes", **env)
+                    method=method, weights="random, exact shapes", layers=weights.n_layers, **env)
+        if cfg["layers"] is not None:
+            base["weights"] = f"random, exact shapes, the first {weights.n_layers} decoder layers only"
+        if weights.experts and ({"sketch", "gate", "nm24", "teal", "teal_attn", "threshold"} & set(spec)):
+            print(f"{name}: {method} skipped (the engine serves MoE layers with given, predicted or sketch scores; "
+                  "the benchmark builds no MoE sketch)", file=sys.stderr)
+            continue
         if ({"sketch", "teal", "teal_attn", "threshold"} & set(spec)) and "teal" not in calib:
             calib["teal"] = teal_calibration(model, weights, cfg)  # once per model, on the first method needing it
         if "sketch" in spec and weights.family != "llama":  # the sketch reads a gate: SwiGLU FFNs only
@@ -457,7 +466,7 @@ def main(hcfg: DictConfig) -> None:
     all_rows = []
     for name in cfg["models"]:
         t0 = time.perf_counter()
-        model = build_random_model(name, dtype)
+        model = build_random_model(name, dtype, layers=cfg["layers"])
         weights = extract_weights(model)
         gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
         print(f"\n{name}: {gb:.2f} GB of weights, built and laid out in {time.perf_counter() - t0:.1f} s", flush=True)

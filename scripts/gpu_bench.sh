@@ -14,6 +14,9 @@
 #   teal-masked   the input-threshold rows of `teal` with the masked-row kernel (SHADOWSPARSE_INPUT_COMPACT=0), A/B
 #   selectors     benchmark.py over $SEL_MODELS (Llama-2-7B, Llama-3-8B GQA, Mistral-7B, OPT-13B shapes) at batch 1, 2
 #                 and 8 ($SEL_BATCHES; the dense-fallback table of runtime/dispatch.py): every selector the engine serves ($SEL_METHODS), dense alongside; each model capped at $SEL_TIMEOUT s
+#   moe           the MoE engine tests on the GPU (Triton compiled), then benchmark.py bench=mixtral (Mixtral-8x7B
+#                 shapes, bf16, 123 GB with the engine's copies: an H200; MOE_LAYERS=16 fits an 80 GB card) at batch
+#                 $MOE_BATCHES (default [1,8])
 #   sparse-input  benchmarks/sparse_input_kernel.py: the input-sparse GEMV alone, compacted vs masked, at 40/50%
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
@@ -62,10 +65,16 @@ for part in "${parts[@]}"; do
                            "bench.methods=${SEL_METHODS:-[dense,ffn50+heads50,predictor+ffn50+heads50,teal40,teal50,threshold+ffn50,gate+ffn50,gate_verify+ffn50,sketch+ffn50,sketch_thr+ffn50,sketch_verify+ffn50,sketch+ffn50+teal40attn,sketch_thr+ffn50+teal40attn]}" \
                            bench.out="$OUT/selectors.jsonl" 2>&1 | tee -a "$OUT/selectors.txt" || true
                    done ;;
+        moe) python3 -m pytest -q -p no:cacheprovider tests/test_engine_moe.py tests/test_kernels.py -k "moe or in_rows" \
+                 > "$OUT/moe-tests.txt" 2>&1 || true
+             tail -n 30 "$OUT/moe-tests.txt"
+             python3 benchmark.py bench=mixtral "bench.batches=${MOE_BATCHES:-[1,8]}" ${MOE_LAYERS:+bench.layers=$MOE_LAYERS} \
+                 bench.out="$OUT/mixtral.jsonl" 2>&1 \
+                 | tee "$OUT/mixtral.txt" ;;
         sparse-input) python3 benchmarks/sparse_input_kernel.py --tokens 1 8 --sparsity 0.4 0.5 --per-sm 2 4 \
                           --configs 6 --out "$OUT/sparse-input.jsonl" 2>&1 | tee "$OUT/sparse-input.txt" ;;
         *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch, teal," \
-                "teal-masked, selectors or sparse-input" >&2
+                "teal-masked, selectors, moe or sparse-input" >&2
            exit 2 ;;
     esac
 done

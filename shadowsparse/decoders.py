@@ -191,7 +191,7 @@ class EngineDecoder:
         dense = e.runs_dense(tokens, tokens_per_seq > 1)
         self.rows["tokens"] += tokens
         self.rows["dense_tokens"] += tokens if dense else 0
-        per_layer = e.w.ffn if dense else (0 if e.counts_kept_neurons else e.k_ffn)  # else counted on the device
+        per_layer = e.w.active_ffn if dense else (0 if e.counts_kept_neurons else e.k_ffn)  # else counted on the device
         self.rows["neurons"] += tokens * per_layer
         if e.gate_ffn or e.ffn_selector is not None:
             self._add_layer_neurons(e, [tokens * per_layer] * e.w.n_layers)
@@ -225,7 +225,7 @@ class EngineDecoder:
         if not n:
             return {"realized_ffn_sparsity": 0.0, "realized_head_sparsity": 0.0, "gated_layers": gated}
         per_layer = self._layer_sparsity(dims, n, e)
-        ffn = sum(per_layer) / len(per_layer) if per_layer else 1 - self.rows["neurons"] / (n * dims.ffn)
+        ffn = sum(per_layer) / len(per_layer) if per_layer else 1 - self.rows["neurons"] / (n * dims.active_ffn)
         out = {"realized_ffn_sparsity": ffn, "realized_ffn_sparsity_per_layer": per_layer,
                "realized_head_sparsity": 1 - self.rows["heads"] / (n * dims.n_heads), "gated_layers": gated,
                "selector_bytes": e.ffn_selector.nbytes() if e is not None and e.ffn_selector is not None else 0}
@@ -244,7 +244,7 @@ class EngineDecoder:
         if e is not None and e.counts_kept_neurons:  # not folded yet: the engine still runs
             kept = [a + b for a, b in zip(kept, e.ffn_selector.kept_per_layer())]
         first = e.first_layer if e is not None else (self.config.first_layer or 0)
-        return [1 - kept[layer] / (n * dims.ffn) for layer in range(first, dims.n_layers)]
+        return [1 - kept[layer] / (n * dims.active_ffn) for layer in range(first, dims.n_layers)]
 
     def _input_stats(self, dims, n: int, e) -> dict:
         """Input thresholds (teal, threshold): realized sparsity per thresholded input from the kernels' device

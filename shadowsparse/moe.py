@@ -150,6 +150,15 @@ def expose_expert_neurons(model: nn.Module, layers: nn.ModuleList, experts_path:
             setattr(parent, name, GateableExperts(experts))
 
 
+def router_of(view, layer: int) -> nn.Module | None:
+    """MoE layer ``layer``'s top-k router (transformers' ``<moe block>.gate``: x (N, d) -> (logits (N, E), weights
+    (N, k), experts (N, k))), the module that decides what GateableExperts computes; None for a dense model."""
+    if view.spec.experts is None:
+        return None
+    block = view.spec.experts.rpartition(".")[0]
+    return view.module(layer, f"{block}.gate" if block else "gate")
+
+
 def dense_ffn_only(view, what: str) -> None:
     """Refuse a stage that writes FFN weights through the dense layouts (static masks, LTE) on an MoE model."""
     if view.dims.experts:
@@ -159,4 +168,4 @@ def dense_ffn_only(view, what: str) -> None:
 
 
 __all__ = ["GateableExperts", "MOE_FAMILIES", "dense_ffn_only", "expose_expert_neurons", "moe_config_problem",
-           "n_experts"]
+           "n_experts", "router_of"]

@@ -58,6 +58,11 @@ SHAPES = {
     "phi-3-mini": dict(family="phi3", hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                        num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
                        sliding_window=2047, rms_norm_eps=1e-5, pad_token_id=32000, tie_word_embeddings=False),
+    # mixture of experts: 8 experts of Mistral-7B's FFN shape per layer, 2 per token (46.7B parameters, 12.9B active)
+    "mixtral-8x7b": dict(family="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2,
+                         vocab_size=32000, max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1000000.0,
+                         sliding_window=None, tie_word_embeddings=False),
     "pythia-6.9b": dict(family="gpt_neox", hidden_size=4096, intermediate_size=16384, num_hidden_layers=32,
                         num_attention_heads=32, vocab_size=50432, max_position_embeddings=2048,
                         use_parallel_residual=True, layer_norm_eps=1e-5, tie_word_embeddings=False),
@@ -87,7 +92,7 @@ HUB_IDS = {
     "google/gemma-7b": "gemma-7b", "google/gemma-2-9b": "gemma-2-9b", "google/gemma-3-1b-pt": "gemma-3-1b",
     "microsoft/Phi-3-mini-4k-instruct": "phi-3-mini", "EleutherAI/pythia-6.9b": "pythia-6.9b",
     "tiiuae/falcon-7b": "falcon-7b", "openai-community/gpt2-xl": "gpt2-xl",
-    "stabilityai/stablelm-2-1_6b": "stablelm-2-1.6b",
+    "stabilityai/stablelm-2-1_6b": "stablelm-2-1.6b", "mistralai/Mixtral-8x7B-v0.1": "mixtral-8x7b",
 }
 
 

@@ -813,11 +813,11 @@ def test_the_readme_register_arch_example_registers_a_working_spec(registry):
 
 
 @pytest.mark.parametrize("family,method,tol", [("gpt_neox", "teal", 0.05), ("stablelm", "sketch", 1e-6),
-                                               ("mixtral", "sketch", 1e-6)])
+                                               ("olmoe", "sketch", 1e-6)])
 def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family, method, tol):
     """engine="auto": a family the decode engine does not serve (GPT-NeoX's parallel blocks, StableLM's LayerNorm
-    and partial RoPE) is refused by extract_weights, and load_gated runs the selector through
-    the hooks instead of failing."""
+    and partial RoPE, OLMoE's q/k norms over whole projections) is refused by extract_weights, and load_gated runs
+    the selector through the hooks instead of failing."""
     import shadowsparse as ss
     model, tok = load_llm(LLMConfig(name=f"random:{family}"))
     g = ss.load_gated(model, method=method, ffn_sparsity=0.5, tokenizer=tok, calib=CALIB)

@@ -185,10 +185,11 @@ def test_load_gated_sketch_teal_runs_both_selectors_in_the_engine(llama):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("opt", 2), ("qwen3", 1), ("gemma", 2),
-                                          ("gemma2", 1)])
+                                          ("gemma2", 1), ("mixtral", 1), ("mixtral", 2), ("qwen3_moe", 2)])
 def test_static_engine_matches_its_mask_path(backend, family, batch):
     """static: fixed per-layer scores in the predictor's place (runtime/fixed_scores.py), heads and neurons, equal
-    the mask path's StaticScores with the same means (prefill, single tokens, a 3-token step)."""
+    the mask path's StaticScores with the same means (prefill, single tokens, a 3-token step). Mixtral / Qwen3-MoE:
+    each token keeps the top half of its routed experts' neurons (the mask path's only_routed top-k)."""
     from shadowsparse.gating import StaticScores
     from shadowsparse.runtime.fixed_scores import FixedScores
     from tests.test_runtime import engine_model

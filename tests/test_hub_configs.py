@@ -15,7 +15,8 @@ from tests.conftest import ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 HUB = ["opt1_3b", "opt6_7b", "opt13b", "opt30b", "llama2_7b", "llama2_13b", "llama3_8b", "mistral7b", "qwen2_5_7b",
-       "gemma_7b", "gemma2_9b", "gemma3_1b", "phi3_mini", "pythia_6_9b", "falcon_7b", "gpt2_xl", "stablelm2_1_6b"]
+       "gemma_7b", "gemma2_9b", "gemma3_1b", "phi3_mini", "pythia_6_9b", "falcon_7b", "gpt2_xl", "stablelm2_1_6b",
+       "mixtral_8x7b"]
 GPU_BYTES = 80e9  # one H100/A100 80 GB
 
 

@@ -210,6 +210,35 @@ def test_shared_set_with_per_token_keep_matches_mask_path(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
+def test_in_rows_read_gate_and_up_in_place_from_an_experts_gate_up(backend):
+    """An MoE layer's gate/up read in place from transformers' (E, 2F, d) gate_up_proj (w_in its (2EF, d) view,
+    w_up the view F rows further, neuron e*F + f at row e*2F + f of each) with fractional keep (routing weights):
+    equal to the same FFN on separate stacked (EF, d) gate and up matrices."""
+    from shadowsparse.runtime.weights import moe_in_rows
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(4)
+    E, Fe, d, T = 3, 32, 64, 3
+    gate_up = torch.randn(E, 2 * Fe, d, generator=g).to(device) / 8
+    w_down_t = torch.randn(E * Fe, d, generator=g).to(device) / 8
+    x = torch.randn(T, d, generator=g).to(device)
+    idx = torch.tensor([1, 5, 31, 32, 40, 70, 95], dtype=torch.int32, device=device)  # neurons of all 3 experts
+    keep = torch.rand(T, idx.shape[0], generator=g).to(device)
+    w_gate = gate_up[:, :Fe].reshape(E * Fe, d)
+    w_up = gate_up[:, Fe:].reshape(E * Fe, d)
+    ref = gated_ffn_reference(x, w_gate, w_down_t, idx, "silu", w_up=w_up, keep=keep)
+    flat = gate_up.view(E * 2 * Fe, d)
+    rows = moe_in_rows(idx, Fe)
+    assert torch.equal(flat[rows.long()], w_gate[idx.long()]) and torch.equal(flat[Fe:][rows.long()],
+                                                                             w_up[idx.long()])
+    torch.testing.assert_close(gated_ffn_reference(x, flat, w_down_t, idx, "silu", w_up=flat[Fe:], keep=keep,
+                                                   in_rows=rows), ref, rtol=1e-5, atol=1e-5)
+    out = gated_ffn(x, flat, w_down_t, idx, "silu", w_up=flat[Fe:], keep=keep, backend=backend, in_rows=rows)
+    torch.testing.assert_close(out, ref, rtol=5e-3, atol=5e-3)
+    with pytest.raises(ValueError, match="in_rows must match a shared idx"):
+        gated_ffn(x, flat, w_down_t, idx.expand(T, -1), "silu", w_up=flat[Fe:], backend=backend, in_rows=rows)
+
+
+@pytest.mark.parametrize("backend", _backends())
 def test_residual_is_fused_exactly(backend):
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     args, kw = _inputs(2, 64, 160, 80, "relu", False, True, device=device)

@@ -91,7 +91,7 @@ def test_every_shape_builds_with_its_published_parameter_count(shape):
                  "llama-2-7b": 6.738e9, "llama-2-13b": 13.016e9, "llama-3-8b": 8.030e9, "mistral-7b": 7.242e9,
                  "smollm2-135m": 134.5e6, "qwen2.5-7b": 7.616e9, "gemma-7b": 8.538e9, "gemma-2-9b": 9.242e9,
                  "gemma-3-1b": 1.000e9, "phi-3-mini": 3.821e9, "pythia-6.9b": 6.857e9, "falcon-7b": 6.922e9,
-                 "gpt2-xl": 1.558e9, "stablelm-2-1.6b": 1.645e9}
+                 "gpt2-xl": 1.558e9, "stablelm-2-1.6b": 1.645e9, "mixtral-8x7b": 46.703e9}
     if shape.startswith("tiny-"):  # no published model: the count from the dimensions (Llama: q, o, and k, v of
         # the kv heads, three FFN matrices, two norms per layer; OPT: the same with biases, fc1/fc2, learned positions)
         s, d = SHAPES[shape], SHAPES[shape]["hidden_size"]

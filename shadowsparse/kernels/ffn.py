@@ -40,11 +40,17 @@ def _check_keep(idx: torch.Tensor, keep, T: int) -> None:
                          f"{tuple(keep.shape)} with idx {tuple(idx.shape)}")
 
 
-def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None):
+def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None,
+                        in_rows=None):
     """The mask path: the dense FFN with the activations outside idx zeroed. Same shapes as gated_ffn.
     keep (T, k), with a shared idx (k,): a per-token 0/1 factor on the selected units (a union read once, each
     token keeping only its own units)."""
     _check_keep(idx, keep, x.shape[0])
+    if in_rows is not None:  # the reference reads the gathered gate/up rows, placed at their neurons' columns
+        F_ = w_down_t.shape[0]
+        w_in = torch.zeros(F_, x.shape[1], dtype=w_in.dtype, device=w_in.device).index_copy_(
+            0, idx.long(), w_in[in_rows.long()])
+        w_up = None if w_up is None else torch.zeros_like(w_in).index_copy_(0, idx.long(), w_up[in_rows.long()])
     h = apply_act(F.linear(x, w_in, b_in), act)  # (T, F)
     if w_up is not None:
         h = h * F.linear(x, w_up)
@@ -54,17 +60,19 @@ def gated_ffn_reference(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None
     return F.linear(h * mask, w_down_t.t(), b_out)
 
 
-def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None):
+def gated_ffn_torch(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None,
+                    in_rows=None):
     """Fallback that reads only the selected rows, by gathering them (T, k, d) — correct everywhere, and on a GPU
     slower than dense (docs/design.md: index_select at 50% is 1.6x dense), which is why the kernels exist."""
     _check_keep(idx, keep, x.shape[0])
     idx = (idx.expand(x.shape[0], -1) if idx.dim() == 1 else idx).long()
-    g = torch.einsum("tkd,td->tk", w_in[idx], x)  # (T, k)
+    rows = idx if in_rows is None else in_rows.long().expand(x.shape[0], -1)  # gate/up rows of the units
+    g = torch.einsum("tkd,td->tk", w_in[rows], x)  # (T, k)
     if b_in is not None:
-        g = g + b_in[idx]
+        g = g + b_in[rows]
     h = apply_act(g, act)
     if w_up is not None:
-        h = h * torch.einsum("tkd,td->tk", w_up[idx], x)
+        h = h * torch.einsum("tkd,td->tk", w_up[rows], x)
     if keep is not None:
         h = h * keep.to(h.dtype)
     y = torch.einsum("tk,tkd->td", h, w_down_t[idx])
@@ -257,7 +265,7 @@ def scored_ffn_in(x: torch.Tensor, w_in: torch.Tensor, est: torch.Tensor, thresh
 
 
 def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, block_k, block_d, block_k2,
-                             block_d2, splits, warps, stages, keep=None, residual=None, out=None):
+                             block_d2, splits, warps, stages, keep=None, residual=None, out=None, in_rows=None):
     """idx (k,): one neuron set for all T tokens (T <= 16); keep (T, k) an optional per-token 0/1 factor;
     residual (T, d): the fp32 accumulator starts from it (saves the add pass), output in its dtype;
     out (T, d) fp32: the result (+ b_out) is added into it in place and it is returned (an fp32 residual stream)."""
@@ -267,10 +275,11 @@ def _gated_ffn_triton_shared(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, blo
         raise ValueError(f"the shared-set decode kernel takes up to 16 tokens, got {T}")
     block_k, block_k2 = max(block_k, 16), max(block_k2, 16)  # tl.dot needs 16 on each side
     idx = idx.to(torch.int32).contiguous()
+    rows = idx if in_rows is None else in_rows.to(torch.int32).contiguous()  # the gate/up rows of the units
     h = torch.empty(T, K, device=x.device, dtype=torch.float32)
     dummy = x
     _shared_in_kernel[(triton.cdiv(K, block_k),)](
-        x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, idx, h,
+        x.contiguous(), w_in, w_up if w_up is not None else dummy, b_in if b_in is not None else dummy, rows, h,
         keep.contiguous() if keep is not None else dummy, T, K, D, HAS_UP=w_up is not None,
         HAS_BIAS=b_in is not None, ACT=ACTIVATIONS.index(act), HAS_KEEP=keep is not None, T_PAD=16,
         BLOCK_K=block_k, BLOCK_D=block_d, num_warps=warps[0], num_stages=stages[0], **pdl_kwargs(x))
@@ -303,7 +312,8 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
                      block_k: int | None = None, block_d: int | None = None, block_k2: int | None = None,
                      block_d2: int | None = None, splits: int | None = None, warps: tuple[int, int] | None = None,
                      stages: tuple[int, int] | None = None, keep: torch.Tensor | None = None,
-                     residual: torch.Tensor | None = None, out: torch.Tensor | None = None):
+                     residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                     in_rows: torch.Tensor | None = None):
     """The Triton path. One set for all tokens (idx (k,), or a single token) takes the tl.dot kernels, which were
     the fastest measured even at batch 1 (H100: 97% of pre-sliced weights on OPT-13B shapes); per-token sets for
     several tokens take the per-token kernels. Block sizes, warps, stages and the k-split are tunables
@@ -315,7 +325,10 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
     block_k, block_d, block_k2, block_d2, warps, stages = (g if g is not None else d for g, d in zip(given, defaults))
     if shared:
         return _gated_ffn_triton_shared(x, w_in, w_down_t, idx.reshape(-1), act, w_up, b_in, b_out, block_k,
-                                        block_d, block_k2, block_d2, splits, warps, stages, keep, residual, out)
+                                        block_d, block_k2, block_d2, splits, warps, stages, keep, residual, out,
+                                        in_rows)
+    if in_rows is not None:
+        raise ValueError("in_rows (gate/up rows apart from the down rows) takes a shared idx (k,)")
     T, D = x.shape
     K = idx.shape[1]
     idx = idx.to(torch.int32).contiguous()
@@ -342,17 +355,22 @@ def gated_ffn_triton(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b
 
 
 def gated_ffn(x, w_in, w_down_t, idx, act="silu", w_up=None, b_in=None, b_out=None, keep=None,
-              backend: str = "auto", residual=None, out=None):
+              backend: str = "auto", residual=None, out=None, in_rows=None):
     """Dispatch: the Triton kernels on a CUDA device where Triton is installed, the torch gather otherwise.
     backend "triton" forces the kernels (on the CPU they need TRITON_INTERPRET=1), "torch" the fallback.
     residual (T, d), if given, is added to the output (fused into the accumulator on the shared-set path);
-    out (T, d) fp32, if given, receives the output added in place and is returned (an fp32 residual stream)."""
+    out (T, d) fp32, if given, receives the output added in place and is returned (an fp32 residual stream).
+    in_rows (k,), with a shared idx (k,): the rows of w_in / w_up holding the units' gate / up, where they are not
+    the units' own indices (an MoE layer's experts read in place from transformers' (E, 2F, d) gate_up: neuron
+    e·F + f at row e·2F + f of gate and of up, which starts F rows further); idx still names the down rows."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+    if in_rows is not None and (idx.dim() != 1 or in_rows.shape != idx.shape):
+        raise ValueError(f"in_rows must match a shared idx (k,), got {tuple(in_rows.shape)} and {tuple(idx.shape)}")
     if use_triton(x, backend):
         return gated_ffn_triton(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, residual=residual,
-                                out=out)
-    y = gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep)
+                                out=out, in_rows=in_rows)
+    y = gated_ffn_torch(x, w_in, w_down_t, idx, act, w_up, b_in, b_out, keep=keep, in_rows=in_rows)
     if out is not None:
         return out.add_(y)
     return y if residual is None else residual + y

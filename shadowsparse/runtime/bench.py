@@ -20,12 +20,18 @@ from .select import padded_size
 from .weights import EngineWeights
 
 
-def build_random_model(name: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0):
-    """A causal LM in the exact shapes of ``name`` with random weights, created on ``device`` directly."""
+def build_random_model(name: str, dtype: torch.dtype, device: str = "cuda", seed: int = 0, layers: int | None = None):
+    """A causal LM in the exact shapes of ``name`` with random weights, created on ``device`` directly; ``layers``:
+    only its first N decoder layers (a model too large for the card, measured per layer; the rows say so)."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
+    config = build_config(name)
+    if layers is not None:
+        config.num_hidden_layers = min(layers, config.num_hidden_layers)
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:config.num_hidden_layers]
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(build_config(name), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     if next(model.parameters()).device.type != torch.device(device).type:  # should not happen; never silently CPU
         model = model.to(device)
     model.eval().requires_grad_(False)
@@ -99,14 +105,14 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_
     kept = {"attn_in": 1.0, "attn_out": 1.0, "ffn_in": 1.0, "ffn_out": 1.0, **(input_kept or {})}
     w: EngineWeights = engine.w
     el = w.lm_head.element_size()
-    d, D, H, KV, F_ = w.hidden, w.head_dim, w.n_heads, w.n_kv_heads, w.ffn
+    d, D, H, KV = w.hidden, w.head_dim, w.n_heads, w.n_kv_heads
     n_in = 2 if w.family == "llama" else 1
     rows = engine.rows_read(engine.batch * tokens_per_seq)
     total = w.lm_head.numel() * el
     for layer in range(w.n_layers):
         gated = layer >= engine.first_layer
         kh = rows["heads"] if gated else H
-        kf = rows["neurons"] if gated else F_
+        kf = rows["neurons"] if gated else rows["dense_neurons"]
         kv_heads_read = min(KV, kh)  # kv heads whose cache a selected query head reads (an upper bound with GQA)
         kv_proj = rows["kv_heads"] if gated else KV  # K/V projection heads: all, or lazy's selected + refresh
         window = rows["window"] if gated else 0  # lazy K/V reads the window's W normed inputs per sequence
@@ -120,6 +126,7 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_
         total += int(((kh * a_in + kh * a_out) * D * d + 2 * kv_proj * D * d * a_in + engine.batch * window * d)
                      * el) + ffn_bytes
         total += int(engine.batch * kv_heads_read * context * D * 2 * el)
+        total += w.experts * d * el  # an MoE layer's router
     if engine.predictor is not None:
         total += sum(p.numel() * p.element_size() for p in engine.predictor.parameters())
     if engine.ffn_selector is not None:  # the sketch's packed copies, read in every step

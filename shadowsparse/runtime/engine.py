@@ -59,6 +59,8 @@ sqrt(d) embedding scale is applied at the first layer's entry (_scale_embeddings
 (_add_normed), Gemma-2's attention scores are soft-capped inside the attention kernels and its logits after lm_head.
 Sliding-window layers pass their window to the attention (keys before it never read; the cache keeps every position,
 so a layer's window is exact at any max_len). Each layer rotates with its own RoPE (Gemma-3: two bases, _ropes).
+Mixture-of-experts layers (Mixtral, Qwen3-MoE) run _ffn_moe: the model's router picks each token's experts, the
+selector a top-k among their neurons, and one gathered FFN reads the kept rows with the routing weights in keep.
 
 Every shape is fixed by (batch, T, config) and nothing reads a device value on the host, so graph.py can capture a
 step in a CUDA graph.
@@ -88,7 +90,7 @@ from .ffn_select import GateFFNSelector, LTEFFNSelector, SketchFFNSelector, Sket
 from .input_sparsity import InputSparsity
 from .ops import OPT_POSITION_OFFSET, rope_cos_sin, rope_inv_freq
 from .select import BATCH_SETS, head_rows, padded_size, select_units
-from .weights import EngineWeights
+from .weights import EngineWeights, moe_in_rows
 
 MAX_BATCH = 8
 MAX_STEP_TOKENS = 64  # new tokens per sequence in one step (prefill() cuts prompts into steps of this size)
@@ -193,11 +195,11 @@ class DecodeEngine:
             raise ConfigError(f"first_layer must be in [{lo}, {w.n_layers - 1}], got {first}")
         self.first_layer = first
         self.k_heads = n_keep(w.n_heads, self.cfg.head_sparsity)
-        self.k_ffn = n_keep(w.ffn, self.cfg.ffn_sparsity)
+        self.k_ffn = n_keep(w.active_ffn, self.cfg.ffn_sparsity)  # MoE: a share of the routed experts' neurons
         self.gate_heads = self.k_heads < w.n_heads or self.cfg.all_kernels
-        self.gate_ffn = self.k_ffn < w.ffn or self.cfg.all_kernels
+        self.gate_ffn = self.k_ffn < w.active_ffn or self.cfg.all_kernels
         # a per-layer FFN selector (ffn_select.py) chooses each gated layer's neurons from that layer's own input
-        self.ffn_selector = ffn_selector if self.k_ffn < w.ffn else None
+        self.ffn_selector = ffn_selector if self.k_ffn < w.active_ffn else None
         if self.ffn_selector is not None and self.cfg.nm24:
             raise ConfigError("a per-layer FFN selector over 2:4-compressed FFN weights is not implemented; use "
                               "nm24=False with it")
@@ -206,8 +208,10 @@ class DecodeEngine:
         if getattr(scorer, "act", w.act) != w.act:
             raise ConfigError(f"the {scorer.name} FFN selector scores with act '{scorer.act}', but the model's FFN "
                               f"uses '{w.act}'; build it with act=extract_weights(model).act")
-        self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.teal = self._plan_input_sparsity(input_sparsity)
+        if w.experts:
+            self._check_moe()
+        self.nm24 = [_compress_ffn(lw) for lw in w.layers] if self.cfg.nm24 else None
         self.all_neurons = torch.arange(w.ffn, device=self.device, dtype=torch.int32)
         self.zero_threshold = torch.zeros(1, device=self.device)  # |a| > 0: the nonzero activations' down rows
         self.window = self._plan_lazy_kv()
@@ -220,6 +224,22 @@ class DecodeEngine:
         self.resid32 = self.gated and w.norm_before and not dense_steps
         self.all_q_rows = torch.arange(self.n_q, device=self.device, dtype=torch.int32)
         self.path = path_of(self._features())
+
+    def _check_moe(self) -> None:
+        """An MoE model's FFN runs _ffn_moe: routed experts, optionally a top-k of their neurons by scores (given, the
+        predictor's, or a scoring selector's). The FFN paths built around one dense neuron set are refused here."""
+        sel = self.ffn_selector
+        what = None
+        if self.cfg.nm24:
+            what = "2:4-compressed FFN weights (nm24=True)"
+        elif self.teal is not None and (self.teal.on("ffn_in") or self.teal.on("ffn_out")):
+            what = "input thresholds on the FFN (teal / threshold on ffn_in or ffn_out)"
+        elif sel is not None and not isinstance(sel, (SketchFFNSelector, GateFFNSelector)):
+            what = f"the {type(sel).__name__} FFN selector"
+        if what is not None:
+            raise ConfigError(f"{what} is not implemented for mixture-of-experts models in the decode engine, which "
+                              "serves their routed experts with a top-k of given, predicted, sketch or gate scores; "
+                              "use the mask path (load_gated(..., engine='hooks')) for this method")
 
     def _features(self) -> set[str]:
         """The gating features of this engine: the key of its measured break-even (dispatch.py)."""
@@ -345,7 +365,9 @@ class DecodeEngine:
                              else None)
         sel = Selection()
         mode = self.cfg.batch_set
-        if self.gate_ffn and neurons is not None:
+        if self.gate_ffn and neurons is not None and self.w.experts:  # top-k among the routed, in the layer
+            sel.neuron_scores = neurons[:, :, self.first_layer:].flatten(0, 1)  # (n, Lg, E*F)
+        elif self.gate_ffn and neurons is not None:
             s = neurons[:, :, self.first_layer:].flatten(0, 1)  # (n, Lg, F)
             sel.ffn_idx, keep = select_units(s, self.k_ffn, mode)
             sel.ffn_keep = None if keep is None else keep.to(self.dtype)
@@ -368,10 +390,13 @@ class DecodeEngine:
         """Per gated layer, the fixed number of heads and neurons whose weights a step of ``tokens`` rows reads."""
         mode = self.cfg.batch_set
         kh = padded_size(tokens, self.k_heads, self.w.n_heads, mode) if self.gate_heads else self.w.n_heads
-        kf = padded_size(tokens, self.k_ffn, self.w.ffn, mode) if self.gate_ffn else self.w.ffn
+        # an MoE step reads the union of its tokens' routed neurons (at most all E*F) in every layer
+        dense_kf = padded_size(tokens, self.w.active_ffn, self.w.ffn, "union") if self.w.experts else self.w.ffn
+        kf = padded_size(tokens, self.k_ffn, self.w.ffn, mode) if self.gate_ffn else dense_kf
         lazy = self.window is not None and tokens == self.batch  # single-token steps
         kv = kh + self.kv_refresh if lazy else self.w.n_kv_heads
-        return {"heads": kh, "neurons": kf, "kv_heads": kv, "window": self.window.window if lazy else 0}
+        return {"heads": kh, "neurons": kf, "dense_neurons": dense_kf, "kv_heads": kv,
+                "window": self.window.window if lazy else 0}
 
     # -- the step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -686,6 +711,8 @@ class DecodeEngine:
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
         into = sel is not None and self.resid32  # add into the fp32 residual stream rf, in place
+        if self.w.experts:
+            return self._ffn_moe(layer, hf, rf, sel, gi, into)
         if sel is not None and (self._thresholded("ffn_in") or self._thresholded("ffn_out")):
             return self._ffn_thresholded(layer, hf, rf, into)
         if sel is not None and isinstance(self.ffn_selector, VerifyFFNSelector):
@@ -716,6 +743,41 @@ class DecodeEngine:
         if lw.w_up is not None:
             g = g * F.linear(hf, lw.w_up)
         return _add_linear(rf, g, lw.down_w, lw.b_out, into)
+
+    def _ffn_moe(self, layer, hf, rf, sel, gi, into: bool):
+        """A mixture-of-experts FFN -> resid + ffn. The model's own router gives each token its k experts and their
+        weights (the router's choice is not ours to change). Neuron e·F + f of the stacked experts (weights.py) is a
+        candidate when expert e is routed; in a gated layer with scores (given, predicted, or the FFN selector's)
+        each token keeps its top k_ffn candidates, else all of them. A kept neuron's activation is scaled by its
+        expert's routing weight, so one gathered FFN over the kept neurons sums the weighted experts' outputs.
+        Up to KERNEL_TOKENS rows: the union of the tokens' kept neurons read once (select.py), each token's own
+        weights in keep (zero where it did not keep a neuron); more rows: every expert's neurons on cuBLAS, each
+        token's others zeroed (the mask path's arithmetic; the routed compute alone would read the same weights)."""
+        lw, w = self.w.layers[layer], self.w
+        n, f_e = hf.shape[0], w.ffn // w.experts  # lw.w_in / lw.w_up: gate_up_proj in place (weights.py)
+        _, top_w, top_e = lw.router(hf)  # (n, k) routing weights, (n, k) experts
+        routed = hf.new_zeros(n, w.experts, dtype=torch.float32).scatter_(1, top_e, top_w.float())  # (n, E)
+        weight = routed.repeat_interleave(f_e, dim=1)  # (n, E*F): each neuron's expert weight, 0 where not routed
+        candidate = torch.zeros_like(routed, dtype=torch.bool).scatter_(1, top_e, True).repeat_interleave(f_e, dim=1)
+        scores = None
+        if sel is not None and self.ffn_selector is not None:
+            scores = self.ffn_selector.scores(layer, hf)  # (n, E*F)
+        elif sel is not None and sel.neuron_scores is not None:
+            scores = sel.neuron_scores[:, gi]  # (n, E*F)
+        k = w.active_ffn if scores is None else self.k_ffn
+        ranked = (weight if scores is None else scores.float()).masked_fill(~candidate, float("-inf"))  # (n, E*F)
+        if n > KERNEL_TOKENS:
+            gu = F.linear(hf, lw.w_in).view(n, w.experts, 2, f_e)  # (n, E, 2, F): each expert's gate, then up
+            a = (apply_act(gu[:, :, 0], w.act) * gu[:, :, 1]).reshape(n, w.ffn)  # (n, E*F) model dtype
+            a = (a * (weight * topk_mask(ranked, k, torch.bool))).to(self.dtype)
+            return _add_linear(rf, a, lw.down_w, None, into)
+        idx, keep = select_units(ranked.unsqueeze(1), k, "union")  # (1, K) int32, (1, n, K) 0/1 or None
+        idx = idx[0]
+        factor = weight.gather(1, idx.long().expand(n, -1))  # (n, K) routing weight of each read neuron
+        factor = factor if keep is None else factor * keep[0]
+        kw = dict(out=rf) if into else dict(residual=rf)
+        return gated_ffn(hf, lw.w_in, lw.down_t, idx, w.act, w_up=lw.w_up, keep=factor, backend=self.cfg.backend,
+                         in_rows=moe_in_rows(idx, f_e), **kw)
 
     def _thresholded(self, name: str) -> bool:
         return self.teal is not None and self.teal.on(name)

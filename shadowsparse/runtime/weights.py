@@ -20,8 +20,13 @@ attention and FFN outputs normed before the residual add, soft-capped attention 
 query_pre_attn_scalar ** -0.5), Gemma-3 text (Gemma-2's without soft-caps, with Qwen3-style q/k norms of
 factor 1 + w and a RoPE base per layer type); and OPT. Sliding-window layers (Mistral v0.1's every layer, Gemma-2's
 local ones, Qwen2's above max_window_layers where enabled) attend only to their window, as transformers' sliding
-mask. Anything else is refused by extract_weights with the reason (the mask path, shadowsparse.attach_gating,
-serves every registered family).
+mask. Mixture-of-experts FFNs (Mixtral; Qwen3-MoE, with Qwen3's q/k norms) are stacked on one neuron axis as the mask
+path has them (moe.py), neuron e·F + f being neuron f of expert e: gate and up are read in place from transformers'
+(E, 2F, d) gate_up_proj (w_in its (2·E·F, d) view, w_up the same view F rows further: neuron e·F + f's gate and up
+are row e·2F + f of each, moe_in_rows), the down projection is one transposed copy down_t (E·F, d) (down_w its
+view); the model's own router module picks each token's experts and weights in the step (DecodeEngine._ffn_moe).
+The engine thus adds the down projections' bytes (a third of the experts) to the model's. Anything else is refused
+by extract_weights with the reason (the mask path, shadowsparse.attach_gating, serves every registered family).
 """
 from __future__ import annotations
 
@@ -32,8 +37,10 @@ from torch import nn
 
 from ..arch import ModelView
 from ..errors import ConfigError
+from ..moe import router_of
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "opt")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "mixtral", "qwen3_moe",
+             "opt")
 GEMMA = ("gemma", "gemma2", "gemma3_text")  # RMSNorm factors 1 + w (q/k norms too), embeddings scaled by sqrt(d)
 # config activation name -> the kernels' (kernels/ffn.ACTIVATIONS); gelu_pytorch_tanh: Gemma's GeGLU
 ACTS = {"silu": "silu", "swish": "silu", "relu": "relu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh"}
@@ -60,6 +67,9 @@ class LayerWeights:
     k_norm_w: torch.Tensor | None = None  # (D,) Qwen3: the same over each key head
     post_attn_norm_w: torch.Tensor | None = None  # (d,) Gemma-2: RMSNorm of the attention output before the add
     post_ffn_norm_w: torch.Tensor | None = None  # (d,) Gemma-2: the same for the FFN output (both 1 + w, fp32)
+    router: nn.Module | None = None  # MoE: the model's top-k router, x (N, d) -> (logits, weights (N, k), experts
+    # (N, k)); w_in is then the (2·E·F, d) view of gate_up_proj, w_up the view from row F (gate / up of neuron
+    # e·F + f at row moe_in_rows: e·2F + f of each), down_t (E·F, d), down_w (d, E·F) a view of it
 
     def q_w(self, n_q: int) -> torch.Tensor:
         return self.qkv_w[:n_q]  # contiguous row range: a view, no copy
@@ -102,6 +112,13 @@ class EngineWeights:
     # query_pre_attn_scalar ** -0.5)
     attn_softcap: float | None = None  # Gemma-2: scores soft-capped to softcap · tanh(s / softcap) before softmax
     logit_softcap: float | None = None  # Gemma-2: the same on the final logits
+    experts: int = 0  # MoE: experts per layer (ffn = experts · F); 0: a dense FFN
+    experts_per_token: int = 0  # MoE: experts the router sends each token to
+
+    @property
+    def active_ffn(self) -> int:
+        """Neurons a token computes per layer: every one of a dense FFN's, its routed experts' in an MoE layer."""
+        return self.ffn // self.experts * self.experts_per_token if self.experts else self.ffn
 
     @property
     def dtype(self) -> torch.dtype:
@@ -116,7 +133,8 @@ class EngineWeights:
         el = self.lm_head.element_size()
         d, D, H, KV, F_ = self.hidden, self.head_dim, self.n_heads, self.n_kv_heads, self.ffn
         n_in = 2 if self.family == "llama" else 1
-        per_layer = {"q": H * D * d, "kv": 2 * KV * D * d, "o": H * D * d, "ffn": (n_in + 1) * F_ * d}
+        # an MoE token reads its routed experts' rows only
+        per_layer = {"q": H * D * d, "kv": 2 * KV * D * d, "o": H * D * d, "ffn": (n_in + 1) * self.active_ffn * d}
         out = {k: v * el * self.n_layers for k, v in per_layer.items()}
         out["lm_head"] = self.lm_head.numel() * el
         return out
@@ -214,13 +232,74 @@ def _layer_windows(cfg, n_layers: int) -> list[int | None]:
     return [int(window) if t == "sliding_attention" else None for t in types]
 
 
+def moe_in_rows(neurons: torch.Tensor, expert_ffn: int) -> torch.Tensor:
+    """Neuron ids e·F + f of an MoE layer -> their rows e·2F + f in the (2·E·F, d) view of gate_up_proj (w_in: the
+    gate; w_up, F rows further: the up)."""
+    return neurons + neurons // expert_ffn * expert_ffn
+
+
+def _moe_ffn(view: ModelView, i: int):
+    """(w_in, w_up, down_t) of MoE layer i: gate/up views of the experts' own gate_up_proj, down transposed once."""
+    from ..moe import GateableExperts
+    experts = view.module(i, view.spec.experts)
+    if not isinstance(experts, GateableExperts):  # ModelView swaps it in (moe.expose_expert_neurons)
+        raise ConfigError(f"layer {i}'s experts are a {type(experts).__name__}, not the GateableExperts ModelView "
+                          "puts in place; build EngineWeights with extract_weights(model)")
+    n_exp, f_e, d = experts.num_experts, experts.intermediate_dim, experts.hidden_dim
+    gate_up = experts.gate_up_proj.detach().view(n_exp * 2 * f_e, d)  # (2EF, d): expert e's gate rows, then its up
+    down_t = experts.down_proj.detach().transpose(1, 2).reshape(n_exp * f_e, d)  # (E, d, F) -> (EF, d): a copy
+    return gate_up, gate_up[f_e:], down_t
+
+
 def _opt(t: nn.Module | None, name: str):
     return None if t is None else getattr(t, name, None)
 
 
+def _layer_weights(view: ModelView, i: int, family: str, unit_offset: bool) -> LayerWeights:
+    """Decoder layer i in the engine's layout (module docstring): fused q/k/v, transposed o and down, the norms."""
+    spec, dims = view.spec, view.dims
+    layer = view.layer(i)
+    if spec.qkv == "fused":  # Phi-3's qkv_proj: q heads, k heads, v heads, the engine's layout already
+        m = view.module(i, spec.attn_in[0])
+        qkv_w, qkv_b = m.weight, m.bias
+    else:
+        qkv = [view.module(i, p) for p in spec.attn_in]
+        qkv_w = torch.cat([m.weight for m in qkv]).contiguous()
+        qkv_b = torch.cat([m.bias for m in qkv]).contiguous() if qkv[0].bias is not None else None
+    o, down = view.attn_out(i), view.ffn_down(i)  # o_proj / out_proj, down_proj / fc2
+    post_attn = post_ffn = None
+    if family == "llama":
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-2's sandwich norms: post_attention_layernorm
+            # norms the attention output (not the FFN input, as in Llama), pre_feedforward_layernorm the FFN's
+            n2, post_attn = layer.pre_feedforward_layernorm, layer.post_attention_layernorm
+            post_ffn = layer.post_feedforward_layernorm
+        if dims.experts:  # in place (module docstring)
+            w_in, w_up, down_t = _moe_ffn(view, i)
+        else:
+            (w_in, _), (w_up, _) = view.ffn_in_rows(i)  # gate, up (F, d): row views of a fused gate_up
+            down_t = down.weight.t().contiguous()
+        b_in = None
+    else:
+        n1, n2 = layer.self_attn_layer_norm, layer.final_layer_norm
+        w_in, w_up, b_in = layer.fc1.weight, None, layer.fc1.bias
+        down_t = down.weight.t().contiguous()
+    q_norm, k_norm = (getattr(layer.self_attn, name, None) for name in ("q_norm", "k_norm"))  # Qwen3
+    return LayerWeights(
+        norm1_w=_norm_factor(n1, unit_offset), norm1_b=_opt(n1, "bias"), qkv_w=qkv_w, qkv_b=qkv_b,
+        o_w=o.weight, o_t=o.weight.t().contiguous(), o_b=o.bias, norm2_w=_norm_factor(n2, unit_offset),
+        norm2_b=_opt(n2, "bias"), w_in=w_in, w_up=w_up, b_in=b_in,
+        down_w=down_t.t() if dims.experts else down.weight, down_t=down_t, b_out=getattr(down, "bias", None),
+        router=router_of(view, i),
+        q_norm_w=None if q_norm is None else _norm_factor(q_norm, unit_offset),  # Gemma-3: 1 + w
+        k_norm_w=None if k_norm is None else _norm_factor(k_norm, unit_offset),
+        post_attn_norm_w=None if post_attn is None else _norm_factor(post_attn, unit_offset),
+        post_ffn_norm_w=None if post_ffn is None else _norm_factor(post_ffn, unit_offset))
+
+
 def extract_weights(model: nn.Module) -> EngineWeights:
     """Read a loaded model (eval, any dtype, one device) into EngineWeights. Copies only fused qkv (not Phi-3's, fused
-    already), o.T, down.T (and Gemma's 1 + w norm factors)."""
+    already), o.T, down.T (and Gemma's 1 + w norm factors); an MoE model's gate/up are read in place."""
     cfg = model.config
     if cfg.model_type not in SUPPORTED:
         raise ConfigError(f"the decode engine supports {', '.join(SUPPORTED)}, not '{cfg.model_type}'; use the mask "
@@ -237,7 +316,6 @@ def extract_weights(model: nn.Module) -> EngineWeights:
     family = "opt" if cfg.model_type == "opt" else "llama"
     layer_rope = _layer_rope(cfg, dims.n_layers) if family == "llama" else []  # refused variants before any copy
     unit_offset = cfg.model_type in GEMMA  # RMSNorm scales by 1 + w (_norm_factor)
-    spec = view.spec
     lm_head = model.get_output_embeddings().weight
     common = dict(family=family, n_layers=dims.n_layers, n_heads=dims.n_heads, n_kv_heads=dims.n_kv_heads,
                   head_dim=dims.head_dim, hidden=dims.hidden, ffn=dims.ffn, vocab=lm_head.shape[0],
@@ -246,41 +324,10 @@ def extract_weights(model: nn.Module) -> EngineWeights:
                   layer_windows=_layer_windows(cfg, dims.n_layers),
                   model_type=cfg.model_type, embed_scale=_embed_scale(model, cfg), attn_scale=attn_scale,
                   attn_softcap=getattr(cfg, "attn_logit_softcapping", None),
-                  logit_softcap=getattr(cfg, "final_logit_softcapping", None))
-    layers = []
+                  logit_softcap=getattr(cfg, "final_logit_softcapping", None), experts=dims.experts,
+                  experts_per_token=dims.experts_per_token)
     with torch.no_grad():
-        for i in range(dims.n_layers):
-            layer = view.layer(i)
-            if spec.qkv == "fused":  # Phi-3's qkv_proj: q heads, k heads, v heads, the engine's layout already
-                m = view.module(i, spec.attn_in[0])
-                qkv_w, qkv_b = m.weight, m.bias
-            else:
-                qkv = [view.module(i, p) for p in spec.attn_in]
-                qkv_w = torch.cat([m.weight for m in qkv]).contiguous()
-                qkv_b = torch.cat([m.bias for m in qkv]).contiguous() if qkv[0].bias is not None else None
-            o, down = view.attn_out(i), view.ffn_down(i)  # o_proj / out_proj, down_proj / fc2
-            post_attn = post_ffn = None
-            if family == "llama":
-                n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
-                if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma-2's sandwich norms: post_attention_layernorm
-                    # norms the attention output (not the FFN input, as in Llama), pre_feedforward_layernorm the FFN's
-                    n2, post_attn = layer.pre_feedforward_layernorm, layer.post_attention_layernorm
-                    post_ffn = layer.post_feedforward_layernorm
-                (w_in, _), (w_up, _) = view.ffn_in_rows(i)  # gate, up (F, d): row views of a fused gate_up
-                b_in = None
-            else:
-                n1, n2 = layer.self_attn_layer_norm, layer.final_layer_norm
-                w_in, w_up, b_in = layer.fc1.weight, None, layer.fc1.bias
-            q_norm, k_norm = (getattr(layer.self_attn, name, None) for name in ("q_norm", "k_norm"))  # Qwen3
-            layers.append(LayerWeights(
-                norm1_w=_norm_factor(n1, unit_offset), norm1_b=_opt(n1, "bias"), qkv_w=qkv_w, qkv_b=qkv_b,
-                o_w=o.weight, o_t=o.weight.t().contiguous(), o_b=o.bias, norm2_w=_norm_factor(n2, unit_offset),
-                norm2_b=_opt(n2, "bias"), w_in=w_in, w_up=w_up, b_in=b_in, down_w=down.weight,
-                down_t=down.weight.t().contiguous(), b_out=down.bias,
-                q_norm_w=None if q_norm is None else _norm_factor(q_norm, unit_offset),  # Gemma-3: 1 + w
-                k_norm_w=None if k_norm is None else _norm_factor(k_norm, unit_offset),
-                post_attn_norm_w=None if post_attn is None else _norm_factor(post_attn, unit_offset),
-                post_ffn_norm_w=None if post_ffn is None else _norm_factor(post_ffn, unit_offset)))
+        layers = [_layer_weights(view, i, family, unit_offset) for i in range(dims.n_layers)]
     if family == "llama":
         inner = model.model
         return EngineWeights(**common, eps=cfg.rms_norm_eps, final_norm_w=_norm_factor(inner.norm, unit_offset),
