@@ -23,12 +23,11 @@ DECISIONS = ("early", "after_gate", "late", "verify", "gate_verify")
 def linear_bytes_per_token(view: ModelView, path: str) -> int:
     """Weight bytes of one decoder linear of a layer that a dense forward reads per token: all of it, or of an MoE
     layer's expert weights the k of E experts a token is routed to."""
-    w = view.weight(0, path)
-    full = w.numel() * w.element_size()
     d, s = view.dims, view.spec
-    if d.experts and path in (*s.ffn_in, s.ffn_down):
-        return full * d.experts_per_token // d.experts
-    return full
+    if d.experts and path in (*s.ffn_in, s.ffn_down):  # counted on the experts' Parameters (moe._ExpertView.nbytes)
+        return view.module(0, path).nbytes * d.experts_per_token // d.experts
+    w = view.weight(0, path)
+    return w.numel() * w.element_size()
 
 
 def decoder_linear_bytes(view: ModelView) -> int:

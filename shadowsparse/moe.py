@@ -63,6 +63,13 @@ class _ExpertView(nn.Identity):
         self.layout = layout
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the experts' weights behind this view, counted on their own Parameters (no dense copy made)."""
+        e = self._owner
+        p = e.gate_up_proj if self.layout == "gate_up" else e.down_proj
+        return p.numel() * p.element_size()
+
+    @property
     def weight(self) -> torch.Tensor:
         e = self._owner
         E, Fe, d = e.num_experts, e.intermediate_dim, e.hidden_dim
@@ -92,10 +99,14 @@ class GateableExperts(nn.Module):
         self.gate_pre = nn.Identity()
         self.down_in = _ExpertView(self, "down")
         self.routed: torch.Tensor | None = None  # (N, E) bool: the experts each token of the last forward was sent to
+        self._routed_neurons: torch.Tensor | None = None  # its (N, E*F) expansion, made once per forward
 
     def routed_neurons(self) -> torch.Tensor:
-        """(N, E*F) bool: the neurons each token of the last forward computed."""
-        return self.routed.repeat_interleave(self.intermediate_dim, dim=1)
+        """(N, E*F) bool: the neurons each token of the last forward computed (several hooks of a forward ask: the
+        gating mask, its counter, calibration samples; expanded once)."""
+        if self._routed_neurons is None:
+            self._routed_neurons = self.routed.repeat_interleave(self.intermediate_dim, dim=1)
+        return self._routed_neurons
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,7 @@ class GateableExperts(nn.Module):
             expert_mask = F.one_hot(top_k_index, num_classes=E + 1).permute(2, 1, 0)  # (E + 1, k, N)
             hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
             self.routed = expert_mask[:E].any(1).T  # (N, E), set before any hook point runs
+            self._routed_neurons = None
         x = self.gate_up_in(hidden_states)  # (N, d)
         want_gate = bool(self.gate_pre._forward_hooks or self.gate_pre._forward_pre_hooks)
         act = x.new_zeros(x.shape[0], E * Fe)  # (N, E*F): routed experts' activations, zero elsewhere
