@@ -30,6 +30,14 @@ def linear_bytes_per_token(view: ModelView, path: str) -> int:
     return w.numel() * w.element_size()
 
 
+def ffn_element_size(view: ModelView) -> int:
+    """Bytes per element of the FFN's weights: the down projection's, or an MoE layer's experts' Parameters (read
+    there, not through moe._ExpertView.weight, which would build a dense (d, E*F) copy)."""
+    down = view.ffn_down(0)
+    owner = getattr(down, "_owner", None)
+    return (owner.down_proj if owner is not None else down.weight).element_size()
+
+
 def decoder_linear_bytes(view: ModelView) -> int:
     """Weight bytes of every decoder linear the spec names (q/k/v, o, FFN inputs, down; fused ones once), per token:
     the denominator of every fraction skipped. Read from the spec, not by module type: GPT-2's Conv1D counts too. MoE
@@ -46,7 +54,7 @@ def weight_bytes_skipped(view: ModelView, when: str, stats: dict, selector_bytes
     total = decoder_linear_bytes(view)
     if not stats:
         return 0.0
-    esize = view.ffn_down(0).weight.element_size()
+    esize = ffn_element_size(view)
     if when in ("verify", "gate_verify"):  # FFN only; stats carry the counted candidate sparsity
         n_in = view.spec.ffn_in_blocks - (1 if when == "gate_verify" else 0)  # gate+up (a fused one too) or fc1
         n = stats.get("gated_layers", d.n_layers)

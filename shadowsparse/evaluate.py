@@ -78,7 +78,7 @@ class Evaluation:
         """One row from the masks a run applied (realized sparsity counted, not assumed)."""
         ffn, heads = (level.ffn, level.heads) if isinstance(level, Level) else level
         d = self.view.dims
-        stats = counter.stats(d.n_heads, d.ffn, d.n_kv_heads)
+        stats = counter.stats(d.n_heads, d.active_ffn, d.n_kv_heads)  # MoE: of the routed neurons
         if run.stats_extra is not None:  # counts a source keeps itself (predict-then-verify: candidate sparsity)
             stats.update(run.stats_extra(ffn))
             more = {**more, **{k: v for k, v in stats.items() if k.startswith("realized_candidate")}}

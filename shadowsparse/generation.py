@@ -19,6 +19,7 @@ it, so a generated token saw the same masks as the rows of results.jsonl. Two pa
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -208,6 +209,7 @@ def _open(source, device, tokenizer, overrides: list[str]):
         llm = OmegaConf.to_container(cfg.llm, resolve=True)
         llm.update(seed=cfg.get("seed", 0), **({"device": device} if device else {}))
         model, tok = load_llm(LLMConfig(**llm))
+        _run_static_mask(cfg, model, tok, run_dir)
         return cfg, model, tok, run_dir
     if tokenizer is None:
         raise ConfigError("load_gated(model, ...) needs tokenizer= (the model's tokenizer)")
@@ -220,6 +222,26 @@ def _open(source, device, tokenizer, overrides: list[str]):
     if device:
         source = source.to(device)
     return cfg, source, tokenizer, None
+
+
+def _run_static_mask(cfg, model, tok, run_dir: Path) -> None:
+    """A run with a static mask (sparsity=...) collected its targets and fitted its selectors on the masked model:
+    serve that model. The mask is recomputed as the run computed it (same calibration windows and seed), then
+    squashed: E-Sparse's input gathers folded back into plain weights, which the decode engine reads."""
+    from .pipeline import static_mask_
+    from .prune import squash_
+    if not cfg.get("sparsity") or cfg.sparsity.get("metric") is None:
+        return
+    log.info("load_gated: recomputing the run's static mask (%s %s) on %s", cfg.sparsity.metric,
+             cfg.sparsity.get("pattern"), run_dir)
+    report = static_mask_(cfg, model, tok)
+    squash_(model)
+    saved = run_dir / "sparsity.json"
+    if saved.exists():  # the same mask as the run's, or say so
+        want = json.loads(saved.read_text()).get("realized_weight_sparsity")
+        if want is not None and abs(report["realized_weight_sparsity"] - want) > 1e-6:
+            log.warning("load_gated: the recomputed static mask zeroes %.6f of the weights, the run's %.6f (another "
+                        "device or library version?)", report["realized_weight_sparsity"], want)
 
 
 def _selector_source(cfg, model, tok, run_dir, method: str, calib, engine: bool):

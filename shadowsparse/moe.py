@@ -20,8 +20,13 @@ neuron), while a token computes only the k routed experts' k*F neurons (``ModelD
 keeps round((1-s) k F) of those, chosen among the routed neurons only, and realized sparsity and bytes are counted
 against them (gating.GatingHandle). ``gate_up_in.weight`` and ``down_in.weight`` read the experts' weights in the
 dense layouts the ArchSpec helpers expect (a fused gate_up (2 E F, d): every expert's gate rows, then every expert's
-up rows; the down projection (d, E F)) as copies: reading is supported, writing through them is not (static masks
-and LTE refuse MoE models).
+up rows; the down projection (d, E F)) as copies: reading is supported, writing through them is not.
+
+Static masks (prune/) write each expert's own matrices instead, through one more pair of hook points per expert:
+``expert_gate_up[e]`` (input: the tokens routed to expert e, (n_e, d); ``weight``: gate_up_proj[e], (2F, d)) and
+``expert_down[e]`` (input: their activations (n_e, F); ``weight``: down_proj[e], (d, F)). Each ``weight`` is a view of
+the Parameter, so writes go through; each input is what that expert alone reads, so Wanda's norms and SparseGPT's
+Hessians are per expert, over its routed tokens. LTE (its own routers over groups of neurons) refuses MoE models.
 """
 from __future__ import annotations
 
@@ -82,6 +87,25 @@ class _ExpertView(nn.Identity):
         return f"layout={self.layout}"
 
 
+class _ExpertLinear(nn.Identity):
+    """One expert's projection as prune/ sees a linear: an identity on its input (hooks read and may gather it) and
+    ``weight``, a view of that expert's slice of the fused Parameter in the (out, in) orientation (writes go through):
+    gate_up_proj[e] (2F, d) for "gate_up", down_proj[e] (d, F) for "down"."""
+
+    def __init__(self, experts: "GateableExperts", layout: str, index: int):
+        super().__init__()
+        object.__setattr__(self, "_owner", experts)  # not a submodule: the owner holds this module
+        self.layout, self.index = layout, index
+
+    @property
+    def weight(self) -> torch.Tensor:
+        p = self._owner.gate_up_proj if self.layout == "gate_up" else self._owner.down_proj
+        return p.detach()[self.index]
+
+    def extra_repr(self) -> str:
+        return f"expert={self.index}, layout={self.layout}"
+
+
 class GateableExperts(nn.Module):
     """transformers' fused experts module with hook points on its neuron axis (module docstring)."""
 
@@ -98,6 +122,9 @@ class GateableExperts(nn.Module):
         self.gate_up_in = _ExpertView(self, "gate_up")
         self.gate_pre = nn.Identity()
         self.down_in = _ExpertView(self, "down")
+        E = self.num_experts  # per-expert hook points for static masks (module docstring)
+        self.expert_gate_up = nn.ModuleList(_ExpertLinear(self, "gate_up", e) for e in range(E))
+        self.expert_down = nn.ModuleList(_ExpertLinear(self, "down", e) for e in range(E))
         self.routed: torch.Tensor | None = None  # (N, E) bool: the experts each token of the last forward was sent to
         self._routed_neurons: torch.Tensor | None = None  # its (N, E*F) expansion, made once per forward
 
@@ -127,7 +154,8 @@ class GateableExperts(nn.Module):
             if e == E:
                 continue
             top_k_pos, token_idx = torch.where(expert_mask[e])
-            gate, up = F.linear(x[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, F) each
+            xe = self.expert_gate_up[e](x[token_idx])  # (n_e, d); E-Sparse may gather its channels here
+            gate, up = F.linear(xe, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n_e, F) each
             act[token_idx, e * Fe:(e + 1) * Fe] = self.act_fn(gate) * up
             if want_gate:
                 gate_pre[token_idx, e * Fe:(e + 1) * Fe] = gate
@@ -137,7 +165,7 @@ class GateableExperts(nn.Module):
         act = self.down_in(act)  # gating hooks zero the skipped neurons here
         out = torch.zeros_like(hidden_states)
         for e, top_k_pos, token_idx in rows:
-            h = F.linear(act[token_idx, e * Fe:(e + 1) * Fe], self.down_proj[e])
+            h = F.linear(self.expert_down[e](act[token_idx, e * Fe:(e + 1) * Fe]), self.down_proj[e])
             h = h * top_k_weights[token_idx, top_k_pos, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
@@ -171,13 +199,32 @@ def router_of(view, layer: int) -> nn.Module | None:
     return view.module(layer, f"{block}.gate" if block else "gate")
 
 
-def dense_ffn_only(view, what: str) -> None:
-    """Refuse a stage that writes FFN weights through the dense layouts (static masks, LTE) on an MoE model."""
+def dense_ffn_only(view, what: str, fix: str = "gate it with a training-free selector or a predictor instead") -> None:
+    """Refuse a stage that writes FFN weights through the dense layouts (LTE, a permutation of the E*F axis) on an
+    MoE model."""
     if view.dims.experts:
         raise ConfigError(f"{what} is not implemented for mixture-of-experts models ('{view.model.config.model_type}'"
                           f", {view.dims.experts} experts per layer): it rewrites FFN weights, which an MoE layer "
-                          "holds per expert; gate it with a training-free selector or a predictor instead")
+                          f"holds per expert; {fix}")
 
 
-__all__ = ["GateableExperts", "MOE_FAMILIES", "dense_ffn_only", "expose_expert_neurons", "moe_config_problem",
-           "n_experts", "router_of"]
+def expert_paths(view, layer: int) -> dict[str, list[str]]:
+    """An MoE layer's per-expert projections as module paths (prune/ reads and writes them as linears):
+    {"gate_up": [experts.expert_gate_up.0, ...], "down": [experts.expert_down.0, ...]}."""
+    n = view.module(layer, view.spec.experts).num_experts
+    return {k: [f"{view.spec.experts}.expert_{k}.{e}" for e in range(n)] for k in ("gate_up", "down")}
+
+
+@torch.no_grad()
+def fold_expert_perm_(linear: _ExpertLinear, perm: torch.Tensor) -> None:
+    """Permute one expert's neurons (E-Sparse): its down columns and its gate and up rows together, so the layer's
+    function is unchanged without a run-time gather. ``linear``: that expert's expert_down hook point."""
+    owner, e, Fe = linear._owner, linear.index, linear._owner.intermediate_dim
+    perm = perm.to(owner.down_proj.device)
+    down, gu = owner.down_proj.detach()[e], owner.gate_up_proj.detach()[e]  # (d, F), (2F, d)
+    down.copy_(down[:, perm])
+    gu.copy_(torch.cat([gu[:Fe][perm], gu[Fe:][perm]]))
+
+
+__all__ = ["GateableExperts", "MOE_FAMILIES", "dense_ffn_only", "expert_paths", "expose_expert_neurons",
+           "fold_expert_perm_", "moe_config_problem", "n_experts", "router_of"]

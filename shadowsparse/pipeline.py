@@ -44,16 +44,23 @@ def targets_dir_for(cfg: DictConfig, model) -> Path:
     return Path(cfg.paths.cache_dir) / "targets" / f"{cfg.targets.criterion}-{cfg.targets.granularity}-{digest}"
 
 
-def stage_sparsify(cfg, model, tok, run_dir: Path) -> dict:
-    """Static weight mask in place, calibrated on the calibration text; every later stage sees the masked model.
-    Returns the fields its results rows carry (nm, metric, allocation, realized weight sparsity)."""
+def static_mask_(cfg, model, tok) -> dict:
+    """The config's static mask on ``model`` in place, calibrated on the first sparsity.calib_windows windows of the
+    calibration text (seeded: load_gated recomputes a run's mask with it) -> sparsify_'s report ({} without one)."""
     scfg = sparsity_config(cfg)
     if scfg.metric is None:
         return {}
-    spec = window_spec(cfg.data.calib)
-    windows = token_windows(tok, spec, "data.calib")[: cfg.sparsity.calib_windows]
+    windows = token_windows(tok, window_spec(cfg.data.calib), "data.calib")[: cfg.sparsity.calib_windows]
+    return sparsify_(model, scfg, windows)
+
+
+def stage_sparsify(cfg, model, tok, run_dir: Path) -> dict:
+    """Static weight mask in place, calibrated on the calibration text; every later stage sees the masked model.
+    Returns the fields its results rows carry (nm, metric, allocation, realized weight sparsity)."""
+    if sparsity_config(cfg).metric is None:
+        return {}
     t0 = time.time()
-    report = sparsify_(model, scfg, windows)
+    report = static_mask_(cfg, model, tok)
     report["seconds"] = round(time.time() - t0, 1)
     (run_dir / "sparsity.json").write_text(json.dumps(report, indent=2))
     if cfg.sparsity.export:  # plain transformers weights; the in-memory model keeps its input gathers

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .accounting import ffn_element_size
 from .arch import ModelView
 from .errors import ConfigError
 from .ffn_io import ffn_input_module
@@ -82,7 +83,7 @@ def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
     copy with one 16-bit scale per group costs (b + 16/group)/16 of a 16-bit matrix of the same shape. An MoE layer:
     the copy of the k routed experts' rows."""
     d, F = view.dims.hidden, view.dims.active_ffn
-    esize = view.ffn_down(0).weight.element_size()
+    esize = ffn_element_size(view)
     mats = 2 if cfg.sketch == "act" else 1
     return int(layers * mats * F * d * (cfg.bits + 16 / cfg.group) / 16 * esize)
 

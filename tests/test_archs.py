@@ -612,18 +612,8 @@ def test_static_nm_masks_and_function_preserving_permutations(family):
     model = load_llm(LLMConfig(name=f"random:{family}", seed=0))[0]
     view = ModelView(model)
     x = ids()
-    if family in MOE:  # expert weights are not rewritten: refused with the reason; attention-only pruning works
-        with pytest.raises(ConfigError, match="permuting FFN neurons .* is not implemented for mixture-of-experts"):
-            fold_neuron_perm_(view, 0, torch.arange(view.dims.ffn))
-        with pytest.raises(ConfigError, match="sparsity.modules='all'; sparsity.modules=attn prunes attention only"):
-            sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4", batch_size=2), ids(4, 16, seed=3))
-        report = sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4", batch_size=2, modules="attn"),
-                           ids(4, 16, seed=3))
-        kinds = report["per_kind"]  # attention pruned 2:4, the experts counted and untouched
-        assert kinds["q_proj"] == kinds["o_proj"] == pytest.approx(0.5, abs=1e-6)
-        assert kinds["gate_up_in"] == kinds["down_in"] == 0.0
-        assert (nm_counts(view.layer(0).self_attn.o_proj.weight, 4) == 2).all()
-        return
+    if family in MOE:
+        return _static_masks_on_experts(model, view, x)
     with torch.no_grad():
         ref = model(input_ids=x).logits
         g = torch.Generator().manual_seed(0)
@@ -643,6 +633,57 @@ def test_static_nm_masks_and_function_preserving_permutations(family):
                 w = m.weight if isinstance(m, nn.Linear) else m.weight.T
                 assert (nm_counts(w, 4) == 2).all()
     assert torch.isfinite(model(input_ids=x).logits).all()
+
+
+def _static_masks_on_experts(model, view, x):
+    """An MoE model's static masks prune each expert's own matrices (moe.expert_paths): E-Sparse's permutations per
+    expert keep the function, 2:4 Wanda holds in every expert's gate_up and down slice, and each expert's Wanda
+    norms are over the tokens the router sent to it (a hand computation on layer 0, calibrated on the dense layer)."""
+    from shadowsparse.moe import expert_paths, fold_expert_perm_
+    from shadowsparse.prune import SparsityConfig, sparsify_, squash_
+    from shadowsparse.prune.patterns import Pattern, keep_mask, nm_counts
+    from shadowsparse.prune.sparsify import fold_neuron_perm_, permute_input_
+    with pytest.raises(ConfigError, match=r"permuting FFN neurons along the E\*F axis .* per expert"):
+        fold_neuron_perm_(view, 0, torch.arange(view.dims.ffn))
+    experts = [view.module(i, view.spec.experts) for i in range(view.dims.n_layers)]
+    E, Fe, d = experts[0].num_experts, experts[0].intermediate_dim, view.dims.hidden
+    calib = ids(4, 16, seed=3)
+    seen = []  # layer 0's experts module on the calibration windows: its input (N, d) and routed experts (N, k)
+    handle = experts[0].register_forward_pre_hook(lambda m, a: seen.append((a[0].clone(), a[1].clone())))
+    with torch.no_grad():
+        model(input_ids=calib)
+        handle.remove()
+        ref = model(input_ids=x).logits
+        g = torch.Generator().manual_seed(0)
+        for ex in experts:
+            for e in range(E):
+                fold_expert_perm_(ex.expert_down[e], torch.randperm(Fe, generator=g))
+                permute_input_(ex.expert_gate_up[e], torch.randperm(d, generator=g))
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=1e-4, atol=1e-4)
+        assert squash_(model) == view.dims.n_layers * E
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=1e-4, atol=1e-4)
+    dense_w = experts[0].gate_up_proj.detach().clone()  # (E, 2F, d)
+    with pytest.raises(ConfigError, match="allocation=sensitivity needs each matrix's gradient"):
+        sparsify_(model, SparsityConfig(metric="wanda", ratio=0.5, allocation="sensitivity"), calib)
+    report = sparsify_(model, SparsityConfig(metric="wanda", pattern="2:4", batch_size=4), calib)
+    assert report["realized_weight_sparsity"] == pytest.approx(0.5, abs=1e-6)
+    assert report["per_kind"]["expert_gate_up"] == report["per_kind"]["expert_down"] == pytest.approx(0.5, abs=1e-6)
+    assert len(expert_paths(view, 0)["down"]) == E
+    for ex in experts:
+        for e in range(E):
+            assert (nm_counts(ex.gate_up_proj[e], 4) == 2).all() and (nm_counts(ex.down_proj[e], 4) == 2).all()
+    hidden = torch.cat([h for h, _ in seen])  # (N, d)
+    routed = torch.cat([k for _, k in seen])  # (N, k)
+    for e in range(E):
+        rows = hidden[(routed == e).any(-1)].double()
+        norm = rows.pow(2).sum(0).sqrt().float()  # (d,): this expert's tokens only
+        want = keep_mask(dense_w[e].abs().float() * norm[None, :], Pattern.parse("2:4", 0.5), 0.5, "row")
+        assert torch.equal(experts[0].gate_up_proj[e] != 0, want & (dense_w[e] != 0))
+    assert torch.isfinite(model(input_ids=x).logits).all()
+    # one calibration token reaches k of the E experts: the others have no Hessian; their weights' magnitude decides
+    fresh = load_llm(LLMConfig(name=f"random:{view.model.config.model_type}", seed=0))[0]
+    report = sparsify_(fresh, SparsityConfig(metric="sparsegpt", pattern="2:4"), ids(1, 1, seed=4))
+    assert report["per_kind"]["expert_down"] == pytest.approx(0.5, abs=1e-6)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -824,3 +865,18 @@ def test_load_gated_serves_a_family_the_engine_does_not_on_the_mask_path(family,
     assert g.engine == "hooks"
     assert len(g.generate(["hello"], max_new_tokens=3)) == 1
     assert g.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=tol)  # teal: calibrated thresholds
+
+
+def test_moe_byte_accounting_never_builds_the_dense_expert_copy(monkeypatch):
+    """Bytes of an MoE model are counted on the experts' Parameters: the dense (d, E*F) layouts of moe._ExpertView
+    (a copy of every expert's weights, 30 GB on Mixtral-8x7B) are never built for a dtype or a byte count."""
+    from shadowsparse import moe
+    from shadowsparse.accounting import ffn_element_size
+    from shadowsparse.verify import sketch_bytes
+    view = ModelView(tiny("mixtral"))
+    monkeypatch.setattr(moe._ExpertView, "weight", property(lambda self: pytest.fail("dense expert copy built")))
+    assert ffn_element_size(view) == 4
+    d = view.dims
+    assert sketch_bytes(view, 2, VerifyConfig(bits=3)) == int(2 * 2 * d.active_ffn * d.hidden * (3 + 16 / 64) / 16 * 4)
+    stats = {"realized_ffn_sparsity": 0.5, "realized_head_sparsity": 0.0, "gated_layers": d.n_layers}
+    assert 0 < weight_bytes_skipped(view, "early", stats) < 1

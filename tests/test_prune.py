@@ -254,3 +254,38 @@ def test_bad_sparsity_config_is_refused_before_any_artifact(tmp_path, override, 
     with pytest.raises(ConfigError, match=message):
         run(smoke(tmp_path, *override.split()))
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "results.jsonl").exists()
+
+
+def test_pipeline_static_mask_on_a_mixture_of_experts_model(tmp_path):
+    """An MoE model through the pipeline: each expert's matrices pruned 2:4 (Wanda on its routed tokens), the masked
+    experts exported as plain transformers weights, and the rows' realized FFN sparsity counted against the routed
+    neurons a token computes (k*F), not all E*F."""
+    from transformers import AutoModelForCausalLM
+    from shadowsparse.pipeline import run
+    from tests.test_pipeline import smoke
+    run(smoke(tmp_path, "llm.name=random:mixtral", "sparsity=wanda", "sparsity.pattern=2:4", "sparsity.export=true",
+              "evaluate.methods=[dense,predictor,threshold]", "gating.ffn_sparsity=0.5"))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in rows} == {"dense", "predictor", "threshold"}
+    assert all(r["nm"] == "2:4" and r["realized_weight_sparsity"] == pytest.approx(0.5, abs=1e-6) for r in rows)
+    assert [r["realized_ffn_sparsity"] for r in rows if r["method"] == "predictor"] == [pytest.approx(0.5, abs=1e-9)]
+    assert [r["realized_ffn_sparsity"] for r in rows if r["method"] == "threshold"] == [pytest.approx(0.5, abs=0.05)]
+    report = json.loads((tmp_path / "run" / "sparsity.json").read_text())
+    assert report["per_kind"]["expert_gate_up"] == report["per_kind"]["expert_down"] == pytest.approx(0.5)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "pruned_model")
+    experts = plain.model.layers[0].mlp.experts  # transformers' own fused module again, the zeros kept
+    assert (experts.gate_up_proj == 0).double().mean().item() == pytest.approx(0.5)
+    assert (experts.down_proj == 0).double().mean().item() == pytest.approx(0.5)
+    # load_gated serves the run's masked model (its mask recomputed), not the dense one: the rows' perplexities
+    import shadowsparse as ss
+    from shadowsparse.config import window_spec
+    from shadowsparse.data import token_windows
+    from omegaconf import OmegaConf
+    cfg = smoke(tmp_path, "llm.name=random:mixtral", "sparsity=wanda", "sparsity.pattern=2:4")
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")  # as train.py's Hydra run directory holds
+    for method in ("dense", "predictor"):
+        g = ss.load_gated(tmp_path / "run", method=method, ffn_sparsity=0.5, engine="hooks")
+        windows = token_windows(g.tok, window_spec(cfg.data.eval), "data.eval")
+        assert g.perplexity(windows) == pytest.approx(next(r["value"] for r in rows if r["method"] == method),
+                                                      rel=1e-6), method

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..arch import ModelView
 from ..errors import ConfigError
-from ..moe import dense_ffn_only
+from ..moe import dense_ffn_only, expert_paths, fold_expert_perm_
 from .esparse import DEFAULTS as ESPARSE_DEFAULTS
 from .esparse import channel_importance, shuffle_for
 from .allocation import ALLOCATIONS, hutchinson_traces, outlier_ratio, sensitivity_scores, spread
@@ -70,20 +70,37 @@ class SparsityConfig:
 
 def target_linears(view: ModelView, layer: int, modules: str = "all") -> dict[str, nn.Module]:
     """The decoder linears of one layer, by path: attention q/k/v (or a fused qkv) and o, FFN gate/up (or a fused
-    gate_up, or fc1) and down. Their weights are read and pruned as (out, in) through view.weight (GPT-2's Conv1D
-    stores (in, out)); a fused projection is one matrix here: masks are per row, and N:M runs along its input."""
+    gate_up, or fc1) and down; in an MoE layer each expert's fused gate_up and its down (moe.expert_paths). Their
+    weights are read and pruned as (out, in) through view.weight (GPT-2's Conv1D stores (in, out)); a fused
+    projection is one matrix here: masks are per row, and N:M runs along its input."""
     spec = view.spec
     attn = list(spec.attn_in) + [spec.attn_out]
-    ffn = list(spec.ffn_in) + [spec.ffn_down]
+    if view.dims.experts:
+        per_expert = expert_paths(view, layer)
+        ffn = per_expert["gate_up"] + per_expert["down"]
+    else:
+        ffn = list(spec.ffn_in) + [spec.ffn_down]
     paths = {"all": attn + ffn, "ffn": ffn, "attn": attn}[modules]
     return {p: view.module(layer, p) for p in paths}
 
 
 def input_groups(view: ModelView, linears: dict[str, nn.Linear]) -> list[tuple[str, ...]]:
-    """The selected linears grouped by the tensor they read (attention inputs, out-projection, FFN inputs, down)."""
+    """The selected linears grouped by the tensor they read (attention inputs, out-projection, FFN inputs, down;
+    each expert's projections read their own routed tokens: one group each)."""
     spec = view.spec
-    groups = [spec.attn_in, (spec.attn_out,), spec.ffn_in, (spec.ffn_down,)]
+    groups = [spec.attn_in, (spec.attn_out,)]
+    if view.dims.experts:
+        groups += [(p,) for p in linears if p.startswith(f"{spec.experts}.expert_")]
+    else:
+        groups += [spec.ffn_in, (spec.ffn_down,)]
     return [g for g in (tuple(p for p in grp if p in linears) for grp in groups) if g]
+
+
+def matrix_kind(path: str) -> str:
+    """The report's kind of a linear's path: its last name (q_proj, down_proj, ...), an expert's its list's
+    (expert_gate_up, expert_down)."""
+    parts = path.split(".")
+    return parts[-2] if parts[-1].isdigit() else parts[-1]
 
 
 class _Stop(Exception):
@@ -155,7 +172,8 @@ def permute_input_(linear: nn.Module, perm: torch.Tensor, transposed: bool = Fal
 def fold_neuron_perm_(view: ModelView, layer: int, perm: torch.Tensor) -> None:
     """Permute the FFN's neurons: down-projection columns and the producers' rows (and biases) together — each
     F-row block on its own (gate and up of a fused gate_up), in the (out, in) orientation (writes go through)."""
-    dense_ffn_only(view, "permuting FFN neurons (E-Sparse)")
+    dense_ffn_only(view, "permuting FFN neurons along the E*F axis", "permute each expert's own neurons "
+                   "(moe.fold_expert_perm_ on its expert_down hook point)")
     with torch.no_grad():
         down = view.weight(layer, view.spec.ffn_down)  # (d, F)
         down.copy_(down[:, perm])
@@ -194,7 +212,7 @@ def weight_sparsity(model) -> dict:
             z, t = int((lin.weight == 0).sum()), lin.weight.numel()
             zeros, total = zeros + z, total + t
             per_matrix.append(z / t)
-            kind = path.split(".")[-1]
+            kind = matrix_kind(path)
             pz, pt = per_kind.get(kind, (0, 0))
             per_kind[kind] = (pz + z, pt + t)
     return {"realized_weight_sparsity": zeros / total, "min_matrix_sparsity": min(per_matrix),
@@ -207,6 +225,10 @@ def _allocate(model, view, cfg: SparsityConfig, pattern: Pattern, windows, names
     if pattern.is_nm or cfg.allocation == "uniform":
         return {k: pattern.ratio for k in names}
     if cfg.allocation == "sensitivity":
+        if view.dims.experts and cfg.modules != "attn":
+            raise ConfigError("allocation=sensitivity needs each matrix's gradient, which an expert's slice of a fused "
+                              "3-D Parameter does not have: use allocation=owl or uniform on a mixture-of-experts "
+                              "model, or sparsity.modules=attn")
         params = {k: view.module(k[0], k[1]).weight for k in names}
         traces = hutchinson_traces(model, params, windows[: cfg.hutchinson_windows], cfg.hutchinson_samples,
                                    cfg.seed)
@@ -238,6 +260,11 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
     for path, lin in linears.items():
         w = view.weight(i, path)  # (O, I), a view of the parameter: the in-place writes below go through
         st = stats.get(path)
+        if st is not None and st.n == 0:  # an expert no calibration token was routed to: nothing to weigh its
+            # inputs by, so its weights' magnitude decides (within rows, as the metric compares)
+            log.warning("layer %d %s: no calibration token reached it; pruned by weight magnitude", i, path)
+            apply_mask_(w, keep_mask(w.abs().float(), pattern, ratios[(i, path)], metric.group))
+            continue
         if cfg.metric == "sparsegpt":
             w.copy_(sparsegpt_prune(w, st.hessian().to(w.device), pattern, ratios[(i, path)], **cfg.sparsegpt))
             continue
@@ -248,6 +275,8 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
             perm = shuffle_for(scores, importance, pattern.n, pattern.m, cfg.esparse, gen)
             if path == view.spec.ffn_down:
                 fold_neuron_perm_(view, i, perm)  # function-preserving without any run-time gather
+            elif matrix_kind(path) == "expert_down":
+                fold_expert_perm_(lin, perm)  # the same, inside one expert
             else:
                 permute_input_(lin, perm, view.spec.transposed)
             scores = scores[:, perm]
@@ -261,9 +290,6 @@ def sparsify_(model, cfg: SparsityConfig, windows: torch.Tensor) -> dict:
         return {}
     pattern = cfg.parsed()
     view = ModelView(model)
-    if cfg.modules != "attn":  # an expert's rows are not one dense matrix that N:M / OBS calibration can see whole
-        dense_ffn_only(view, f"static pruning of the FFN (sparsity.modules={cfg.modules!r}; "
-                             f"sparsity.modules=attn prunes attention only)")
     names = [(i, p) for i in range(view.dims.n_layers) for p in target_linears(view, i, cfg.modules)]
     for i, p in names:
         pattern.check_fits(view.weight(i, p).shape[1], f"layer {i} {p}")
