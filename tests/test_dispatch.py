@@ -164,3 +164,20 @@ def test_every_engine_selector_path_was_measured(llama, method):
                                  "evaluate.verify.q=[0.7]"])
     path = g.decoder._engine(1, 8).path
     assert path in dispatch.MEASURED, path
+
+
+def test_moe_engines_have_their_own_measurements():
+    """An engine over mixture-of-experts layers keys its own rows (H100, Mixtral-8x7B shapes): index sets win at
+    batch 1 (1.42-1.44x), tie at batch 8 (1.00-1.01x: the routed experts of 8 tokens cover most of them) and lose in
+    8-token prefill steps; a dense model's row never decides for it. The MoE sketch was not measured: gated."""
+    from shadowsparse.llm import LLMConfig, load_llm
+    from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
+    weights = extract_weights(load_llm(LLMConfig(name="random:mixtral", seed=0))[0])
+    engine = DecodeEngine(weights, 1, 16, EngineConfig(ffn_sparsity=0.5, head_sparsity=0.5))
+    assert engine.path == "ffn+heads+moe" and engine.path in dispatch.MEASURED
+    assert DecodeEngine(weights, 1, 16, EngineConfig()).path == ""  # ungated: no row, nothing to decide
+    assert not dispatch.runs_dense("ffn+heads+moe", 1, "measured")
+    assert not dispatch.runs_dense("ffn+heads+moe", 8, "measured")
+    assert dispatch.runs_dense("ffn+heads+moe", 8, "measured", prefill=True)
+    assert dispatch.runs_dense("ffn+heads+moe", 9, "measured")  # beyond every measured decode step
+    assert "was not measured" in dispatch.explain("ffn+sketch+moe", "measured")

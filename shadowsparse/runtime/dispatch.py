@@ -57,6 +57,13 @@ MEASURED: dict[str, dict[int, float]] = {
     "ffn+gate": {1: 0.91, 2: 0.58, 8: 0.53},
     "ffn+gate+verify": {1: 0.74, 2: 0.41},
     "ffn+sketch+verify": {1: 0.80, 2: 0.42, 8: 0.34},
+    # mixture-of-experts layers (_ffn_moe), Mixtral-8x7B shapes in bf16, its first 16 of 32 layers (an 80 GB card),
+    # given index sets over each token's routed neurons: H100 session 15
+    # (docs/benchmark-h100-moe-session15.jsonl). At batch 8 the tokens' routed experts cover most of the 8 and the
+    # union of their kept rows about all of it
+    "ffn+moe": {1: 1.42, 8: 1.00},
+    "ffn+heads+moe": {1: 1.44, 8: 1.01},
+    "heads+moe": {1: 1.04, 8: 1.01},
 }
 
 
@@ -77,16 +84,20 @@ MEASURED_PREFILL: dict[str, dict[int, float]] = {
     "sketch+teal": {8: 0.62, 64: 0.89},
     "ffn+sketch+threshold": {8: 0.70, 64: 0.56},  # H100 session 11
     "sketch+teal+threshold": {8: 0.68, 64: 0.53},
+    # MoE (H100 session 15, as MEASURED): batch 1 steps of 8 and 64, batch 8 steps of 8 (64 rows) and 64 (512 rows)
+    "ffn+moe": {8: 0.74, 64: 0.99, 512: 0.98},
+    "ffn+heads+moe": {8: 0.82, 64: 0.88, 512: 0.97},
+    "heads+moe": {8: 0.87, 64: 0.97, 512: 0.99},
 }
 
 
 def path_of(features: set[str]) -> str:
     """The key of MEASURED for a set of gating features (ffn, heads, predictor, sketch, gate, verify, teal,
-    threshold, nm24)."""
+    threshold, nm24, moe)."""
     return "+".join(sorted(features, key=_ORDER.index))
 
 
-_ORDER = ["ffn", "heads", "predictor", "sketch", "gate", "verify", "teal", "threshold", "lte", "nm24"]
+_ORDER = ["ffn", "heads", "predictor", "sketch", "gate", "verify", "teal", "threshold", "lte", "nm24", "moe"]
 
 
 def validate(fallback) -> None:

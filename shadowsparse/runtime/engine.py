@@ -256,6 +256,7 @@ class DecodeEngine:
         feats |= {"lte"} if isinstance(sel, LTEFFNSelector) else set()
         feats |= {self.teal.label} if self.teal is not None else set()
         feats |= {"nm24"} if self.cfg.nm24 else set()
+        feats |= {"moe"} if self.w.experts and feats else set()  # routed experts: their own measurements
         return feats
 
     def runs_dense(self, rows: int, prefill: bool = False) -> bool:
