@@ -26,7 +26,8 @@ Static masks (prune/) write each expert's own matrices instead, through one more
 ``expert_gate_up[e]`` (input: the tokens routed to expert e, (n_e, d); ``weight``: gate_up_proj[e], (2F, d)) and
 ``expert_down[e]`` (input: their activations (n_e, F); ``weight``: down_proj[e], (d, F)). Each ``weight`` is a view of
 the Parameter, so writes go through; each input is what that expert alone reads, so Wanda's norms and SparseGPT's
-Hessians are per expert, over its routed tokens. LTE (its own routers over groups of neurons) refuses MoE models.
+Hessians are per expert, over its routed tokens. LTE (lte/routers.py) clusters each expert's own gate rows into its
+groups, so a group is routed exactly when its expert is.
 """
 from __future__ import annotations
 
@@ -199,9 +200,9 @@ def router_of(view, layer: int) -> nn.Module | None:
     return view.module(layer, f"{block}.gate" if block else "gate")
 
 
-def dense_ffn_only(view, what: str, fix: str = "gate it with a training-free selector or a predictor instead") -> None:
-    """Refuse a stage that writes FFN weights through the dense layouts (LTE, a permutation of the E*F axis) on an
-    MoE model."""
+def dense_ffn_only(view, what: str, fix: str) -> None:
+    """Refuse a stage that writes FFN weights through the dense E*F layouts (a permutation of the whole axis) on an
+    MoE model, naming the per-expert way (``fix``)."""
     if view.dims.experts:
         raise ConfigError(f"{what} is not implemented for mixture-of-experts models ('{view.model.config.model_type}'"
                           f", {view.dims.experts} experts per layer): it rewrites FFN weights, which an MoE layer "

@@ -686,6 +686,37 @@ def _static_masks_on_experts(model, view, x):
     assert report["per_kind"]["expert_down"] == pytest.approx(0.5, abs=1e-6)
 
 
+def _lte_groups_inside_the_models_experts(model, view, layers):
+    """MoE: LTE's groups of 8 are k-means clusters of each expert's own gate rows (none spans two experts); each
+    token keeps the top half of the groups of its routed experts only, whole groups, counted against k*F."""
+    from shadowsparse.lte import LTEScores, Routers, group_neurons
+    d = view.dims
+    width = d.ffn // d.experts
+    groups = group_neurons(view, layers, 8, "cluster")  # (L, E*F)
+    for row in groups:
+        assert torch.bincount(row).tolist() == [8] * (d.ffn // 8)
+        assert torch.equal(row // (width // 8), torch.arange(d.ffn) // width)  # a group lies in one expert
+    torch.manual_seed(0)
+    routers = Routers(d.hidden, d.ffn, layers, groups, 0.9)
+    source = LTEScores(routers)
+    raw = {}
+    probes = [view.ffn_down(i).register_forward_pre_hook(  # the routed neurons, (N, E*F)
+        lambda m, a, i=i: raw.__setitem__(i, view.routed_neurons(i).clone())) for i in layers]
+    with attach_gating(model, source, GatingConfig(ffn_sparsity=0.5)) as handle:
+        masks = record_masks(handle)
+        model(input_ids=ids())
+        assert handle.stats()["realized_ffn_sparsity"] == pytest.approx(0.5)
+    for h in probes:
+        h.remove()
+    routed_groups = d.active_ffn // 8  # per token: its k experts' groups
+    for j, i in enumerate(layers):
+        kept = masks["neurons", i].reshape(-1, d.ffn).bool()  # (N, E*F)
+        assert not (kept & ~raw[i]).any()  # never an unrouted neuron
+        per_group = torch.zeros(kept.shape[0], routers.n_experts).index_add_(1, groups[j], kept.float())
+        assert ((per_group == 0) | (per_group == 8)).all()  # whole groups
+        assert (per_group == 8).sum(-1).eq(routed_groups // 2).all()  # half of each token's routed groups
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @torch.no_grad()
 def test_lte_routes_whole_experts_of_gate_row_clusters(family):
@@ -693,10 +724,8 @@ def test_lte_routes_whole_experts_of_gate_row_clusters(family):
     model = tiny(family)
     view = ModelView(model)
     layers = list(LAYERS)
-    if family in MOE:  # LTE rewrites FFN weights and routes its own experts: refused on an MoE model
-        with pytest.raises(ConfigError, match="LTE .* is not implemented for mixture-of-experts"):
-            group_neurons(view, layers, 8, "cluster")
-        return
+    if family in MOE:
+        return _lte_groups_inside_the_models_experts(model, view, layers)
     groups = group_neurons(view, layers, 8, "cluster")  # k-means of the gate (or fc1) rows, (F, d)
     for row in groups:
         assert torch.bincount(row).tolist() == [8] * (view.dims.ffn // 8)

@@ -160,6 +160,21 @@ def test_lora_trains_only_adapters_and_routers_and_leaves_base_weights_bit_equal
     assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in model.named_parameters() if "lora_B" in n)
 
 
+@pytest.mark.parametrize("finetune", ["full", "lora"])
+def test_moe_finetuning_leaves_the_models_routers_alone(finetune):
+    """Mixtral: full fine-tuning trains attention and the experts' 3-D weights but not the model's routers (which
+    experts a token computes stays the base model's choice); LoRA adapts the attention linears only (the experts
+    are not linears peft wraps)."""
+    model = tiny_model("mixtral")
+    make_trainable(model, LTEConfig(**TINY, finetune=finetune).validate())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.endswith("mlp.gate.weight") for n in trainable)
+    if finetune == "full":
+        assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.self_attn.q_proj.weight"} <= trainable
+    else:
+        assert trainable and all("lora_" in n and ".self_attn." in n for n in trainable)
+
+
 @pytest.mark.parametrize("family,finetune", [("llama", "full"), ("opt", "lora"), ("gpt2", "lora")])
 def test_checkpoint_round_trip_gives_the_same_logits(tmp_path, family, finetune):
     """gpt2: LoRA on Conv1D weights stored (in, out); the adapters (out, in) are merged transposed."""
@@ -220,7 +235,44 @@ def test_lte_method_end_to_end_through_the_pipeline(tmp_path, family):
     ref = ss.load_gated(tmp_path / "run", method="lte", ffn_sparsity=0.5, engine="hooks")
     windows = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
     assert fast.perplexity(windows) == pytest.approx(ref.perplexity(windows), rel=1e-5)
+    # the fine-tuned model, not the base one: the run's own row on its evaluation windows
+    from shadowsparse.config import window_spec
+    from shadowsparse.data import token_windows
+    evaluation = token_windows(ref.tok, window_spec(smoke(tmp_path).data.eval), "data.eval")
+    row = next(r["value"] for r in lte if r["ffn_sparsity"] == 0.5)
+    assert ref.perplexity(evaluation) == pytest.approx(row, rel=1e-5)
     assert fast.perplexity(windows, token_by_token=True) == pytest.approx(ref.perplexity(windows), rel=1e-5)
+    assert fast.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_lte_on_a_mixture_of_experts_model_through_the_pipeline(tmp_path):
+    """Mixtral: LTE's groups inside the model's experts, routers warm-started on each token's routed groups, full
+    fine-tuning of attention and experts with the model's own routers frozen; rows count the routed neurons;
+    load_gated reproduces the row on the hooks and in the decode engine (the MoE FFN ranks the routed neurons by
+    their group's router score: the best routed groups, whole)."""
+    import shadowsparse as ss
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+    from shadowsparse.config import window_spec
+    from shadowsparse.data import token_windows
+    cfg = smoke(tmp_path, "llm.name=random:mixtral", "evaluate.methods=[dense,lte]", "gating.ffn_sparsity=0.5")
+    run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    (lte,) = [r for r in rows if r["method"] == "lte"]
+    assert lte["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-9) and lte["weight_bytes_skipped"] > 0
+    saved = load_file(tmp_path / "run" / "lte" / "model.safetensors")
+    assert any(k.endswith("experts.gate_up_proj") for k in saved)  # the experts were fine-tuned
+    assert not any(k.endswith("mlp.gate.weight") for k in saved)  # the model's routers were not
+    (tmp_path / "run" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "run" / ".hydra" / "config.yaml")
+    ref = ss.load_gated(tmp_path / "run", method="lte", ffn_sparsity=0.5, engine="hooks")
+    windows = token_windows(ref.tok, window_spec(cfg.data.eval), "data.eval")
+    assert ref.perplexity(windows) == pytest.approx(lte["value"], rel=1e-6)
+    fast = ss.load_gated(tmp_path / "run", method="lte", ffn_sparsity=0.5, engine="auto")
+    assert fast.engine == "kernels"
+    assert fast.perplexity(windows) == pytest.approx(lte["value"], rel=1e-5)
+    assert fast.perplexity(windows[:1, :24], token_by_token=True) == pytest.approx(
+        ref.perplexity(windows[:1, :24]), rel=1e-5)
     assert fast.stats()["realized_ffn_sparsity"] == pytest.approx(0.5, abs=1e-6)
 
 

@@ -50,26 +50,32 @@ class LTEArtifact:
     @contextmanager
     def applied(self, model: nn.Module):
         """The base model with the LTE weights swapped in, and the LTEScores that routes it; restored on exit."""
-        device = next(model.parameters()).device
-        self.routers.to(device)
         saved: dict[str, torch.Tensor] = {}
         try:
-            with torch.no_grad():
-                for name, value in self.weights.items():
-                    p = model.get_parameter(name)
-                    saved[name] = p.detach().clone()
-                    p.copy_(value.to(p.device, p.dtype))
-                transposed = ModelView(model).spec.transposed if self.adapters else False
-                for module_name, (a, b, scale) in self.adapters.items():
-                    w = model.get_submodule(module_name).weight  # (out, in); GPT-2's Conv1D stores (in, out)
-                    saved[module_name + ".weight"] = w.detach().clone()
-                    delta = b.float() @ a.float() * scale  # (out, r) @ (r, in)
-                    w.add_((delta.T if transposed else delta).to(w.device, w.dtype))
-            yield self.source()
+            yield self.apply_(model, saved)
         finally:
             with torch.no_grad():
                 for name, original in saved.items():
                     model.get_parameter(name).copy_(original)
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module, saved: dict[str, torch.Tensor] | None = None) -> LTEScores:
+        """Swap the LTE weights into ``model`` for good (load_gated serves the fine-tuned model; ``applied`` undoes
+        it on exit); ``saved`` collects the originals by parameter name. Returns the LTEScores that routes it."""
+        device = next(model.parameters()).device
+        self.routers.to(device)
+        saved = {} if saved is None else saved
+        for name, value in self.weights.items():
+            p = model.get_parameter(name)
+            saved[name] = p.detach().clone()
+            p.copy_(value.to(p.device, p.dtype))
+        transposed = ModelView(model).spec.transposed if self.adapters else False
+        for module_name, (a, b, scale) in self.adapters.items():
+            w = model.get_submodule(module_name).weight  # (out, in); GPT-2's Conv1D stores (in, out)
+            saved[module_name + ".weight"] = w.detach().clone()
+            delta = b.float() @ a.float() * scale  # (out, r) @ (r, in)
+            w.add_((delta.T if transposed else delta).to(w.device, w.dtype))
+        return self.source()
 
     def router_bytes(self, model: nn.Module) -> int:
         """Weight bytes the routers read per token (in the model's dtype), subtracted from the bytes skipped."""

@@ -12,6 +12,12 @@ Routing, as a ScoreSource for ``attach_gating`` (the same hooks every method use
 projection computes s = sigmoid(W_r x + b) (B, T, E); the neuron hook on the down-projection input multiplies by
   soft  (stage 1):  s expanded to neurons, so FFN(x) = sum_i s_i E_i(x), differentiable in the router and model;
   hard  (stage 2 and inference): a 0/1 mask of kept experts: top-k of s per token, or s > tau.
+
+Mixture-of-experts models (moe.py: one neuron axis over the model's E experts, neuron e*F + f). LTE's groups lie
+inside the model's experts (clustered expert by expert, numbered expert by expert), so a group is routed for a
+token exactly when the model's router sent the token to the group's expert; the router's choice is the model's.
+LTE's hard routing keeps a share of each token's *routed* groups (top-k among them, or the routed ones above tau),
+as every other selector keeps a share of the routed neurons.
 """
 from __future__ import annotations
 
@@ -22,7 +28,6 @@ from torch import nn
 
 from ..arch import ModelView
 from ..errors import ConfigError
-from ..moe import dense_ffn_only
 from ..gating import GatingConfig, ScoreSource, align_rows, n_keep
 
 
@@ -60,20 +65,27 @@ def balanced_kmeans(rows: torch.Tensor, n_groups: int, iters: int = 10, seed: in
 
 
 def group_neurons(view: ModelView, layers: list[int], expert_size: int, grouping: str, seed: int = 0) -> torch.Tensor:
-    """Expert id of every neuron of every routed layer: (len(layers), F) int64."""
-    dense_ffn_only(view, "LTE (routers over groups of FFN neurons, fine-tuned weights)")
-    ffn = view.dims.ffn
-    if ffn % expert_size:
-        divisors = [k for k in (8, 16, 32, 64, 128) if ffn % k == 0]
-        raise ConfigError(f"lte.expert_size={expert_size} does not divide the FFN width {ffn}; pick one that does "
+    """Expert id of every neuron of every routed layer: (len(layers), F) int64. An MoE layer (F = E * F_e): groups
+    within each of the model's experts (none spans two), numbered expert by expert (module docstring)."""
+    ffn, n_moe = view.dims.ffn, view.dims.experts
+    width = ffn // n_moe if n_moe else ffn  # the neurons one group set covers: an MoE expert's, or the whole FFN
+    if width % expert_size:
+        divisors = [k for k in (8, 16, 32, 64, 128) if width % k == 0]
+        where = f"each expert's FFN width {width}" if n_moe else f"the FFN width {width}"
+        raise ConfigError(f"lte.expert_size={expert_size} does not divide {where}; pick one that does "
                           f"(e.g. {divisors or [1]})")
-    n_experts = ffn // expert_size
-    if grouping == "contiguous":
+    if grouping == "contiguous":  # expert_size divides an MoE expert's width: no group crosses two
         return (torch.arange(ffn) // expert_size).expand(len(layers), ffn).clone()
     if grouping != "cluster":
         raise ConfigError(f"lte.grouping must be 'cluster' or 'contiguous', got {grouping!r}")
-    # W_gate (a fused gate_up's gate half) or W_fc1: (F, d), one row per neuron, read (out, in) whatever the storage
-    return torch.stack([balanced_kmeans(view.ffn_in_rows(i)[0][0], n_experts, seed=seed + i) for i in layers])
+    per = width // expert_size
+
+    def layer_groups(i: int) -> torch.Tensor:
+        if not n_moe:  # W_gate (a fused gate_up's gate half) or W_fc1: (F, d), read (out, in) whatever the storage
+            return balanced_kmeans(view.ffn_in_rows(i)[0][0], per, seed=seed + i)
+        gate_up = view.module(i, view.spec.experts).gate_up_proj.detach()  # (E, 2 F_e, d): the gate rows first
+        return torch.cat([balanced_kmeans(gate_up[e, :width], per, seed=seed + i) + e * per for e in range(n_moe)])
+    return torch.stack([layer_groups(i) for i in layers])
 
 
 class Routers(nn.Module):
@@ -106,6 +118,14 @@ class Routers(nn.Module):
     def to_neurons(self, layer: int, expert_values: torch.Tensor) -> torch.Tensor:
         """(..., E) per-expert values -> (..., F) per-neuron values."""
         return expert_values.index_select(-1, self.groups[self.layers.index(layer)])
+
+    def routed_groups(self, layer: int, routed: torch.Tensor) -> torch.Tensor:
+        """An MoE layer's routed neurons (N, F) bool -> its routed groups (N, E) bool: a group's neurons lie in one of
+        the model's experts, so any one of them tells (group_neurons)."""
+        groups = self.groups[self.layers.index(layer)]  # (F,)
+        one = torch.empty(self.n_experts, dtype=torch.long, device=groups.device).scatter_(
+            0, groups, torch.arange(groups.numel(), device=groups.device))  # (E,) a neuron of each group
+        return routed.index_select(-1, one.to(routed.device))
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.linears.parameters())
@@ -150,7 +170,8 @@ class LTEScores(ScoreSource):
         if missing:
             raise ConfigError(f"LTE routers cover layers {self.routers.layers[0]}..{self.routers.layers[-1]} but "
                               f"gating starts at layer {first}; set lte.first_layer to the first gated layer")
-        self._k_experts = n_keep(self.routers.n_experts, cfg.ffn_sparsity)
+        # a share of the groups a token computes: all of a dense FFN's, its routed experts' in an MoE layer
+        self._k_experts = n_keep(self.routers.n_experts * view.dims.active_ffn // view.dims.ffn, cfg.ffn_sparsity)
         self.scores.clear()
         self.kept.clear()
         hooks = []
@@ -165,20 +186,26 @@ class LTEScores(ScoreSource):
             hooks.append(view.module(i, view.spec.ffn_in[0]).register_forward_pre_hook(route))
         return hooks
 
-    def expert_mask(self, layer: int) -> torch.Tensor:
-        """0/1 mask of kept experts (..., E) from this forward's scores."""
+    def expert_mask(self, layer: int, routed: torch.Tensor | None = None) -> torch.Tensor:
+        """0/1 mask of kept experts (..., E) from this forward's scores; routed (N, F) bool: an MoE layer's routed
+        neurons, the groups kept among the routed ones only."""
         s = self.scores[layer]
+        ok = None if routed is None else self.routers.routed_groups(layer, routed).reshape(s.shape)
         if self.route == "threshold":
-            return (s > self.tau).to(s.dtype)
-        idx = s.topk(self._k_experts, dim=-1, sorted=False).indices
+            keep = s > self.tau
+            return (keep if ok is None else keep & ok).to(s.dtype)
+        ranked = s if ok is None else s.masked_fill(~ok, float("-inf"))
+        idx = ranked.topk(self._k_experts, dim=-1, sorted=False).indices
         return torch.zeros_like(s).scatter_(-1, idx, 1.0)
 
     def neurons(self, layer, x):
         return self.routers.to_neurons(layer, self.scores[layer])
 
-    def neuron_mask(self, layer, x, k, routed=None):  # LTE refuses MoE models (moe.dense_ffn_only)
-        if self.soft:  # stage 1: expert outputs scaled by their scores, differentiable
+    def neuron_mask(self, layer, x, k, routed=None):
+        if self.soft:  # stage 1: expert outputs scaled by their scores, differentiable (unrouted neurons are zero)
             return align_rows(self.neurons(layer, x), x).to(x.dtype)
-        mask = self.expert_mask(layer)  # (..., E)
-        self.kept[layer] = mask.mean().detach()
+        mask = self.expert_mask(layer, routed)  # (..., E)
+        routed_groups = mask.numel() if routed is None else \
+            self.routers.routed_groups(layer, routed).sum().clamp(min=1)
+        self.kept[layer] = (mask.sum() / routed_groups).detach()  # of the groups the tokens compute
         return align_rows(self.routers.to_neurons(layer, mask), x).to(x.dtype)

@@ -21,6 +21,7 @@ from ..arch import ModelView
 from ..errors import ConfigError
 from ..fitting import warmup_cosine
 from ..gating import GatingConfig, attach_gating
+from ..moe import router_of
 from .artifact import LTEArtifact
 from .config import LTEConfig
 from .routers import LTEScores, Routers, efficiency_loss, group_neurons, separability_loss
@@ -106,20 +107,28 @@ class LTESystem(L.LightningModule):
 
 
 def make_trainable(model: nn.Module, cfg: LTEConfig) -> None:
-    """Full: every parameter but (unless asked) the embeddings / LM head; LoRA: peft adapters on the decoder
-    linears, base weights frozen (peft creates the adapters trainable)."""
+    """Full: every parameter but (unless asked) the embeddings / LM head, and an MoE model's own routers (which
+    experts a token computes stays the base model's choice); LoRA: peft adapters on the decoder linears (an MoE
+    model's attention: its experts are 3-D Parameters, not linears peft wraps), base weights frozen (peft creates the
+    adapters trainable)."""
     model.requires_grad_(False)
+    view = ModelView(model)
     if cfg.finetune == "full":
         model.requires_grad_(True)
         if not cfg.train_embeddings:
             for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if emb is not None:
                     emb.requires_grad_(False)
+        for i in range(view.dims.n_layers):
+            router = router_of(view, i)
+            if router is not None:
+                router.requires_grad_(False)
         return
     from peft import LoraConfig, inject_adapter_in_model
-    spec = ModelView(model).spec
-    targets = cfg.lora.targets or sorted({p.split(".")[-1] for p in (*spec.attn_in, spec.attn_out, *spec.ffn_in,
-                                                                      spec.ffn_down)})
+    spec = view.spec
+    linears = (*spec.attn_in, spec.attn_out) if view.dims.experts else \
+        (*spec.attn_in, spec.attn_out, *spec.ffn_in, spec.ffn_down)
+    targets = cfg.lora.targets or sorted({p.split(".")[-1] for p in linears})
     inject_adapter_in_model(LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                        target_modules=targets, fan_in_fan_out=spec.transposed), model)  # Conv1D
 

@@ -39,7 +39,15 @@ def fit_routers_(model, routers: Routers, windows: torch.Tensor, init_score: flo
             mass = torch.zeros(a.shape[0], n_exp, dtype=torch.float64).index_add_(
                 1, routers.groups[routers.layers.index(i)].cpu(), a)  # (N, E)
             z = torch.log(mass + 1e-6)
-            z = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
+            routed = view.routed_neurons(i)  # MoE: (N, F) the neurons each token computed; None for a dense FFN
+            if routed is None:
+                z = (z - z.mean(-1, keepdim=True)) / (z.std(-1, keepdim=True) + 1e-6)
+            else:  # z-scored over each token's routed groups; the others (never kept) get the mean, 0
+                ok = routers.routed_groups(i, routed.cpu()).double()  # (N, E)
+                n = ok.sum(-1, keepdim=True).clamp(min=2)
+                mean = (z * ok).sum(-1, keepdim=True) / n
+                std = (((z - mean) ** 2 * ok).sum(-1, keepdim=True) / (n - 1)).sqrt()
+                z = (z - mean) / (std + 1e-6) * ok
             xa = torch.cat([seen.pop(i), torch.ones(a.shape[0], 1, dtype=torch.float64)], 1)  # (N, d+1)
             xtx[i] += xa.T @ xa
             xtz[i] += xa.T @ z

@@ -234,11 +234,12 @@ class DecodeEngine:
             what = "2:4-compressed FFN weights (nm24=True)"
         elif self.teal is not None and (self.teal.on("ffn_in") or self.teal.on("ffn_out")):
             what = "input thresholds on the FFN (teal / threshold on ffn_in or ffn_out)"
-        elif sel is not None and not isinstance(sel, (SketchFFNSelector, GateFFNSelector)):
+        elif sel is not None and not isinstance(sel, (SketchFFNSelector, GateFFNSelector, LTEFFNSelector)):
             what = f"the {type(sel).__name__} FFN selector"
         if what is not None:
             raise ConfigError(f"{what} is not implemented for mixture-of-experts models in the decode engine, which "
-                              "serves their routed experts with a top-k of given, predicted, sketch or gate scores; "
+                              "serves their routed experts with a top-k of given, predicted, sketch, gate or LTE "
+                              "router scores; "
                               "use the mask path (load_gated(..., engine='hooks')) for this method")
 
     def _features(self) -> set[str]:

@@ -168,7 +168,9 @@ class LTEFFNSelector:
     """lte (selectors/lte.py): each routed layer's router scores its experts (groups of neurons) from the FFN input;
     a token keeps its k_experts best experts, whole (the mask path's LTEScores with route="topk"). The engine runs
     the model with the LTE fine-tuned weights swapped in (LTEArtifact.applied), reading only the kept experts' rows.
-    routers: lte.routers.Routers; the engine's k must equal k_experts * expert size (selectors/lte.py checks)."""
+    routers: lte.routers.Routers; the engine's k must equal k_experts * expert size (selectors/lte.py checks). An MoE
+    layer (DecodeEngine._ffn_moe) ranks the neurons by ``scores`` among the token's routed ones: every neuron of a
+    group carries its score, so its top k are the token's k_experts best routed groups, whole (as the mask path's)."""
 
     name = "lte"
 

@@ -31,8 +31,9 @@ class LTE(Selector):
         if ctx.run_dir is None or str(ctx.run_dir) == ".":
             logging.getLogger("shadowsparse").warning(
                 "lte: the LTE fine-tuned weights are swapped into the model passed to load_gated (kept there)")
-        applied = lte.applied(ctx.model)
-        source = applied.__enter__()  # entered for good: the served model is the fine-tuned one
+        # for good, not through lte.applied: a context manager entered in this generator would be exited (the base
+        # weights restored) when the generator is collected, leaving load_gated serving the base model
+        source = lte.apply_(ctx.model)
         ctx.shared["lte"] = lte
         yield Run(source, self.levels(ctx), granularity="token", budget="local",
                   selector_bytes=lte.router_bytes(ctx.model), more={"criterion": None, **lte.info()})
@@ -42,13 +43,16 @@ class LTE(Selector):
         neurons, so the level must be whole experts."""
         from ..runtime.ffn_select import LTEFFNSelector
         lte = ctx.shared["lte"]
-        routers, ffn = lte.routers, ctx.view.dims.ffn
+        # the groups and neurons a token computes: all of them, or (an MoE model) its routed experts' share
+        d = ctx.view.dims
+        routers, ffn = lte.routers, d.active_ffn
+        groups = routers.n_experts * d.active_ffn // d.ffn
         if lte.cfg.route != "topk":
             return f"lte route={lte.cfg.route} keeps a varying number of experts per token; the engine needs topk"
         s = ctx.cfg.gating.ffn_sparsity
-        k_e = n_keep(routers.n_experts, s)
-        if k_e * ffn // routers.n_experts != n_keep(ffn, s):
-            return (f"lte in the engine keeps whole experts: ffn_sparsity={s} keeps {k_e} of {routers.n_experts} "
-                    f"experts ({k_e * ffn // routers.n_experts} neurons) but the engine keeps {n_keep(ffn, s)}; pick "
-                    f"a sparsity that is a multiple of 1/{routers.n_experts}")
+        k_e = n_keep(groups, s)
+        if k_e * ffn // groups != n_keep(ffn, s):
+            return (f"lte in the engine keeps whole experts: ffn_sparsity={s} keeps {k_e} of {groups} "
+                    f"experts ({k_e * ffn // groups} neurons) but the engine keeps {n_keep(ffn, s)}; pick "
+                    f"a sparsity that is a multiple of 1/{groups}")
         return {"ffn_selector": LTEFFNSelector(routers.to(ctx.device), k_e)}
