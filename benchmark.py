@@ -166,13 +166,14 @@ def engine_rows(name, model, weights, batch, cfg, bw, card, env) -> list[dict]:
                     method=method, weights="random, exact shapes", layers=weights.n_layers, **env)
         if cfg["layers"] is not None:
             base["weights"] = f"random, exact shapes, the first {weights.n_layers} decoder layers only"
-        if weights.experts and ({"sketch", "gate", "nm24", "teal", "teal_attn", "threshold"} & set(spec)):
-            print(f"{name}: {method} skipped (the engine serves MoE layers with given, predicted or sketch scores; "
-                  "the benchmark builds no MoE sketch)", file=sys.stderr)
+        if weights.experts and ({"gate", "nm24", "teal", "teal_attn", "threshold", "threshold_sketch", "verify"}
+                                & set(spec)):
+            print(f"{name}: {method} skipped (the benchmark times MoE layers with given, predicted or sketch scores)",
+                  file=sys.stderr)
             continue
         if ({"sketch", "teal", "teal_attn", "threshold"} & set(spec)) and "teal" not in calib:
             calib["teal"] = teal_calibration(model, weights, cfg)  # once per model, on the first method needing it
-        if "sketch" in spec and weights.family != "llama":  # the sketch reads a gate: SwiGLU FFNs only
+        if "sketch" in spec and weights.family not in SWIGLU:  # the sketch reads a gate: SwiGLU FFNs only
             print(f"{name}: {method} skipped (the sketch needs a gated FFN)", file=sys.stderr)
             continue
         if "hf" in spec:
@@ -240,7 +241,11 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         row["logits_rel_err_vs_hf"] = ((own - ref).norm() / ref.norm()).item()
     if predictor is not None:
         row.update(predictor_timing(engine, cfg, ms))
-    if ffn_selector is not None:
+    if ffn_selector is not None and w.experts:  # the MoE step scores its routed experts only: no stand-alone timing
+        row.update(selector=ffn_selector.name, sketch_bits=sketch_bits, selector_bytes=ffn_selector.nbytes(),
+                   sketch_scoring="all experts" if os.environ.get("SHADOWSPARSE_MOE_SKETCH_ROUTED") == "0" else
+                   "routed experts")
+    elif ffn_selector is not None:
         row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
     if thresholded:  # the realized sparsity varies per token: counted by the kernels over the prompt's tokens
         row.update(realized_ffn_sparsity=realized_neurons(engine, prompt),
@@ -366,14 +371,24 @@ def predictor_timing(engine, cfg, ms: float) -> dict:
                 predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
 
 
+SWIGLU = ("llama", "mixtral", "qwen3_moe")  # weights.family of the shapes whose FFN the sketch reads
+
+
 def sketch_selector(w, bits: int, first_layer: int):
     """Packed sketches of every gated layer's W_gate and W_up (midrise, no calibration: the speed depends on the
     shapes, not the values)."""
     from shadowsparse.kernels.sketch import sketch_from_weights
     from shadowsparse.runtime.ffn_select import SketchFFNSelector
-    if w.family != "llama":
-        raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family shape")
-    return SketchFFNSelector({layer: sketch_from_weights(w.layers[layer].w_in, w.layers[layer].w_up, bits)
+    if w.family not in SWIGLU:
+        raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family or MoE shape")
+
+    def gate_up(layer):  # (F, d) each; an MoE layer's w_in is its (E*2F, d) gate_up_proj: every expert's gate rows
+        lw = w.layers[layer]
+        if not w.experts:
+            return lw.w_in, lw.w_up
+        per = lw.w_in.view(w.experts, 2, w.ffn // w.experts, w.hidden)
+        return per[:, 0].reshape(w.ffn, w.hidden), per[:, 1].reshape(w.ffn, w.hidden)
+    return SketchFFNSelector({layer: sketch_from_weights(*gate_up(layer), bits)
                               for layer in range(first_layer, w.n_layers)}, act=w.act)
 
 

@@ -169,7 +169,8 @@ def test_every_engine_selector_path_was_measured(llama, method):
 def test_moe_engines_have_their_own_measurements():
     """An engine over mixture-of-experts layers keys its own rows (H100, Mixtral-8x7B shapes): index sets win at
     batch 1 (1.42-1.44x), tie at batch 8 (1.00-1.01x: the routed experts of 8 tokens cover most of them) and lose in
-    8-token prefill steps; a dense model's row never decides for it. The MoE sketch was not measured: gated."""
+    8-token prefill steps; a dense model's row never decides for it. The MoE sketch (routed experts scored) wins at
+    batch 1 and 2 (1.21x) and runs dense beyond them and in every prompt step."""
     from shadowsparse.llm import LLMConfig, load_llm
     from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
     weights = extract_weights(load_llm(LLMConfig(name="random:mixtral", seed=0))[0])
@@ -180,4 +181,7 @@ def test_moe_engines_have_their_own_measurements():
     assert not dispatch.runs_dense("ffn+heads+moe", 8, "measured")
     assert dispatch.runs_dense("ffn+heads+moe", 8, "measured", prefill=True)
     assert dispatch.runs_dense("ffn+heads+moe", 9, "measured")  # beyond every measured decode step
-    assert "was not measured" in dispatch.explain("ffn+sketch+moe", "measured")
+    assert not dispatch.runs_dense("ffn+sketch+moe", 2, "measured")
+    assert dispatch.runs_dense("ffn+sketch+moe", 3, "measured")
+    assert dispatch.runs_dense("ffn+sketch+moe", 8, "measured", prefill=True)
+    assert "was not measured" in dispatch.explain("ffn+gate+moe", "measured")

@@ -84,6 +84,29 @@ def test_triton_matches_fallback(bits, rows, block_g):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max())  # fp32 throughout
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("rows,segments,seg_rows", [(1, [3, 1], 16), (2, [0, 2, 2], 32), (3, [1], 8)])
+def test_scores_of_listed_segments_only(backend, rows, segments, seg_rows):
+    """An MoE layer's routed experts: only the rows of the listed segments are scored (repeats allowed), 0 elsewhere;
+    segments of whole blocks take the segmented grid (16, 32 rows at block_f 16), 8 rows scores all and cuts."""
+    device = "cpu" if backend == "torch" else _device()
+    if device is None:
+        pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
+    cg, cu, g = _layer(3, F_=64 * 2, d=256, seed=1)
+    p = S.pack_sketch(cg, cu).to(device)
+    x = torch.randn(rows, 256, generator=g).to(device)
+    full = S.sketch_scores(x, p, backend="torch")
+    seg = torch.tensor(segments, device=device)
+    out = S.sketch_scores(x, p, backend=backend, config=(16, 4, 4, 1), segments=seg, segment_rows=seg_rows)
+    on = torch.zeros(128 // seg_rows, dtype=torch.bool)
+    on[segments] = True
+    on = on.repeat_interleave(seg_rows).to(device)
+    assert (out[:, ~on] == 0).all() and (full[:, on] != 0).all()
+    torch.testing.assert_close(out[:, on], full[:, on], rtol=1e-5, atol=1e-5 * full.abs().max())
+    with pytest.raises(ValueError, match="segment_rows must divide"):
+        S.sketch_scores(x, p, backend=backend, segments=seg, segment_rows=48)
+
+
 @pytest.mark.parametrize("backend,method", [("torch", "radix"), ("triton", "radix"), ("triton", "bisect")])
 def test_topk_indices(backend, method):
     """Each row's k largest as ascending int32 indices, ties to the lowest index; the radix select against a

@@ -341,22 +341,27 @@ if triton is not None:
         return pg, pu, pg1, pu1
 
     @triton.jit
-    def _sketch_kernel(w_ptr, s_ptr, xs_ptr, xsum_ptr, out_ptr, T, F, G: tl.constexpr, BITS: tl.constexpr,
+    def _sketch_kernel(w_ptr, s_ptr, xs_ptr, xsum_ptr, out_ptr, seg_ptr, T, F, G: tl.constexpr, BITS: tl.constexpr,
                        GROUP: tl.constexpr, TOKENS: tl.constexpr, UNSCALE: tl.constexpr, BLOCK_F: tl.constexpr,
-                       BLOCK_G: tl.constexpr, ACT: tl.constexpr, USE_PDL: tl.constexpr):
+                       BLOCK_G: tl.constexpr, ACT: tl.constexpr, SEG_BLOCKS: tl.constexpr, USE_PDL: tl.constexpr):
         """out[t, f] = |act(g)·u| (ACT: its ffn.ACTIVATIONS index) for BLOCK_F neurons (program_id 1) and rows 2p,
         2p+1 of x (p = program_id 0, TOKENS = 2; 1 for one row): per (row, group) partial sums
         Σ code·x·2**(X_EXP - 149) in (BLOCK_F, BLOCK_G) registers, each block of groups then adding
         step·(partial·UNSCALE - OFF·Σx); one reduction over the groups at the end. All 2·NW words of a block are
         loaded before any is decoded. (Loading block j+1 before decoding block j, registers carried by the loop and a
         barrier to keep the compiler from sinking the loads, measured slower on an H200: 21.2 against 18.2 us at
-        Llama-2-7B 3-bit, one row.)"""
+        Llama-2-7B 3-bit, one row.) SEG_BLOCKS > 0: program_id 1 walks the segments seg_ptr lists instead of every
+        block (an MoE layer's routed experts: segment s is rows s·SEG_BLOCKS·BLOCK_F onwards)."""
         pdl_wait(USE_PDL)
         NW: tl.constexpr = BITS * GROUP // 32
         XT: tl.constexpr = GROUP * G  # x_s's row stride
         OFF: tl.constexpr = (1 << (BITS - 1)) - 0.5  # level = (code - OFF)·step
         t0 = tl.program_id(0) * 2
-        offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+        if SEG_BLOCKS > 0:
+            seg = tl.load(seg_ptr + tl.program_id(1) // SEG_BLOCKS)
+            offs_f = (seg * SEG_BLOCKS + tl.program_id(1) % SEG_BLOCKS) * BLOCK_F + tl.arange(0, BLOCK_F)
+        else:
+            offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
         mask_f = offs_f < F
         xs_row = xs_ptr + t0 * XT
         acc_g = tl.zeros((BLOCK_F, BLOCK_G), dtype=tl.float32)
@@ -481,35 +486,54 @@ def prepare_x(x: torch.Tensor, packed: PackedSketch, backend: str = "auto") -> t
     return xs, xsum
 
 
-def sketch_scores(x: torch.Tensor, packed: PackedSketch, backend: str = "auto",
-                  config: tuple | None = None, act: str = "silu") -> torch.Tensor:
+def sketch_scores(x: torch.Tensor, packed: PackedSketch, backend: str = "auto", config: tuple | None = None,
+                  act: str = "silu", segments: torch.Tensor | None = None, segment_rows: int = 0) -> torch.Tensor:
     """|act(x_p·Qgᵀ) · (x_p·Quᵀ)| (B, F) fp32 for x (B, d) in any float dtype: the sketch's estimate of each
     neuron's |activation| (act: the FFN's own, ffn.ACTIVATIONS). Triton (backend "auto" on CUDA, or "triton"): the
     x prep and one scoring kernel (config (block_f, block_g, warps, stages) overrides DEFAULTS[bits]); else the
-    torch fallback on the unpacked copy."""
+    torch fallback on the unpacked copy. ``segments`` (m,) int: score only rows s·segment_rows .. (s+1)·segment_rows
+    - 1 of each listed s (an MoE layer's routed experts; repeats allowed), 0 elsewhere: what a scoring pass reads
+    drops to those rows."""
     _check_x(x, packed)
     _check_act(act)
+    if segments is not None and (segment_rows <= 0 or packed.shape[0] % segment_rows):
+        raise ValueError(f"segment_rows must divide the sketch's {packed.shape[0]} rows, got {segment_rows}")
     if not use_triton(x, backend):
-        return sketch_scores_torch(x, packed, act)
+        out = sketch_scores_torch(x, packed, act)
+        if segments is not None:  # the same numbers, zero outside the listed segments
+            on = torch.zeros(packed.shape[0] // segment_rows, dtype=torch.bool, device=out.device)
+            on[segments.long().to(out.device)] = True
+            out = out * on.repeat_interleave(segment_rows)
+        return out
     xs, xsum = prepare_x(x, packed, backend)
-    return score_prepared(xs, xsum, packed, config, act)
+    return score_prepared(xs, xsum, packed, config, act, segments, segment_rows)
 
 
-def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch,
-                   config: tuple | None = None, act: str = "silu") -> torch.Tensor:
+def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch, config: tuple | None = None,
+                   act: str = "silu", segments: torch.Tensor | None = None, segment_rows: int = 0) -> torch.Tensor:
     """The scoring kernel alone on prepare_x's output: (B, F) fp32 (sketch_scores' second launch). Rows of x go
     in pairs, one pair per program_id(0): the pairs of one block of neurons run side by side, so the words
-    they all read come from DRAM once and from L2 for the others."""
+    they all read come from DRAM once and from L2 for the others. ``segments``: sketch_scores'; the grid then
+    covers their blocks only (a fixed size for a fixed count: CUDA-graph safe)."""
     B = xs.shape[0]
     F_, d = packed.shape
     G = d // packed.group
-    out = torch.empty(B, F_, device=xs.device, dtype=torch.float32)
     block_f, block_g, warps, stages = config or DEFAULTS[packed.bits]
     block_g = min(block_g, triton.next_power_of_2(G))
-    _sketch_kernel[(triton.cdiv(B, 2), triton.cdiv(F_, block_f))](
-        packed.words, packed.steps, xs, xsum, out, B, F_, G=G, BITS=packed.bits, GROUP=packed.group,
+    seg_blocks, n_blocks, seg = 0, triton.cdiv(F_, block_f), xs  # seg: an unused pointer without segments
+    if segments is not None and segment_rows % block_f == 0:
+        seg_blocks, seg = segment_rows // block_f, segments.to(torch.int32)
+        n_blocks = seg.numel() * seg_blocks
+    out = torch.empty(B, F_, device=xs.device, dtype=torch.float32) if seg_blocks == 0 else \
+        torch.zeros(B, F_, device=xs.device, dtype=torch.float32)
+    _sketch_kernel[(triton.cdiv(B, 2), n_blocks)](
+        packed.words, packed.steps, xs, xsum, out, seg, B, F_, G=G, BITS=packed.bits, GROUP=packed.group,
         TOKENS=1 if B == 1 else 2, UNSCALE=2.0 ** (149 - X_EXP), BLOCK_F=block_f, BLOCK_G=block_g,
-        ACT=ACTIVATIONS.index(act), num_warps=warps, num_stages=stages, **pdl_kwargs(xs))
+        ACT=ACTIVATIONS.index(act), SEG_BLOCKS=seg_blocks, num_warps=warps, num_stages=stages, **pdl_kwargs(xs))
+    if segments is not None and seg_blocks == 0:  # a segment not made of whole blocks: every row scored, then cut
+        on = torch.zeros(F_ // segment_rows, dtype=torch.bool, device=out.device)
+        on[segments.long()] = True
+        out *= on.repeat_interleave(segment_rows)
     return out
 
 

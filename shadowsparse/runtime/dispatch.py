@@ -64,6 +64,9 @@ MEASURED: dict[str, dict[int, float]] = {
     "ffn+moe": {1: 1.42, 8: 1.00},
     "ffn+heads+moe": {1: 1.44, 8: 1.01},
     "heads+moe": {1: 1.04, 8: 1.01},
+    # the sketch on MoE layers, scoring the routed experts' packed rows only (fewer routed slots than experts; H100
+    # session 15, docs/benchmark-h100-moe-sketch-session15.jsonl): batch 3 and up are unmeasured, so dense
+    "ffn+sketch+moe": {1: 1.21, 2: 1.21},
 }
 
 
@@ -88,6 +91,7 @@ MEASURED_PREFILL: dict[str, dict[int, float]] = {
     "ffn+moe": {8: 0.74, 64: 0.99, 512: 0.98},
     "ffn+heads+moe": {8: 0.82, 64: 0.88, 512: 0.97},
     "heads+moe": {8: 0.87, 64: 0.97, 512: 0.99},
+    "ffn+sketch+moe": {8: 0.68, 16: 0.52, 64: 0.24, 128: 0.16},
 }
 
 

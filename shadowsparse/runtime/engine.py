@@ -67,6 +67,7 @@ step in a CUDA graph.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,9 @@ MAX_STEP_TOKENS = 64  # new tokens per sequence in one step (prefill() cuts prom
 PREFILL_TOKENS = 16  # query tokens per sequence above which attention runs as torch's fused SDPA (every head)
 KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call; a step with more rows in all
 # (B·T > 16) runs its gated layers as the mask path on cuBLAS GEMMs (module docstring: "Many tokens")
+# an MoE step with fewer routed (token, expert) slots than experts scores the sketch on its routed experts' rows only;
+# SHADOWSPARSE_MOE_SKETCH_ROUTED=0 scores every expert (the benchmark's A/B)
+MOE_SKETCH_ROUTED = os.environ.get("SHADOWSPARSE_MOE_SKETCH_ROUTED", "1") != "0"
 
 
 @dataclass
@@ -762,7 +766,12 @@ class DecodeEngine:
         weight = routed.repeat_interleave(f_e, dim=1)  # (n, E*F): each neuron's expert weight, 0 where not routed
         candidate = torch.zeros_like(routed, dtype=torch.bool).scatter_(1, top_e, True).repeat_interleave(f_e, dim=1)
         scores = None
-        if sel is not None and self.ffn_selector is not None:
+        if sel is not None and isinstance(self.ffn_selector, SketchFFNSelector) and top_e.numel() < w.experts and \
+                MOE_SKETCH_ROUTED:
+            # the sketch reads only the step's routed experts' packed rows (fewer routed slots than experts: one
+            # token, or a few; else every expert is read anyway): the others score 0 and are not candidates
+            scores = self.ffn_selector.scores(layer, hf, experts=top_e.flatten(), expert_rows=f_e)  # (n, E*F)
+        elif sel is not None and self.ffn_selector is not None:
             scores = self.ffn_selector.scores(layer, hf)  # (n, E*F)
         elif sel is not None and sel.neuron_scores is not None:
             scores = sel.neuron_scores[:, gi]  # (n, E*F)

@@ -34,10 +34,13 @@ class SketchFFNSelector:
     def __init__(self, sketches: dict[int, PackedSketch], backend: str = "auto", act: str = "silu"):
         self.sketches, self.backend, self.act = sketches, backend, act
 
-    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def scores(self, layer: int, h: torch.Tensor, experts: torch.Tensor | None = None,
+               expert_rows: int = 0) -> torch.Tensor:
         """h (n, d) the normed FFN input -> (n, F) fp32 estimates of |act(gate)·up| (fp32 FFMAs on the GPU, rows
-        two at a time; the torch fallback on the unpacked copy elsewhere)."""
-        return sketch_scores(h, self.sketches[layer], backend=self.backend, act=self.act)
+        two at a time; the torch fallback on the unpacked copy elsewhere). An MoE layer may pass the step's routed
+        ``experts`` (m,) and their ``expert_rows`` (F per expert): only those experts' rows are read, 0 elsewhere."""
+        return sketch_scores(h, self.sketches[layer], backend=self.backend, act=self.act, segments=experts,
+                             segment_rows=expert_rows)
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
         """h (1, d) -> (k,) int32 ascending: one token's k highest-scoring neurons (the bisection top-k kernel on a
