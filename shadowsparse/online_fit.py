@@ -14,10 +14,11 @@ listnet, bce) and ``ffn_input``, predictor_verify's per-layer predictor that rea
     students = [shared_student("shared", dims), ffn_input_student("ffn_r64", dims, layers=range(1, L))]
     history = fit_online(model, calib_windows, students, OnlineFitConfig(epochs=6), val_windows=heldout[:8])
 
-Known defect (docs/research.md, session 13): on CUDA (H100, torch 2.11) device memory grows by about one chunk's
-rows (~2.9 GB per 32 windows of 512 tokens) with every chunk and is not given back by gc, so an 80 GB card stops
-after ~25 chunks; the same loop on the CPU holds its memory flat. Until that is found, a fit that runs out of device
-memory stops (logged, recorded as "stopped" in its epoch record) and keeps what it fitted.
+Device memory: session 13 saw it grow by ~2.9 GB per chunk on an H100 until an 80 GB card stopped after ~25 chunks.
+The cause (session 15, research/online_fit_memory.py with torch.cuda.memory._record_memory_history): on CUDA,
+F.mse_loss's mean is a 0-dim view of its elementwise (rows, L, F) buffer, and the epoch's list of step losses kept
+every step's buffer alive; the list now holds copies. A fit that still runs out of device memory stops (logged,
+recorded as "stopped" in its epoch record) and keeps what it fitted.
 """
 from __future__ import annotations
 
@@ -201,7 +202,10 @@ def _train_chunk(students: list[Student], rows: dict, perm: torch.Tensor, cfg: O
             loss.backward()
             s.opt.step()
             s.sched.step()
-            s.losses.append(loss.detach())
+            # a copy, not the loss itself: on CUDA (torch 2.11) F.mse_loss's mean is a 0-dim view of its (rows, L, F)
+            # elementwise buffer, so keeping the loss kept 182 MB per step alive (SmolLM2 shapes, 1024 rows): the
+            # per-chunk device memory growth of docs/research.md session 13, found with research/online_fit_memory.py
+            s.losses.append(loss.detach().clone())
         if device.type == "cuda":
             torch.cuda.synchronize()
         s.seconds += time.time() - t

@@ -57,6 +57,9 @@ def test_students_learn_and_plug_into_the_gating():
     for s in students:
         assert history[-1][f"{s.name}/train_loss"] < history[0][f"{s.name}/train_loss"], s.name
         assert 0.0 <= history[-1][f"{s.name}/val_recall_ffn"] <= 1.0
+        # the epoch's step losses are scalars of their own: F.mse_loss's mean is a view of its elementwise buffer,
+        # which a kept loss would keep alive for the whole epoch (the device memory growth of session 13)
+        assert s.losses and all(loss.untyped_storage().nbytes() == loss.element_size() for loss in s.losses), s.name
     # the batched FFN-input scores are the predictor's own, layer by layer (what predictor_verify's hooks call)
     ffn = students[-1].predictor
     x = torch.randn(5, len(layers), dims["d_model"])
