@@ -371,7 +371,8 @@ def predictor_timing(engine, cfg, ms: float) -> dict:
                 predictor_params=sum(p.numel() for p in engine.predictor.parameters()))
 
 
-SWIGLU = ("llama", "mixtral", "qwen3_moe")  # weights.family of the shapes whose FFN the sketch reads
+SWIGLU = ("llama",)  # weights.family of the shapes whose FFN the sketch reads: every gated-FFN family the engine
+# serves (Llama, Mistral, Qwen2/3, Gemma, Phi-3, Mixtral, Qwen3-MoE) is "llama" there; OPT's is not
 
 
 def sketch_selector(w, bits: int, first_layer: int):
@@ -380,7 +381,7 @@ def sketch_selector(w, bits: int, first_layer: int):
     from shadowsparse.kernels.sketch import sketch_from_weights
     from shadowsparse.runtime.ffn_select import SketchFFNSelector
     if w.family not in SWIGLU:
-        raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family or MoE shape")
+        raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family or MoE shape, not OPT")
 
     def gate_up(layer):  # (F, d) each; an MoE layer's w_in is its (E*2F, d) gate_up_proj: every expert's gate rows
         lw = w.layers[layer]
