@@ -243,8 +243,8 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         row.update(predictor_timing(engine, cfg, ms))
     if ffn_selector is not None and w.experts:  # the MoE step scores its routed experts only: no stand-alone timing
         row.update(selector=ffn_selector.name, sketch_bits=sketch_bits, selector_bytes=ffn_selector.nbytes(),
-                   sketch_scoring="all experts" if os.environ.get("SHADOWSPARSE_MOE_SKETCH_ROUTED") == "0" else
-                   "routed experts")
+                   sketch_scoring="routed experts" if engine.sketch_reads_routed(batch * w.experts_per_token)
+                   else "all experts")
     elif ffn_selector is not None:
         row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
     if thresholded:  # the realized sparsity varies per token: counted by the kernels over the prompt's tokens

@@ -34,8 +34,7 @@ def ffn_element_size(view: ModelView) -> int:
     """Bytes per element of the FFN's weights: the down projection's, or an MoE layer's experts' Parameters (read
     there, not through moe._ExpertView.weight, which would build a dense (d, E*F) copy)."""
     down = view.ffn_down(0)
-    owner = getattr(down, "_owner", None)
-    return (owner.down_proj if owner is not None else down.weight).element_size()
+    return (down.param if hasattr(down, "param") else down.weight).element_size()
 
 
 def decoder_linear_bytes(view: ModelView) -> int:

@@ -69,11 +69,14 @@ class _ExpertView(nn.Identity):
         self.layout = layout
 
     @property
+    def param(self) -> nn.Parameter:
+        """The fused (E, ., .) Parameter behind this view: byte counts and dtypes read it (no dense copy made)."""
+        return self._owner.fused(self.layout)
+
+    @property
     def nbytes(self) -> int:
-        """Bytes of the experts' weights behind this view, counted on their own Parameters (no dense copy made)."""
-        e = self._owner
-        p = e.gate_up_proj if self.layout == "gate_up" else e.down_proj
-        return p.numel() * p.element_size()
+        """Bytes of the experts' weights behind this view, counted on their own Parameters."""
+        return self.param.numel() * self.param.element_size()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -100,8 +103,7 @@ class _ExpertLinear(nn.Identity):
 
     @property
     def weight(self) -> torch.Tensor:
-        p = self._owner.gate_up_proj if self.layout == "gate_up" else self._owner.down_proj
-        return p.detach()[self.index]
+        return self._owner.fused(self.layout).detach()[self.index]
 
     def extra_repr(self) -> str:
         return f"expert={self.index}, layout={self.layout}"
@@ -128,6 +130,10 @@ class GateableExperts(nn.Module):
         self.expert_down = nn.ModuleList(_ExpertLinear(self, "down", e) for e in range(E))
         self.routed: torch.Tensor | None = None  # (N, E) bool: the experts each token of the last forward was sent to
         self._routed_neurons: torch.Tensor | None = None  # its (N, E*F) expansion, made once per forward
+
+    def fused(self, layout: str) -> nn.Parameter:
+        """The fused Parameter of a layout: "gate_up" (E, 2F, d) or "down" (E, d, F)."""
+        return self.gate_up_proj if layout == "gate_up" else self.down_proj
 
     def routed_neurons(self) -> torch.Tensor:
         """(N, E*F) bool: the neurons each token of the last forward computed (several hooks of a forward ask: the

@@ -500,11 +500,7 @@ def sketch_scores(x: torch.Tensor, packed: PackedSketch, backend: str = "auto", 
         raise ValueError(f"segment_rows must divide the sketch's {packed.shape[0]} rows, got {segment_rows}")
     if not use_triton(x, backend):
         out = sketch_scores_torch(x, packed, act)
-        if segments is not None:  # the same numbers, zero outside the listed segments
-            on = torch.zeros(packed.shape[0] // segment_rows, dtype=torch.bool, device=out.device)
-            on[segments.long().to(out.device)] = True
-            out = out * on.repeat_interleave(segment_rows)
-        return out
+        return out if segments is None else _only_segments_(out, segments, segment_rows)
     xs, xsum = prepare_x(x, packed, backend)
     return score_prepared(xs, xsum, packed, config, act, segments, segment_rows)
 
@@ -531,10 +527,15 @@ def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch, c
         TOKENS=1 if B == 1 else 2, UNSCALE=2.0 ** (149 - X_EXP), BLOCK_F=block_f, BLOCK_G=block_g,
         ACT=ACTIVATIONS.index(act), SEG_BLOCKS=seg_blocks, num_warps=warps, num_stages=stages, **pdl_kwargs(xs))
     if segments is not None and seg_blocks == 0:  # a segment not made of whole blocks: every row scored, then cut
-        on = torch.zeros(F_ // segment_rows, dtype=torch.bool, device=out.device)
-        on[segments.long()] = True
-        out *= on.repeat_interleave(segment_rows)
+        _only_segments_(out, segments, segment_rows)
     return out
+
+
+def _only_segments_(out: torch.Tensor, segments: torch.Tensor, segment_rows: int) -> torch.Tensor:
+    """out (B, F) with every row outside the listed segments set to 0, in place (returned)."""
+    on = torch.zeros(out.shape[1] // segment_rows, dtype=torch.bool, device=out.device)
+    on[segments.long().to(out.device)] = True
+    return out.mul_(on.repeat_interleave(segment_rows))
 
 
 def topk_indices(scores: torch.Tensor, k: int, backend: str = "auto", warps: int | None = None,

@@ -99,6 +99,11 @@ class Routers(nn.Module):
         self.d_model, self.ffn = d_model, ffn
         self.n_experts = int(groups.max()) + 1
         self.register_buffer("groups", groups.long())  # (Lr, F) expert id of each neuron
+        # (Lr, E) one neuron of each expert (group): an MoE layer's groups lie in one of its experts, so that neuron's
+        # routing is the group's (routed_groups); derived from groups, not saved
+        neuron = torch.arange(ffn).expand(len(self.layers), ffn)
+        self.register_buffer("group_neuron", torch.empty(len(self.layers), self.n_experts, dtype=torch.long)
+                             .scatter_(1, self.groups, neuron), persistent=False)
         self.linears = nn.ModuleDict({str(i): nn.Linear(d_model, self.n_experts) for i in layers})
         bias = math.log(init_score / (1 - init_score))  # sigmoid(bias) = init_score: start close to dense
         for lin in self.linears.values():
@@ -122,10 +127,7 @@ class Routers(nn.Module):
     def routed_groups(self, layer: int, routed: torch.Tensor) -> torch.Tensor:
         """An MoE layer's routed neurons (N, F) bool -> its routed groups (N, E) bool: a group's neurons lie in one of
         the model's experts, so any one of them tells (group_neurons)."""
-        groups = self.groups[self.layers.index(layer)]  # (F,)
-        one = torch.empty(self.n_experts, dtype=torch.long, device=groups.device).scatter_(
-            0, groups, torch.arange(groups.numel(), device=groups.device))  # (E,) a neuron of each group
-        return routed.index_select(-1, one.to(routed.device))
+        return routed.index_select(-1, self.group_neuron[self.layers.index(layer)].to(routed.device))
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.linears.parameters())
@@ -186,11 +188,10 @@ class LTEScores(ScoreSource):
             hooks.append(view.module(i, view.spec.ffn_in[0]).register_forward_pre_hook(route))
         return hooks
 
-    def expert_mask(self, layer: int, routed: torch.Tensor | None = None) -> torch.Tensor:
-        """0/1 mask of kept experts (..., E) from this forward's scores; routed (N, F) bool: an MoE layer's routed
-        neurons, the groups kept among the routed ones only."""
+    def expert_mask(self, layer: int, ok: torch.Tensor | None = None) -> torch.Tensor:
+        """0/1 mask of kept experts (..., E) from this forward's scores; ok (..., E) bool: an MoE layer's routed
+        groups (Routers.routed_groups), the groups kept among them only."""
         s = self.scores[layer]
-        ok = None if routed is None else self.routers.routed_groups(layer, routed).reshape(s.shape)
         if self.route == "threshold":
             keep = s > self.tau
             return (keep if ok is None else keep & ok).to(s.dtype)
@@ -204,8 +205,8 @@ class LTEScores(ScoreSource):
     def neuron_mask(self, layer, x, k, routed=None):
         if self.soft:  # stage 1: expert outputs scaled by their scores, differentiable (unrouted neurons are zero)
             return align_rows(self.neurons(layer, x), x).to(x.dtype)
-        mask = self.expert_mask(layer, routed)  # (..., E)
-        routed_groups = mask.numel() if routed is None else \
-            self.routers.routed_groups(layer, routed).sum().clamp(min=1)
-        self.kept[layer] = (mask.sum() / routed_groups).detach()  # of the groups the tokens compute
+        ok = None if routed is None else self.routers.routed_groups(layer, routed).reshape(self.scores[layer].shape)
+        mask = self.expert_mask(layer, ok)  # (..., E)
+        computed = mask.numel() if ok is None else ok.sum().clamp(min=1)  # the groups the tokens compute
+        self.kept[layer] = (mask.sum() / computed).detach()
         return align_rows(self.routers.to_neurons(layer, mask), x).to(x.dtype)

@@ -263,7 +263,8 @@ def _prune_layer(view, i: int, linears: dict[str, nn.Linear], stats: dict[str, I
         if st is not None and st.n == 0:  # an expert no calibration token was routed to: nothing to weigh its
             # inputs by, so its weights' magnitude decides (within rows, as the metric compares)
             log.warning("layer %d %s: no calibration token reached it; pruned by weight magnitude", i, path)
-            apply_mask_(w, keep_mask(w.abs().float(), pattern, ratios[(i, path)], metric.group))
+            apply_mask_(w, keep_mask(get_metric("magnitude").score(w, None, {}), pattern, ratios[(i, path)],
+                                     metric.group))
             continue
         if cfg.metric == "sparsegpt":
             w.copy_(sparsegpt_prune(w, st.hessian().to(w.device), pattern, ratios[(i, path)], **cfg.sparsegpt))

@@ -14,8 +14,8 @@ import torch
 # Exact shapes (and their transformers configs) live in shadowsparse/shapes.py, shared with random-shape:<name>
 # models of the training pipeline; re-exported here for benchmark.py and benchmarks/.
 from ..shapes import SHAPES, build_config  # noqa: F401
-from .engine import MOE_SKETCH_ROUTED, DecodeEngine
-from .ffn_select import GateFFNSelector, SketchFFNSelector, VerifyFFNSelector
+from .engine import DecodeEngine
+from .ffn_select import GateFFNSelector, VerifyFFNSelector
 from .select import padded_size
 from .weights import EngineWeights
 
@@ -132,8 +132,7 @@ def step_bytes(engine: DecodeEngine, tokens_per_seq: int, context: float, input_
     if engine.ffn_selector is not None:  # the sketch's packed copies, read in every step
         sel_bytes = engine.ffn_selector.nbytes()
         slots = engine.batch * tokens_per_seq * w.experts_per_token  # an MoE step's routed (token, expert) slots
-        if w.experts and isinstance(engine.ffn_selector, SketchFFNSelector) and slots < w.experts and \
-                MOE_SKETCH_ROUTED:  # the sketch reads the routed experts' rows only: at most `slots` experts
+        if engine.sketch_reads_routed(slots):  # the routed experts' rows only: at most `slots` experts
             sel_bytes = sel_bytes * slots // w.experts
         total += sel_bytes
     return total

@@ -264,6 +264,12 @@ class DecodeEngine:
         feats |= {"moe"} if self.w.experts and feats else set()  # routed experts: their own measurements
         return feats
 
+    def sketch_reads_routed(self, slots: int) -> bool:
+        """Whether an MoE step with ``slots`` routed (token, expert) pairs scores the sketch on its routed experts'
+        packed rows only: with fewer slots than experts (one token, or a few; else every expert is read anyway)."""
+        return bool(self.w.experts) and isinstance(self.ffn_selector, SketchFFNSelector) and \
+            slots < self.w.experts and MOE_SKETCH_ROUTED
+
     def runs_dense(self, rows: int, prefill: bool = False) -> bool:
         """Whether a step of ``rows`` token rows (prefill: several tokens per sequence) runs dense: the config's
         fallback rule on this engine's path (dispatch.py); never for an ungated engine or the all-kernels benchmark
@@ -766,10 +772,7 @@ class DecodeEngine:
         weight = routed.repeat_interleave(f_e, dim=1)  # (n, E*F): each neuron's expert weight, 0 where not routed
         candidate = torch.zeros_like(routed, dtype=torch.bool).scatter_(1, top_e, True).repeat_interleave(f_e, dim=1)
         scores = None
-        if sel is not None and isinstance(self.ffn_selector, SketchFFNSelector) and top_e.numel() < w.experts and \
-                MOE_SKETCH_ROUTED:
-            # the sketch reads only the step's routed experts' packed rows (fewer routed slots than experts: one
-            # token, or a few; else every expert is read anyway): the others score 0 and are not candidates
+        if sel is not None and self.sketch_reads_routed(top_e.numel()):  # the others score 0: not candidates
             scores = self.ffn_selector.scores(layer, hf, experts=top_e.flatten(), expert_rows=f_e)  # (n, E*F)
         elif sel is not None and self.ffn_selector is not None:
             scores = self.ffn_selector.scores(layer, hf)  # (n, E*F)
