@@ -57,6 +57,11 @@ METHODS = {
     # calibration prompts), no top-k; the gate/up kernel reads the rows that pass, the down GEMV the nonzero a's
     "sketch_thr+ffn50": dict(ffn_sparsity=0.5, sketch=3, threshold_sketch=True),
     "sketch_thr+ffn50+teal40attn": dict(ffn_sparsity=0.5, sketch=3, threshold_sketch=True, teal_attn=0.4),
+    # "sketch8": the same codes scored with int8 x and dp4a (kernels/sketch_x8.py) instead of fp32 FFMAs
+    "sketch8+ffn50": dict(ffn_sparsity=0.5, sketch=3, sketch_x=8),
+    "sketch8_thr+ffn50": dict(ffn_sparsity=0.5, sketch=3, sketch_x=8, threshold_sketch=True),
+    "sketch8_thr+ffn50+teal40attn": dict(ffn_sparsity=0.5, sketch=3, sketch_x=8, threshold_sketch=True,
+                                         teal_attn=0.4),
     # input thresholds (runtime/input_sparsity.py, kernels/sparse_input.py): TEAL's per-layer quantiles of |x|,
     # calibrated on random prompts through the model; each projection reads only the rows of its kept channels
     "teal40": dict(teal=0.4),
@@ -204,10 +209,10 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
         predictor = SharedPredictor(w.hidden, w.n_layers, w.n_heads, w.ffn, cfg["feature_layer"],
                                     PredictorConfig(hidden=cfg["predictor_hidden"], rank=cfg["predictor_rank"]))
     sketch_bits, gate, verify_q = spec.pop("sketch", None), spec.pop("gate", False), spec.pop("verify", None)
-    thresholded = spec.pop("threshold_sketch", False)
+    thresholded, sketch_x = spec.pop("threshold_sketch", False), spec.pop("sketch_x", None)
     inputs = input_thresholds(spec, teal, w)
     ecfg = EngineConfig(**{"batch_set": cfg["batch_set"], **spec})
-    ffn_selector = ffn_selector_of(w, sketch_bits, gate, verify_q, ecfg.first_layer or 0)
+    ffn_selector = ffn_selector_of(w, sketch_bits, gate, verify_q, ecfg.first_layer or 0, sketch_x)
     if thresholded:
         ffn_selector = threshold_sketch(model, w, ffn_selector, ecfg.ffn_sparsity, cfg)
     engine = DecodeEngine(w, batch, max_len=P + gen + 8, config=ecfg, predictor=predictor, ffn_selector=ffn_selector,
@@ -246,7 +251,8 @@ def engine_row(base: dict, model, weights, prompt, spec: dict, cfg, bw: float, g
                    sketch_scoring="routed experts" if engine.sketch_reads_routed(batch * w.experts_per_token)
                    else "all experts")
     elif ffn_selector is not None:
-        row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q)
+        row.update(selector_timing(engine, cfg, ms, sketch_bits), selector=ffn_selector.name, verify_q=verify_q,
+                   sketch_x="int8 (dp4a)" if sketch_x == 8 else "fp32" if sketch_bits else None)
     if thresholded:  # the realized sparsity varies per token: counted by the kernels over the prompt's tokens
         row.update(realized_ffn_sparsity=realized_neurons(engine, prompt),
                    bytes_note="FFN rows counted at the requested sparsity; realized_ffn_sparsity is the prompt's")
@@ -375,10 +381,11 @@ SWIGLU = ("llama",)  # weights.family of the shapes whose FFN the sketch reads: 
 # serves (Llama, Mistral, Qwen2/3, Gemma, Phi-3, Mixtral, Qwen3-MoE) is "llama" there; OPT's is not
 
 
-def sketch_selector(w, bits: int, first_layer: int):
+def sketch_selector(w, bits: int, first_layer: int, x_bits: int | None = None):
     """Packed sketches of every gated layer's W_gate and W_up (midrise, no calibration: the speed depends on the
-    shapes, not the values)."""
+    shapes, not the values); x_bits 8: the int8-x layout (kernels/sketch_x8.py)."""
     from shadowsparse.kernels.sketch import sketch_from_weights
+    from shadowsparse.kernels.sketch_x8 import sketch_from_weights_x8
     from shadowsparse.runtime.ffn_select import SketchFFNSelector
     if w.family not in SWIGLU:
         raise ConfigError("the sketch methods need a gated (SwiGLU) FFN: use a Llama-family or MoE shape, not OPT")
@@ -389,11 +396,13 @@ def sketch_selector(w, bits: int, first_layer: int):
             return lw.w_in, lw.w_up
         per = lw.w_in.view(w.experts, 2, w.ffn // w.experts, w.hidden)
         return per[:, 0].reshape(w.ffn, w.hidden), per[:, 1].reshape(w.ffn, w.hidden)
-    return SketchFFNSelector({layer: sketch_from_weights(*gate_up(layer), bits)
-                              for layer in range(first_layer, w.n_layers)}, act=w.act)
+    make = sketch_from_weights_x8 if x_bits == 8 else sketch_from_weights
+    return SketchFFNSelector({layer: make(*gate_up(layer), bits) for layer in range(first_layer, w.n_layers)},
+                             act=w.act)
 
 
-def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | None, first_layer: int):
+def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | None, first_layer: int,
+                    sketch_x: int | None = None):
     """The per-layer FFN selector of a method: the sketch, the real gate (CATS), either verified by |a| (verify_q:
     the candidates' fraction), or None."""
     from shadowsparse.runtime.ffn_select import GateFFNSelector, VerifyFFNSelector
@@ -404,7 +413,7 @@ def ffn_selector_of(w, sketch_bits: int | None, gate: bool, verify_q: float | No
             raise ConfigError("the gate methods need a gated (SwiGLU) FFN: use a Llama-family shape")
         proposer = GateFFNSelector({layer: w.layers[layer].w_in for layer in range(first_layer, w.n_layers)}, w.act)
     else:
-        proposer = sketch_selector(w, sketch_bits, first_layer)
+        proposer = sketch_selector(w, sketch_bits, first_layer, sketch_x)
     return proposer if verify_q is None else VerifyFFNSelector(proposer, verify_q)
 
 

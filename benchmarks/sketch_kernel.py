@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from shadowsparse.kernels import sketch as S
+from shadowsparse.kernels import sketch_x8 as X
 from shadowsparse.quant import MidriseCodes, quantize_rows_codes
 
 SHAPES = {"llama-2-7b": (4096, 11008), "smollm2-135m": (576, 1536)}
@@ -41,6 +42,8 @@ L2_BYTES = 60 * 2 ** 20
 # per program. Earlier sweeps on an H200 (Llama-2-7B, one row, 3-bit; us): (16,32,4) 18.2, (32,32,8) 18.3,
 # (8,32,4) 20.8, (16,16,4) 22.4, (8,16,2) 22.4, (32,16,4) 25.7, (16,16,2) 25.7, (64,16,8) 27.5; blocks of 8
 # groups 28-31 (the first kernel version; the pair grid and the loads are the same since)
+# the dp4a kernel (kernels/sketch_x8.py, int8 x): every config here is timed, the best reported
+X8_CONFIGS = [(16, 32, 4, 1), (32, 32, 4, 1), (8, 32, 4, 1), (32, 16, 4, 1), (16, 64, 8, 1), (64, 32, 8, 1)]
 SWEEP = {1: [(16, 32, 4, 1), (8, 32, 4, 1), (32, 32, 8, 1), (16, 64, 4, 1)],
          8: [(16, 32, 4, 1)]}
 
@@ -56,9 +59,9 @@ def configs(rows: int, G: int, sweep: bool, bits: int) -> list[tuple]:
     return out
 
 
-def random_sketch(d: int, F_: int, bits: int, device, seed: int = 0) -> S.PackedSketch:
+def random_sketch(d: int, F_: int, bits: int, device, seed: int = 0, pack=S.pack_sketch):
     """A packed sketch of random fp16 weights (round-to-nearest midrise codes) under a random input permutation:
-    the kernel's speed depends on the shapes, not on the values."""
+    the kernel's speed depends on the shapes, not on the values. pack: S.pack_sketch or X.pack_sketch_x8."""
     g = torch.Generator(device=device).manual_seed(seed)
     perm = torch.randperm(d, generator=g, device=device)
     codes = []
@@ -66,7 +69,7 @@ def random_sketch(d: int, F_: int, bits: int, device, seed: int = 0) -> S.Packed
         w = torch.randn(F_, d, generator=g, device=device) / math.sqrt(d)
         c = quantize_rows_codes(w, bits, GROUP)
         codes.append(MidriseCodes(c.codes, c.steps, bits, GROUP, perm))
-    return S.pack_sketch(*codes)
+    return pack(*codes)
 
 
 def copies_for(nbytes: int) -> int:
@@ -115,6 +118,10 @@ def _compile_one(job) -> str:
     p = random_sketch(d, 64, bits, "cuda")  # F = 64: divisible by 16 like the real F (the same specialization)
     x = torch.randn(rows, d, device="cuda", dtype=torch.float16)
     S.score_prepared(*S.prepare_x(x, p), p, cfg)
+    p8 = random_sketch(d, 64, bits, "cuda", pack=X.pack_sketch_x8)
+    for c in X8_CONFIGS:
+        for asm in (True, False):
+            X.score_prepared_x8(*X.prepare_x8(x, p8), p8, c, asm=asm)
     for w in (4, 8, 16, 32):  # the real F: its block size
         for m in S.TOPK_METHODS:
             S.topk_indices(torch.rand(rows, F_, device="cuda"), F_ // 2, warps=w, method=m)
@@ -128,6 +135,41 @@ def precompile(jobs: list, workers: int) -> None:
         for line in pool.imap_unordered(_compile_one, jobs):
             print("  compiled", line, flush=True)
     print(f"precompiled {len(jobs)} variants in {time.time() - t:.0f} s with {workers} processes", flush=True)
+
+
+def time_x8(card: str, versions: str, name: str, d: int, F_: int, bits: int, x: torch.Tensor,
+            ref_fp: torch.Tensor, t_gemv: float, t_ffn: float, k: int) -> dict:
+    """The dp4a kernel (int8 x) on the same shapes: every X8_CONFIGS entry (the emulated dot product too, to
+    separate what dp4a buys), checked against its torch fallback; top-k overlap with the fp32 estimate ref_fp."""
+    sets = [random_sketch(d, F_, bits, "cuda", seed=bits, pack=X.pack_sketch_x8)]
+    sets += [random_sketch(d, F_, bits, "cuda", seed=100 + i, pack=X.pack_sketch_x8)
+             for i in range(copies_for(sets[0].nbytes) - 1)]
+    ref = X.sketch_scores_x8(x, sets[0], backend="torch")
+    prepared = [X.prepare_x8(x, p) for p in sets]
+    times, errs = {}, {}
+    for cfg in X8_CONFIGS:
+        for asm in (True, False):
+            out = X.score_prepared_x8(*prepared[0], sets[0], cfg, asm=asm)
+            errs[(cfg, asm)] = err = ((out - ref).norm() / ref.norm()).item()
+            if not err < 1e-5:
+                print(f"  WARNING x8 {name} {bits}-bit {cfg} asm={asm}: rel err {err:.2e}", flush=True)
+            times[(cfg, asm)] = graph_median_us(rotated(
+                lambda i: lambda: X.score_prepared_x8(*prepared[i], sets[i], cfg, asm=asm), list(range(len(sets)))))
+            print(f"  x8 {name} {bits}-bit rows={x.shape[0]} {cfg} asm={asm}: {times[(cfg, asm)]:.2f} us", flush=True)
+    (cfg, _), t_kernel = min(((c, a), t) for (c, a), t in times.items() if a)
+    t = graph_median_us(rotated(lambda p: lambda: X.sketch_scores_x8(x, p, config=cfg), sets))
+    want = S.topk_indices(ref_fp, k, backend="torch")
+    sel = torch.zeros_like(ref).scatter_(1, S.topk_indices(ref, k, backend="torch").long(), 1.0)
+    nbytes = sets[0].nbytes
+    return dict(card=card, versions=versions, shape=name, d=d, F=F_, rows=x.shape[0], what=f"sketch x8 {bits}-bit",
+                bits=bits, dtype=f"x int8 / {GROUP}, {bits}-bit codes + fp16 steps / {GROUP}", config=cfg,
+                us=round(t, 2), kernel_us=round(t_kernel, 2), emulated_kernel_us=round(times[(cfg, False)], 2),
+                kernel_us_by_config={str(c): round(v, 2) for (c, a), v in times.items() if a}, bytes=nbytes,
+                rel_err=float(f"{errs[(cfg, True)]:.2e}"),
+                GBps=round(nbytes / t / 1e3, 1), kernel_GBps=round(nbytes / t_kernel / 1e3, 1),
+                floor_us=round(nbytes / BANDWIDTH * 1e6, 2), topk_agree_with_fp32_estimate=round(
+                    sel.gather(1, want.long()).mean().item(), 4), copies=len(sets), vs_gate_gemv=round(t / t_gemv, 3),
+                share_of_ffn=round(t / t_ffn, 3))
 
 
 def main() -> None:
@@ -221,6 +263,7 @@ def main() -> None:
                 emit(row)
                 print(f"  -> {row}", flush=True)
                 del prepared
+                emit(time_x8(card, versions, name, d, F_, bits, x, ref, t_gemv, t_ffn, k))
         del ffn_sets, mats, sketches
         torch.cuda.empty_cache()
     print(f"\n{card}: medians of CUDA-graph replays (us); floor = bytes / {BANDWIDTH / 1e12:.1f} TB/s")

@@ -5,6 +5,10 @@ FFN, the pick evaluated once on the WikiText-2 test windows.
 usage (repository root; on the GPU after `source .gpu/m2/env.sh`):
     python research/gpu_predictor.py OUT SAVE [runs=big,r16k,r128k] [device=cuda] [deadline=540] [KEY=VALUE ...]
 
+students=a,b / epochs=N / seconds=S override every run's RUNS entry (S: the fit's cap in seconds); other KEY=VALUE
+pairs set OnlineFitConfig fields. On CUDA each epoch's history row also carries the device memory allocated after
+the epoch and the epoch's peak (online_fit logs it per chunk for the first chunks of epoch 0 only).
+
 Calibration: the shipped C4 sample without the held-out screen's documents (split train[:1000]+train[1100:],
 ~0.93M tokens); screen: experiment=heldout_c4 with 64 windows (documents 1000-1090); test: the default WikiText-2
 windows (32 x 512). Rows go to OUT/results.jsonl as they are made; predictors to SAVE/<run>/<student>; the picked
@@ -80,9 +84,18 @@ def main():
     deadline = float(kv.pop("deadline", 540))
     students_override = kv.pop("students", None)
     epochs_override = kv.pop("epochs", None)
+    seconds_override = kv.pop("seconds", None)
     out.mkdir(parents=True, exist_ok=True)
     save.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
+
+    def memory():  # device memory after an epoch and its peak (a per-chunk leak shows as a rising peak)
+        if device != "cuda":
+            return {}
+        row = {"cuda_allocated_gb": round(torch.cuda.memory_allocated() / 1e9, 2),
+               "cuda_peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+        torch.cuda.reset_peak_memory_stats()
+        return row
 
     def emit(row):
         row = {**row, "t": round(time.time() - START, 1)}
@@ -126,6 +139,8 @@ def main():
             spec["students"] = students_override.split(",")
         if epochs_override:
             spec["epochs"] = int(epochs_override)
+        if seconds_override:
+            spec["seconds"] = float(seconds_override)
         left = deadline - (time.time() - START) - 10 * len(spec["students"]) - 40
         if left < 30:
             log.info("run %s skipped: %.0f s left before the deadline", name, left)
@@ -136,7 +151,7 @@ def main():
                                **{k: type(getattr(OnlineFitConfig, k))(v) for k, v in kv.items()})
         t0 = time.time()
         history = fit_online(model, w, students, fcfg, val_windows=heldout[-8:],
-                             on_epoch=lambda r, name=name: emit({"run": name, "history": r}))
+                             on_epoch=lambda r, name=name: emit({"run": name, "history": r, **memory()}))
         fit_s = time.time() - t0
         for s in students:
             source = scores_for(s.predictor) if s.kind != "ffn_input" else VerifyScores(0.5, s.predictor)

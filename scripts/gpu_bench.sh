@@ -18,6 +18,9 @@
 #                 shapes, bf16, 123 GB with the engine's copies: an H200; MOE_LAYERS=16 fits an 80 GB card) at batch
 #                 $MOE_BATCHES (default [1,8])
 #   sparse-input  benchmarks/sparse_input_kernel.py: the input-sparse GEMV alone, compacted vs masked, at 40/50%
+#   sketch-x8     the int8-x dp4a sketch (kernels/sketch_x8.py): its tests compiled, then benchmark.py on Llama-2-7B
+#                 shapes at batch 1, 2, 8 (the fp32 and dp4a sketch_threshold, alone and with teal40attn), then
+#                 benchmarks/sketch_kernel.py (both scoring kernels alone, every X8_CONFIGS entry)
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
 OUT=${OUT:-outputs/gpu-bench}
@@ -73,8 +76,17 @@ for part in "${parts[@]}"; do
                  | tee "$OUT/mixtral.txt" ;;
         sparse-input) python3 benchmarks/sparse_input_kernel.py --tokens 1 8 --sparsity 0.4 0.5 --per-sm 2 4 \
                           --configs 6 --out "$OUT/sparse-input.jsonl" 2>&1 | tee "$OUT/sparse-input.txt" ;;
+        sketch-x8) python3 -m pytest -q -p no:cacheprovider tests/test_sketch_x8.py tests/test_sketch_kernel.py \
+                       > "$OUT/sketch-x8-tests.txt" 2>&1 || true
+                   tail -n 15 "$OUT/sketch-x8-tests.txt"
+                   timeout "${SEL_TIMEOUT:-900}" python3 benchmark.py "bench.models=[llama-2-7b]" \
+                       "bench.batches=${SEL_BATCHES:-[1,2,8]}" \
+                       "bench.methods=[dense,sketch_thr+ffn50,sketch8_thr+ffn50,sketch_thr+ffn50+teal40attn,sketch8_thr+ffn50+teal40attn]" \
+                       bench.out="$OUT/sketch-x8.jsonl" 2>&1 | tee "$OUT/sketch-x8.txt" || true
+                   timeout "${KERNEL_TIMEOUT:-300}" python3 benchmarks/sketch_kernel.py --shapes llama-2-7b --rows 1,2,8 \
+                       --out "$OUT/sketch-x8-kernel.jsonl" 2>&1 | tee "$OUT/sketch-x8-kernel.txt" || true ;;
         *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch, teal," \
-                "teal-masked, selectors, moe or sparse-input" >&2
+                "teal-masked, selectors, moe, sparse-input or sketch-x8" >&2
            exit 2 ;;
     esac
 done

@@ -205,7 +205,11 @@ def _open(source, device, tokenizer, overrides: list[str]):
         if not saved.exists():
             raise ConfigError(f"'{source}' is not a train.py run directory (no .hydra/config.yaml); give a run "
                               "directory, or a model with tokenizer= and a training-free method")
-        cfg = OmegaConf.merge(OmegaConf.load(saved), OmegaConf.from_dotlist(overrides))
+        base = OmegaConf.load(saved)
+        verify = OmegaConf.select(base, "evaluate.verify")
+        if verify is not None and "x_bits" not in verify:  # a run from before int8 x: its sketch read fp32 x
+            verify.x_bits = None
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
         llm = OmegaConf.to_container(cfg.llm, resolve=True)
         llm.update(seed=cfg.get("seed", 0), **({"device": device} if device else {}))
         model, tok = load_llm(LLMConfig(**llm))

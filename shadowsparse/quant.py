@@ -5,6 +5,7 @@ gptq_act_order), both on midrise levels ±(k + 1/2)·step, one step per (row, gr
 Each quantizer returns the dequantized copy the mask path multiplies by; the *_codes variants return what a
 packed kernel stores instead (integer codes, per-(row, group) steps and, for act order, the input permutation),
 and the dequantized copy is computed from exactly those codes, so the mask path and a kernel share every number.
+quantize_x8 / x8_grid round a sketch's input to int8 per group (the dp4a kernel's x, kernels/sketch_x8.py).
 """
 from __future__ import annotations
 
@@ -44,6 +45,9 @@ def quantize_rows(w: torch.Tensor, bits: int, group: int, mode: str = "midrise")
     if bits == 1:  # sign · mean|w| is the exact least-squares 1-bit code
         return (g.sign() * g.abs().mean(-1, keepdim=True)).reshape(F, d).to(w.dtype)
     return quantize_rows_codes(w, bits, group).dequantize(w.dtype)
+
+
+X8_MAX = 127  # int8 activations of the sketch (quantize_x8): symmetric, no -128
 
 
 @dataclass
@@ -143,6 +147,30 @@ def gptq_act_order_codes(w: torch.Tensor, hessian: torch.Tensor, bits: int, grou
     codes = gptq_rows_codes(w[:, perm], hessian[perm][:, perm], bits, group, damp)
     codes.perm = perm.to(w.device)
     return codes
+
+
+def quantize_x8(x: torch.Tensor, perm: torch.Tensor | None, group: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, d) -> (q (B, G, group) fp32 integer values in [-127, 127], scale (B, G) fp32): x_p ≈ q·scale per
+    group, x_p = x[:, perm]: symmetric, scale = max|x_p[group]| / 127 (0 for an all-zero group). The rounding the
+    dp4a kernel reproduces (kernels/sketch_x8.py): q = floor(x_p·(127/max) + 1/2)."""
+    xp = x.float() if perm is None else x.float()[:, perm.long()]
+    B, d = xp.shape
+    xg = xp.reshape(B, d // group, group)
+    amax = xg.abs().amax(-1)  # (B, G)
+    inv = torch.where(amax > 0, X8_MAX / amax, torch.zeros_like(amax))
+    q = torch.floor(xg * inv[..., None] + 0.5).clamp_(-X8_MAX, X8_MAX)
+    return q, amax / X8_MAX
+
+
+def x8_grid(x: torch.Tensor, perm: torch.Tensor | None, group: int) -> torch.Tensor:
+    """x (..., d) rounded to the int8 grid of quantize_x8 (groups of ``group`` channels in the order perm), returned
+    in x's own channel order and dtype: what a sketch with x_bits=8 multiplies by its copy (verify.VerifyConfig)."""
+    shape, d = x.shape, x.shape[-1]
+    perm = None if perm is None else perm.to(x.device)
+    q, scale = quantize_x8(x.reshape(-1, d), perm, group)
+    xp = (q * scale[..., None]).reshape(-1, d)
+    out = xp if perm is None else torch.empty_like(xp).index_copy_(1, perm.long(), xp)
+    return out.reshape(shape).to(x.dtype)
 
 
 @torch.no_grad()

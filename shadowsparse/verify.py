@@ -30,7 +30,7 @@ from .arch import ModelView
 from .errors import ConfigError
 from .ffn_io import ffn_input_module
 from .gating import GatingConfig, ScoreSource, n_keep, only_routed, topk_mask
-from .quant import gptq_act_order, quantize_rows
+from .quant import gptq_act_order, quantize_rows, x8_grid
 
 log = logging.getLogger("shadowsparse")
 
@@ -56,6 +56,10 @@ class VerifyConfig:
     quantizer: str = "midrise"  # sketch_verify: "midrise" (2**bits levels, MSE-fitted clip), "symmetric" (with 0) or
     # "gptq" (midrise levels, GPTQ error feedback in act order on calibration inputs of each FFN)
     calib_windows: int = 32  # quantizer gptq: calibration windows (of the calibration text) for X^T X per layer
+    x_bits: int | None = 8  # the sketch's input: 8: int8 per group of the copy's input channels (symmetric, in act
+    # order), what the dp4a scoring kernel reads (kernels/sketch_x8.py; the mask path rounds x the same way, so the
+    # two paths keep one estimate); None: fp32 x (kernels/sketch.py). Held-out C4 at 50% FFN: equal within 0.11%
+    # (docs/research.md, session 16)
 
     @property
     def qs(self) -> list[float]:
@@ -72,6 +76,8 @@ class VerifyConfig:
         if self.sketch not in ("gate", "act") or not 1 <= self.bits <= 8 or self.group < 1:
             raise ConfigError(f"verify.sketch must be gate or act, bits in [1, 8], group >= 1; got {self.sketch!r}, "
                               f"{self.bits}, {self.group}")
+        if self.x_bits not in (None, 8):
+            raise ConfigError(f"verify.x_bits must be null (fp32 x) or 8 (int8 x, the dp4a kernel), got {self.x_bits}")
         if self.rank < 1 or self.train_windows < 1 or self.epochs < 1 or self.calib_windows < 1:
             raise ConfigError("verify.rank, verify.train_windows, verify.epochs and verify.calib_windows must be "
                               "positive")
@@ -118,6 +124,7 @@ class VerifyScores(ScoreSource):
         self.feature_layer = first - 1 if first > 0 else None  # so a default first_layer gates what was trained
         self._cand: dict[int, torch.Tensor] = {}
         self._col: dict[int, torch.Tensor] = {}
+        self._xperm: dict[int, torch.Tensor | None] = {}  # x_bits: layer -> the copy's input order
         self.candidate_stats: dict[float, list] = {}
 
     def attach(self, view: ModelView, cfg: GatingConfig) -> list:
@@ -150,9 +157,13 @@ class VerifyScores(ScoreSource):
                 qg = self._qweight(view, l, 0)  # low-bit gate rows (F, d)
                 qu = self._qweight(view, l, 1) if self.sketch.sketch == "act" else None  # up rows (F, d)
 
-                def propose_q(module, args, l=l, act=act, qg=qg, qu=qu):
+                perm = self._x_perm(view, l) if self.sketch.x_bits else None
+
+                def propose_q(module, args, l=l, act=act, qg=qg, qu=qu, perm=perm):
                     with torch.no_grad():
                         x = args[0]  # (B, T, d): the FFN input, what gate and up (or a fused gate_up) read
+                        if self.sketch.x_bits:  # the sketch reads x rounded to int8 per group (dp4a kernel's)
+                            x = x8_grid(x, perm, self.sketch.group)
                         est = act(x @ qg.T)
                         if qu is not None:
                             est = est * (x @ qu.T)
@@ -179,6 +190,14 @@ class VerifyScores(ScoreSource):
             else:
                 self._qweights[key] = quantize_rows(w, self.sketch.bits, self.sketch.group, self.sketch.quantizer)
         return self._qweights[key]
+
+    def _x_perm(self, view: ModelView, layer: int) -> torch.Tensor | None:
+        """The input order whose consecutive groups share an int8 scale of x: the copy's own (act order of the GPTQ
+        hessian, as quant.gptq_act_order_codes; None: the identity), cached."""
+        if layer not in self._xperm:
+            hess = self.hessians.get(layer) if self.hessians and self.sketch.quantizer == "gptq" else None
+            self._xperm[layer] = None if hess is None else torch.argsort(torch.diag(hess), descending=True)
+        return self._xperm[layer]
 
     def _set(self, layer: int, scores: torch.Tensor, stats: list) -> None:
         routed = self._view.routed_neurons(layer)  # MoE (N, E*F): candidates among the computed neurons only

@@ -25,7 +25,7 @@ from shadowsparse.arch import ARCHS, ModelView
 from shadowsparse.errors import ConfigError
 from shadowsparse.gating import n_keep
 from shadowsparse.llm import LLMConfig, load_llm
-from shadowsparse.quant import quantize_rows
+from shadowsparse.quant import quantize_rows, x8_grid
 from shadowsparse.selectors import get_selector
 from shadowsparse.selectors.random import RandomScores
 from shadowsparse.teal import TealThresholds, attach_teal
@@ -389,7 +389,8 @@ def _expected_neuron_scores(selector, source, raw, x, dense_a, rec, i, units):
         else:
             cfg = VerifyConfig()
             qg, qu = (quantize_rows(w, cfg.bits, cfg.group, cfg.quantizer) for w in (raw.gate, raw.up))
-            est = (raw.act(x @ qg.T) * (x @ qu.T)).abs()
+            xs = x8_grid(x, None, cfg.group) if cfg.x_bits else x  # int8 per group (no act order: midrise)
+            est = (raw.act(xs @ qg.T) * (xs @ qu.T)).abs()
         if selector == "sketch_threshold":
             return est
         n_cand = max(n_keep(units, 0.5), round(source.q * units))  # units: the neurons a token computes

@@ -62,6 +62,20 @@ def test_shipped_table_follows_the_measurements():
                for m in t.values() for r, s in m.items())
 
 
+def test_dp4a_sketch_paths_have_rows_or_take_the_fp32_kernels():
+    """The dp4a sketch (int8 x) keys "+x8" paths: sketch_threshold's measured faster than the fp32 kernel's at
+    batch 1, 2, 8 (H100: 1.24 / 1.09 / 0.90 against 1.22 / 1.01 / 0.76), so still dense at 8; an unmeasured "+x8"
+    path (the top-k sketch, every prefill) takes the fp32 kernel's row: the slower kernel bounds it from below."""
+    assert dispatch.MEASURED["ffn+sketch+threshold+x8"][2] > dispatch.MEASURED["ffn+sketch+threshold"][2]
+    assert not dispatch.runs_dense("ffn+sketch+threshold+x8", 2, "measured")
+    assert dispatch.runs_dense("ffn+sketch+threshold+x8", 8, "measured")
+    assert dispatch.measured_row(dispatch.MEASURED, "ffn+sketch+x8") == dispatch.MEASURED["ffn+sketch"]
+    assert dispatch.runs_dense("ffn+sketch+x8", 1, "measured")  # the top-k sketch: 0.98x on the H200
+    assert dispatch.runs_dense("ffn+sketch+threshold+x8", 8, "measured", prefill=True)
+    assert "1 rows 1.24x" in dispatch.explain("ffn+sketch+threshold+x8", "measured")
+    assert dispatch.path_of({"x8", "sketch", "ffn", "threshold"}) == "ffn+sketch+threshold+x8"
+
+
 def _scores(model, B, S, seed):
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -163,7 +177,7 @@ def test_every_engine_selector_path_was_measured(llama, method):
                       overrides=["evaluate.threshold_windows=4", "evaluate.verify.calib_windows=4",
                                  "evaluate.verify.q=[0.7]"])
     path = g.decoder._engine(1, 8).path
-    assert path in dispatch.MEASURED, path
+    assert dispatch.measured_row(dispatch.MEASURED, path), path
 
 
 def test_moe_engines_have_their_own_measurements():

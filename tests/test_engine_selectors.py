@@ -10,6 +10,7 @@ from shadowsparse.arch import ModelView
 from shadowsparse.errors import ConfigError
 from shadowsparse.kernels import common as kernels_common
 from shadowsparse.kernels.sketch import sketch_from_weights
+from shadowsparse.kernels.sketch_x8 import from_packed
 from shadowsparse.llm import LLMConfig, load_llm
 from shadowsparse.runtime import DecodeEngine, EngineConfig, extract_weights
 from shadowsparse.runtime.ffn_select import SketchFFNSelector, SketchThresholdFFNSelector
@@ -21,40 +22,45 @@ BACKENDS = ["torch"] + (["triton"] if kernels_common.triton is not None else [])
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 
-def sketches_of(model, first_layer, bits=3, seed=0):
+def sketches_of(model, first_layer, bits=3, seed=0, x_bits=None):
     """Packed sketches of every gated layer (GPTQ act order on a random positive-definite X^T X, so the input
     permutation is exercised), and the mask path's VerifyScores reading exactly those copies (cached under the
-    gate and up paths, or a fused gate_up's path and [gate] / [up]: verify.VerifyScores._qweight)."""
+    gate and up paths, or a fused gate_up's path and [gate] / [up]: verify.VerifyScores._qweight). x_bits 8: the
+    dp4a layout (int8 x) and a mask path rounding x the same way, in the copy's input order."""
     view = ModelView(model)
     spec = view.spec
     paths = spec.ffn_in if spec.gate_up == "separate" else [f"{spec.ffn_in[0]}[{b}]" for b in ("gate", "up")]
     g = torch.Generator().manual_seed(seed)
-    packed, qcache = {}, {}
-    cfg = VerifyConfig(q=0.0, bits=bits, group=64, quantizer="gptq")
+    packed, qcache, hessians = {}, {}, {}
+    cfg = VerifyConfig(q=0.0, bits=bits, group=64, quantizer="gptq", x_bits=x_bits)
     for layer in range(first_layer, view.dims.n_layers):
         x = torch.randn(256, view.dims.hidden, generator=g) * torch.linspace(0.2, 3, view.dims.hidden)
         (w_gate, _), (w_up, _) = view.ffn_in_rows(layer)  # (F, d) each, row views of a fused gate_up
-        p = sketch_from_weights(w_gate, w_up, bits, 64, x.T @ x)
-        packed[layer] = p
+        hessians[layer] = x.T @ x  # the mask path's act order (and int8 groups of x) come from it
+        p = sketch_from_weights(w_gate, w_up, bits, 64, hessians[layer])
+        packed[layer] = from_packed(p) if x_bits == 8 else p
         wp = p.dequantized()  # (2, F, d) in the permuted column order
         w = torch.empty_like(wp)
         w[:, :, p.perm.long()] = wp  # back to the model's column order, as the mask path multiplies
         for i, path in enumerate(paths):
             qcache[(layer, path, bits, 64, "gptq")] = w[i]
-    source = VerifyScores(0.0, proposer="sketch", sketch=cfg, qcache=qcache, hessians={})
+    source = VerifyScores(0.0, proposer="sketch", sketch=cfg, qcache=qcache, hessians=hessians)
     return packed, source
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("phi3", 2), ("gemma", 1), ("gemma2", 2)])
-def test_sketch_engine_matches_its_mask_path(backend, family, batch):
+@pytest.mark.parametrize("family,batch,x_bits", [("llama", 1, None), ("llama", 2, None), ("phi3", 2, None),
+                                                 ("gemma", 1, None), ("gemma2", 2, None), ("llama", 2, 8),
+                                                 ("phi3", 1, 8)])
+def test_sketch_engine_matches_its_mask_path(backend, family, batch, x_bits):
     """Prefill, single tokens and a 3-token step: the engine's gathered FFN on the sketch's top k of each token equals
     the mask path zeroing the same neurons (VerifyScores on the same low-bit copies). Phi-3: the sketch of the fused
-    gate_up's halves; Gemma: GeGLU with the tanh gelu; Gemma-2: its sandwich norms around the sketched FFN."""
+    gate_up's halves; Gemma: GeGLU with the tanh gelu; Gemma-2: its sandwich norms around the sketched FFN. x_bits
+    8: the int8-x dp4a layout against a mask path that rounds x the same way."""
     from tests.test_runtime import engine_model
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = engine_model(family) if family == "gemma2" else tiny_model(family)
-    packed, source = sketches_of(model, first_layer=1)
+    packed, source = sketches_of(model, first_layer=1, x_bits=x_bits)
     model = model.to(device)
     for key, copy in list(source._qweights.items()):  # the mask path's low-bit copies follow the model
         source._qweights[key] = copy.to(device)
@@ -95,20 +101,21 @@ def test_sketch_engine_many_token_step_and_generate():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("family,batch", [("llama", 1), ("llama", 2), ("phi3", 1), ("gemma2", 2)])
-def test_sketch_threshold_engine_matches_its_mask_path(backend, family, batch):
+@pytest.mark.parametrize("family,batch,x_bits", [("llama", 1, None), ("llama", 2, None), ("phi3", 1, None),
+                                                 ("gemma2", 2, None), ("llama", 2, 8)])
+def test_sketch_threshold_engine_matches_its_mask_path(backend, family, batch, x_bits):
     """sketch_threshold: no top-k; the engine's scored gate/up kernel and input-sparse down GEMV (prefill, single
     tokens, a 3-token step and a 40-token masked step) equal the mask path's hooks keeping the neurons whose
     estimate (the same low-bit copies) passes the same calibrated thresholds; the kept counts agree."""
     from tests.test_runtime import engine_model
     device, tol = (TRITON_DEVICE, TRITON_TOL) if backend == "triton" else ("cpu", TOL)
     model = engine_model(family) if family == "gemma2" else tiny_model(family)
-    packed, proposer = sketches_of(model, first_layer=1)
+    packed, proposer = sketches_of(model, first_layer=1, x_bits=x_bits)
     model = model.to(device)
     qcache = {key: copy.to(device) for key, copy in proposer._qweights.items()}
     calib = token_ids(3, 24, seed=11).to(device)
     source = SketchThresholdScores.calibrate(model, calib, proposer.sketch, first_layer=1, qcache=qcache,
-                                             hessians={})
+                                             hessians=proposer.hessians)
     thr = source.thresholds(0.5, ModelView(model).dims.n_layers)
     assert thr[0] == 0 and (thr[1:] > 0).all()  # layer 0 is not gated
     weights = extract_weights(model)

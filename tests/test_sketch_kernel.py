@@ -13,7 +13,7 @@ from shadowsparse.quant import MidriseCodes, gptq_act_order, gptq_act_order_code
 from tests.conftest import tiny_model
 
 
-def _device():
+def triton_device():
     """Where the Triton kernels run here, or None (skip)."""
     if S.triton is None:
         return None
@@ -22,7 +22,7 @@ def _device():
     return "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else None
 
 
-def _layer(bits, F_=70, d=576, group=64, seed=0):
+def gptq_layer(bits, F_=70, d=576, group=64, seed=0):
     """Gate/up codes fitted by GPTQ in act order on inputs with uneven channel scales (a real permutation), F_ not
     a multiple of any block, d = SmolLM2's 576 (9 groups of 64: not a power of two, not a multiple of 128)."""
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +35,7 @@ def _layer(bits, F_=70, d=576, group=64, seed=0):
 @pytest.mark.parametrize("bits", [2, 3])
 def test_pack_round_trip(bits):
     group = 64
-    cg, cu, _ = _layer(bits, F_=9, d=256, group=group)
+    cg, cu, _ = gptq_layer(bits, F_=9, d=256, group=group)
     p = S.pack_sketch(cg, cu)
     nw = bits * group // 32
     assert p.words.shape == (9, 2, nw, 256 // group) and p.words.dtype == torch.int32
@@ -54,7 +54,7 @@ def test_fallback_matches_mask_path(bits):
     """The packed copy differs from the mask path's at most by the fp16 rounding of the steps (<= 2**-11 relative
     per weight; none where quant.midrise_step gives fp16 steps), so each pre-activation is within 2**-11 · Σ|q||x|
     of the mask path's."""
-    cg, cu, g = _layer(bits)
+    cg, cu, g = gptq_layer(bits)
     p = S.pack_sketch(cg, cu)
     x = torch.randn(4, 576, generator=g)
     qg, qu = cg.dequantize(), cu.dequantize()  # what VerifyScores multiplies by (gptq_act_order's copy)
@@ -72,10 +72,10 @@ def test_fallback_matches_mask_path(bits):
 def test_triton_matches_fallback(bits, rows, block_g):
     """1 row, 2 rows (one pair), 5 rows (two pairs and a lone row); 9 groups in blocks of 8 (the last block
     partial), 4 (three blocks, the words of the next one in flight) or 16 (one masked block)."""
-    device = _device()
+    device = triton_device()
     if device is None:
         pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
-    cg, cu, g = _layer(bits, seed=bits)
+    cg, cu, g = gptq_layer(bits, seed=bits)
     p = S.pack_sketch(cg, cu).to(device)
     x = torch.randn(rows, 576, generator=g).to(device)
     ref = S.sketch_scores(x, p, backend="torch")
@@ -89,10 +89,10 @@ def test_triton_matches_fallback(bits, rows, block_g):
 def test_scores_of_listed_segments_only(backend, rows, segments, seg_rows):
     """An MoE layer's routed experts: only the rows of the listed segments are scored (repeats allowed), 0 elsewhere;
     segments of whole blocks take the segmented grid (16, 32 rows at block_f 16), 8 rows scores all and cuts."""
-    device = "cpu" if backend == "torch" else _device()
+    device = "cpu" if backend == "torch" else triton_device()
     if device is None:
         pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
-    cg, cu, g = _layer(3, F_=64 * 2, d=256, seed=1)
+    cg, cu, g = gptq_layer(3, F_=64 * 2, d=256, seed=1)
     p = S.pack_sketch(cg, cu).to(device)
     x = torch.randn(rows, 256, generator=g).to(device)
     full = S.sketch_scores(x, p, backend="torch")
@@ -111,7 +111,7 @@ def test_scores_of_listed_segments_only(backend, rows, segments, seg_rows):
 def test_topk_indices(backend, method):
     """Each row's k largest as ascending int32 indices, ties to the lowest index; the radix select against a
     stable sort, on random scores (F = 1000: not a power of two) and on rows full of ties."""
-    device = _device() if backend == "triton" else "cpu"
+    device = triton_device() if backend == "triton" else "cpu"
     if device is None:
         pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
     g = torch.Generator().manual_seed(3)
@@ -133,7 +133,7 @@ def test_topk_indices(backend, method):
 
 def test_half_input_and_default_dispatch():
     """x in fp16 (the engine's dtype) through the default kernel choice, without a permutation (round-to-nearest)."""
-    device = _device()
+    device = triton_device()
     if device is None:
         pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
     g = torch.Generator().manual_seed(5)
@@ -165,9 +165,9 @@ def test_topk_matches_mask_path_on_tiny_llama():
         mask_est = (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs()
     mask_keep = topk_mask(mask_est, k, torch.bool)
     p = S.sketch_from_weights(wg, wu, bits, group, hessian=h)
-    device = _device() or "cpu"
+    device = triton_device() or "cpu"
     p = p.to(device)
-    for backend in ["torch"] + (["triton"] if _device() else []):
+    for backend in ["torch"] + (["triton"] if triton_device() else []):
         for rows in (x[:1], x):
             n = rows.shape[0]
             idx = S.sketch_topk(rows.to(device), p, k, backend=backend).cpu()
@@ -181,7 +181,7 @@ def test_topk_matches_mask_path_on_tiny_llama():
 
 
 def test_bad_inputs_refused():
-    cg, cu, _ = _layer(3, F_=8, d=128)
+    cg, cu, _ = gptq_layer(3, F_=8, d=128)
     with pytest.raises(ValueError, match="2 or 3 bits"):
         S.pack_sketch(*(quantize_rows_codes(torch.randn(8, 128), 4, 64) for _ in range(2)))
     with pytest.raises(ValueError, match="2 or 3 bits"):
@@ -208,10 +208,10 @@ def test_bad_inputs_refused():
 def test_scores_with_the_ffns_own_activation(backend):
     """act="gelu_tanh" (Gemma's GeGLU): |gelu_tanh(g)·u| on the same pre-activations, kernel and fallback alike; an
     activation without a gate (relu) or unknown is refused."""
-    device = _device() if backend == "triton" else "cpu"
+    device = triton_device() if backend == "triton" else "cpu"
     if device is None:
         pytest.skip("needs triton on CUDA, or TRITON_INTERPRET=1 with triton installed")
-    cg, cu, g = _layer(3, seed=5)
+    cg, cu, g = gptq_layer(3, seed=5)
     p = S.pack_sketch(cg, cu)
     x = torch.randn(3, 576, generator=g)
     gp, up = S.sketch_preacts_torch(x, p)

@@ -13,7 +13,7 @@ from shadowsparse.errors import ConfigError
 from shadowsparse.ffn_io import load_layer, record_ffn_io
 from shadowsparse.gating import GatingConfig, SparsityCounter, attach_gating, n_keep
 from shadowsparse.training_free import LiveActivationScores
-from shadowsparse.quant import quantize_rows
+from shadowsparse.quant import quantize_rows, x8_grid
 from shadowsparse.config import verify_config
 from shadowsparse.verify import VerifyConfig, VerifyScores, sketch_bytes
 from shadowsparse.verify_predictor import FFNInputPredictor, fit_from_recording, fit_layer, normalized_target
@@ -61,14 +61,20 @@ def _sliced_logits(model, ids, first, make_propose, q, s, final_col=None):
 @pytest.mark.parametrize("family", ["llama", "mistral"])
 @pytest.mark.parametrize("proposer,final", [("predictor", "activation"), ("gate", "activation"),
                                             ("predictor", "contribution"), ("sketch", "activation"),
-                                            ("sketch_act", "activation")])
+                                            ("sketch_act", "activation"), ("sketch_act_fp32", "activation")])
 def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
+    """The hooks against FFNs sliced by hand; the sketch reads x rounded to int8 per group of 16 channels (x_bits
+    8, the default: quant.x8_grid by hand), or fp32 x ("sketch_act_fp32", x_bits None)."""
     model = tiny_model(family)
     view = ModelView(model)
     q, s, first = 0.75, 0.5, 1
     pred = _predictor(model, list(range(first, view.dims.n_layers)))
-    sketch = VerifyConfig(bits=2, group=16, sketch="act" if proposer == "sketch_act" else "gate")
+    fp32 = proposer.endswith("_fp32")
+    proposer = proposer.replace("_fp32", "")
+    sketch = VerifyConfig(bits=2, group=16, sketch="act" if proposer == "sketch_act" else "gate",
+                          x_bits=None if fp32 else 8)
     src = VerifyScores(q, pred if proposer == "predictor" else None, proposer.replace("_act", ""), final, sketch)
+    xs = (lambda x: x) if fp32 else (lambda x: x8_grid(x, None, 16))  # what the sketch multiplies
     with attach_gating(model, src, GatingConfig(ffn_sparsity=s, first_layer=first)):
         gated = model(input_ids=ids).logits
     dense = model(input_ids=ids).logits
@@ -77,8 +83,8 @@ def test_verify_mask_path_equals_hand_sliced_ffn(ids, family, proposer, final):
         qg, qu = quantize_rows(mlp.gate_proj.weight, 2, 16), quantize_rows(mlp.up_proj.weight, 2, 16)
         return {"predictor": lambda x: pred.predict_layer(l, x),
                 "gate": lambda x: mlp.act_fn(x @ mlp.gate_proj.weight.T).abs(),
-                "sketch": lambda x: mlp.act_fn(x @ qg.T).abs(),
-                "sketch_act": lambda x: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs(),
+                "sketch": lambda x: mlp.act_fn(xs(x) @ qg.T).abs(),
+                "sketch_act": lambda x: (mlp.act_fn(xs(x) @ qg.T) * (xs(x) @ qu.T)).abs(),
                 }[proposer]
     col = (lambda mlp: mlp.down_proj.weight.norm(dim=0)) if final == "contribution" else None
     ref = _sliced_logits(model, ids, first, make_propose, q, s, col)
@@ -222,7 +228,8 @@ def test_pipeline_registers_verify_methods(tmp_path):
 
 def test_sketch_without_verify_is_a_top_k_of_the_estimate(ids):
     """method ``sketch`` (q = 0: the proposal is the keep set) equals an FFN that reads only the kept neurons' gate/up
-    rows and down columns, chosen by the 3-bit estimate |silu(Q(W_g) x) * Q(W_u) x| alone."""
+    rows and down columns, chosen by the 3-bit estimate |silu(Q(W_g) x) * Q(W_u) x| alone (x rounded to int8 per
+    group of 16: x_bits 8, the default)."""
     model = tiny_model("llama")
     view = ModelView(model)
     s, first = 0.5, 1
@@ -233,7 +240,7 @@ def test_sketch_without_verify_is_a_top_k_of_the_estimate(ids):
 
     def make_propose(l, mlp):
         qg, qu = quantize_rows(mlp.gate_proj.weight, 3, 16), quantize_rows(mlp.up_proj.weight, 3, 16)
-        return lambda x: (mlp.act_fn(x @ qg.T) * (x @ qu.T)).abs()
+        return lambda x: (mlp.act_fn(x8_grid(x, None, 16) @ qg.T) * (x8_grid(x, None, 16) @ qu.T)).abs()
     torch.testing.assert_close(gated, _sliced_logits(model, ids, first, make_propose, 1 - s, s), atol=2e-5, rtol=1e-4)
 
 
@@ -334,6 +341,6 @@ def test_pipeline_gptq_sketch_rows(tmp_path):
               "gating.ffn_sparsity=0.5"))
     rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [(r["method"], r["verify_quantizer"], method_label(r)) for r in rows] == [
-        ("sketch", "gptq", "sketch 3-bit gptq")]
+        ("sketch", "gptq", "sketch 3-bit gptq x8")]
     with pytest.raises(ConfigError, match="calibration inputs"):
         VerifyScores(0.0, None, "sketch", sketch=VerifyConfig(quantizer="gptq"))

@@ -126,7 +126,7 @@ class PackedSketch:
         return self._dense
 
 
-def _check_format(bits: int, group: int, d: int) -> None:
+def check_format(bits: int, group: int, d: int) -> None:
     if bits not in BITS:
         raise ValueError(f"the sketch kernels take 2 or 3 bits per weight, got bits={bits}")
     if group != GROUP:
@@ -136,11 +136,10 @@ def _check_format(bits: int, group: int, d: int) -> None:
         raise ValueError(f"group={group} must divide the input width d={d}")
 
 
-def pack_sketch(gate: MidriseCodes, up: MidriseCodes) -> PackedSketch:
-    """The packed sketch of a SwiGLU layer from the codes of W_gate and W_up (quant.*_codes; same bits, group and
-    input permutation: act order from one hessian gives one permutation)."""
-    F_, d = gate.codes.shape
-    _check_format(gate.bits, gate.group, d)
+def paired_steps(gate: MidriseCodes, up: MidriseCodes) -> torch.Tensor:
+    """The checks every packed layout makes on the codes of W_gate and W_up (same shape, bits, group and input
+    permutation; fp16-representable steps): their steps stacked, (F, 2, G) fp16."""
+    check_format(gate.bits, gate.group, gate.codes.shape[1])
     if (up.codes.shape, up.bits, up.group) != (gate.codes.shape, gate.bits, gate.group):
         raise ValueError(f"gate and up must share shape, bits and group, got {tuple(gate.codes.shape)}/{gate.bits}/"
                          f"{gate.group} and {tuple(up.codes.shape)}/{up.bits}/{up.group}")
@@ -149,11 +148,18 @@ def pack_sketch(gate: MidriseCodes, up: MidriseCodes) -> PackedSketch:
     steps = torch.stack([gate.steps, up.steps], dim=1)  # (F, 2, G) fp32
     if not torch.isfinite(steps).all() or steps.abs().max() > torch.finfo(torch.float16).max:
         raise ValueError("a step is not finite or beyond fp16's range: the sketch stores steps in fp16")
+    return steps.half().contiguous()
+
+
+def pack_sketch(gate: MidriseCodes, up: MidriseCodes) -> PackedSketch:
+    """The packed sketch of a SwiGLU layer from the codes of W_gate and W_up (quant.*_codes; same bits, group and
+    input permutation: act order from one hessian gives one permutation)."""
+    steps = paired_steps(gate, up)
     bits, group = gate.bits, gate.group
     words = torch.stack([_pack_words(gate.codes, bits, group), _pack_words(up.codes, bits, group)], dim=1)
     scales = torch.tensor([2.0 ** (X_EXP - o) for o in slot_offsets(bits, group)], dtype=torch.float32)
     perm = None if gate.perm is None else gate.perm.to(torch.int32)
-    return PackedSketch(words.contiguous(), steps.half().contiguous(), perm, scales.to(words.device), bits, group)
+    return PackedSketch(words.contiguous(), steps, perm, scales.to(words.device), bits, group)
 
 
 def _pack_words(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -191,7 +197,7 @@ def sketch_from_weights(w_gate: torch.Tensor, w_up: torch.Tensor, bits: int = 3,
                         hessian: torch.Tensor | None = None, damp: float = 0.01) -> PackedSketch:
     """Quantize W_gate and W_up (F, d) as the sketch proposer does (GPTQ in act order on ``hessian`` = X^T X of
     the FFN input, else round-to-nearest midrise) and pack them."""
-    _check_format(bits, group, w_gate.shape[1])
+    check_format(bits, group, w_gate.shape[1])
     if hessian is None:
         return pack_sketch(quantize_rows_codes(w_gate, bits, group), quantize_rows_codes(w_up, bits, group))
     return pack_sketch(gptq_act_order_codes(w_gate, hessian, bits, group, damp),
@@ -216,7 +222,7 @@ def sketch_scores_torch(x: torch.Tensor, packed: PackedSketch, act: str = "silu"
     return (apply_act(g, act) * u).abs()
 
 
-def _check_act(act: str) -> None:
+def check_act(act: str) -> None:
     if act not in ACTIVATIONS or act == "relu":  # relu: no gated FFN uses it, and fc1-only FFNs have no up
         raise ValueError(f"act must be the gated FFN's activation, one of {[a for a in ACTIVATIONS if a != 'relu']}, "
                          f"got {act!r}")
@@ -245,7 +251,7 @@ if triton is not None:
         tl.store(xsum_ptr + t * G + offs_g, tl.sum(xv, axis=1), mask=offs_g < G)
 
     @triton.jit
-    def _shr(w, N: tl.constexpr):
+    def shr(w, N: tl.constexpr):
         """Logical right shift of int32 words (one SHF; an arithmetic one costs a sign extension more)."""
         return (w.to(tl.uint32, bitcast=True) >> N).to(tl.int32, bitcast=True)
 
@@ -275,7 +281,7 @@ if triton is not None:
         return pg, pu, pg1, pu1
 
     @triton.jit
-    def _pick(K: tl.constexpr, a0, a1, a2, a3, a4, a5):
+    def pick_word(K: tl.constexpr, a0, a1, a2, a3, a4, a5):
         """a_K (K a compile-time index): the word K of a group, from the six named tiles a block carries."""
         if K == 0:
             out = a0
@@ -292,7 +298,7 @@ if triton is not None:
         return out
 
     @triton.jit
-    def _load_words(ptrs, mask, G: tl.constexpr, NW: tl.constexpr):
+    def load_words(ptrs, mask, G: tl.constexpr, NW: tl.constexpr):
         """The NW (4 or 6) words of each (row, group) of a block, (BLOCK_F, BLOCK_G) int32 each (word k at + k·G);
         with 4 the last two are the first again (unused)."""
         w0 = tl.load(ptrs, mask=mask, other=0)
@@ -315,26 +321,26 @@ if triton is not None:
         CPW: tl.constexpr = 32 // BITS
         LOW: tl.constexpr = 23 // BITS  # codes wholly in the low 23 bits: no shift
         for k in tl.static_range(NW):
-            wg = _pick(k, g0, g1, g2, g3, g4, g5)
-            wu = _pick(k, u0, u1, u2, u3, u4, u5)
+            wg = pick_word(k, g0, g1, g2, g3, g4, g5)
+            wu = pick_word(k, u0, u1, u2, u3, u4, u5)
             for i in tl.static_range(LOW):
                 pg, pu, pg1, pu1 = _slot(pg, pu, pg1, pu1, wg, wu, BITS * i, xs_ptrs, xmask, xmask1, k * CPW + i, G,
                                          BITS, TOKENS, XT)
-            hg = _shr(wg, BITS * LOW)  # the other codes down to bit 0
-            hu = _shr(wu, BITS * LOW)
+            hg = shr(wg, BITS * LOW)  # the other codes down to bit 0
+            hu = shr(wu, BITS * LOW)
             for i in tl.static_range(CPW - LOW):
                 pg, pu, pg1, pu1 = _slot(pg, pu, pg1, pu1, hg, hu, BITS * i, xs_ptrs, xmask, xmask1,
                                          k * CPW + LOW + i, G, BITS, TOKENS, XT)
             if BITS == 3:  # the top 2 bits of words 3t, 3t+1, 3t+2 -> bits 0..5 of six: spare slots 10·NW + 2t, +1
                 if k % 3 == 0:
-                    six_g = _shr(wg, 30)
-                    six_u = _shr(wu, 30)
+                    six_g = shr(wg, 30)
+                    six_u = shr(wu, 30)
                 elif k % 3 == 1:
-                    six_g = six_g | (_shr(wg, 28) & 12)
-                    six_u = six_u | (_shr(wu, 28) & 12)
+                    six_g = six_g | (shr(wg, 28) & 12)
+                    six_u = six_u | (shr(wu, 28) & 12)
                 else:
-                    six_g = six_g | (_shr(wg, 26) & 48)
-                    six_u = six_u | (_shr(wu, 26) & 48)
+                    six_g = six_g | (shr(wg, 26) & 48)
+                    six_u = six_u | (shr(wu, 26) & 48)
                     for m in tl.static_range(2):
                         pg, pu, pg1, pu1 = _slot(pg, pu, pg1, pu1, six_g, six_u, 3 * m, xs_ptrs, xmask, xmask1,
                                                  10 * NW + 2 * (k // 3) + m, G, BITS, TOKENS, XT)
@@ -374,8 +380,8 @@ if triton is not None:
             mask_g = offs_g < G
             mask_g1 = mask_g & (offs_g * 0 + t0 + 1 < T)  # the pair's second row of x exists
             wmask = mask_f[:, None] & mask_g[None, :]
-            g0, g1, g2, g3, g4, g5 = _load_words(w_ptr + rows + offs_g[None, :], wmask, G, NW)
-            u0, u1, u2, u3, u4, u5 = _load_words(w_ptr + rows + NW * G + offs_g[None, :], wmask, G, NW)
+            g0, g1, g2, g3, g4, g5 = load_words(w_ptr + rows + offs_g[None, :], wmask, G, NW)
+            u0, u1, u2, u3, u4, u5 = load_words(w_ptr + rows + NW * G + offs_g[None, :], wmask, G, NW)
             srow = offs_f[:, None] * (2 * G) + offs_g[None, :]
             step_g = tl.load(s_ptr + srow, mask=wmask, other=0.0).to(tl.float32)
             step_u = tl.load(s_ptr + srow + G, mask=wmask, other=0.0).to(tl.float32)
@@ -495,12 +501,12 @@ def sketch_scores(x: torch.Tensor, packed: PackedSketch, backend: str = "auto", 
     - 1 of each listed s (an MoE layer's routed experts; repeats allowed), 0 elsewhere: what a scoring pass reads
     drops to those rows."""
     _check_x(x, packed)
-    _check_act(act)
+    check_act(act)
     if segments is not None and (segment_rows <= 0 or packed.shape[0] % segment_rows):
         raise ValueError(f"segment_rows must divide the sketch's {packed.shape[0]} rows, got {segment_rows}")
     if not use_triton(x, backend):
         out = sketch_scores_torch(x, packed, act)
-        return out if segments is None else _only_segments_(out, segments, segment_rows)
+        return out if segments is None else only_segments_(out, segments, segment_rows)
     xs, xsum = prepare_x(x, packed, backend)
     return score_prepared(xs, xsum, packed, config, act, segments, segment_rows)
 
@@ -516,22 +522,30 @@ def score_prepared(xs: torch.Tensor, xsum: torch.Tensor, packed: PackedSketch, c
     G = d // packed.group
     block_f, block_g, warps, stages = config or DEFAULTS[packed.bits]
     block_g = min(block_g, triton.next_power_of_2(G))
-    seg_blocks, n_blocks, seg = 0, triton.cdiv(F_, block_f), xs  # seg: an unused pointer without segments
-    if segments is not None and segment_rows % block_f == 0:
-        seg_blocks, seg = segment_rows // block_f, segments.to(torch.int32)
-        n_blocks = seg.numel() * seg_blocks
-    out = torch.empty(B, F_, device=xs.device, dtype=torch.float32) if seg_blocks == 0 else \
-        torch.zeros(B, F_, device=xs.device, dtype=torch.float32)
+    seg_blocks, n_blocks, seg, out = segment_grid(segments, segment_rows, block_f, B, F_, xs)
     _sketch_kernel[(triton.cdiv(B, 2), n_blocks)](
         packed.words, packed.steps, xs, xsum, out, seg, B, F_, G=G, BITS=packed.bits, GROUP=packed.group,
         TOKENS=1 if B == 1 else 2, UNSCALE=2.0 ** (149 - X_EXP), BLOCK_F=block_f, BLOCK_G=block_g,
         ACT=ACTIVATIONS.index(act), SEG_BLOCKS=seg_blocks, num_warps=warps, num_stages=stages, **pdl_kwargs(xs))
     if segments is not None and seg_blocks == 0:  # a segment not made of whole blocks: every row scored, then cut
-        _only_segments_(out, segments, segment_rows)
+        only_segments_(out, segments, segment_rows)
     return out
 
 
-def _only_segments_(out: torch.Tensor, segments: torch.Tensor, segment_rows: int) -> torch.Tensor:
+def segment_grid(segments: torch.Tensor | None, segment_rows: int, block_f: int, B: int, F_: int,
+                 placeholder: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """A scoring kernel's grid over neuron blocks: (SEG_BLOCKS, blocks, segment list or ``placeholder`` (an unused
+    pointer), the (B, F) fp32 output). With segments made of whole blocks the grid covers theirs only and the
+    output starts at 0 (rows outside them are never written); else every block, and the caller cuts afterwards."""
+    if segments is not None and segment_rows % block_f == 0:
+        seg = segments.to(torch.int32)
+        return segment_rows // block_f, seg.numel() * (segment_rows // block_f), seg, \
+            torch.zeros(B, F_, device=placeholder.device, dtype=torch.float32)
+    return 0, triton.cdiv(F_, block_f), placeholder, torch.empty(B, F_, device=placeholder.device,
+                                                                 dtype=torch.float32)
+
+
+def only_segments_(out: torch.Tensor, segments: torch.Tensor, segment_rows: int) -> torch.Tensor:
     """out (B, F) with every row outside the listed segments set to 0, in place (returned)."""
     on = torch.zeros(out.shape[1] // segment_rows, dtype=torch.bool, device=out.device)
     on[segments.long().to(out.device)] = True

@@ -54,6 +54,11 @@ MEASURED: dict[str, dict[int, float]] = {
     # (docs/benchmark-h100-selectors-session11.jsonl; the top-k sketch in the same run: 1.09 / 0.62 / 0.54)
     "ffn+sketch+threshold": {1: 1.21, 2: 1.01, 8: 0.76},
     "sketch+teal+threshold": {1: 1.31, 2: 1.02, 8: 0.74},
+    # the same with the dp4a scoring kernel (int8 x, kernels/sketch_x8.py), H100 session 16
+    # (docs/benchmark-h100-sketch-x8-session16.jsonl; the fp32 kernel in the same run: 1.22 / 1.01 / 0.76 and
+    # 1.32 / 1.03 / 0.74). A path "+x8" without its own entry takes the fp32 kernel's (slower: a lower bound)
+    "ffn+sketch+threshold+x8": {1: 1.24, 2: 1.09, 8: 0.90},
+    "sketch+teal+threshold+x8": {1: 1.34, 2: 1.10, 8: 0.87},
     "ffn+gate": {1: 0.91, 2: 0.58, 8: 0.53},
     "ffn+gate+verify": {1: 0.74, 2: 0.41},
     "ffn+sketch+verify": {1: 0.80, 2: 0.42, 8: 0.34},
@@ -87,6 +92,8 @@ MEASURED_PREFILL: dict[str, dict[int, float]] = {
     "sketch+teal": {8: 0.62, 64: 0.89},
     "ffn+sketch+threshold": {8: 0.70, 64: 0.56},  # H100 session 11
     "sketch+teal+threshold": {8: 0.68, 64: 0.53},
+    "ffn+sketch+threshold+x8": {8: 0.74, 64: 0.67},  # the dp4a sketch, H100 session 16
+    "sketch+teal+threshold+x8": {8: 0.69, 64: 0.61},
     # MoE (H100 session 15, as MEASURED): batch 1 steps of 8 and 64, batch 8 steps of 8 (64 rows) and 64 (512 rows)
     "ffn+moe": {8: 0.74, 64: 0.99, 512: 0.98},
     "ffn+heads+moe": {8: 0.82, 64: 0.88, 512: 0.97},
@@ -97,11 +104,19 @@ MEASURED_PREFILL: dict[str, dict[int, float]] = {
 
 def path_of(features: set[str]) -> str:
     """The key of MEASURED for a set of gating features (ffn, heads, predictor, sketch, gate, verify, teal,
-    threshold, nm24, moe)."""
+    threshold, lte, nm24, moe, x8)."""
     return "+".join(sorted(features, key=_ORDER.index))
 
 
-_ORDER = ["ffn", "heads", "predictor", "sketch", "gate", "verify", "teal", "threshold", "lte", "nm24", "moe"]
+_ORDER = ["ffn", "heads", "predictor", "sketch", "gate", "verify", "teal", "threshold", "lte", "nm24", "moe", "x8"]
+
+
+def measured_row(table: dict[str, dict[int, float]], path: str) -> dict[int, float] | None:
+    """The path's row of a table; an unmeasured "+x8" path (the dp4a sketch) falls back to its fp32-kernel path,
+    measured slower at every batch size where both were timed."""
+    if path not in table and path.endswith("+x8"):
+        path = path[:-len("+x8")]
+    return table.get(path)
 
 
 def validate(fallback) -> None:
@@ -118,7 +133,7 @@ def runs_dense(path: str, rows: int, fallback, cuda: bool = True,
         return False
     if not isinstance(fallback, str):
         return rows > fallback
-    measured = (table if table is not None else MEASURED_PREFILL if prefill else MEASURED).get(path)
+    measured = measured_row(table if table is not None else MEASURED_PREFILL if prefill else MEASURED, path)
     if not measured:
         return False
     above = [r for r in measured if r >= rows]
@@ -139,9 +154,9 @@ def explain(path: str, fallback, cuda: bool = True, table: dict[str, dict[int, f
         tables = {"decode": MEASURED, "prefill": MEASURED_PREFILL}
     parts = []
     for kind, t in tables.items():
-        pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted(t.get(path, {}).items()))
+        pts = ", ".join(f"{r} rows {s:.2f}x" for r, s in sorted((measured_row(t, path) or {}).items()))
         parts.append(f"{kind} {pts or 'not measured (gated)'}")
-    if not any(t.get(path) for t in tables.values()):
+    if not any(measured_row(t, path) for t in tables.values()):
         return f"'{path}' was not measured: every step gated"
     return f"'{path}' measured (fp16, x own dense, lower of H200/H100): {'; '.join(parts)}; dense where the next " \
         "measurement up is < 1.0x"

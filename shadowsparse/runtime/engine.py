@@ -262,6 +262,9 @@ class DecodeEngine:
         feats |= {self.teal.label} if self.teal is not None else set()
         feats |= {"nm24"} if self.cfg.nm24 else set()
         feats |= {"moe"} if self.w.experts and feats else set()  # routed experts: their own measurements
+        scorer = getattr(sel, "sketch", sel)  # sketch_threshold wraps the sketch
+        if isinstance(scorer, SketchFFNSelector) and scorer.int8_x:
+            feats.add("x8")  # the dp4a scoring kernel: its own measurements where they exist
         return feats
 
     def sketch_reads_routed(self, slots: int) -> bool:

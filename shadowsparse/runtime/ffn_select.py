@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels.ffn import apply_act
-from ..kernels.sketch import PackedSketch, sketch_scores, sketch_topk, topk_indices
+from ..kernels.sketch import PackedSketch, sketch_scores, topk_indices
+from ..kernels.sketch_x8 import PackedSketchX8, sketch_scores_x8
 
 
 def ascending_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -26,12 +27,13 @@ def ascending_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class SketchFFNSelector:
-    """sketches: gated layer -> its PackedSketch (on the engine's device); act: the FFN's activation (weights.act:
-    silu for SwiGLU, gelu_tanh for Gemma's GeGLU; the engine refuses a selector whose act is not its model's)."""
+    """sketches: gated layer -> its PackedSketch, or PackedSketchX8 (int8 x, dp4a: kernels/sketch_x8.py), on the
+    engine's device; act: the FFN's activation (weights.act: silu for SwiGLU, gelu_tanh for Gemma's GeGLU; the
+    engine refuses a selector whose act is not its model's)."""
 
     name = "sketch"
 
-    def __init__(self, sketches: dict[int, PackedSketch], backend: str = "auto", act: str = "silu"):
+    def __init__(self, sketches: dict[int, PackedSketch | PackedSketchX8], backend: str = "auto", act: str = "silu"):
         self.sketches, self.backend, self.act = sketches, backend, act
 
     def scores(self, layer: int, h: torch.Tensor, experts: torch.Tensor | None = None,
@@ -39,13 +41,19 @@ class SketchFFNSelector:
         """h (n, d) the normed FFN input -> (n, F) fp32 estimates of |act(gate)·up| (fp32 FFMAs on the GPU, rows
         two at a time; the torch fallback on the unpacked copy elsewhere). An MoE layer may pass the step's routed
         ``experts`` (m,) and their ``expert_rows`` (F per expert): only those experts' rows are read, 0 elsewhere."""
-        return sketch_scores(h, self.sketches[layer], backend=self.backend, act=self.act, segments=experts,
-                             segment_rows=expert_rows)
+        packed = self.sketches[layer]
+        score = sketch_scores_x8 if isinstance(packed, PackedSketchX8) else sketch_scores
+        return score(h, packed, backend=self.backend, act=self.act, segments=experts, segment_rows=expert_rows)
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
         """h (1, d) -> (k,) int32 ascending: one token's k highest-scoring neurons (the bisection top-k kernel on a
         GPU: ~21 us against ~50 for torch.topk on 11008 scores, H200)."""
-        return sketch_topk(h, self.sketches[layer], k, backend=self.backend, act=self.act)[0]
+        return topk_indices(self.scores(layer, h), k, backend=self.backend)[0]
+
+    @property
+    def int8_x(self) -> bool:
+        """Whether the sketches score int8 x with dp4a (kernels/sketch_x8.py) rather than fp32 x with FFMAs."""
+        return any(isinstance(p, PackedSketchX8) for p in self.sketches.values())
 
     def nbytes(self) -> int:
         """The selector's extra weight bytes (read once per step for every gated layer)."""

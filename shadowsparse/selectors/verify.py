@@ -50,7 +50,7 @@ class VerifyFamily(Selector):
     def variant_fields(self, ctx) -> dict:
         vcfg = verify_config(ctx.cfg)
         return {"verify_bits": vcfg.bits, "verify_group": vcfg.group, "verify_sketch": vcfg.sketch,
-                "verify_quantizer": vcfg.quantizer}
+                "verify_quantizer": vcfg.quantizer, "verify_x_bits": vcfg.x_bits}
 
     def levels_for(self, ctx, q: float, levels: list) -> list:
         return levels
@@ -117,6 +117,7 @@ class SketchProposer(VerifyFamily):
         """The packed copy of every gated layer's W_gate and W_up, quantized as the mask path quantizes them
         (kernels/sketch.py: its fp16 steps round the quantizer's by at most 2**-11 relative), or why not."""
         from ..kernels.sketch import BITS, GROUP, sketch_from_weights
+        from ..kernels.sketch_x8 import sketch_from_weights_x8
         from ..runtime.ffn_select import SketchFFNSelector
         from ..runtime.weights import act_name
         vcfg = verify_config(ctx.cfg)
@@ -126,10 +127,11 @@ class SketchProposer(VerifyFamily):
                     f"group={vcfg.group}")
         hessians = self.hessians(ctx)
         sketches = {}
+        make = sketch_from_weights_x8 if vcfg.x_bits == 8 else sketch_from_weights  # int8 x: the dp4a kernel
         for layer in range(ctx.first_layer, ctx.view.dims.n_layers):
             (w_gate, _), (w_up, _) = ctx.view.ffn_in_rows(layer)  # (F, d) each, split from a fused gate_up
             h = None if hessians is None else hessians[layer].to(w_gate.device)
-            sketches[layer] = sketch_from_weights(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
+            sketches[layer] = make(w_gate, w_up, vcfg.bits, vcfg.group, h).to(w_gate.device)
         return SketchFFNSelector(sketches, act=act_name(ctx.model.config))  # the FFN's act (Gemma: gelu_tanh)
 
 
