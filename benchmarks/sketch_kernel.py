@@ -152,7 +152,7 @@ def time_x8(card: str, versions: str, name: str, d: int, F_: int, bits: int, x: 
             out = X.score_prepared_x8(*prepared[0], sets[0], cfg, asm=asm)
             errs[(cfg, asm)] = err = ((out - ref).norm() / ref.norm()).item()
             if not err < 1e-5:
-                print(f"  WARNING x8 {name} {bits}-bit {cfg} asm={asm}: rel err {err:.2e}", flush=True)
+                raise AssertionError(f"x8 {name} {bits}-bit {cfg} asm={asm}: rel err {err:.2e}")
             times[(cfg, asm)] = graph_median_us(rotated(
                 lambda i: lambda: X.score_prepared_x8(*prepared[i], sets[i], cfg, asm=asm), list(range(len(sets)))))
             print(f"  x8 {name} {bits}-bit rows={x.shape[0]} {cfg} asm={asm}: {times[(cfg, asm)]:.2f} us", flush=True)

@@ -197,6 +197,16 @@ def load_gated(source, method: str = "predictor", ffn_sparsity: float = 0.5, hea
     return GatedLM(model, tok, HooksDecoder(model, gated_source, gating, attach), method, gating, "hooks")
 
 
+def saved_run_config(saved: Path, overrides: list[str]):
+    """A run's .hydra/config.yaml with ``overrides`` on top. Settings added to the package after the run was made
+    keep the value the run used: a run from before evaluate.verify.x_bits scored its sketch with fp32 x."""
+    base = OmegaConf.load(saved)
+    verify = OmegaConf.select(base, "evaluate.verify")
+    if verify is not None and "x_bits" not in verify:
+        verify.x_bits = None
+    return OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+
+
 def _open(source, device, tokenizer, overrides: list[str]):
     """(config, model, tokenizer, run directory) of a run directory or of a model given in memory."""
     if isinstance(source, (str, Path)):
@@ -205,11 +215,7 @@ def _open(source, device, tokenizer, overrides: list[str]):
         if not saved.exists():
             raise ConfigError(f"'{source}' is not a train.py run directory (no .hydra/config.yaml); give a run "
                               "directory, or a model with tokenizer= and a training-free method")
-        base = OmegaConf.load(saved)
-        verify = OmegaConf.select(base, "evaluate.verify")
-        if verify is not None and "x_bits" not in verify:  # a run from before int8 x: its sketch read fp32 x
-            verify.x_bits = None
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(overrides))
+        cfg = saved_run_config(saved, overrides)
         llm = OmegaConf.to_container(cfg.llm, resolve=True)
         llm.update(seed=cfg.get("seed", 0), **({"device": device} if device else {}))
         model, tok = load_llm(LLMConfig(**llm))

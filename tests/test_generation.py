@@ -88,3 +88,18 @@ def test_prompt_past_the_context_is_refused(llama):
         g.generate("word " * 300, max_new_tokens=8)
     with pytest.raises(ConfigError, match="not a train.py run directory"):
         ss.load_gated("/nonexistent/run", method="sketch")
+
+
+def test_a_run_from_before_int8_x_keeps_its_fp32_sketch(tmp_path):
+    """load_gated(run_dir) serves the estimate the run evaluated: a saved config without evaluate.verify.x_bits
+    (runs made before it existed) reads as x_bits null (fp32 x); a saved value and a user's override win."""
+    from omegaconf import OmegaConf
+
+    from shadowsparse.config import verify_config
+    from shadowsparse.generation import saved_run_config
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    OmegaConf.save(OmegaConf.create({"evaluate": {"verify": {"bits": 3}}}), old)
+    OmegaConf.save(OmegaConf.create({"evaluate": {"verify": {"bits": 3, "x_bits": 8}}}), new)
+    assert verify_config(saved_run_config(old, [])).x_bits is None
+    assert verify_config(saved_run_config(new, [])).x_bits == 8
+    assert verify_config(saved_run_config(old, ["evaluate.verify.x_bits=8"])).x_bits == 8
