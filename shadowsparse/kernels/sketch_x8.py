@@ -1,6 +1,7 @@
-"""The sketch's scoring pass with int8 activations and integer dot products (dp4a): a candidate replacement for
-kernels/sketch.py's fp32-FFMA kernel, which runs at about 2.5x its bandwidth floor on an H100 (19 us a Llama-2-7B
-layer against ~8) because every weight costs a LOP3 and an FFMA per row of x.
+"""The sketch's scoring pass with int8 activations and integer dot products (dp4a): the engine's by default
+(verify.x_bits = 8). kernels/sketch.py's fp32 kernel (x_bits null) spends a LOP3 and an FFMA per weight and row of x;
+this one four weights per dp4a. H100, Llama-2-7B shapes: the sketch's time in the step 0.59 -> 0.51 ms at batch 1,
+0.97 -> 0.54 at 2, 2.37 -> 1.13 at 8 (docs/benchmarks.md, session 16).
 
     pack_sketch_x8(gate, up)       MidriseCodes of W_gate, W_up (F, d) -> PackedSketchX8 (same bytes as PackedSketch)
     from_packed(packed)            a kernels/sketch.py PackedSketch in this layout
@@ -9,8 +10,8 @@ layer against ~8) because every weight costs a LOP3 and an FFMA per row of x.
     sketch_scores_x8(x, packed)    both; the torch fallback computes the same integers exactly
 
 THE ESTIMATE. x_p (x in the codes' act order) is quantized per group of 64 channels, symmetric, 8 bits:
-scale = max|x_p[group]| / 127, q = clamp(floor(x_p / scale + 1/2), -127, 127) (the multiply by 127 / max is
-correctly rounded in both paths, so the kernel and the fallback produce the same q). A neuron's pre-activation is
+scale = max|x_p[group]| / 127, q = clamp(floor(x_p·(127 / max) + 1/2), -127, 127) (the division correctly rounded
+and no FMA contraction in both paths, so the kernel and the fallback produce the same q). A neuron's pre-activation is
 Σ_g step_g · scale_g · (Σ_c code_c·q_c - OFF·Σ_c q_c), OFF = 2**(bits-1) - 1/2: the inner sums are exact integers
 (at most 64·7·127), only the sum over groups is floating point. The int8 rounding of x adds ~1/(2·127) of a group's
 largest |x| per channel, against the 3-bit copy's ~1/8 of a row's range per weight.
@@ -44,7 +45,8 @@ from .sketch import check_act, check_format, only_segments_, paired_steps, segme
 
 GROUP = 64
 XWORDS = GROUP // 4  # int32 words of int8 x per group
-# (block_f, block_g, warps, stages) per bits; block_g is capped at G's power of two
+# (block_f, block_g, warps, stages) per bits, the fp32 kernel's best (not swept for this kernel yet:
+# benchmarks/sketch_kernel.py times X8_CONFIGS); block_g is capped at G's power of two
 DEFAULTS = {2: (16, 32, 4, 1), 3: (16, 32, 4, 1)}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the interpreter
 
