@@ -114,5 +114,7 @@ def test_engine_perplexity_equals_the_mask_path_on_embedded(smol, smol_windows, 
     assert fast.perplexity(windows) == pytest.approx(p_ref, rel=tol), method
     assert fast.perplexity(windows[:1], token_by_token=True) == pytest.approx(ref.perplexity(windows[:1]),
                                                                               rel=tol), method
-    if method != "dense":  # the selector changed the model, and not beyond what 50% sparsity costs (gate: 1.42x)
-        assert 1.0005 < p_ref / dense < 2.0, method
+    if method != "dense":  # the selector changed the model, and not beyond what 50% sparsity costs (gate: 1.42x);
+        # on 256 tokens a near-lossless selector may land under dense (sketch_teal with int8 x: 0.979x), so the
+        # change is checked in either direction
+        assert abs(p_ref / dense - 1) > 5e-4 and p_ref / dense < 2.0, method
