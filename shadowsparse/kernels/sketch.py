@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import os
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -89,16 +89,15 @@ def slot_offsets(bits: int, group: int) -> list[int]:
 
 
 @dataclass
-class PackedSketch:
-    """A layer's packed sketch (module docstring, FORMAT). words (F, 2, NW, G) int32, steps (F, 2, G) fp16, perm
-    (d,) int32 or None (x_p = x[:, perm]); scales (group,) fp32: 2**(X_EXP - off) of each slot."""
+class SketchWords:
+    """What every packed sketch layout shares (this module's FORMAT, kernels/sketch_x8.py's): words (F, 2, NW, G)
+    int32 (matrix 0 = gate, 1 = up), steps (F, 2, G) fp16, perm (d,) int32 or None (x_p = x[:, perm]), bits, group.
+    Fields whose names start with "_" are host-side caches, rebuilt after ``to``."""
     words: torch.Tensor
     steps: torch.Tensor
     perm: torch.Tensor | None
-    scales: torch.Tensor
     bits: int
     group: int
-    _dense: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -110,10 +109,19 @@ class PackedSketch:
         """Bytes a scoring pass reads: the words and the steps (x and the permutation are negligible)."""
         return self.words.numel() * 4 + self.steps.numel() * 2
 
-    def to(self, device) -> "PackedSketch":
-        return PackedSketch(self.words.to(device), self.steps.to(device),
-                            None if self.perm is None else self.perm.to(device), self.scales.to(device),
-                            self.bits, self.group)
+    def to(self, device):
+        """The same sketch with its tensors on ``device`` (caches dropped)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if f.init and isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+
+@dataclass
+class PackedSketch(SketchWords):
+    """A layer's packed sketch for the fp32 kernel (module docstring, FORMAT); scales (group,) fp32: 2**(X_EXP -
+    off) of each slot."""
+    scales: torch.Tensor
+    _dense: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def dequantized(self) -> torch.Tensor:
         """(2, F, d) fp32: the copies of gate and up in x_p's column order, unpacked from the words (the torch
@@ -159,7 +167,7 @@ def pack_sketch(gate: MidriseCodes, up: MidriseCodes) -> PackedSketch:
     words = torch.stack([_pack_words(gate.codes, bits, group), _pack_words(up.codes, bits, group)], dim=1)
     scales = torch.tensor([2.0 ** (X_EXP - o) for o in slot_offsets(bits, group)], dtype=torch.float32)
     perm = None if gate.perm is None else gate.perm.to(torch.int32)
-    return PackedSketch(words.contiguous(), steps, perm, scales.to(words.device), bits, group)
+    return PackedSketch(words.contiguous(), steps, perm, bits, group, scales=scales.to(words.device))
 
 
 def _pack_words(codes: torch.Tensor, bits: int, group: int) -> torch.Tensor:
@@ -232,12 +240,11 @@ if triton is not None:
     from .ffn import apply_act_tl  # the FFN activations inside a kernel, as gated_ffn's
 
     @triton.jit
-    def _prep_kernel(x_ptr, perm_ptr, scale_ptr, xs_ptr, xsum_ptr, D, G, HAS_PERM: tl.constexpr,
-                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr):
-        """One row of x: xs[t, c, g] = x[t, perm[g·GROUP + c]] · scale[c] (B, GROUP, G), xsum[t, g] = the group's
-        sum of x_p (B, G)."""
-        pdl_wait(USE_PDL)
-        t = tl.program_id(0)
+    def load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM: tl.constexpr, GROUP: tl.constexpr,
+                      BLOCK_G: tl.constexpr):
+        """Row t of x in act order, the program's BLOCK_G groups (program_id 1): xv (BLOCK_G, GROUP) fp32 =
+        x[t, perm[g·GROUP + c]], with offs_g (BLOCK_G,), offs_c (GROUP,) and the (BLOCK_G, 1) mask of real groups.
+        Every prep kernel of the sketch layouts starts with it."""
         offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         offs_c = tl.arange(0, GROUP)
         mask = (offs_g < G)[:, None]
@@ -245,6 +252,16 @@ if triton is not None:
         if HAS_PERM:
             j = tl.load(perm_ptr + j, mask=mask, other=0)
         xv = tl.load(x_ptr + t * D + j, mask=mask, other=0.0).to(tl.float32)
+        return xv, offs_g, offs_c, mask
+
+    @triton.jit
+    def _prep_kernel(x_ptr, perm_ptr, scale_ptr, xs_ptr, xsum_ptr, D, G, HAS_PERM: tl.constexpr,
+                     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, USE_PDL: tl.constexpr):
+        """One row of x: xs[t, c, g] = x[t, perm[g·GROUP + c]] · scale[c] (B, GROUP, G), xsum[t, g] = the group's
+        sum of x_p (B, G)."""
+        pdl_wait(USE_PDL)
+        t = tl.program_id(0)
+        xv, offs_g, offs_c, mask = load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM, GROUP, BLOCK_G)
         pdl_launch_next(USE_PDL)
         scale = tl.load(scale_ptr + offs_c)
         tl.store(xs_ptr + t * GROUP * G + offs_c[None, :] * G + offs_g[:, None], xv * scale[None, :], mask=mask)

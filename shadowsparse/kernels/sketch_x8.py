@@ -41,7 +41,7 @@ from ..quant import X8_MAX, MidriseCodes, gptq_act_order_codes, quantize_rows_co
 from .common import tl, triton, use_triton
 from .ffn import ACTIVATIONS, apply_act
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
-from .sketch import check_act, check_format, only_segments_, paired_steps, segment_grid
+from .sketch import SketchWords, check_act, check_format, only_segments_, paired_steps, segment_grid
 
 GROUP = 64
 XWORDS = GROUP // 4  # int32 words of int8 x per group
@@ -52,27 +52,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the in
 
 
 @dataclass
-class PackedSketchX8:
-    """A layer's packed sketch in the dp4a layout (module docstring, FORMAT). words (F, 2, NW, G) int32, steps
-    (F, 2, G) fp16, perm (d,) int32 or None; codes: (2, F, G, group) fp32 codes for the torch fallback (cached)."""
-    words: torch.Tensor
-    steps: torch.Tensor
-    perm: torch.Tensor | None
-    bits: int
+class PackedSketchX8(SketchWords):
+    """A layer's packed sketch in the dp4a layout (module docstring, FORMAT); the torch fallback's codes (2, F, G,
+    group) fp32 in x_p's column order are cached in _codes."""
     group: int = GROUP
-    _codes: torch.Tensor | None = field(default=None, repr=False, compare=False)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.words.shape[0], self.words.shape[3] * self.group
-
-    @property
-    def nbytes(self) -> int:
-        return self.words.numel() * 4 + self.steps.numel() * 2
-
-    def to(self, device) -> "PackedSketchX8":
-        return PackedSketchX8(self.words.to(device), self.steps.to(device),
-                              None if self.perm is None else self.perm.to(device), self.bits, self.group)
+    _codes: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def codes(self) -> torch.Tensor:
         """(2, F, G, group) fp32: the codes of gate and up in x_p's column order, unpacked (cached)."""
@@ -159,7 +143,7 @@ def sketch_scores_x8_torch(x: torch.Tensor, packed: PackedSketchX8, act: str = "
 
 if triton is not None:
     from .ffn import apply_act_tl
-    from .sketch import load_words, pick_word, shr  # the fp32 kernel's word loads and helpers, shared
+    from .sketch import load_words, load_x_groups, pick_word, shr  # the fp32 kernel's word loads and helpers, shared
 
     @triton.jit
     def _dp4a(a, b, c, ASM: tl.constexpr):
@@ -183,13 +167,7 @@ if triton is not None:
         scale[t, g], qsum[t, g] (quantize_x8's numbers)."""
         pdl_wait(USE_PDL)
         t = tl.program_id(0)
-        offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-        offs_c = tl.arange(0, GROUP)
-        mask = (offs_g < G)[:, None]
-        j = offs_g[:, None] * GROUP + offs_c[None, :]  # (BLOCK_G, GROUP) columns of x_p
-        if HAS_PERM:
-            j = tl.load(perm_ptr + j, mask=mask, other=0)
-        xv = tl.load(x_ptr + t * D + j, mask=mask, other=0.0).to(tl.float32)
+        xv, offs_g, _, mask = load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM, GROUP, BLOCK_G)
         pdl_launch_next(USE_PDL)
         amax = tl.max(tl.abs(xv), axis=1)  # (BLOCK_G,)
         qmax = tl.full(amax.shape, QMAX, tl.float32)  # quant.X8_MAX
