@@ -60,6 +60,8 @@ class VerifyConfig:
     # order), what the dp4a scoring kernel reads (kernels/sketch_x8.py; the mask path rounds x the same way, so the
     # two paths keep one estimate); None: fp32 x (kernels/sketch.py). Held-out C4 at 50% FFN: equal within 0.11%
     # (docs/research.md, session 16)
+    depth_slope: float = 0.0  # sketch_threshold / sketch_teal: FFN sparsity per gated layer s + depth_slope·(r - mean
+    # r), r = the layer's depth in [0, 1] over the gated layers (depth_levels); 0: every layer at s
 
     @property
     def qs(self) -> list[float]:
@@ -78,10 +80,24 @@ class VerifyConfig:
                               f"{self.bits}, {self.group}")
         if self.x_bits not in (None, 8):
             raise ConfigError(f"verify.x_bits must be null (fp32 x) or 8 (int8 x, the dp4a kernel), got {self.x_bits}")
+        if not -1.0 <= self.depth_slope <= 1.0:
+            raise ConfigError(f"verify.depth_slope must be in [-1, 1] (sparsity added from the first gated layer to the "
+                              f"last), got {self.depth_slope}")
         if self.rank < 1 or self.train_windows < 1 or self.epochs < 1 or self.calib_windows < 1:
             raise ConfigError("verify.rank, verify.train_windows, verify.epochs and verify.calib_windows must be "
                               "positive")
         return self
+
+
+def depth_levels(sparsity: float, layers: list[int], slope: float, cap: float = 0.95) -> dict[int, float]:
+    """Per-layer sparsities with mean ``sparsity`` over ``layers`` (the gated ones, ascending) that grow linearly
+    with depth by ``slope`` from the first to the last: s + slope·(r - 1/2), r = i / (n - 1). Clipped to [0, cap],
+    so a steep slope at a high level keeps a little less on average than asked (the realized sparsity is counted
+    from the masks, as always). slope 0 or sparsity 0: every layer at ``sparsity``."""
+    n = len(layers)
+    if slope == 0 or sparsity == 0 or n < 2:
+        return {layer: sparsity for layer in layers}
+    return {layer: min(max(sparsity + slope * (i / (n - 1) - 0.5), 0.0), cap) for i, layer in enumerate(layers)}
 
 
 def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
@@ -261,11 +277,13 @@ class SketchThresholdScores(VerifyScores):
         return src
 
     def thresholds(self, ffn_sparsity: float, n_layers: int) -> torch.Tensor:
-        """(n_layers,) fp32: each gated layer's threshold at ``ffn_sparsity`` (layers without samples: 0, unused)."""
+        """(n_layers,) fp32: each gated layer's threshold at ``ffn_sparsity`` (its depth_levels level under
+        verify.depth_slope; layers without samples: 0, unused)."""
         from .training_free import magnitude_quantile
         out = torch.zeros(n_layers)
+        levels = depth_levels(ffn_sparsity, sorted(self.samples), self.sketch.depth_slope)
         for layer, s in self.samples.items():
-            out[layer] = magnitude_quantile(s, ffn_sparsity) if ffn_sparsity > 0 else s.min() - 1
+            out[layer] = magnitude_quantile(s, levels[layer]) if levels[layer] > 0 else s.min() - 1
         return out
 
     def attach(self, view: ModelView, cfg: GatingConfig) -> list:

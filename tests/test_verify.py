@@ -344,3 +344,46 @@ def test_pipeline_gptq_sketch_rows(tmp_path):
         ("sketch", "gptq", "sketch 3-bit gptq x8")]
     with pytest.raises(ConfigError, match="calibration inputs"):
         VerifyScores(0.0, None, "sketch", sketch=VerifyConfig(quantizer="gptq"))
+
+
+def test_depth_levels_keep_the_mean_grow_with_depth_and_clip():
+    from shadowsparse.verify import depth_levels
+    layers = [1, 2, 3, 4, 5]
+    assert depth_levels(0.5, layers, 0.0) == {layer: 0.5 for layer in layers}
+    assert depth_levels(0.0, layers, 0.4) == {layer: 0.0 for layer in layers}  # a dense level stays dense
+    up = depth_levels(0.5, layers, 0.4)
+    assert [round(v, 6) for v in up.values()] == [0.3, 0.4, 0.5, 0.6, 0.7]
+    assert sum(up.values()) / 5 == pytest.approx(0.5)
+    down = depth_levels(0.5, layers, -0.4)
+    assert [round(v, 6) for v in down.values()] == [0.7, 0.6, 0.5, 0.4, 0.3]
+    steep = depth_levels(0.8, layers, 1.0)  # 0.3 .. 1.3, the top clipped at 0.95: a little less than asked
+    assert max(steep.values()) == 0.95 and min(steep.values()) == pytest.approx(0.3)
+    with pytest.raises(ConfigError, match="depth_slope"):
+        VerifyConfig(depth_slope=1.5).validate()
+
+
+def test_sketch_threshold_depth_slope_sets_each_layers_quantile(tmp_path):
+    """The per-layer thresholds are the quantiles at depth_levels' sparsities (one array serves the hooks and the
+    engine: selectors/verify.SketchThreshold.engine_parts), and a pipeline run realizes sparsity that grows with
+    depth at the requested mean, labelled with its slope."""
+    from shadowsparse.pipeline import run
+    from shadowsparse.report import method_label
+    from shadowsparse.verify import SketchThresholdScores
+    from tests.test_pipeline import smoke
+    g = torch.Generator().manual_seed(0)
+    samples = {layer: torch.rand(4000, generator=g) for layer in (1, 2, 3)}
+    src = SketchThresholdScores(samples, VerifyConfig(quantizer="midrise", depth_slope=0.4))
+    thr = src.thresholds(0.5, 4)
+    assert thr[0] == 0 and thr[1:].tolist() == pytest.approx([0.3, 0.5, 0.7], abs=0.03)
+    run(smoke(tmp_path, "llm.name=random:llama", "stages.collect=false", "stages.fit=false",
+              "evaluate.methods=[sketch_threshold]", "evaluate.verify.depth_slope=0.6", "gating.ffn_sparsity=0.5"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [method_label(r) for r in rows] == ["sketch_threshold 3-bit gptq x8 slope=+0.6"]
+    assert rows[0]["realized_ffn_sparsity"] == pytest.approx(0.5, abs=0.1)
+    model = tiny_model("llama")  # the hooks on fresh text: each layer near its own level
+    calib, text = (torch.randint(0, 100, (4, 32), generator=g) for _ in range(2))
+    src = SketchThresholdScores.calibrate(model, calib, VerifyConfig(quantizer="midrise", depth_slope=0.6), 1)
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, torch.no_grad():
+        model(text)
+        per_layer = h.stats()["realized_ffn_sparsity_per_layer"]  # gated layers 1, 2, 3
+    assert per_layer == pytest.approx([0.2, 0.5, 0.8], abs=0.05)

@@ -152,6 +152,10 @@ class Sketch(SketchProposer):
 class SketchThreshold(SketchProposer):
     name = "sketch_threshold"
 
+    def variant_fields(self, ctx) -> dict:
+        """The sketch's settings and the depth slope of the per-layer levels (verify.depth_levels)."""
+        return {**super().variant_fields(ctx), "verify_depth_slope": verify_config(ctx.cfg).depth_slope}
+
     def threshold_source(self, ctx) -> SketchThresholdScores:
         """The estimates' calibration, on the calibration text (never the evaluation windows); once per context
         (sketch_teal reuses it)."""
