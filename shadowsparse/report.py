@@ -63,15 +63,17 @@ def static_label(r: dict) -> str:
 
 def method_label(r: dict) -> str:
     """The method with the settings that tell its variants apart: a sketch's bit width, a verify stage's proposal
-    ('sketch_verify 3-bit q=0.6'), int8 x ('x8'), a depth slope ('slope=+0.2'), the attention inputs' sparsity
-    next to a sketched FFN ('sketch_teal ... attn=0.3')."""
+    ('sketch_verify 3-bit q=0.6'), int8 x ('x8'), a depth slope ('slope=+0.2') or a measured allocation
+    ('alloc=sens^0.5'), the attention inputs' sparsity next to a sketched FFN ('sketch_teal ... attn=0.3')."""
     bits = f" {r['verify_bits']}-bit" if r.get("verify_bits") else ""
     if r.get("verify_quantizer") not in (None, "midrise"):  # the data-free copy goes unnamed (older rows have none)
         bits += f" {r['verify_quantizer']}"
     if r.get("verify_x_bits") and r.get("verify_bits"):  # the sketch reads int8 x (the dp4a kernel's estimate)
         bits += " x8"
-    if r.get("verify_depth_slope"):  # per-layer levels growing with depth (verify.depth_levels)
+    if r.get("verify_depth_slope"):  # per-layer levels growing with depth (layer_levels.depth_levels)
         bits += f" slope={r['verify_depth_slope']:+g}"
+    if r.get("verify_allocation") == "sensitivity":  # per-layer levels from measured costs (layer_levels.py)
+        bits += f" alloc=sens^{r['verify_allocation_power']:g}"
     q = f" q={r['verify_q']:g}" if r.get("verify_q") is not None else ""
     attn = f" attn={r['attn_sparsity']:g}" if r.get("attn_sparsity") is not None else ""  # sketch_teal's teal part
     return f"{r['method']}{bits}{q}{attn}"

@@ -30,6 +30,7 @@ from .arch import ModelView
 from .errors import ConfigError
 from .ffn_io import ffn_input_module
 from .gating import GatingConfig, ScoreSource, n_keep, only_routed, topk_mask
+from .layer_levels import depth_levels, ffn_sensitivity, sensitivity_levels
 from .quant import gptq_act_order, quantize_rows, x8_grid
 
 log = logging.getLogger("shadowsparse")
@@ -61,7 +62,11 @@ class VerifyConfig:
     # two paths keep one estimate); None: fp32 x (kernels/sketch.py). Held-out C4 at 50% FFN: equal within 0.11%
     # (docs/research.md, session 16)
     depth_slope: float = 0.0  # sketch_threshold / sketch_teal: FFN sparsity per gated layer s + depth_slope·(r - mean
-    # r), r = the layer's depth in [0, 1] over the gated layers (depth_levels); 0: every layer at s
+    # r), r = the layer's depth in [0, 1] over the gated layers (layer_levels.depth_levels); 0: every layer at s
+    allocation: str = "uniform"  # sketch_threshold / sketch_teal: "uniform" (every layer at s, or depth_slope) or
+    # "sensitivity": per-layer levels from each layer's measured cost on the calibration text, same mean
+    # (layer_levels.sensitivity_levels)
+    allocation_power: float = 0.5  # "sensitivity": a layer's level goes as cost ** -allocation_power
 
     @property
     def qs(self) -> list[float]:
@@ -83,21 +88,13 @@ class VerifyConfig:
         if not -1.0 <= self.depth_slope <= 1.0:
             raise ConfigError(f"verify.depth_slope must be in [-1, 1] (sparsity added from the first gated layer to the "
                               f"last), got {self.depth_slope}")
+        if self.allocation not in ("uniform", "sensitivity") or not 0 < self.allocation_power <= 4:
+            raise ConfigError(f"verify.allocation must be uniform or sensitivity and verify.allocation_power in (0, 4], "
+                              f"got {self.allocation!r}, {self.allocation_power}")
         if self.rank < 1 or self.train_windows < 1 or self.epochs < 1 or self.calib_windows < 1:
             raise ConfigError("verify.rank, verify.train_windows, verify.epochs and verify.calib_windows must be "
                               "positive")
         return self
-
-
-def depth_levels(sparsity: float, layers: list[int], slope: float, cap: float = 0.95) -> dict[int, float]:
-    """Per-layer sparsities with mean ``sparsity`` over ``layers`` (the gated ones, ascending) that grow linearly
-    with depth by ``slope`` from the first to the last: s + slope·(r - 1/2), r = i / (n - 1). Clipped to [0, cap],
-    so a steep slope at a high level keeps a little less on average than asked (the realized sparsity is counted
-    from the masks, as always). slope 0 or sparsity 0: every layer at ``sparsity``."""
-    n = len(layers)
-    if slope == 0 or sparsity == 0 or n < 2:
-        return {layer: sparsity for layer in layers}
-    return {layer: min(max(sparsity + slope * (i / (n - 1) - 0.5), 0.0), cap) for i, layer in enumerate(layers)}
 
 
 def sketch_bytes(view: ModelView, layers: int, cfg: VerifyConfig) -> int:
@@ -253,6 +250,7 @@ class SketchThresholdScores(VerifyScores):
         self._thr: dict[int, torch.Tensor] = {}
         self._record: dict[int, list] | None = None  # calibrate(): estimates gathered here instead of masks
         self._rng: torch.Generator | None = None
+        self.sensitivity: dict[int, float] | None = None  # gated layer -> measured cost (allocation=sensitivity)
 
     @classmethod
     @torch.no_grad()
@@ -274,14 +272,23 @@ class SketchThresholdScores(VerifyScores):
                 h.remove()
         src.samples = {layer: torch.cat(vals) if vals else torch.zeros(1) for layer, vals in src._record.items()}
         src._record = None
+        if sketch.allocation == "sensitivity":
+            src.sensitivity = ffn_sensitivity(model, windows, sorted(src.samples))
         return src
 
     def thresholds(self, ffn_sparsity: float, n_layers: int) -> torch.Tensor:
-        """(n_layers,) fp32: each gated layer's threshold at ``ffn_sparsity`` (its depth_levels level under
-        verify.depth_slope; layers without samples: 0, unused)."""
+        """(n_layers,) fp32: each gated layer's threshold at ``ffn_sparsity`` (its level under verify.allocation /
+        depth_slope: layer_levels.py; layers without samples: 0, unused)."""
         from .training_free import magnitude_quantile
         out = torch.zeros(n_layers)
-        levels = depth_levels(ffn_sparsity, sorted(self.samples), self.sketch.depth_slope)
+        layers = sorted(self.samples)
+        if self.sketch.allocation == "sensitivity":
+            if self.sensitivity is None:
+                raise ConfigError("verify.allocation=sensitivity needs the layers' measured costs: build the source "
+                                  "with SketchThresholdScores.calibrate")
+            levels = sensitivity_levels(ffn_sparsity, self.sensitivity, self.sketch.allocation_power)
+        else:
+            levels = depth_levels(ffn_sparsity, layers, self.sketch.depth_slope)
         for layer, s in self.samples.items():
             out[layer] = magnitude_quantile(s, levels[layer]) if levels[layer] > 0 else s.min() - 1
         return out

@@ -1,6 +1,7 @@
 """Predict-then-verify (shadowsparse/verify.py): the mask path equals a hand-sliced FFN that computes gate/up only
 for the candidates and down only for the kept neurons; counting, byte accounting, training and the pipeline."""
 import json
+import math
 import types
 
 import pytest
@@ -347,7 +348,7 @@ def test_pipeline_gptq_sketch_rows(tmp_path):
 
 
 def test_depth_levels_keep_the_mean_grow_with_depth_and_clip():
-    from shadowsparse.verify import depth_levels
+    from shadowsparse.layer_levels import depth_levels
     layers = [1, 2, 3, 4, 5]
     assert depth_levels(0.5, layers, 0.0) == {layer: 0.5 for layer in layers}
     assert depth_levels(0.0, layers, 0.4) == {layer: 0.0 for layer in layers}  # a dense level stays dense
@@ -387,3 +388,45 @@ def test_sketch_threshold_depth_slope_sets_each_layers_quantile(tmp_path):
         model(text)
         per_layer = h.stats()["realized_ffn_sparsity_per_layer"]  # gated layers 1, 2, 3
     assert per_layer == pytest.approx([0.2, 0.5, 0.8], abs=0.05)
+
+
+def test_sensitivity_levels_keep_the_mean_and_spare_costly_layers():
+    from shadowsparse.layer_levels import sensitivity_levels
+    costs = {1: 0.04, 2: 0.01, 3: 0.0025, 4: -0.001}  # the last: noise below the floor, counted at the floor
+    lv = sensitivity_levels(0.5, costs, 0.5)
+    assert sum(lv.values()) / 4 == pytest.approx(0.5, abs=1e-9)
+    assert lv[1] < lv[2] < lv[3] < lv[4] <= 0.95
+    assert lv[1] / lv[2] == pytest.approx(0.5) and lv[2] / lv[3] == pytest.approx(0.5)  # (cost ratio 4) ** -0.5
+    capped = sensitivity_levels(0.8, costs, 1.0)  # the cap binds: the others make up the mean
+    assert max(capped.values()) == pytest.approx(0.95) and sum(capped.values()) / 4 == pytest.approx(0.8, abs=1e-9)
+    assert sensitivity_levels(0.0, costs, 0.5) == {layer: 0.0 for layer in costs}
+    with pytest.raises(ConfigError, match="allocation"):
+        VerifyConfig(allocation="greedy").validate()
+
+
+def test_ffn_sensitivity_probe_and_allocation_in_the_hooks():
+    """The probe measures one cost per gated layer on the calibration windows and restores the model; a
+    sketch_threshold source with allocation=sensitivity realizes levels in inverse order of its layers' costs."""
+    from shadowsparse.layer_levels import ffn_sensitivity
+    from shadowsparse.verify import SketchThresholdScores
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    calib, text = (torch.randint(0, 100, (4, 32), generator=g) for _ in range(2))
+    with torch.no_grad():
+        before = model(text).logits
+    costs = ffn_sensitivity(model, calib, [1, 2, 3])
+    assert sorted(costs) == [1, 2, 3] and all(v != 0 and math.isfinite(v) for v in costs.values())
+    with torch.no_grad():
+        assert torch.equal(model(text).logits, before)  # every probe hook removed
+    cfg = VerifyConfig(quantizer="midrise", allocation="sensitivity", allocation_power=1.0)
+    src = SketchThresholdScores.calibrate(model, calib, cfg, 1)
+    assert src.sensitivity == pytest.approx(costs)
+    src.sensitivity = {1: 0.0025, 2: 0.04, 3: 0.01}  # a random model's costs are noise: set clear ones
+    with attach_gating(model, src, GatingConfig(ffn_sparsity=0.5, first_layer=1)) as h, torch.no_grad():
+        model(text)
+        realized = dict(zip([1, 2, 3], h.stats()["realized_ffn_sparsity_per_layer"]))
+    assert realized[1] > realized[3] > realized[2]  # the cheapest layer skips the most
+    # levels ∝ 1/cost (400 : 25 : 100), mean 0.5: layer 1 capped at 0.95, then 0.11 and 0.44
+    assert [realized[k] for k in (1, 2, 3)] == pytest.approx([0.95, 0.11, 0.44], abs=0.06)
+    with pytest.raises(ConfigError, match="calibrate"):
+        SketchThresholdScores({1: torch.rand(10)}, cfg).thresholds(0.5, 2)

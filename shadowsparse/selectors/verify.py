@@ -153,8 +153,12 @@ class SketchThreshold(SketchProposer):
     name = "sketch_threshold"
 
     def variant_fields(self, ctx) -> dict:
-        """The sketch's settings and the depth slope of the per-layer levels (verify.depth_levels)."""
-        return {**super().variant_fields(ctx), "verify_depth_slope": verify_config(ctx.cfg).depth_slope}
+        """The sketch's settings and how its level is spread over the layers (shadowsparse/layer_levels.py)."""
+        vcfg = verify_config(ctx.cfg)
+        spread = {"verify_depth_slope": vcfg.depth_slope, "verify_allocation": vcfg.allocation}
+        if vcfg.allocation == "sensitivity":
+            spread["verify_allocation_power"] = vcfg.allocation_power
+        return {**super().variant_fields(ctx), **spread}
 
     def threshold_source(self, ctx) -> SketchThresholdScores:
         """The estimates' calibration, on the calibration text (never the evaluation windows); once per context
