@@ -21,9 +21,6 @@
 #   sketch-x8     the int8-x dp4a sketch (kernels/sketch_x8.py): its tests compiled, then benchmark.py on Llama-2-7B
 #                 shapes at batch 1, 2, 8 (the fp32 and dp4a sketch_threshold, alone and with teal40attn), then
 #                 benchmarks/sketch_kernel.py (both scoring kernels alone, every X8_CONFIGS entry)
-#   fused-x8      benchmark.py on Llama-2-7B shapes at batch 1, 2, 8: the dp4a sketch_threshold (alone and with
-#                 teal40attn) with the int8 x made by the FFN-input norm (sketch_x8.rms_norm_x8, SHADOWSPARSE_FUSED_X8_PREP=1) and by
-#                 its own kernel (=0, the default), dense alongside, A/B in the same session
 # The GPU image lacks hydra-core/omegaconf: their wheels travel in .whl/ (README "Big models").
 set -euo pipefail
 OUT=${OUT:-outputs/gpu-bench}
@@ -88,15 +85,8 @@ for part in "${parts[@]}"; do
                        bench.out="$OUT/sketch-x8.jsonl" 2>&1 | tee "$OUT/sketch-x8.txt" || true
                    timeout "${KERNEL_TIMEOUT:-300}" python3 benchmarks/sketch_kernel.py --shapes llama-2-7b --rows 1,2,8 \
                        --out "$OUT/sketch-x8-kernel.jsonl" 2>&1 | tee "$OUT/sketch-x8-kernel.txt" || true ;;
-        fused-x8) for mode in off on; do
-                      [ $mode = on ] && fused=1 || fused=0
-                      SHADOWSPARSE_FUSED_X8_PREP=$fused timeout "${SEL_TIMEOUT:-900}" python3 benchmark.py \
-                          "bench.models=[llama-2-7b]" "bench.batches=[1,2,8]" \
-                          "bench.methods=[dense,sketch8_thr+ffn50,sketch8_thr+ffn50+teal40attn]" \
-                          bench.out="$OUT/fused-x8-$mode.jsonl" 2>&1 | tee "$OUT/fused-x8-$mode.txt" || true
-                  done ;;
         *) echo "unknown part '$part': use tests, nm24, ffn, decode, decode-nopdl, all-models, sketch, teal," \
-                "teal-masked, selectors, moe, sparse-input, sketch-x8 or fused-x8" >&2
+                "teal-masked, selectors, moe, sparse-input or sketch-x8" >&2
            exit 2 ;;
     esac
 done

@@ -5,8 +5,6 @@ elementwise ones (each costs a few microseconds even inside a CUDA graph):
                                  x's dtype, times the weight in that dtype. An fp32 weight with a narrower output is
                                  GemmaRMSNorm's order instead: x·rsqrt·w all in fp32, rounded once (the engine
                                  stores Gemma's 1 + w in fp32 for it; in fp32 both orders are one computation).
-                                 sketch_x8.rms_norm_x8 runs the same row arithmetic (rms_norm_row) and makes the
-                                 dp4a sketch's int8 x of its output in the same kernel.
   layer_norm(x, w, b, eps)       nn.LayerNorm (OPT) in one pass, fp32 statistics.
   rope_(x, cos, sin, heads, D)   default RoPE applied in place to the first ``heads`` heads of each row of
                                  x (B·T, C), row r at table row r % T: out = x·cos + rotate_half(x)·sin.
@@ -51,9 +49,9 @@ if triton is not None:
         return y
 
     @triton.jit
-    def rms_norm_row(x_ptr, w_ptr, y_ptr, N, eps, W_FP32: tl.constexpr, BLOCK: tl.constexpr):
-        """This program's row of x normed -> (row index, offsets (BLOCK,), mask (BLOCK,), y (BLOCK,) in y_ptr's
-        dtype), not stored: rms_norm's arithmetic, shared with sketch_x8.rms_norm_x8's kernel."""
+    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, thr_ptr, count_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
+                         THR: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+        pdl_wait(USE_PDL)
         row, offs, m, xf = _load_row(x_ptr, N, BLOCK)
         var = tl.sum(xf * xf, axis=0) / N
         w = tl.load(w_ptr + offs, mask=m, other=0.0)
@@ -62,13 +60,6 @@ if triton is not None:
         else:
             normed = (xf * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty)  # cast before the weight, as Llama
             y = (w * normed).to(y_ptr.dtype.element_ty)
-        return row, offs, m, y
-
-    @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, slot_ptr, thr_ptr, count_ptr, N, W, eps, HAS_SLOT: tl.constexpr,
-                         THR: tl.constexpr, W_FP32: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
-        pdl_wait(USE_PDL)
-        row, offs, m, y = rms_norm_row(x_ptr, w_ptr, y_ptr, N, eps, W_FP32, BLOCK)
         pdl_launch_next(USE_PDL)
         y = _threshold(y, m, thr_ptr, count_ptr, THR)
         tl.store(y_ptr + _dst_row(row, slot_ptr, W, HAS_SLOT).to(tl.int64) * N + offs, y, mask=m)

@@ -240,13 +240,12 @@ if triton is not None:
     from .ffn import apply_act_tl  # the FFN activations inside a kernel, as gated_ffn's
 
     @triton.jit
-    def load_x_groups(x_ptr, perm_ptr, t, g0, D, G, HAS_PERM: tl.constexpr, GROUP: tl.constexpr,
+    def load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM: tl.constexpr, GROUP: tl.constexpr,
                       BLOCK_G: tl.constexpr):
-        """Row t of x in act order, the BLOCK_G groups from g0 (a prep kernel's program_id(1)·BLOCK_G, or a step
-        of sketch_x8.rms_norm_x8's loop over the row): xv (BLOCK_G, GROUP) fp32 = x[t, perm[g·GROUP + c]], with
-        offs_g (BLOCK_G,), offs_c (GROUP,) and the (BLOCK_G, 1) mask of real groups. Every prep kernel of the
-        sketch layouts starts with it."""
-        offs_g = g0 + tl.arange(0, BLOCK_G)
+        """Row t of x in act order, the program's BLOCK_G groups (program_id 1): xv (BLOCK_G, GROUP) fp32 =
+        x[t, perm[g·GROUP + c]], with offs_g (BLOCK_G,), offs_c (GROUP,) and the (BLOCK_G, 1) mask of real groups.
+        Every prep kernel of the sketch layouts starts with it."""
+        offs_g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         offs_c = tl.arange(0, GROUP)
         mask = (offs_g < G)[:, None]
         j = offs_g[:, None] * GROUP + offs_c[None, :]  # (BLOCK_G, GROUP) columns of x_p
@@ -262,8 +261,7 @@ if triton is not None:
         sum of x_p (B, G)."""
         pdl_wait(USE_PDL)
         t = tl.program_id(0)
-        xv, offs_g, offs_c, mask = load_x_groups(x_ptr, perm_ptr, t, tl.program_id(1) * BLOCK_G, D, G, HAS_PERM,
-                                                 GROUP, BLOCK_G)
+        xv, offs_g, offs_c, mask = load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM, GROUP, BLOCK_G)
         pdl_launch_next(USE_PDL)
         scale = tl.load(scale_ptr + offs_c)
         tl.store(xs_ptr + t * GROUP * G + offs_c[None, :] * G + offs_g[:, None], xv * scale[None, :], mask=mask)

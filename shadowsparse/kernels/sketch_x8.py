@@ -6,8 +6,6 @@ this one four weights per dp4a. H100, Llama-2-7B shapes: the sketch's time in th
     pack_sketch_x8(gate, up)       MidriseCodes of W_gate, W_up (F, d) -> PackedSketchX8 (same bytes as PackedSketch)
     from_packed(packed)            a kernels/sketch.py PackedSketch in this layout
     prepare_x8(x, packed)          x (B, d) -> (xq words (B, 16, G) int32, scale (B, G) fp32, qsum (B, G) int32)
-    rms_norm_x8(x, w, eps, packed) rope_norm.rms_norm and prepare_x8 of its output in one kernel: (y, (xq, scale,
-                                   qsum)) (THE FUSED PREP)
     score_prepared_x8(...)         the scoring kernel: (B, F) fp32 |act(g)·u|
     sketch_scores_x8(x, packed)    both; the torch fallback computes the same integers exactly
 
@@ -30,18 +28,6 @@ with an exact right shift.
 Per 64 weights and row of x: 20 (3-bit) or 16 (2-bit) dp4a, as many LOP3 and a few shifts, instead of 64 FFMAs
 and ~70 integer operations.
 
-THE FUSED PREP. At decode the engine's sketch_threshold FFN runs rms_norm, then prepare_x8 on its output, then the
-scoring kernel: prepare_x8 is a latency-bound launch (~2-3 us on an H100 at batch 1) between two that depend on
-each other, once per gated layer, and at batch 1 such launches, not bytes, set the step's time. rms_norm_x8 does
-both in one program per row: the norm as rms_norm computes it (rope_norm.rms_norm_row), the row stored, a CTA
-barrier (the gather reads channels that other threads of the program stored), then the row read back in act order
-(load_x_groups: the values prepare_x8 would read) and quantized by the same store_x8_groups, FUSED_BLOCK_G groups
-per step of a loop. The norm then runs without FMA contraction too (enable_fp_fusion=False, for the quantization):
-its sum of squares may round differently from rms_norm's in the last bit, so y can differ by an ulp of its dtype;
-xq, scale and qsum are always prepare_x8's of the y it returns. engine.py uses it where the FFN input feeds an
-int8-x sketch_threshold selector when SHADOWSPARSE_FUSED_X8_PREP=1; off by default (the two kernels) until a GPU has
-run its compiled tests and timed it (benchmarks/fused_x8_prep.py alone, scripts/gpu_bench.sh fused-x8 in the step).
-
 dp4a is inline PTX (dp4a.u32.s32); under TRITON_INTERPRET=1 the same sum is computed with shifts and multiplies.
 """
 from __future__ import annotations
@@ -55,7 +41,6 @@ from ..quant import X8_MAX, MidriseCodes, gptq_act_order_codes, quantize_rows_co
 from .common import tl, triton, use_triton
 from .ffn import ACTIVATIONS, apply_act
 from .pdl import pdl_kwargs, pdl_launch_next, pdl_wait
-from .rope_norm import rms_norm
 from .sketch import SketchWords, check_act, check_format, only_segments_, paired_steps, segment_grid
 
 GROUP = 64
@@ -64,7 +49,6 @@ XWORDS = GROUP // 4  # int32 words of int8 x per group
 # benchmarks/sketch_kernel.py times X8_CONFIGS); block_g is capped at G's power of two
 DEFAULTS = {2: (16, 32, 4, 1), 3: (16, 32, 4, 1)}
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # no inline PTX in the interpreter
-FUSED_BLOCK_G = 64  # groups per step of rms_norm_x8's loop over its row (Llama-2-7B's 64: the row in one step)
 
 
 @dataclass
@@ -159,7 +143,6 @@ def sketch_scores_x8_torch(x: torch.Tensor, packed: PackedSketchX8, act: str = "
 
 if triton is not None:
     from .ffn import apply_act_tl
-    from .rope_norm import rms_norm_row  # rms_norm's arithmetic, for the fused norm + prep kernel
     from .sketch import load_words, load_x_groups, pick_word, shr  # the fp32 kernel's word loads and helpers, shared
 
     @triton.jit
@@ -178,12 +161,14 @@ if triton is not None:
         return out
 
     @triton.jit
-    def store_x8_groups(xv, offs_g, mask, t, G, xq_ptr, scale_ptr, qsum_ptr, GROUP: tl.constexpr,
-                        BLOCK_G: tl.constexpr, QMAX: tl.constexpr):
-        """Row t's groups offs_g of x_p, xv (BLOCK_G, GROUP) fp32 (load_x_groups' output), quantized and stored:
-        xq[t, e, g] (int32 of four int8 lanes: q of slots 4e..4e+3), scale[t, g], qsum[t, g] (quantize_x8's
-        numbers; THE ESTIMATE). Both prep kernels end with it, so prepare_x8 and rms_norm_x8 store the same bits
-        (launched with enable_fp_fusion=False: x·inv + 1/2 rounds twice, as in torch)."""
+    def _prep_x8_kernel(x_ptr, perm_ptr, xq_ptr, scale_ptr, qsum_ptr, D, G, HAS_PERM: tl.constexpr,
+                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr):
+        """One row t of x, BLOCK_G groups: xq[t, e, g] (int32 of four int8 lanes: q of slots 4e..4e+3),
+        scale[t, g], qsum[t, g] (quantize_x8's numbers)."""
+        pdl_wait(USE_PDL)
+        t = tl.program_id(0)
+        xv, offs_g, _, mask = load_x_groups(x_ptr, perm_ptr, t, D, G, HAS_PERM, GROUP, BLOCK_G)
+        pdl_launch_next(USE_PDL)
         amax = tl.max(tl.abs(xv), axis=1)  # (BLOCK_G,)
         qmax = tl.full(amax.shape, QMAX, tl.float32)  # quant.X8_MAX
         inv = tl.where(amax > 0, tl.math.div_rn(qmax, tl.maximum(amax, 1e-30)), 0.0)
@@ -196,33 +181,6 @@ if triton is not None:
         tl.store(xq_ptr + t * (GROUP // 4) * G + offs_e[None, :] * G + offs_g[:, None], words, mask=mask)
         tl.store(scale_ptr + t * G + offs_g, tl.math.div_rn(amax, qmax), mask=gmask)
         tl.store(qsum_ptr + t * G + offs_g, tl.sum(q, axis=1), mask=gmask)
-
-    @triton.jit
-    def _prep_x8_kernel(x_ptr, perm_ptr, xq_ptr, scale_ptr, qsum_ptr, D, G, HAS_PERM: tl.constexpr,
-                        GROUP: tl.constexpr, BLOCK_G: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr):
-        """One row t of x (program_id 0), BLOCK_G groups (program_id 1): store_x8_groups' numbers."""
-        pdl_wait(USE_PDL)
-        t = tl.program_id(0)
-        xv, offs_g, _, mask = load_x_groups(x_ptr, perm_ptr, t, tl.program_id(1) * BLOCK_G, D, G, HAS_PERM, GROUP,
-                                            BLOCK_G)
-        pdl_launch_next(USE_PDL)
-        store_x8_groups(xv, offs_g, mask, t, G, xq_ptr, scale_ptr, qsum_ptr, GROUP, BLOCK_G, QMAX)
-
-    @triton.jit
-    def _rms_norm_x8_kernel(x_ptr, w_ptr, y_ptr, perm_ptr, xq_ptr, scale_ptr, qsum_ptr, N, G, eps,
-                            W_FP32: tl.constexpr, BLOCK: tl.constexpr, HAS_PERM: tl.constexpr, GROUP: tl.constexpr,
-                            BLOCK_G: tl.constexpr, QMAX: tl.constexpr, USE_PDL: tl.constexpr):
-        """One row of x: y = rms_norm's row (stored), then prepare_x8 of that row read back from y in act order,
-        BLOCK_G groups at a time: the gather needs y's other channels, which other threads of the program hold,
-        and the barrier makes the program's y stores visible to all its threads (no other program reads them)."""
-        pdl_wait(USE_PDL)
-        row, offs, m, y = rms_norm_row(x_ptr, w_ptr, y_ptr, N, eps, W_FP32, BLOCK)
-        tl.store(y_ptr + row.to(tl.int64) * N + offs, y, mask=m)
-        pdl_launch_next(USE_PDL)
-        tl.debug_barrier()
-        for g0 in range(0, G, BLOCK_G):
-            xv, offs_g, _, mask = load_x_groups(y_ptr, perm_ptr, row, g0, N, G, HAS_PERM, GROUP, BLOCK_G)
-            store_x8_groups(xv, offs_g, mask, row, G, xq_ptr, scale_ptr, qsum_ptr, GROUP, BLOCK_G, QMAX)
 
     @triton.jit
     def _ext(ag, au, wg, wu, MASK: tl.constexpr, x, ASM: tl.constexpr):
@@ -343,46 +301,17 @@ def prepare_x8(x: torch.Tensor, packed: PackedSketchX8,
         words = lanes.sum(-1)
         words = torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
         return words.transpose(1, 2).contiguous(), scale, q.sum(-1).to(torch.int32)
+    xq = torch.empty(B, XWORDS, G, device=x.device, dtype=torch.int32)
+    scale = torch.empty(B, G, device=x.device, dtype=torch.float32)
+    qsum = torch.empty(B, G, device=x.device, dtype=torch.int32)
     block_g = min(triton.next_power_of_2(G), 8)
-    perm, xq, scale, qsum = _x8_outputs(B, G, packed, x.device)
+    perm = packed.perm if packed.perm is not None else xq
     _prep_x8_kernel[(B, triton.cdiv(G, block_g))](x.contiguous(), perm, xq, scale, qsum, d, G,
                                                   HAS_PERM=packed.perm is not None, GROUP=packed.group,
                                                   BLOCK_G=block_g, QMAX=float(X8_MAX), num_warps=4,
                                                   enable_fp_fusion=False,
                                                   **pdl_kwargs(x))  # no FMA: x·inv + 1/2 rounds twice, as in torch
     return xq, scale, qsum
-
-
-def _x8_outputs(B: int, G: int, packed: PackedSketchX8, device) -> tuple:
-    """A prep kernel's permutation argument (packed.perm, or any int32 tensor when there is none: never read)
-    and its outputs for B rows of G groups: xq (B, 16, G) int32, scale (B, G) fp32, qsum (B, G) int32."""
-    xq = torch.empty(B, XWORDS, G, device=device, dtype=torch.int32)
-    scale = torch.empty(B, G, device=device, dtype=torch.float32)
-    qsum = torch.empty(B, G, device=device, dtype=torch.int32)
-    return (packed.perm if packed.perm is not None else xq), xq, scale, qsum
-
-
-def rms_norm_x8(x: torch.Tensor, weight: torch.Tensor, eps: float, packed: PackedSketchX8, backend: str = "auto",
-                out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, tuple]:
-    """rope_norm.rms_norm(x, weight, eps) and prepare_x8 of its output in one kernel: x (..., d) -> (y (..., d)
-    in out_dtype, (xq (n, 16, G), scale (n, G), qsum (n, G)) of y's n rows): the two calls' numbers, y up to an
-    ulp on a GPU, the int8 x always prepare_x8's of the y returned (module docstring, THE FUSED PREP). The torch
-    fallback is the two calls."""
-    d = x.shape[-1]
-    if d != packed.shape[1]:
-        raise ValueError(f"x must be (..., d) with d={packed.shape[1]}, got {tuple(x.shape)}")
-    if not use_triton(x, backend):
-        y = rms_norm(x, weight, eps, backend, out_dtype)
-        return y, prepare_x8(y.reshape(-1, d), packed, backend)
-    xc = x.contiguous()
-    n, G = xc.numel() // d, d // packed.group
-    y = torch.empty(xc.shape, dtype=out_dtype or xc.dtype, device=xc.device)
-    perm, xq, scale, qsum = _x8_outputs(n, G, packed, xc.device)
-    _rms_norm_x8_kernel[(n,)](xc, weight, y, perm, xq, scale, qsum, d, G, eps, W_FP32=weight.dtype == torch.float32,
-                              BLOCK=triton.next_power_of_2(d), HAS_PERM=packed.perm is not None, GROUP=packed.group,
-                              BLOCK_G=min(triton.next_power_of_2(G), FUSED_BLOCK_G), QMAX=float(X8_MAX),
-                              num_warps=8 if d >= 4096 else 4, enable_fp_fusion=False, **pdl_kwargs(xc))
-    return y, (xq, scale, qsum)
 
 
 def score_prepared_x8(xq: torch.Tensor, scale: torch.Tensor, qsum: torch.Tensor, packed: PackedSketchX8,

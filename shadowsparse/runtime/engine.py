@@ -83,7 +83,6 @@ from ..kernels.linear import LAZY_QKV, row_linear, row_linear_t
 from ..kernels.nm24 import compress_24, nm24_linear, nm24_linear_t, prune_24
 from ..kernels.rope_norm import layer_norm, rms_norm, rope_
 from ..kernels.sketch import topk_indices
-from ..kernels.sketch_x8 import rms_norm_x8
 from ..kernels.sparse_input import act_input_sparse_linear, act_mask_input, input_sparse_linear, mask_input
 from .dispatch import path_of, runs_dense as fallback_rule, validate as validate_fallback
 from .cache import InputWindow, StaticKVCache
@@ -102,10 +101,6 @@ KERNEL_TOKENS = 16  # the shared-set kernels take up to 16 token rows per call; 
 # an MoE step with fewer routed (token, expert) slots than experts scores the sketch on its routed experts' rows only;
 # SHADOWSPARSE_MOE_SKETCH_ROUTED=0 scores every expert (the benchmark's A/B)
 MOE_SKETCH_ROUTED = os.environ.get("SHADOWSPARSE_MOE_SKETCH_ROUTED", "1") != "0"
-# SHADOWSPARSE_FUSED_X8_PREP=1: an int8-x sketch_threshold layer's FFN-input norm also makes the sketch's int8 x, one
-# kernel (_ffn_input) instead of rms_norm then prepare_x8. Off by default until a GPU has timed it and run its
-# compiled tests (the interpreter cannot check the kernel's barrier): scripts/gpu_bench.sh fused-x8, A/B
-FUSED_X8_PREP = os.environ.get("SHADOWSPARSE_FUSED_X8_PREP", "0") == "1"
 
 
 @dataclass
@@ -587,36 +582,14 @@ class DecodeEngine:
                                  lw.post_attn_norm_w)
         if not pre:
             x = self._norm(x, lw.norm1_w, lw.norm1_b)
-        h, prepared = self._ffn_input(layer, x, sel, thr_ffn) if pre else (x, None)
+        h = self._norm(x, lw.norm2_w, lw.norm2_b, thresholded=thr_ffn) if pre else x
         if lw.post_ffn_norm_w is None:
-            x = self._ffn(layer, h, x, sel, gi, prepared).view_as(x)  # the residual added inside
+            x = self._ffn(layer, h, x, sel, gi).view_as(x)  # the residual added inside
         else:
             x = self._add_normed(x, self._ffn(layer, h, torch.zeros_like(x), sel, gi).view_as(x), lw.post_ffn_norm_w)
         if not pre:
             x = self._norm(x, lw.norm2_w, lw.norm2_b)
         return x
-
-    def _ffn_input(self, layer, x, sel: Selection | None, thr_ffn):
-        """A pre-norm layer's FFN input: (h (B, T, d) normed, None), or (h, its int8 x (xq, scale, qsum)) made in
-        the same kernel where _fused_x8_sketch allows (kernels/sketch_x8.rms_norm_x8: one launch fewer)."""
-        lw = self.w.layers[layer]
-        packed = self._fused_x8_sketch(layer, x, sel, thr_ffn)
-        if packed is None:
-            return self._norm(x, lw.norm2_w, lw.norm2_b, thresholded=thr_ffn), None
-        return rms_norm_x8(x, lw.norm2_w, self.w.eps, packed, backend=self.cfg.backend, out_dtype=self.dtype)
-
-    def _fused_x8_sketch(self, layer, x, sel: Selection | None, thr_ffn):
-        """The layer's PackedSketchX8 where its FFN-input norm also makes the sketch's int8 x, else None: an int8-x
-        sketch_threshold selector scoring through the kernels, a step of <= KERNEL_TOKENS rows (_ffn_scored's
-        scored path), an RMSNorm whose output goes to the FFN as it is (llama family, no Gemma-2 post-FFN norm, no
-        input threshold), and SHADOWSPARSE_FUSED_X8_PREP not 0."""
-        sel_ffn = self.ffn_selector
-        if not (FUSED_X8_PREP and sel is not None and isinstance(sel_ffn, SketchThresholdFFNSelector)):
-            return None
-        if self.w.family != "llama" or self.w.layers[layer].post_ffn_norm_w is not None or thr_ffn is not None or \
-                x.shape[0] * x.shape[1] > KERNEL_TOKENS:
-            return None
-        return sel_ffn.sketch.prepares_x8(layer, x)
 
     def _add_normed(self, x, y, weight):
         """x + RMSNorm(y) (Gemma-2's sandwich norms: a sub-block's output y (B, T, d) normed before the residual add),
@@ -747,9 +720,8 @@ class DecodeEngine:
             return (out[0] if len(out) == 1 else torch.cat(out)).view(B, T, d)
         return _residual_linear(rf, a.to(lw.o_w.dtype), lw.o_w, lw.o_b).view(B, T, d)
 
-    def _ffn(self, layer, h, resid, sel, gi, prepared: tuple | None = None):
-        """h (B, T, d) the normed input, resid (B, T, d) -> resid + ffn(h), (n, d). prepared: h's int8 x for the
-        sketch_threshold selector, made by the norm (_ffn_input)."""
+    def _ffn(self, layer, h, resid, sel, gi):
+        """h (B, T, d) the normed input, resid (B, T, d) -> resid + ffn(h), (n, d)."""
         lw = self.w.layers[layer]
         hf = h.reshape(-1, h.shape[-1])  # (n, d)
         rf = resid.reshape(-1, h.shape[-1])
@@ -761,7 +733,7 @@ class DecodeEngine:
         if sel is not None and isinstance(self.ffn_selector, VerifyFFNSelector):
             return self._ffn_verify(layer, hf, rf, into)
         if sel is not None and isinstance(self.ffn_selector, SketchThresholdFFNSelector):
-            return self._ffn_scored(layer, hf, rf, into, prepared)
+            return self._ffn_scored(layer, hf, rf, into)
         idx, keep, mask = self._ffn_choice(layer, hf, sel, gi)
         if self.nm24 is not None:
             y = _chunked2(lambda a, b, i: self._ffn_24(layer, a, b, sel, gi, i, into, mask), hf, rf)
@@ -909,21 +881,18 @@ class DecodeEngine:
             return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, out=rf)
         return row_linear_t(a, lw.down_t, rows, lw.b_out, backend=be, residual=rf)
 
-    def _ffn_scored(self, layer, hf, rf, into: bool, prepared: tuple | None = None):
+    def _ffn_scored(self, layer, hf, rf, into: bool):
         """sketch_threshold (ffn_select.SketchThresholdFFNSelector) -> resid + ffn. Up to KERNEL_TOKENS rows: the
         sketch scores every neuron, one kernel computes a = act(gate)·up reading only the gate/up rows of the
         neurons whose estimate passes the layer's threshold (zeros elsewhere), and the input-sparse GEMV reads the
-        down rows of the nonzero a (threshold 0). More rows: every neuron on cuBLAS, each token's others zeroed.
-        prepared: hf's int8 x (xq (n, 16, G) int32, scale (n, G) fp32, qsum (n, G) int32) from the norm kernel
-        (_ffn_input: an int8-x sketch), so the step runs norm -> score -> gate/up -> down, not a prep kernel
-        between the first two: at batch 1 each dependent launch costs a few microseconds, in every gated layer."""
+        down rows of the nonzero a (threshold 0). More rows: every neuron on cuBLAS, each token's others zeroed."""
         lw, sel, be = self.w.layers[layer], self.ffn_selector, self.cfg.backend
         if hf.shape[0] > KERNEL_TOKENS:
             keep = sel.keep(layer, hf)  # (n, F) bool, counted
             a = apply_act(_linear(hf, lw.w_in, lw.b_in), self.w.act)
             a = (a if lw.w_up is None else a * F.linear(hf, lw.w_up)) * keep.to(self.dtype)
             return _add_linear(rf, a, lw.down_w, lw.b_out, into)
-        a = scored_ffn_in(hf, lw.w_in, sel.scores(layer, hf, prepared), sel.threshold(layer), self.w.act, w_up=lw.w_up,
+        a = scored_ffn_in(hf, lw.w_in, sel.scores(layer, hf), sel.threshold(layer), self.w.act, w_up=lw.w_up,
                           b_in=lw.b_in, count=sel.counter(layer), out_dtype=self.dtype, backend=be)  # (n, F)
         kw = dict(out=rf) if into else dict(residual=rf)
         return input_sparse_linear(a, lw.down_t, self.zero_threshold, lw.b_out, backend=be, **kw)

@@ -16,10 +16,9 @@ import torch
 
 import torch.nn.functional as F
 
-from ..kernels.common import use_triton
 from ..kernels.ffn import apply_act
 from ..kernels.sketch import PackedSketch, sketch_scores, topk_indices
-from ..kernels.sketch_x8 import PackedSketchX8, score_prepared_x8, sketch_scores_x8
+from ..kernels.sketch_x8 import PackedSketchX8, sketch_scores_x8
 
 
 def ascending_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -38,23 +37,13 @@ class SketchFFNSelector:
         self.sketches, self.backend, self.act = sketches, backend, act
 
     def scores(self, layer: int, h: torch.Tensor, experts: torch.Tensor | None = None,
-               expert_rows: int = 0, prepared: tuple | None = None) -> torch.Tensor:
+               expert_rows: int = 0) -> torch.Tensor:
         """h (n, d) the normed FFN input -> (n, F) fp32 estimates of |act(gate)·up| (fp32 FFMAs on the GPU, rows
         two at a time; the torch fallback on the unpacked copy elsewhere). An MoE layer may pass the step's routed
-        ``experts`` (m,) and their ``expert_rows`` (F per expert): only those experts' rows are read, 0 elsewhere.
-        prepared: h's int8 x (xq, scale, qsum), made with the norm (sketch_x8.rms_norm_x8, where prepares_x8 said
-        so): only the scoring kernel runs."""
+        ``experts`` (m,) and their ``expert_rows`` (F per expert): only those experts' rows are read, 0 elsewhere."""
         packed = self.sketches[layer]
-        if prepared is not None:
-            return score_prepared_x8(*prepared, packed, act=self.act, segments=experts, segment_rows=expert_rows)
         score = sketch_scores_x8 if isinstance(packed, PackedSketchX8) else sketch_scores
         return score(h, packed, backend=self.backend, act=self.act, segments=experts, segment_rows=expert_rows)
-
-    def prepares_x8(self, layer: int, h: torch.Tensor) -> PackedSketchX8 | None:
-        """The layer's int8-x sketch where its scores would run prepare_x8 on h (the kernels, not the torch
-        fallback), so that the caller may make the int8 x with h itself and pass it as ``prepared``; else None."""
-        packed = self.sketches.get(layer)
-        return packed if isinstance(packed, PackedSketchX8) and use_triton(h, self.backend) else None
 
     def topk(self, layer: int, h: torch.Tensor, k: int) -> torch.Tensor:
         """h (1, d) -> (k,) int32 ascending: one token's k highest-scoring neurons (the bisection top-k kernel on a
@@ -89,9 +78,9 @@ class SketchThresholdFFNSelector:
         self.thresholds = thresholds.float().to(device)
         self.kept = torch.zeros_like(self.thresholds)  # (L,) fp32 kept (token, neuron) pairs
 
-    def scores(self, layer: int, h: torch.Tensor, prepared: tuple | None = None) -> torch.Tensor:
-        """h (n, d) -> (n, F) fp32 estimates (SketchFFNSelector.scores; prepared: h's int8 x, made by the norm)."""
-        return self.sketch.scores(layer, h, prepared=prepared)
+    def scores(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """h (n, d) -> (n, F) fp32 estimates (SketchFFNSelector.scores)."""
+        return self.sketch.scores(layer, h)
 
     def threshold(self, layer: int) -> torch.Tensor:
         """(1,) fp32 on the device: a view, so a captured graph reads the live value."""
