@@ -197,7 +197,7 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     finally:
         for h in hooks:
             h.remove()
-    student.eval().requires_grad_(False)
+    student.to(device).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
     after = held_out(student, teacher, val_ids, cfg)
     summary = {"steps": int(trainer.global_step), "train_tokens": int(trainer.global_step) * cfg.batch_size
                * windows.shape[1], "train_seconds": round(time.time() - t0, 1),
