@@ -210,11 +210,13 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
 
 
 def changed_parameters(student: nn.Module, cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """The parameters distillation trains, by name (what a folder stores)."""
-    probe = copy.deepcopy(student).requires_grad_(False)
-    make_trainable(probe, cfg.train_embeddings)
-    names = {n for n, p in probe.named_parameters() if p.requires_grad}
-    return {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if n in names}
+    """The parameters distillation trains, by name (what a folder stores): make_trainable's choice, read from the
+    embedding modules (the student's own flags are off after training). A tied LM head is the embedding."""
+    frozen = set()
+    if not cfg.train_embeddings:
+        for emb in (student.get_input_embeddings(), student.get_output_embeddings()):
+            frozen |= {id(p) for p in emb.parameters()} if emb is not None else set()
+    return {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if id(p) not in frozen}
 
 
 def save_distilled(student: nn.Module, folder: str | Path, base_fingerprint: dict, cfg: DistillConfig,

@@ -5,6 +5,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from shadowsparse.arch import ModelView
 from shadowsparse.distill import (DistillConfig, attach_topk, distill, keep_top, load_distilled,
@@ -76,6 +77,8 @@ def test_saved_student_round_trips_and_other_models_are_refused(tmp_path):
     cfg = DistillConfig(steps=3, batch_size=4, val_windows=2)
     student, summary = distill(model, windows(12), cfg)
     folder = save_distilled(student, tmp_path / "d", model_fingerprint(model), cfg, summary)
+    stored = load_file(str(folder / "model.safetensors"))
+    assert stored and not any("embed" in k or "lm_head" in k for k in stored)  # the decoder's parameters only
     fresh = tiny_model("llama")
     meta = load_distilled(folder, fresh)
     assert meta["config"]["steps"] == 3
