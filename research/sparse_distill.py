@@ -129,11 +129,11 @@ def main():
         trainer = {"accelerator": "gpu", "precision": "bf16-mixed"} if device == "cuda" else {}
         if "train_seconds" in kv:  # the device call's time limit: keep what was trained
             trainer["max_time"] = {"seconds": int(kv["train_seconds"])}
-        base = model_fingerprint(model)
+        fingerprint = model_fingerprint(model)  # of the base model: a saved student is refused for another
         model, summary = distill(model, train, dcfg, trainer_cfg=trainer)
         emit({"phase": "train", "train_windows": list(train.shape), **summary})
         if "save" in kv:
-            save_distilled(model, kv["save"], base, dcfg, summary)
+            save_distilled(model, kv["save"], fingerprint, dcfg, summary)
     methods = kv.get("methods", "sketch_teal,sketch_threshold").split(",")
     levels = [float(s) for s in kv.get("levels", "0.5,0.6,0.7").split(",")]
     rows = evaluate(model, tok, calib, heldout, "heldout_c4", methods, levels, attn, emit)
