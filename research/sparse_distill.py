@@ -35,14 +35,14 @@ import torch
 
 START = time.time()
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from shadowsparse.accounting import decoder_linear_bytes, linear_bytes_per_token, weight_bytes_skipped  # noqa: E402
+from shadowsparse.accounting import weight_bytes_skipped  # noqa: E402
 from shadowsparse.arch import ModelView  # noqa: E402
 from shadowsparse.config import verify_config, window_spec  # noqa: E402
 from shadowsparse.data import token_windows  # noqa: E402
 from shadowsparse.distill import DistillConfig, distill, load_distilled, save_distilled  # noqa: E402
 from shadowsparse.generation import load_gated  # noqa: E402
 from shadowsparse.llm import LLMConfig, load_llm, load_tokenizer, model_fingerprint  # noqa: E402
-from shadowsparse.teal import projection_inputs  # noqa: E402
+from shadowsparse.teal import input_bytes_skipped  # noqa: E402
 from shadowsparse.verify import sketch_bytes  # noqa: E402
 from research.gpu_predictor import compose  # noqa: E402  (train.yaml composed with overrides)
 
@@ -58,13 +58,10 @@ def bytes_skipped(model, cfg, st: dict, first_layer: int = 1) -> float:
     view = ModelView(model)
     n = view.dims.n_layers - first_layer
     ffn = st["realized_ffn_sparsity"]
-    out = weight_bytes_skipped(view, "verify", {"gated_layers": n, "realized_candidate_sparsity": ffn,
+    ffn_part = weight_bytes_skipped(view, "verify", {"gated_layers": n, "realized_candidate_sparsity": ffn,
                                                 "realized_ffn_sparsity": ffn},
                                sketch_bytes(view, n, verify_config(cfg)))
-    for name, paths in projection_inputs(view).items():
-        s = st.get(f"realized_{name}_sparsity", 0.0)
-        out += sum(s * linear_bytes_per_token(view, p) for p in paths) * n / decoder_linear_bytes(view)
-    return out
+    return ffn_part + input_bytes_skipped(view, st, n)
 
 
 def evaluate(model, tok, calib, windows, name, methods, levels, attn, emit) -> list[dict]:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .arch import ModelView
 from .errors import ConfigError
-from .fitting import warmup_cosine
+from .fitting import trainer_args, warmup_cosine
 
 log = logging.getLogger("shadowsparse")
 FORMAT = 1
@@ -134,13 +134,19 @@ class DistillSystem(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def frozen_parameter_ids(model: nn.Module, train_embeddings: bool) -> set[int]:
+    """ids of the parameters distillation leaves alone: the input embeddings and the LM head unless asked (a tied
+    head is the embedding)."""
+    if train_embeddings:
+        return set()
+    return {id(p) for emb in (model.get_input_embeddings(), model.get_output_embeddings()) if emb is not None
+            for p in emb.parameters()}
+
+
 def make_trainable(model: nn.Module, train_embeddings: bool) -> None:
-    """Every parameter but (unless asked) the input embeddings and the LM head."""
-    model.requires_grad_(True)
-    if not train_embeddings:
-        for emb in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if emb is not None:
-                emb.requires_grad_(False)
+    frozen = frozen_parameter_ids(model, train_embeddings)
+    for p in model.parameters():
+        p.requires_grad_(id(p) not in frozen)
 
 
 @torch.no_grad()
@@ -156,13 +162,10 @@ def sparse_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: Di
 
 
 @torch.no_grad()
-def held_out(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: DistillConfig) -> dict:
-    """KL to the teacher with the training sparsity on, and the student's and teacher's dense LM loss, on (N, T)."""
-    def lm(model, w):
-        return F.cross_entropy(model(input_ids=w).logits[:, :-1].flatten(0, 1).float(), w[:, 1:].flatten())
-    return {"val_dense_lm_loss_student": float(torch.stack([lm(student, w[None]) for w in ids]).mean()),
-            "val_dense_lm_loss_teacher": float(torch.stack([lm(teacher, w[None]) for w in ids]).mean()),
-            "val_kl_sparse": sparse_kl(student, teacher, ids, cfg)}
+def dense_lm_loss(model: nn.Module, ids: torch.Tensor) -> float:
+    """Mean next-token cross-entropy of the model, dense, over windows (N, T)."""
+    losses = [F.cross_entropy(model(input_ids=w[None]).logits[0, :-1].float(), w[1:]) for w in ids]
+    return float(torch.stack(losses).mean())
 
 
 def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: int = 0,
@@ -180,15 +183,14 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     teacher = model.eval()
     student = copy.deepcopy(model)
     train_ids, val_ids = windows[:-cfg.val_windows], windows[-cfg.val_windows:].to(device)
-    before = held_out(student, teacher, val_ids, cfg)
+    kl_before = sparse_kl(student, teacher, val_ids, cfg)
     make_trainable(student, cfg.train_embeddings)
     student.train()
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(train_ids), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(train_ids) >= cfg.batch_size)
-    keep = ("accelerator", "devices", "precision", "log_every_n_steps", "enable_progress_bar", "max_time")
     trainer = L.Trainer(**{"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                           **{k: v for k, v in (trainer_cfg or {}).items() if k in keep}},
+                           **trainer_args(trainer_cfg, also=("max_time",))},
                         max_steps=cfg.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, gradient_clip_val=cfg.grad_clip, limit_val_batches=0)
     hooks = attach_topk(student, cfg.ffn, cfg.attn, cfg.first_layer)
@@ -198,24 +200,22 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
         for h in hooks:
             h.remove()
     student.to(device).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
-    after = held_out(student, teacher, val_ids, cfg)
     summary = {"steps": int(trainer.global_step), "train_tokens": int(trainer.global_step) * cfg.batch_size
-               * windows.shape[1], "train_seconds": round(time.time() - t0, 1),
-               "val_kl_sparse_before": before["val_kl_sparse"], **after}
+               * windows.shape[1], "train_seconds": round(time.time() - t0, 1), "val_kl_sparse_before": kl_before,
+               "val_dense_lm_loss_student": dense_lm_loss(student, val_ids),
+               "val_dense_lm_loss_teacher": dense_lm_loss(teacher, val_ids),
+               "val_kl_sparse": sparse_kl(student, teacher, val_ids, cfg)}
     log.info("distill: %d steps (%d tokens) in %.0f s; held-out KL under ffn %.2f / attn %.2f: %.4f -> %.4f; "
              "dense LM loss %.4f (base %.4f)", summary["steps"], summary["train_tokens"], summary["train_seconds"],
-             cfg.ffn, cfg.attn, before["val_kl_sparse"], after["val_kl_sparse"],
-             after["val_dense_lm_loss_student"], after["val_dense_lm_loss_teacher"])
+             cfg.ffn, cfg.attn, kl_before, summary["val_kl_sparse"], summary["val_dense_lm_loss_student"],
+             summary["val_dense_lm_loss_teacher"])
     return student, summary
 
 
 def changed_parameters(student: nn.Module, cfg: DistillConfig) -> dict[str, torch.Tensor]:
-    """The parameters distillation trains, by name (what a folder stores): make_trainable's choice, read from the
-    embedding modules (the student's own flags are off after training). A tied LM head is the embedding."""
-    frozen = set()
-    if not cfg.train_embeddings:
-        for emb in (student.get_input_embeddings(), student.get_output_embeddings()):
-            frozen |= {id(p) for p in emb.parameters()} if emb is not None else set()
+    """The parameters distillation trains, by name (what a folder stores; the student's own requires_grad flags
+    are off after training)."""
+    frozen = frozen_parameter_ids(student, cfg.train_embeddings)
     return {n: p.detach().cpu().contiguous() for n, p in student.named_parameters() if id(p) not in frozen}
 
 

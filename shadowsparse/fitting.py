@@ -25,6 +25,13 @@ def normalize_scores(s: torch.Tensor, eps: float, over: str = "layer") -> torch.
     return torch.where(flat, 0.0, (z - mean) / (std + 1e-6))
 
 
+def trainer_args(trainer_cfg: dict | None, also: tuple[str, ...] = ()) -> dict:
+    """The device / precision / logging keys of the project's trainer config (and ``also``) for a fine-tune that
+    counts its own steps (LTE, sparse distillation)."""
+    keep = ("accelerator", "devices", "precision", "log_every_n_steps", "enable_progress_bar", "deterministic", *also)
+    return {k: v for k, v in (trainer_cfg or {}).items() if k in keep}
+
+
 def warmup_cosine(warmup: int, total: int, floor: float = 0.0):
     """LambdaLR factor: linear warm-up over ``warmup`` steps (none for 0), then cosine decay from 1 to ``floor`` at
     ``total``."""

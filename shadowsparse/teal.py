@@ -127,15 +127,19 @@ class TealHandle(HookHandle):
                 for n in width}
 
     def weight_bytes_skipped(self) -> float:
-        """Fraction of decoder-linear bytes not read per token: each skipped input channel saves one column of
-        every projection reading it."""
-        from .accounting import decoder_linear_bytes, linear_bytes_per_token
-        view, st = self.view, self.stats()
-        skipped = 0.0
-        for name, paths in projection_inputs(view).items():
-            for path in paths:
-                skipped += st[f"realized_{name}_sparsity"] * linear_bytes_per_token(view, path)
-        return skipped * (view.dims.n_layers - self.first_layer) / decoder_linear_bytes(view)
+        return input_bytes_skipped(self.view, self.stats(), self.view.dims.n_layers - self.first_layer)
+
+
+def input_bytes_skipped(view: ModelView, stats: dict, gated_layers: int) -> float:
+    """Fraction of decoder-linear bytes not read per token from the realized input sparsities in ``stats``
+    (``realized_<input>_sparsity``; an input without one is dense): each skipped input channel saves one column of
+    every projection reading it."""
+    from .accounting import decoder_linear_bytes, linear_bytes_per_token
+    skipped = 0.0
+    for name, paths in projection_inputs(view).items():
+        for path in paths:
+            skipped += stats.get(f"realized_{name}_sparsity", 0.0) * linear_bytes_per_token(view, path)
+    return skipped * gated_layers / decoder_linear_bytes(view)
 
 
 

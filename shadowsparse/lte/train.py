@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..arch import ModelView
 from ..errors import ConfigError
-from ..fitting import warmup_cosine
+from ..fitting import trainer_args, warmup_cosine
 from ..gating import GatingConfig, attach_gating
 from ..moe import router_of
 from .artifact import LTEArtifact
@@ -145,12 +145,6 @@ def changed_weights(model: nn.Module, cfg: LTEConfig) -> tuple[dict, dict]:
                               module.lora_B["default"].weight.detach().cpu().clone(),  # (out, r)
                               float(module.scaling["default"]))
     return {}, adapters
-
-
-def trainer_args(trainer_cfg: dict | None) -> dict:
-    """The device / precision / logging keys of the project's trainer config; steps are LTE's own."""
-    keep = ("accelerator", "devices", "precision", "log_every_n_steps", "enable_progress_bar", "deterministic")
-    return {k: v for k, v in (trainer_cfg or {}).items() if k in keep}
 
 
 def train_lte(model: nn.Module, windows: torch.Tensor, cfg: LTEConfig, first_layer: int, seed: int = 0,
