@@ -15,7 +15,7 @@ thresholds from the calibration windows, as for any model) and evaluated through
 usage (repository root):
     python research/sparse_distill.py OUT [ffn=0.6] [attn=0.3] [steps=200] [batch=8] [seq=256] [lr=5e-5]
         [warmup=10] [train_seconds=S] [device=cpu] [screen=16] [wiki=0] [levels=0.5,0.6,0.7]
-        [methods=sketch_teal,sketch_threshold] [save=DIR] [load=DIR]
+        [methods=sketch_teal,sketch_threshold] [save=DIR] [load=DIR] [stacks=SECONDS]
 
 The fine-tune is shadowsparse/distill.py (Lightning; bf16-mixed on CUDA). Rows go to OUT/results.jsonl: the
 training summary (held-out KL before and after), then each method x level on held-out C4, then with wiki=N the
@@ -25,6 +25,7 @@ weights, no training).
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
 import sys
@@ -98,6 +99,8 @@ def main():
     device, ffn, attn = kv.get("device", "cpu"), float(kv.get("ffn", 0.6)), float(kv.get("attn", 0.3))
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
+    if "stacks" in kv:  # every N seconds, where every thread is (a slow step found without a profiler)
+        faulthandler.dump_traceback_later(int(kv["stacks"]), repeat=True, file=(out / "stacks.txt").open("w"))
 
     def emit(row):
         row = {**row, "t": round(time.time() - START, 1)}
@@ -131,7 +134,9 @@ def main():
         emit({"phase": "train", "train_windows": list(train.shape), **summary})
         if "save" in kv:
             save_distilled(model, kv["save"], fingerprint, dcfg, summary)
-    methods = kv.get("methods", "sketch_teal,sketch_threshold").split(",")
+    methods = [m for m in kv.get("methods", "sketch_teal,sketch_threshold").split(",") if m]
+    if not methods:  # methods= (empty): train and save only; a later process evaluates with load=DIR
+        return
     levels = [float(s) for s in kv.get("levels", "0.5,0.6,0.7").split(",")]
     rows = evaluate(model, tok, calib, heldout, "heldout_c4", methods, levels, attn, emit)
     chosen = picks(rows, base, float(kv.get("bar", 1.05)))

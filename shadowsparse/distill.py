@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -259,3 +260,79 @@ def load_distilled(folder: str | Path, model: nn.Module) -> dict:
     for n, v in weights.items():
         params[n].copy_(v.to(params[n].device, params[n].dtype))
     return meta
+
+
+# ---- the pipeline's stage: stages.distill=true trains <run>/distilled/; a run directory that has it loads it ----
+
+DISTILLED_DIR = "distilled"  # in a run directory
+RUN_KEYS = ("seq_len", "n_windows", "split")  # the distill node's keys that cut the training text, not DistillConfig's
+
+
+def distill_config(cfg) -> DistillConfig:
+    """DistillConfig from the composed config's distill node."""
+    from omegaconf import OmegaConf
+    node = OmegaConf.to_container(cfg.distill, resolve=True)
+    return DistillConfig(**{k: v for k, v in node.items() if k not in RUN_KEYS})
+
+
+def validate_distill(cfg) -> None:
+    """Checks before any model loads (pipeline.validate): the config's values, and no static mask with it."""
+    if not cfg.stages.get("distill"):
+        return
+    distill_config(cfg).validate()
+    node = cfg.distill
+    if node.seq_len < 2 or (node.n_windows is not None and node.n_windows <= node.val_windows):
+        raise ConfigError(f"distill.seq_len must be >= 2 and distill.n_windows null or > distill.val_windows="
+                          f"{node.val_windows}; got seq_len={node.seq_len} n_windows={node.n_windows}")
+    if cfg.sparsity.metric:
+        raise ConfigError("stages.distill fine-tunes every decoder weight, which would refill a static sparsity mask; "
+                          "run it without sparsity= (sparsity=none), or the static mask without stages.distill")
+
+
+def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
+                  eval_windows: torch.Tensor | None = None) -> tuple[nn.Module, dict]:
+    """Distill ``model`` on the calibration text's source and save the student to <run>/distilled/ -> (the student,
+    the metrics); the base model is dropped by the caller (the student replaces it for every later stage).
+    eval_windows (N, T): the base model's dense perplexity on them is recorded (distill/eval_ppl_base), since the
+    evaluation's dense row is then the student's own."""
+    from omegaconf import OmegaConf
+
+    from .data import TextSource, WindowSpec, token_windows
+    from .llm import model_fingerprint
+    dcfg = distill_config(cfg)
+    want = cfg.distill.n_windows or dcfg.steps * dcfg.batch_size + dcfg.val_windows
+    source = OmegaConf.to_container(cfg.data.calib.source, resolve=True)
+    source = TextSource(**{**source, **({"split": cfg.distill.split} if cfg.distill.split else {})})
+    windows = token_windows(tok, WindowSpec(cfg.distill.seq_len, want, source), "distill")
+    if len(windows) < want:
+        log.warning("distill: the calibration text holds %d windows of %d tokens, fewer than the %d asked; the "
+                    "steps revisit them", len(windows), cfg.distill.seq_len, want)
+    fingerprint = model_fingerprint(model)  # the base model's: load_distilled refuses the folder for another
+    student, summary = distill(model, windows, dcfg, seed=cfg.seed,
+                               trainer_cfg=OmegaConf.to_container(cfg.trainer, resolve=True))
+    if eval_windows is not None:
+        summary["eval_ppl_base"] = dense_perplexity(model, eval_windows)
+        summary["eval_ppl_student"] = dense_perplexity(student, eval_windows)
+        log.info("distill: dense perplexity on the evaluation text, base %.4f, distilled %.4f",
+                 summary["eval_ppl_base"], summary["eval_ppl_student"])
+    save_distilled(student, run_dir / DISTILLED_DIR, fingerprint, dcfg, summary)
+    return student, {f"distill/{k}": v for k, v in summary.items()}
+
+
+def dense_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp of the mean next-token NLL over windows (N, T), one window at a time (perplexity.window_nll)."""
+    from .perplexity import window_nll
+    device = next(model.parameters()).device
+    nll = sum(window_nll(model, w[None].to(device)) for w in windows)
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+
+
+def load_run_distilled(run_dir: Path, model: nn.Module) -> bool:
+    """Swap in the run's distilled weights if the run has them (<run>/distilled/) -> whether it did."""
+    folder = Path(run_dir) / DISTILLED_DIR
+    if not folder.exists():
+        return False
+    summary = load_distilled(folder, model).get("summary") or {}
+    log.info("distill: the model is the run's distilled one (%s; held-out KL %s -> %s)", folder,
+             summary.get("val_kl_sparse_before"), summary.get("val_kl_sparse"))
+    return True

@@ -220,6 +220,8 @@ def _open(source, device, tokenizer, overrides: list[str]):
         llm.update(seed=cfg.get("seed", 0), **({"device": device} if device else {}))
         model, tok = load_llm(LLMConfig(**llm))
         _run_static_mask(cfg, model, tok, run_dir)
+        from .distill import load_run_distilled
+        load_run_distilled(run_dir, model)  # a run made with stages.distill gates its fine-tuned model
         return cfg, model, tok, run_dir
     if tokenizer is None:
         raise ConfigError("load_gated(model, ...) needs tokenizer= (the model's tokenizer)")

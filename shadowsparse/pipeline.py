@@ -179,6 +179,8 @@ def validate(cfg: DictConfig) -> None:
                          else [])
     from .lte import validate_lte
     validate_lte(cfg)
+    from .distill import validate_distill
+    validate_distill(cfg)
     if "lte" in cfg.evaluate.methods and cfg.sparsity.metric:
         raise ConfigError("lte fine-tunes the decoder weights, which would refill a static sparsity mask; evaluate lte "
                           "without sparsity= (sparsity=none), or the static mask with the other methods")
@@ -254,8 +256,14 @@ def run(cfg: DictConfig) -> dict:
     check_context(model, {**({} if cfg.data.calib.get("task") else {"data.calib.seq_len": cfg.data.calib.seq_len}),
                           **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {})})
     static = stage_sparsify(cfg, model, tok, run_dir)
-    targets_dir = targets_dir_for(cfg, model)
     metrics: dict = {}
+    from .distill import load_run_distilled, stage_distill
+    if cfg.stages.distill:  # the student replaces the model for every later stage (and their artifacts' keys)
+        model, distilled = stage_distill(cfg, model, tok, run_dir, eval_windows)
+        metrics.update(distilled)
+    else:
+        load_run_distilled(run_dir, model)  # a run directory that holds a distilled model evaluates it
+    targets_dir = targets_dir_for(cfg, model)
     if cfg.stages.collect:
         stage_collect(cfg, model, tok, targets_dir)
     if cfg.stages.fit and needs_predictor(cfg):

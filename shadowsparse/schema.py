@@ -109,6 +109,23 @@ class PredictorNode:
     fit: FitNode = field(default_factory=FitNode)
 
 
+@dataclass
+class DistillNode:  # shadowsparse.distill.DistillConfig (validate() checks the values), plus the training text's cut
+    ffn: float = 0.7
+    attn: float = 0.3
+    first_layer: int = 1
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 5.0e-5
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    val_windows: int = 4
+    train_embeddings: bool = False
+    seq_len: int = 256
+    n_windows: Optional[int] = None
+    split: Optional[str] = None
+
+
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(group="gating", name="gating_schema", node=GatingNode)
@@ -116,6 +133,7 @@ def register_schemas() -> None:
     cs.store(group="data", name="data_schema", node=DataNode)
     cs.store(group="targets", name="targets_schema", node=TargetsNode)
     cs.store(group="predictor", name="predictor_schema", node=PredictorNode)
+    cs.store(group="distill", name="distill_schema", node=DistillNode)
 
 
 register_schemas()

@@ -105,3 +105,32 @@ def test_too_few_windows_and_moe_models_are_refused():
         distill(tiny_model("llama"), windows(4), DistillConfig(val_windows=4))
     with pytest.raises(ConfigError, match="mixture-of-experts"):
         attach_topk(tiny_model("mixtral"), 0.5, 0.0)
+
+
+def test_pipeline_stage_trains_saves_and_a_run_directory_reloads_the_student(tmp_path):
+    """stages.distill=true: the student replaces the model for every later stage (its dense row is the student's),
+    <run>/distilled/ holds it, and both a rerun of the evaluation alone and load_gated(run_dir) gate it again."""
+    from shadowsparse.generation import load_gated
+    from shadowsparse.pipeline import run
+    from tests.conftest import compose
+
+    def cfg(*extra):
+        return compose("experiment=smoke", f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
+                       "distill.steps=3", "distill.batch_size=2", "distill.seq_len=32", "distill.lr=1e-3",
+                       "evaluate.methods=[dense,sketch_teal]", "gating.levels=[{ffn:0.5,heads:0.0}]", *extra)
+    metrics = run(cfg("stages.distill=true"))
+    assert (tmp_path / "run" / "distilled" / "model.safetensors").exists()
+    assert metrics["distill/steps"] == 3
+    dense = metrics["dense/ppl@ffn0.00_heads0.00"]
+    assert dense == pytest.approx(metrics["distill/eval_ppl_student"], rel=1e-6)
+    assert abs(dense - metrics["distill/eval_ppl_base"]) > 1e-3 * dense  # the base model is not what was evaluated
+    again = run(cfg("stages.collect=false", "stages.fit=false", "evaluate.methods=[dense]"))
+    assert again["dense/ppl@ffn0.00_heads0.00"] == pytest.approx(dense, rel=1e-6)
+    from omegaconf import OmegaConf
+    (tmp_path / "run" / ".hydra").mkdir()  # what train.py's Hydra run leaves: the run's config
+    OmegaConf.save(cfg("stages.distill=true"), tmp_path / "run" / ".hydra" / "config.yaml")
+    g = load_gated(str(tmp_path / "run"), method="dense", engine="hooks", device="cpu")
+    from shadowsparse.config import window_spec
+    from shadowsparse.data import token_windows
+    ids = token_windows(g.tok, window_spec(cfg().data.eval), "data.eval")
+    assert g.perplexity(ids) == pytest.approx(dense, rel=1e-4)
