@@ -308,8 +308,11 @@ def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
         log.warning("distill: the calibration text holds %d windows of %d tokens, fewer than the %d asked; the "
                     "steps revisit them", len(windows), cfg.distill.seq_len, want)
     fingerprint = model_fingerprint(model)  # the base model's: load_distilled refuses the folder for another
-    student, summary = distill(model, windows, dcfg, seed=cfg.seed,
-                               trainer_cfg=OmegaConf.to_container(cfg.trainer, resolve=True))
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer.get("devices") not in (None, 1, "auto"):
+        log.info("distill: trains on one device (trainer.devices=%s is for the predictor's fit)", trainer["devices"])
+    trainer["devices"] = 1  # a multi-process launch would re-run the whole pipeline in every process
+    student, summary = distill(model, windows, dcfg, seed=cfg.seed, trainer_cfg=trainer)
     if eval_windows is not None:
         summary["eval_ppl_base"] = dense_perplexity(model, eval_windows)
         summary["eval_ppl_student"] = dense_perplexity(student, eval_windows)

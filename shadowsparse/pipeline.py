@@ -258,11 +258,13 @@ def run(cfg: DictConfig) -> dict:
     static = stage_sparsify(cfg, model, tok, run_dir)
     metrics: dict = {}
     from .distill import load_run_distilled, stage_distill
-    if cfg.stages.distill:  # the student replaces the model for every later stage (and their artifacts' keys)
+    if cfg.stages.distill and is_rank_zero():  # the student replaces the model for every later stage
         model, distilled = stage_distill(cfg, model, tok, run_dir, eval_windows)
         metrics.update(distilled)
-    else:
-        load_run_distilled(run_dir, model)  # a run directory that holds a distilled model evaluates it
+    elif not load_run_distilled(run_dir, model) and cfg.stages.distill:  # a rank Lightning launched loads rank 0's
+        raise ConfigError("stages.distill under a launcher that starts every rank at once (torchrun, SLURM): run "
+                          "the distill stage in one process first (stages.collect=false stages.fit=false "
+                          "stages.evaluate=false), then the multi-process stages on the same paths.output_dir")
     targets_dir = targets_dir_for(cfg, model)
     if cfg.stages.collect:
         stage_collect(cfg, model, tok, targets_dir)

@@ -134,3 +134,24 @@ def test_pipeline_stage_trains_saves_and_a_run_directory_reloads_the_student(tmp
     from shadowsparse.data import token_windows
     ids = token_windows(g.tok, window_spec(cfg().data.eval), "data.eval")
     assert g.perplexity(ids) == pytest.approx(dense, rel=1e-4)
+
+
+def test_a_launched_rank_loads_rank_zeros_student_and_never_trains(tmp_path, monkeypatch):
+    """A process Lightning launches for a multi-process stage re-runs the pipeline with stages.distill=true: it must
+    load the student rank 0 saved (not train another into the same folder); without one (torchrun starts every
+    rank at once) it is refused with the fix."""
+    from shadowsparse.pipeline import run
+    from tests.conftest import compose
+
+    def cfg(out, *extra):
+        return compose("experiment=smoke", f"paths.output_dir={out}", f"paths.cache_dir={tmp_path}/cache",
+                       "distill.steps=2", "distill.batch_size=2", "distill.seq_len=32", "stages.distill=true",
+                       "stages.collect=false", "stages.fit=false", "stages.evaluate=false", *extra)
+    made = run(cfg(tmp_path / "run"))
+    assert made["distill/steps"] == 2
+    stamp = (tmp_path / "run" / "distilled" / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert "distill/steps" not in run(cfg(tmp_path / "run"))
+    assert (tmp_path / "run" / "distilled" / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="run the distill stage in one process first"):
+        run(cfg(tmp_path / "other"))
