@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .arch import ModelView
+from .partial_forward import forward_until
 
 
 def ffn_input_module(view: ModelView, layer: int):
@@ -60,34 +61,17 @@ def record_ffn_io(model, windows: torch.Tensor, layers: list[int], out_dir: str 
         hooks.append(view.layer(l).register_forward_pre_hook(put(("h", l)), with_kwargs=True))
     last = max([*layers, *layer_inputs])
     body = view.model.base_model  # the decoder without its LM head (model, transformer, gpt_neox, ...)
-    stop = _StopAfter(view.layer(last))
     try:
-        for i in tqdm(range(len(windows)), desc=desc, unit="win"):
-            try:
-                body(input_ids=windows[i:i + 1].to(next(model.parameters()).device))
-            except _Stop:
-                pass  # nothing after the last recorded layer is needed
+        for i in tqdm(range(len(windows)), desc=desc, unit="win"):  # nothing after the last recorded layer is needed
+            forward_until(body, windows[i:i + 1].to(next(model.parameters()).device), view.layer(last))
             pos[0] += T
     finally:
         for h in hooks:
             h.remove()
-        stop.remove()
     for m in mm.values():
         m.flush()
     (out / "meta.json").write_text(json.dumps(meta))
     return meta
-
-
-class _Stop(Exception):
-    pass
-
-
-class _StopAfter:
-    def __init__(self, module):
-        self.h = module.register_forward_hook(lambda m, a, o: (_ for _ in ()).throw(_Stop()))
-
-    def remove(self):
-        self.h.remove()
 
 
 def load_layer(out_dir: str | Path, kind: str, layer: int, rows: slice | None = None) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 from .arch import ModelView
 from .errors import ConfigError
 from .ffn_io import ffn_input_module
+from .partial_forward import forward_until
 
 
 def quantize_rows(w: torch.Tensor, bits: int, group: int, mode: str = "midrise") -> torch.Tensor:
@@ -185,8 +186,8 @@ def ffn_input_hessians(model, windows: torch.Tensor, layers: list[int]) -> dict[
     hooks = [ffn_input_module(view, l).register_forward_pre_hook(lambda m, a, l=l: add(m, a, l)) for l in layers]
     device = next(model.parameters()).device
     try:
-        for ids in windows.split(1):
-            model(input_ids=ids.to(device))
+        for ids in windows.split(1):  # the layers after the last one read, the final norm and LM head: not run
+            forward_until(model, ids.to(device), view.layer(max(layers)))
     finally:
         for h in hooks:
             h.remove()

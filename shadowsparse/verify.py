@@ -31,6 +31,7 @@ from .errors import ConfigError
 from .ffn_io import ffn_input_module
 from .gating import GatingConfig, ScoreSource, n_keep, only_routed, topk_mask
 from .layer_levels import depth_levels, ffn_sensitivity, sensitivity_levels
+from .partial_forward import forward_until
 from .quant import gptq_act_order, quantize_rows, x8_grid
 
 log = logging.getLogger("shadowsparse")
@@ -265,8 +266,8 @@ class SketchThresholdScores(VerifyScores):
         hooks = src.attach(view, GatingConfig(ffn_sparsity=0.0, head_sparsity=0.0, first_layer=first_layer))
         device = next(model.parameters()).device
         try:
-            for i in range(len(windows)):
-                model(input_ids=windows[i:i + 1].to(device))
+            for i in range(len(windows)):  # up to the last gated layer: the LM head's logits are not read
+                forward_until(model, windows[i:i + 1].to(device), view.layer(view.dims.n_layers - 1))
         finally:
             for h in hooks:
                 h.remove()

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from ..arch import ModelView
 from ..errors import ConfigError
 from ..moe import dense_ffn_only, expert_paths, fold_expert_perm_
+from ..partial_forward import StopForward
 from .esparse import DEFAULTS as ESPARSE_DEFAULTS
 from .esparse import channel_importance, shuffle_for
 from .allocation import ALLOCATIONS, hutchinson_traces, outlier_ratio, sensitivity_scores, spread
@@ -103,10 +104,6 @@ def matrix_kind(path: str) -> str:
     return parts[-2] if parts[-1].isdigit() else parts[-1]
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def record_layer_calls(model, view: ModelView, windows: torch.Tensor,
                        batch_size: int) -> list[tuple[torch.Tensor, list]]:
@@ -125,7 +122,7 @@ def record_layer_calls(model, view: ModelView, windows: torch.Tensor,
                 calls.append([])
             calls[-1].append((tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
             if i == view.dims.n_layers - 1:
-                raise _Stop  # the final norm and the LM head are not needed
+                raise StopForward  # the final norm and the LM head are not needed
         return hook
 
     handles = [view.layer(i).register_forward_pre_hook(grab(i), with_kwargs=True) for i in range(view.dims.n_layers)]
@@ -134,7 +131,7 @@ def record_layer_calls(model, view: ModelView, windows: torch.Tensor,
         for ids in windows.split(batch_size):
             try:
                 model(input_ids=ids.to(device), use_cache=False)
-            except _Stop:
+            except StopForward:
                 pass
     finally:
         for h in handles:
