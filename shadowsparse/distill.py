@@ -180,9 +180,14 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
         raise ConfigError(f"distill needs (N, T) token windows with N > distill.val_windows={cfg.val_windows}, got "
                           f"{tuple(windows.shape)}; give more calibration text")
     t0 = time.time()
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    if ModelView(model).dims.experts:  # before the copy (attach_topk says the same)
+        raise ConfigError("sparse distillation gates dense FFNs; this model has mixture-of-experts layers "
+                          "(use lte for MoE models)")
     teacher = model.eval()
-    student = copy.deepcopy(model)
+    # an fp16/bf16 model trains as an fp32 copy (AdamW's small steps vanish in half precision, fp16 overflows) and
+    # is cast back at the end; the teacher stays as loaded
+    student = copy.deepcopy(model).float()
     train_ids, val_ids = windows[:-cfg.val_windows], windows[-cfg.val_windows:].to(device)
     kl_before = sparse_kl(student, teacher, val_ids, cfg)
     make_trainable(student, cfg.train_embeddings)
@@ -190,8 +195,11 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     torch.manual_seed(seed)
     loader = DataLoader(TensorDataset(train_ids), batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed), drop_last=len(train_ids) >= cfg.batch_size)
-    trainer = L.Trainer(**{"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
-                           **trainer_args(trainer_cfg, also=("max_time",))},
+    args = trainer_args(trainer_cfg, also=("max_time",))
+    accelerator = "gpu" if device.type == "cuda" else "cpu"  # where the model is, whatever the trainer config says
+    if args.get("accelerator", accelerator) != accelerator:
+        log.info("distill: trains on the model's device (%s), not trainer.accelerator=%s", device, args["accelerator"])
+    trainer = L.Trainer(**{"devices": 1, "enable_progress_bar": False, **args, "accelerator": accelerator},
                         max_steps=cfg.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, gradient_clip_val=cfg.grad_clip, limit_val_batches=0)
     hooks = attach_topk(student, cfg.ffn, cfg.attn, cfg.first_layer)
@@ -200,7 +208,7 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     finally:
         for h in hooks:
             h.remove()
-    student.to(device).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
+    student.to(device, dtype).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
     summary = {"steps": int(trainer.global_step), "train_tokens": int(trainer.global_step) * cfg.batch_size
                * windows.shape[1], "train_seconds": round(time.time() - t0, 1), "val_kl_sparse_before": kl_before,
                "val_dense_lm_loss_student": dense_lm_loss(student, val_ids),
@@ -235,12 +243,12 @@ def save_distilled(student: nn.Module, folder: str | Path, base_fingerprint: dic
 
 
 @torch.no_grad()
-def load_distilled(folder: str | Path, model: nn.Module) -> dict:
+def load_distilled(folder: str | Path, model: nn.Module, fix: str | None = None) -> dict:
     """Swap a distilled folder's parameters into ``model`` (the base model it was made from; another is refused).
-    Returns the folder's distill.json."""
+    Returns the folder's distill.json. ``fix``: what the error messages tell the user to do."""
     from .llm import check_fingerprint
     folder = Path(folder)
-    fix = "distill the model again (research/sparse_distill.py) or copy the whole folder"
+    fix = fix or "distill the model again (research/sparse_distill.py) or copy the whole folder"
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -284,6 +292,12 @@ def validate_distill(cfg) -> None:
     if node.seq_len < 2 or (node.n_windows is not None and node.n_windows <= node.val_windows):
         raise ConfigError(f"distill.seq_len must be >= 2 and distill.n_windows null or > distill.val_windows="
                           f"{node.val_windows}; got seq_len={node.seq_len} n_windows={node.n_windows}")
+    from .distributed import launched_all_at_once
+    if launched_all_at_once():
+        raise ConfigError("stages.distill under a launcher that starts every rank at once (torchrun, SLURM): run the "
+                          "distill stage in one process first (stages.collect=false stages.fit=false "
+                          "stages.evaluate=false), then launch the multi-process stages on the same paths.output_dir "
+                          "with stages.distill=false (they load its distilled/)")
     if cfg.sparsity.metric:
         raise ConfigError("stages.distill fine-tunes every decoder weight, which would refill a static sparsity mask; "
                           "run it without sparsity= (sparsity=none), or the static mask without stages.distill")
@@ -303,11 +317,17 @@ def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
     want = cfg.distill.n_windows or dcfg.steps * dcfg.batch_size + dcfg.val_windows
     source = OmegaConf.to_container(cfg.data.calib.source, resolve=True)
     source = TextSource(**{**source, **({"split": cfg.distill.split} if cfg.distill.split else {})})
-    windows = token_windows(tok, WindowSpec(cfg.distill.seq_len, want, source), "distill")
+    text = {"seq_len": cfg.distill.seq_len, "n_windows": want, "source": OmegaConf.to_container(
+        cfg.data.calib.source, resolve=True), "split": cfg.distill.split, "seed": cfg.seed}
+    fingerprint = model_fingerprint(model)  # the base model's: load_distilled refuses the folder for another
+    reused = reusable(run_dir / DISTILLED_DIR, fingerprint, dcfg, text)
+    if reused is not None:  # a rerun of the same run (e.g. after a later stage failed): the same student
+        log.info("distill: reusing %s (same base model, settings and text)", run_dir / DISTILLED_DIR)
+        return model, load_run_distilled(run_dir, model)
+    windows = token_windows(tok, WindowSpec(cfg.distill.seq_len, want, source), "data.calib")
     if len(windows) < want:
         log.warning("distill: the calibration text holds %d windows of %d tokens, fewer than the %d asked; the "
                     "steps revisit them", len(windows), cfg.distill.seq_len, want)
-    fingerprint = model_fingerprint(model)  # the base model's: load_distilled refuses the folder for another
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer.get("devices") not in (None, 1, "auto"):
         log.info("distill: trains on one device (trainer.devices=%s is for the predictor's fit)", trainer["devices"])
@@ -318,8 +338,22 @@ def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
         summary["eval_ppl_student"] = dense_perplexity(student, eval_windows)
         log.info("distill: dense perplexity on the evaluation text, base %.4f, distilled %.4f",
                  summary["eval_ppl_base"], summary["eval_ppl_student"])
+    summary["text"] = text
     save_distilled(student, run_dir / DISTILLED_DIR, fingerprint, dcfg, summary)
-    return student, {f"distill/{k}": v for k, v in summary.items()}
+    return student, {f"distill/{k}": v for k, v in summary.items() if k != "text"}
+
+
+def reusable(folder: Path, fingerprint: dict, dcfg: DistillConfig, text: dict) -> dict | None:
+    """The summary of a finished student in ``folder`` made from this base model with these settings and this
+    training text, else None (then it is trained again and replaced)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    summary = meta.get("summary") if isinstance(meta, dict) else None
+    same = (isinstance(summary, dict) and meta.get("format") == FORMAT and meta.get("config") == asdict(dcfg)
+            and summary.get("text") == text and (meta.get("model") or {}).get("hash") == fingerprint["hash"])
+    return summary if same and (folder / WEIGHTS).exists() else None
 
 
 def dense_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
@@ -330,12 +364,15 @@ def dense_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
-def load_run_distilled(run_dir: Path, model: nn.Module) -> bool:
-    """Swap in the run's distilled weights if the run has them (<run>/distilled/) -> whether it did."""
+def load_run_distilled(run_dir: Path, model: nn.Module) -> dict | None:
+    """Swap in the run's distilled weights if the run has them (<run>/distilled/) -> its metrics (distill/...), or
+    None without a folder."""
     folder = Path(run_dir) / DISTILLED_DIR
     if not folder.exists():
-        return False
-    summary = load_distilled(folder, model).get("summary") or {}
+        return None
+    fix = (f"delete '{folder}' and rerun with stages.distill=true, or give a fresh paths.output_dir "
+           "(a run directory's distilled/ is loaded whenever its model is)")
+    summary = load_distilled(folder, model, fix).get("summary") or {}
     log.info("distill: the model is the run's distilled one (%s; held-out KL %s -> %s)", folder,
              summary.get("val_kl_sparse_before"), summary.get("val_kl_sparse"))
-    return True
+    return {f"distill/{k}": v for k, v in summary.items() if k != "text"}

@@ -24,6 +24,12 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
 
 
+def launched_all_at_once() -> bool:
+    """Whether a launcher started this process together with the other ranks (torchrun, SLURM), rather than
+    Lightning's launcher starting them from rank 0's own process when a stage needs them."""
+    return "RANK" in os.environ or (int(os.environ.get("SLURM_NTASKS", 1)) > 1 and "SLURM_PROCID" in os.environ)
+
+
 def fit_only_targets() -> str | None:
     """The targets folder when this process was launched for the predictor training alone (rank > 0), else None."""
     return os.environ.get(FIT_TARGETS_ENV) if not is_rank_zero() else None

@@ -29,10 +29,10 @@ def stop_after(module: nn.Module):
 
 
 def forward_until(model: nn.Module, ids: torch.Tensor, last: nn.Module, **kwargs) -> None:
-    """model(input_ids=ids, use_cache=False, **kwargs), ended once ``last`` has run; the caller's hooks keep what
-    they read (the output is not computed)."""
+    """model(input_ids=ids, **kwargs), ended once ``last`` has run; the caller's hooks keep what they read (the
+    output is not computed)."""
     with stop_after(last):
         try:
-            model(input_ids=ids, use_cache=False, **kwargs)
+            model(input_ids=ids, **kwargs)
         except StopForward:
             pass

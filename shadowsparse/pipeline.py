@@ -254,17 +254,24 @@ def run(cfg: DictConfig) -> dict:
     eval_windows = token_windows(tok, window_spec(cfg.data.eval), "data.eval") if cfg.stages.evaluate else None
     model, tok = load_llm(llm_cfg, tokenizer=tok)
     check_context(model, {**({} if cfg.data.calib.get("task") else {"data.calib.seq_len": cfg.data.calib.seq_len}),
-                          **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {})})
+                          **({"data.eval.seq_len": cfg.data.eval.seq_len} if cfg.stages.evaluate else {}),
+                          **({"distill.seq_len": cfg.distill.seq_len} if cfg.stages.distill else {})})
     static = stage_sparsify(cfg, model, tok, run_dir)
     metrics: dict = {}
     from .distill import load_run_distilled, stage_distill
     if cfg.stages.distill and is_rank_zero():  # the student replaces the model for every later stage
         model, distilled = stage_distill(cfg, model, tok, run_dir, eval_windows)
+    else:  # a run directory with distilled/ evaluates it; a rank Lightning launched loads the one rank 0 saved
+        distilled = load_run_distilled(run_dir, model)
+        if distilled is None and cfg.stages.distill:
+            raise ConfigError(f"this rank found no distilled model in '{run_dir}' (rank 0 saves it before launching "
+                              "the others); run stages.distill=true in one process first, then the multi-process "
+                              "stages with stages.distill=false on the same paths.output_dir")
+    if distilled is not None:
         metrics.update(distilled)
-    elif not load_run_distilled(run_dir, model) and cfg.stages.distill:  # a rank Lightning launched loads rank 0's
-        raise ConfigError("stages.distill under a launcher that starts every rank at once (torchrun, SLURM): run "
-                          "the distill stage in one process first (stages.collect=false stages.fit=false "
-                          "stages.evaluate=false), then the multi-process stages on the same paths.output_dir")
+        # every results row names the fine-tuned model: a report over several runs keeps its rows (and its dense
+        # row, the "x dense" denominator) apart from the base model's
+        static = {**static, "distilled": True, "model": f"{cfg.llm.name} (distilled)"}
     targets_dir = targets_dir_for(cfg, model)
     if cfg.stages.collect:
         stage_collect(cfg, model, tok, targets_dir)

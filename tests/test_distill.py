@@ -2,6 +2,7 @@
 says and passes gradients only through kept entries, the fine-tune lowers the held-out KL to the dense model under
 that sparsity and leaves the caller's model alone, and a saved folder round-trips or is refused with the fix."""
 import copy
+import json
 
 import pytest
 import torch
@@ -72,6 +73,17 @@ def test_distill_lowers_the_sparse_kl_and_keeps_the_base_model():
     assert not any(p.requires_grad for p in student.parameters()) and not student.training
 
 
+def test_a_half_precision_model_trains_as_fp32_and_comes_back_in_its_dtype():
+    """AdamW's steps of ~lr·w vanish in bf16 (and fp16 overflows): the student trains as an fp32 copy."""
+    model = tiny_model("llama").to(torch.bfloat16)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    student, _ = distill(model, windows(12), DistillConfig(steps=3, batch_size=4, val_windows=2, lr=1e-3))
+    assert all(p.dtype == torch.bfloat16 for p in student.parameters())
+    params = [(n, p) for n, p in student.named_parameters() if "proj" in n]  # the linears (norms at 1.0 can round
+    moved = sum(not torch.equal(p, before[n]) for n, p in params)           # back: bf16's step there is 2**-7)
+    assert moved == len(params) and all(torch.isfinite(p).all() for _, p in params)  # every linear moved
+
+
 def test_saved_student_round_trips_and_other_models_are_refused(tmp_path):
     model = tiny_model("llama")
     cfg = DistillConfig(steps=3, batch_size=4, val_windows=2)
@@ -119,21 +131,32 @@ def test_pipeline_stage_trains_saves_and_a_run_directory_reloads_the_student(tmp
                        "distill.steps=3", "distill.batch_size=2", "distill.seq_len=32", "distill.lr=1e-3",
                        "evaluate.methods=[dense,sketch_teal]", "gating.levels=[{ffn:0.5,heads:0.0}]", *extra)
     metrics = run(cfg("stages.distill=true"))
-    assert (tmp_path / "run" / "distilled" / "model.safetensors").exists()
-    assert metrics["distill/steps"] == 3
+    weights = tmp_path / "run" / "distilled" / "model.safetensors"
+    assert weights.exists() and metrics["distill/steps"] == 3
     dense = metrics["dense/ppl@ffn0.00_heads0.00"]
     assert dense == pytest.approx(metrics["distill/eval_ppl_student"], rel=1e-6)
     assert abs(dense - metrics["distill/eval_ppl_base"]) > 1e-3 * dense  # the base model is not what was evaluated
+    rows = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert rows and all(r["distilled"] and r["model"] == "random:llama (distilled)" for r in rows)
+    stamp = weights.stat().st_mtime_ns
     again = run(cfg("stages.collect=false", "stages.fit=false", "evaluate.methods=[dense]"))
     assert again["dense/ppl@ffn0.00_heads0.00"] == pytest.approx(dense, rel=1e-6)
+    assert again["distill/eval_ppl_base"] == metrics["distill/eval_ppl_base"]  # kept in every rerun's metrics
+    rerun = run(cfg("stages.distill=true", "evaluate.methods=[dense]"))  # same settings: the student is reused
+    assert weights.stat().st_mtime_ns == stamp and rerun["distill/steps"] == 3
+    assert rerun["dense/ppl@ffn0.00_heads0.00"] == pytest.approx(dense, rel=1e-6)
+    run(cfg("stages.distill=true", "distill.steps=2", "evaluate.methods=[dense]"))  # other settings: trained anew
+    assert json.loads((tmp_path / "run" / "distilled" / "distill.json").read_text())["config"]["steps"] == 2
     from omegaconf import OmegaConf
     (tmp_path / "run" / ".hydra").mkdir()  # what train.py's Hydra run leaves: the run's config
-    OmegaConf.save(cfg("stages.distill=true"), tmp_path / "run" / ".hydra" / "config.yaml")
+    OmegaConf.save(cfg("stages.distill=true", "distill.steps=2"), tmp_path / "run" / ".hydra" / "config.yaml")
     g = load_gated(str(tmp_path / "run"), method="dense", engine="hooks", device="cpu")
     from shadowsparse.config import window_spec
     from shadowsparse.data import token_windows
     ids = token_windows(g.tok, window_spec(cfg().data.eval), "data.eval")
-    assert g.perplexity(ids) == pytest.approx(dense, rel=1e-4)
+    assert g.perplexity(ids) == pytest.approx(run(cfg("stages.collect=false", "stages.fit=false",
+                                                       "evaluate.methods=[dense]"))["dense/ppl@ffn0.00_heads0.00"],
+                                              rel=1e-4)
 
 
 def test_a_launched_rank_loads_rank_zeros_student_and_never_trains(tmp_path, monkeypatch):
@@ -151,7 +174,10 @@ def test_a_launched_rank_loads_rank_zeros_student_and_never_trains(tmp_path, mon
     assert made["distill/steps"] == 2
     stamp = (tmp_path / "run" / "distilled" / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert "distill/steps" not in run(cfg(tmp_path / "run"))
+    assert run(cfg(tmp_path / "run"))["distill/train_seconds"] == made["distill/train_seconds"]  # loaded, not made
     assert (tmp_path / "run" / "distilled" / "model.safetensors").stat().st_mtime_ns == stamp
-    with pytest.raises(ConfigError, match="run the distill stage in one process first"):
+    with pytest.raises(ConfigError, match="this rank found no distilled model .*stages.distill=false"):
         run(cfg(tmp_path / "other"))
+    monkeypatch.setenv("RANK", "1")  # torchrun: every rank starts at once, rank 0 may still be training
+    with pytest.raises(ConfigError, match="run the distill stage in one process first.*with stages.distill=false"):
+        run(cfg(tmp_path / "run"))
