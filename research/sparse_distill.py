@@ -16,11 +16,14 @@ usage (repository root):
     python research/sparse_distill.py OUT [ffn=0.6] [attn=0.3] [steps=200] [batch=8] [seq=256] [lr=5e-5]
         [warmup=10] [train_seconds=S] [device=cpu] [screen=16] [wiki=0] [levels=0.5,0.6,0.7]
         [methods=sketch_teal,sketch_threshold] [save=DIR] [load=DIR] [stacks=SECONDS]
+        [through=sketch_teal]
 
 The fine-tune is shadowsparse/distill.py (Lightning; bf16-mixed on CUDA). Rows go to OUT/results.jsonl: the
 training summary (held-out KL before and after), then each method x level on held-out C4, then with wiki=N the
 WikiText-2 test windows once for each method's pick (its highest FFN level within bar=1.05 x the original dense
-perplexity on held-out C4). save=DIR writes the student's weights as safetensors (load=DIR evaluates saved
+perplexity on held-out C4). through=METHOD trains through that selector's own decisions (its hooks, built on the
+base model at the training level: the sketch's fixed copy and thresholds, teal's thresholds) instead of the exact
+top-|a| / top-|x|. save=DIR writes the student's weights as safetensors (load=DIR evaluates saved
 weights, no training).
 """
 from __future__ import annotations
@@ -130,7 +133,12 @@ def main():
         if "train_seconds" in kv:  # the device call's time limit: keep what was trained
             trainer["max_time"] = {"seconds": int(kv["train_seconds"])}
         fingerprint = model_fingerprint(model)  # of the base model: a saved student is refused for another
-        model, summary = distill(model, train, dcfg, trainer_cfg=trainer)
+        sparsity = None
+        if kv.get("through"):  # train through a selector's own decisions (its hooks, built on the base model)
+            handle = load_gated(model, method=kv["through"], ffn_sparsity=ffn, tokenizer=tok, calib=calib,
+                                engine="hooks", overrides=[f"evaluate.teal.sketch_attn={attn}"]).decoder.attach
+            sparsity = handle  # attach(student) -> a handle that is its own context manager
+        model, summary = distill(model, train, dcfg, trainer_cfg=trainer, sparsity=sparsity)
         emit({"phase": "train", "train_windows": list(train.shape), **summary})
         if "save" in kv:
             save_distilled(model, kv["save"], fingerprint, dcfg, summary)

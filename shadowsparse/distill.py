@@ -25,8 +25,10 @@ import json
 import logging
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -150,15 +152,24 @@ def make_trainable(model: nn.Module, train_embeddings: bool) -> None:
         p.requires_grad_(id(p) not in frozen)
 
 
-@torch.no_grad()
-def sparse_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: DistillConfig) -> float:
-    """Mean KL(teacher || student) over windows (N, T) with the training sparsity on the student."""
-    hooks = attach_topk(student, cfg.ffn, cfg.attn, cfg.first_layer)
+@contextmanager
+def topk_sparsity(model: nn.Module, cfg: DistillConfig):
+    """The training sparsity of cfg (attach_topk's hooks) for the duration of the block."""
+    hooks = attach_topk(model, cfg.ffn, cfg.attn, cfg.first_layer)
     try:
-        kls = [kl_to_teacher(student(input_ids=w[None]).logits, teacher(input_ids=w[None]).logits) for w in ids]
+        yield hooks
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def sparse_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, cfg: DistillConfig,
+              sparsity: Callable | None = None) -> float:
+    """Mean KL(teacher || student) over windows (N, T) with the training sparsity on the student (``sparsity``:
+    distill's)."""
+    with (sparsity or (lambda m: topk_sparsity(m, cfg)))(student):
+        kls = [kl_to_teacher(student(input_ids=w[None]).logits, teacher(input_ids=w[None]).logits) for w in ids]
     return float(torch.stack(kls).mean())
 
 
@@ -170,11 +181,14 @@ def dense_lm_loss(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: int = 0,
-            trainer_cfg: dict | None = None) -> tuple[nn.Module, dict]:
+            trainer_cfg: dict | None = None, sparsity: Callable | None = None) -> tuple[nn.Module, dict]:
     """Fine-tune a copy of ``model`` on token windows (N, T) (the last cfg.val_windows held out) to match the
-    model's dense outputs under the training sparsity. ``trainer_cfg``: Lightning Trainer keys (accelerator,
-    devices, precision, max_time: a wall-clock cap that keeps what was trained). Returns (the student in eval mode,
+    model's dense outputs under the training sparsity. ``trainer_cfg``: Lightning Trainer keys (devices, precision,
+    max_time: a wall-clock cap that keeps what was trained). ``sparsity(student)``: a context manager that gates
+    the student while it trains and while its held-out KL is measured (default: cfg's top-|a| / top-|x|, i.e.
+    topk_sparsity; e.g. a selector's own hooks, to train through its decisions). Returns (the student in eval mode,
     hooks removed, gradients off; a summary with the held-out KL before and after)."""
+    sparsity = sparsity or (lambda m: topk_sparsity(m, cfg))
     cfg.validate()
     if windows.dim() != 2 or len(windows) <= cfg.val_windows:
         raise ConfigError(f"distill needs (N, T) token windows with N > distill.val_windows={cfg.val_windows}, got "
@@ -189,7 +203,7 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     # is cast back at the end; the teacher stays as loaded
     student = copy.deepcopy(model).float()
     train_ids, val_ids = windows[:-cfg.val_windows], windows[-cfg.val_windows:].to(device)
-    kl_before = sparse_kl(student, teacher, val_ids, cfg)
+    kl_before = sparse_kl(student, teacher, val_ids, cfg, sparsity)
     make_trainable(student, cfg.train_embeddings)
     student.train()
     torch.manual_seed(seed)
@@ -202,18 +216,14 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     trainer = L.Trainer(**{"devices": 1, "enable_progress_bar": False, **args, "accelerator": accelerator},
                         max_steps=cfg.steps, max_epochs=-1, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, gradient_clip_val=cfg.grad_clip, limit_val_batches=0)
-    hooks = attach_topk(student, cfg.ffn, cfg.attn, cfg.first_layer)
-    try:
+    with sparsity(student):
         trainer.fit(DistillSystem(student, teacher, cfg), train_dataloaders=loader)
-    finally:
-        for h in hooks:
-            h.remove()
     student.to(device, dtype).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
     summary = {"steps": int(trainer.global_step), "train_tokens": int(trainer.global_step) * cfg.batch_size
                * windows.shape[1], "train_seconds": round(time.time() - t0, 1), "val_kl_sparse_before": kl_before,
                "val_dense_lm_loss_student": dense_lm_loss(student, val_ids),
                "val_dense_lm_loss_teacher": dense_lm_loss(teacher, val_ids),
-               "val_kl_sparse": sparse_kl(student, teacher, val_ids, cfg)}
+               "val_kl_sparse": sparse_kl(student, teacher, val_ids, cfg, sparsity)}
     log.info("distill: %d steps (%d tokens) in %.0f s; held-out KL under ffn %.2f / attn %.2f: %.4f -> %.4f; "
              "dense LM loss %.4f (base %.4f)", summary["steps"], summary["train_tokens"], summary["train_seconds"],
              cfg.ffn, cfg.attn, kl_before, summary["val_kl_sparse"], summary["val_dense_lm_loss_student"],

@@ -181,3 +181,32 @@ def test_a_launched_rank_loads_rank_zeros_student_and_never_trains(tmp_path, mon
     monkeypatch.setenv("RANK", "1")  # torchrun: every rank starts at once, rank 0 may still be training
     with pytest.raises(ConfigError, match="run the distill stage in one process first.*with stages.distill=false"):
         run(cfg(tmp_path / "run"))
+
+
+def test_training_through_a_selectors_own_hooks_gates_the_student_only():
+    """distill(sparsity=...) trains under any gating context: here sketch_teal's hooks, built on the base model
+    (its fixed sketch copy and thresholds), attached to the student; the base model stays dense."""
+    from shadowsparse.generation import load_gated
+    from shadowsparse.llm import LLMConfig, load_llm
+    model, tok = load_llm(LLMConfig(name="random:llama", seed=0))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(10)
+    calib = windows(8, 32, seed=1)
+    attach = load_gated(model, method="sketch_teal", ffn_sparsity=0.7, tokenizer=tok, calib=calib,
+                        engine="hooks").decoder.attach
+    ids = windows(2)
+    dense_base = model(input_ids=ids).logits
+    student = copy.deepcopy(model)
+    with attach(student) as handle:
+        gated_student = student(input_ids=ids).logits
+        assert torch.equal(model(input_ids=ids).logits, dense_base)  # the base model is not gated
+    assert not torch.allclose(gated_student, dense_base) and handle.stats()["realized_ffn_sparsity"] > 0.5
+    entered = []
+
+    def through(m):
+        entered.append(m)
+        return attach(m)
+    cfg = DistillConfig(ffn=0.7, attn=0.3, steps=4, batch_size=4, lr=1e-4, warmup_steps=1, val_windows=4)
+    out, summary = distill(model, windows(20), cfg, sparsity=through)
+    assert len(entered) == 3 and all(m is out for m in entered)  # KL before, training, KL after: the student
+    assert summary["val_kl_sparse"] > 0 and torch.equal(model(input_ids=ids).logits, dense_base)

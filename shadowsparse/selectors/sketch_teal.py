@@ -47,14 +47,17 @@ class SketchTeal(SketchThreshold):
         calibration teal takes too, once per context."""
         return calibration(ctx)
 
-    def attach(self, ctx, ffn: float, counter: SparsityCounter | None = None, counts: dict | None = None):
-        """Both hook sets on ctx.model at FFN sparsity ``ffn`` (counter / counts: shared by several attachments, so
-        that stats() covers every call of gated generation)."""
+    def attach(self, ctx, ffn: float, counter: SparsityCounter | None = None, counts: dict | None = None,
+               model=None):
+        """Both hook sets on ``model`` (default ctx.model; another: a copy of it, e.g. a student trained through
+        these decisions) at FFN sparsity ``ffn`` (counter / counts: shared by several attachments, so that stats()
+        covers every call of gated generation)."""
+        model = ctx.model if model is None else model
         source, thresholds = self.threshold_source(ctx), self.teal_thresholds(ctx)
-        gating = attach_gating(ctx.model, source, GatingConfig(ffn_sparsity=ffn, head_sparsity=0.0,
-                                                               first_layer=ctx.first_layer), counter=counter)
+        gating = attach_gating(model, source, GatingConfig(ffn_sparsity=ffn, head_sparsity=0.0,
+                                                           first_layer=ctx.first_layer), counter=counter)
         try:
-            teal = attach_teal(ctx.model, thresholds, self.attn_sparsity(ctx), ctx.first_layer, counts, inputs=ATTN)
+            teal = attach_teal(model, thresholds, self.attn_sparsity(ctx), ctx.first_layer, counts, inputs=ATTN)
         except BaseException:
             gating.remove()
             raise
@@ -68,7 +71,7 @@ class SketchTeal(SketchThreshold):
             counter, counts = SparsityCounter(), {"zeros": {}, "rows": {}}
             yield Run(source, [(ffn, heads)], granularity="token", budget="local",
                       attach=lambda model, ffn=ffn, counter=counter, counts=counts: self.attach(ctx, ffn, counter,
-                                                                                                 counts))
+                                                                                                 counts, model))
 
     def engine_parts(self, ctx, run):
         """sketch_threshold's FFN selector and teal's thresholds on the attention inputs: the engine reads the gate/up
