@@ -201,7 +201,9 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
     teacher = model.eval()
     # an fp16/bf16 model trains as an fp32 copy (AdamW's small steps vanish in half precision, fp16 overflows) and
     # is cast back at the end; the teacher stays as loaded
-    student = copy.deepcopy(model).float()
+    student = copy.deepcopy(model)
+    if dtype in (torch.float16, torch.bfloat16):  # nn.Module's cast: transformers refuses .float() on a model it
+        nn.Module.float(student)                  # marks quantized (a GGUF load, dequantized to fp32 already)
     train_ids, val_ids = windows[:-cfg.val_windows], windows[-cfg.val_windows:].to(device)
     kl_before = sparse_kl(student, teacher, val_ids, cfg, sparsity)
     make_trainable(student, cfg.train_embeddings)
@@ -218,7 +220,7 @@ def distill(model: nn.Module, windows: torch.Tensor, cfg: DistillConfig, seed: i
                         enable_model_summary=False, gradient_clip_val=cfg.grad_clip, limit_val_batches=0)
     with sparsity(student):
         trainer.fit(DistillSystem(student, teacher, cfg), train_dataloaders=loader)
-    student.to(device, dtype).eval().requires_grad_(False)  # Lightning's teardown leaves the module on the CPU
+    nn.Module.to(student, device, dtype).eval().requires_grad_(False)  # Lightning's teardown leaves it on the CPU
     summary = {"steps": int(trainer.global_step), "train_tokens": int(trainer.global_step) * cfg.batch_size
                * windows.shape[1], "train_seconds": round(time.time() - t0, 1), "val_kl_sparse_before": kl_before,
                "val_dense_lm_loss_student": dense_lm_loss(student, val_ids),

@@ -76,6 +76,7 @@ def test_distill_lowers_the_sparse_kl_and_keeps_the_base_model():
 def test_a_half_precision_model_trains_as_fp32_and_comes_back_in_its_dtype():
     """AdamW's steps of ~lr·w vanish in bf16 (and fp16 overflows): the student trains as an fp32 copy."""
     model = tiny_model("llama").to(torch.bfloat16)
+    model.is_quantized = True  # what transformers sets on a GGUF load: its own .float() / .half() then refuse
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     student, _ = distill(model, windows(12), DistillConfig(steps=3, batch_size=4, val_windows=2, lr=1e-3))
     assert all(p.dtype == torch.bfloat16 for p in student.parameters())
