@@ -327,13 +327,12 @@ def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
     from .llm import model_fingerprint
     dcfg = distill_config(cfg)
     want = cfg.distill.n_windows or dcfg.steps * dcfg.batch_size + dcfg.val_windows
-    source = OmegaConf.to_container(cfg.data.calib.source, resolve=True)
-    source = TextSource(**{**source, **({"split": cfg.distill.split} if cfg.distill.split else {})})
-    text = {"seq_len": cfg.distill.seq_len, "n_windows": want, "source": OmegaConf.to_container(
-        cfg.data.calib.source, resolve=True), "split": cfg.distill.split, "seed": cfg.seed}
+    calib_source = OmegaConf.to_container(cfg.data.calib.source, resolve=True)
+    source = TextSource(**{**calib_source, **({"split": cfg.distill.split} if cfg.distill.split else {})})
+    text = {"seq_len": cfg.distill.seq_len, "n_windows": want, "source": calib_source, "split": cfg.distill.split,
+            "seed": cfg.seed}
     fingerprint = model_fingerprint(model)  # the base model's: load_distilled refuses the folder for another
-    reused = reusable(run_dir / DISTILLED_DIR, fingerprint, dcfg, text)
-    if reused is not None:  # a rerun of the same run (e.g. after a later stage failed): the same student
+    if reusable(run_dir / DISTILLED_DIR, fingerprint, dcfg, text):  # a rerun (e.g. after a later stage failed)
         log.info("distill: reusing %s (same base model, settings and text)", run_dir / DISTILLED_DIR)
         return model, load_run_distilled(run_dir, model)
     windows = token_windows(tok, WindowSpec(cfg.distill.seq_len, want, source), "data.calib")
@@ -355,17 +354,17 @@ def stage_distill(cfg, model: nn.Module, tok, run_dir: Path,
     return student, {f"distill/{k}": v for k, v in summary.items() if k != "text"}
 
 
-def reusable(folder: Path, fingerprint: dict, dcfg: DistillConfig, text: dict) -> dict | None:
-    """The summary of a finished student in ``folder`` made from this base model with these settings and this
-    training text, else None (then it is trained again and replaced)."""
+def reusable(folder: Path, fingerprint: dict, dcfg: DistillConfig, text: dict) -> bool:
+    """Whether ``folder`` holds a finished student made from this base model with these settings and this training
+    text (else it is trained again and replaced)."""
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, UnicodeDecodeError, ValueError):
-        return None
+        return False
     summary = meta.get("summary") if isinstance(meta, dict) else None
     same = (isinstance(summary, dict) and meta.get("format") == FORMAT and meta.get("config") == asdict(dcfg)
             and summary.get("text") == text and (meta.get("model") or {}).get("hash") == fingerprint["hash"])
-    return summary if same and (folder / WEIGHTS).exists() else None
+    return same and (folder / WEIGHTS).exists()
 
 
 def dense_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
